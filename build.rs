@@ -1,0 +1,23 @@
+//! Compiles `proto/` into Rust with protox (a pure-Rust protobuf compiler),
+//! so building needs no system `protoc`. The descriptor set is also written
+//! to `OUT_DIR` for gRPC server reflection.
+
+use std::path::PathBuf;
+
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["pullstream/v1/pullstream.proto"], ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("pullstream_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
+    tonic_prost_build::configure()
+        // Event payloads are shared between the tail cache and every
+        // subscriber's response: `Bytes` makes those clones reference counts.
+        .bytes(".pullstream.v1.Event.data")
+        .compile_fds(fds)?;
+    Ok(())
+}

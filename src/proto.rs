@@ -1,0 +1,13 @@
+//! The generated gRPC contract (`proto/pullstream/v1/pullstream.proto`).
+//!
+//! Only the service layer and the CLI client use these types; storage and
+//! the log keep their own representation so the wire contract can evolve
+//! without touching the on-disk format.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+tonic::include_proto!("pullstream.v1");
+
+/// The encoded `FileDescriptorSet` of the proto, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/pullstream_descriptor.bin"));
