@@ -1,2 +1,30 @@
+//! Pullstream: ordered, durable event streams that consumers pull over gRPC.
+//!
+//! # Code map
+//! - [`proto`]: the generated gRPC contract (`proto/pullstream/v1`).
+//! - [`config`]: flags, environment and TOML file → validated [`config::ServerConfig`].
+//! - [`storage`]: the sled event store: chunk codec, atomic group writes, sync.
+//! - [`log`]: streams on top of storage: one writer per stream, group
+//!   commit, committed-head watch, tail cache, subscriptions.
+//! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
+//!   status codes in one place.
+//! - [`server`]: opens the log, serves gRPC, shuts down gracefully.
+//! - [`cli`]: the `pullstream` command-line client.
+//!
+//! # Architecture invariants
+//! - Only `storage` knows sled; only `service`, `server` and `cli` know tonic.
+//! - Only a stream's writer assigns offsets, so offsets are dense and ordered.
+//! - Readers never read past the committed head: an event is visible only
+//!   once it is durable under the durability mode, so an offset a consumer
+//!   saw is never reused, even after a crash.
+//! - Writers never wait for readers: subscribers follow the head through a
+//!   `watch` channel and read at their own pace.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod log;
 pub mod proto;
+pub mod server;
+pub mod service;
 pub mod storage;

@@ -1,0 +1,313 @@
+//! Server configuration: raw settings from flags, `PULLSTREAM_*` environment
+//! variables and an optional TOML file become one validated [`ServerConfig`]
+//! in a single step, before any port is bound or file opened.
+//!
+//! Precedence: command-line flag, then environment variable (clap handles
+//! both), then the config file, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::storage::MAX_INLINE_VALUE;
+
+/// When an append is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge only once the batch is on stable storage (fdatasync).
+    Fsync,
+    /// Acknowledge once the batch is written to the store's memory; it is
+    /// handed to the OS within a few milliseconds.
+    Buffered,
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Durability::Fsync => "fsync",
+            Durability::Buffered => "buffered",
+        })
+    }
+}
+
+/// A duration written as `10s`, `500ms`, `24h` (humantime syntax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        humantime::parse_duration(s)
+            .map(HumanDuration)
+            .map_err(|e| format!("{e} (write durations like 500ms, 10s, 5m, 24h)"))
+    }
+}
+
+impl TryFrom<String> for HumanDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// `pullstream serve` settings as given: every field optional so the three
+/// sources can be layered. The same struct is the TOML file's schema.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeSettings {
+    /// Directory holding the event store [default: ./pullstream-data]
+    #[arg(long, env = "PULLSTREAM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on for gRPC [default: 127.0.0.1:50051]
+    #[arg(long, env = "PULLSTREAM_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// When appends are acknowledged: after fdatasync, or after the write [default: fsync]
+    #[arg(long, env = "PULLSTREAM_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Heartbeat period on idle subscriptions [default: 10s]
+    #[arg(long, env = "PULLSTREAM_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<HumanDuration>,
+    /// Largest event accepted, in bytes, all fields counted [default: 1048576]
+    #[arg(long, env = "PULLSTREAM_MAX_EVENT_BYTES")]
+    pub max_event_bytes: Option<usize>,
+    /// Most events accepted in one Append [default: 1000]
+    #[arg(long, env = "PULLSTREAM_MAX_BATCH_EVENTS")]
+    pub max_batch_events: Option<usize>,
+    /// Largest Append accepted, in bytes [default: 16777216]
+    #[arg(long, env = "PULLSTREAM_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
+    /// Storage page cache size in bytes [default: 268435456]
+    #[arg(long, env = "PULLSTREAM_CACHE_BYTES")]
+    pub cache_bytes: Option<u64>,
+    /// Per-stream cache of recently appended events for live subscribers, in bytes [default: 8388608]
+    #[arg(long, env = "PULLSTREAM_TAIL_CACHE_BYTES")]
+    pub tail_cache_bytes: Option<usize>,
+    /// How long idempotency keys are remembered [default: 24h]
+    #[arg(long, env = "PULLSTREAM_IDEMPOTENCY_WINDOW")]
+    pub idempotency_window: Option<HumanDuration>,
+    /// Create streams on first Append [default: true]
+    #[arg(long, env = "PULLSTREAM_AUTO_CREATE_STREAMS")]
+    pub auto_create_streams: Option<bool>,
+    /// HTTP/2 keepalive ping period; 0s turns pings off [default: 30s]
+    #[arg(long, env = "PULLSTREAM_KEEPALIVE_INTERVAL")]
+    pub keepalive_interval: Option<HumanDuration>,
+    /// How long to wait for a keepalive ping's answer before closing the connection [default: 20s]
+    #[arg(long, env = "PULLSTREAM_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Option<HumanDuration>,
+    /// On shutdown, how long to wait for open calls to finish [default: 5s]
+    #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+impl ServeSettings {
+    /// Reads a TOML config file with the same keys as the flags
+    /// (`data-dir = "..."`, `durability = "fsync"`, `heartbeat-interval = "10s"`).
+    pub fn from_file(path: &Path) -> Result<ServeSettings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::ParseFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Fills every unset field from `fallback`.
+    pub fn or(self, fallback: ServeSettings) -> ServeSettings {
+        ServeSettings {
+            data_dir: self.data_dir.or(fallback.data_dir),
+            listen: self.listen.or(fallback.listen),
+            durability: self.durability.or(fallback.durability),
+            heartbeat_interval: self.heartbeat_interval.or(fallback.heartbeat_interval),
+            max_event_bytes: self.max_event_bytes.or(fallback.max_event_bytes),
+            max_batch_events: self.max_batch_events.or(fallback.max_batch_events),
+            max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
+            cache_bytes: self.cache_bytes.or(fallback.cache_bytes),
+            tail_cache_bytes: self.tail_cache_bytes.or(fallback.tail_cache_bytes),
+            idempotency_window: self.idempotency_window.or(fallback.idempotency_window),
+            auto_create_streams: self.auto_create_streams.or(fallback.auto_create_streams),
+            keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
+            keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
+            shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+        }
+    }
+}
+
+/// The largest event the storage layout allows (a single event must fit in
+/// one inline sled value; see `storage`).
+pub const MAX_EVENT_BYTES_LIMIT: usize = MAX_INLINE_VALUE - (64 << 10);
+
+/// Validated server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Directory holding the event store.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// When appends are acknowledged.
+    pub durability: Durability,
+    /// Heartbeat period on idle subscriptions.
+    pub heartbeat_interval: Duration,
+    /// Largest event accepted, in bytes.
+    pub max_event_bytes: usize,
+    /// Most events in one Append.
+    pub max_batch_events: usize,
+    /// Largest Append in bytes.
+    pub max_batch_bytes: usize,
+    /// sled page cache size in bytes.
+    pub cache_bytes: u64,
+    /// Per-stream tail cache size in bytes.
+    pub tail_cache_bytes: usize,
+    /// How long idempotency keys are remembered.
+    pub idempotency_window: Duration,
+    /// Whether Append creates missing streams.
+    pub auto_create_streams: bool,
+    /// HTTP/2 keepalive ping period (None: off).
+    pub keepalive_interval: Option<Duration>,
+    /// HTTP/2 keepalive ping timeout.
+    pub keepalive_timeout: Duration,
+    /// Grace period for open calls on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults suited to tests: the given data dir, an ephemeral loopback
+    /// port, short heartbeats and grace.
+    pub fn for_tests(data_dir: &Path) -> ServerConfig {
+        let settings = ServeSettings {
+            data_dir: Some(data_dir.to_path_buf()),
+            listen: Some("127.0.0.1:0".parse().expect("valid address")),
+            cache_bytes: Some(16 << 20),
+            shutdown_grace: Some(HumanDuration(Duration::from_secs(2))),
+            ..ServeSettings::default()
+        };
+        ServerConfig::try_from(settings).expect("test defaults are valid")
+    }
+}
+
+impl TryFrom<ServeSettings> for ServerConfig {
+    type Error = ConfigError;
+
+    fn try_from(s: ServeSettings) -> Result<ServerConfig, ConfigError> {
+        let secs = |d: Option<HumanDuration>, default: u64| {
+            d.map_or(Duration::from_secs(default), |d| d.0)
+        };
+        let config = ServerConfig {
+            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("pullstream-data")),
+            listen: s
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:50051".parse().expect("valid address")),
+            durability: s.durability.unwrap_or(Durability::Fsync),
+            heartbeat_interval: secs(s.heartbeat_interval, 10),
+            max_event_bytes: s.max_event_bytes.unwrap_or(1 << 20),
+            max_batch_events: s.max_batch_events.unwrap_or(1000),
+            max_batch_bytes: s.max_batch_bytes.unwrap_or(16 << 20),
+            cache_bytes: s.cache_bytes.unwrap_or(256 << 20),
+            tail_cache_bytes: s.tail_cache_bytes.unwrap_or(8 << 20),
+            idempotency_window: secs(s.idempotency_window, 24 * 3600),
+            auto_create_streams: s.auto_create_streams.unwrap_or(true),
+            keepalive_interval: Some(secs(s.keepalive_interval, 30)).filter(|d| !d.is_zero()),
+            keepalive_timeout: secs(s.keepalive_timeout, 20),
+            shutdown_grace: secs(s.shutdown_grace, 5),
+        };
+        let invalid = |setting: &'static str, message: String| {
+            Err(ConfigError::Invalid { setting, message })
+        };
+        if config.max_event_bytes == 0 || config.max_event_bytes > MAX_EVENT_BYTES_LIMIT {
+            return invalid(
+                "max-event-bytes",
+                format!("must be between 1 and {MAX_EVENT_BYTES_LIMIT}"),
+            );
+        }
+        if config.max_batch_events == 0 || config.max_batch_events > 100_000 {
+            return invalid("max-batch-events", "must be between 1 and 100000".into());
+        }
+        if config.max_batch_bytes < config.max_event_bytes || config.max_batch_bytes > 256 << 20 {
+            return invalid(
+                "max-batch-bytes",
+                "must be at least max-event-bytes and at most 268435456".into(),
+            );
+        }
+        if config.heartbeat_interval < Duration::from_millis(100) {
+            return invalid("heartbeat-interval", "must be at least 100ms".into());
+        }
+        if config.cache_bytes < 1 << 20 {
+            return invalid("cache-bytes", "must be at least 1048576 (1 MiB)".into());
+        }
+        if config.idempotency_window.is_zero() {
+            return invalid("idempotency-window", "must be more than 0s".into());
+        }
+        Ok(config)
+    }
+}
+
+/// Why the configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for these settings.
+    #[error("invalid config file {path}: {message}")]
+    ParseFile {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A setting has an unusable value.
+    #[error("invalid setting {setting}: {message}")]
+    Invalid {
+        /// The setting's flag name.
+        setting: &'static str,
+        /// What is allowed.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_defaults_fill_the_rest() {
+        let file: ServeSettings = toml::from_str(
+            "data-dir = \"/from/file\"\ndurability = \"buffered\"\nheartbeat-interval = \"2s\"",
+        )
+        .unwrap();
+        let flags = ServeSettings {
+            durability: Some(Durability::Fsync),
+            ..Default::default()
+        };
+        let config = ServerConfig::try_from(flags.or(file)).unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/from/file"));
+        assert_eq!(config.durability, Durability::Fsync);
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(config.max_event_bytes, 1 << 20);
+        assert_eq!(config.listen.port(), 50051);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(toml::from_str::<ServeSettings>("no-such-key = 1").is_err());
+        assert!(toml::from_str::<ServeSettings>("heartbeat-interval = \"soon\"").is_err());
+        let too_big = ServeSettings {
+            max_event_bytes: Some(MAX_EVENT_BYTES_LIMIT + 1),
+            ..Default::default()
+        };
+        let err = ServerConfig::try_from(too_big).unwrap_err().to_string();
+        assert!(err.contains("max-event-bytes"), "{err}");
+    }
+}

@@ -1,0 +1,74 @@
+//! The domain error type. Every failure a client can cause or observe is a
+//! variant here; the service layer maps each to a gRPC status in one place
+//! (`service::status`), and nothing below it builds a `tonic::Status`.
+
+use crate::storage::StorageError;
+
+/// Errors from the log and its operations.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A stream name that breaks the naming rule.
+    #[error("invalid stream name {name:?}: {reason}")]
+    InvalidStreamName {
+        /// The rejected name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A malformed request; the message says what to fix.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The stream does not exist (or was deleted).
+    #[error("stream {0:?} not found")]
+    StreamNotFound(String),
+    /// CreateStream on a stream that exists.
+    #[error("stream {0:?} already exists")]
+    StreamExists(String),
+    /// A start or read offset beyond the stream's head.
+    #[error("offset {offset} is past the head of stream {stream:?}: its next offset is {head}")]
+    OffsetPastHead {
+        /// The stream.
+        stream: String,
+        /// The requested offset.
+        offset: u64,
+        /// The stream's next offset.
+        head: u64,
+    },
+    /// A start or read offset below the first retained event.
+    #[error("offset {offset} of stream {stream:?} is no longer retained: the first retained offset is {first}")]
+    OffsetTrimmed {
+        /// The stream.
+        stream: String,
+        /// The requested offset.
+        offset: u64,
+        /// The stream's first retained offset.
+        first: u64,
+    },
+    /// `expected_next_offset` did not match.
+    #[error("expected next offset {expected} but stream {stream:?} is at next offset {actual}; nothing was written")]
+    WrongExpectedOffset {
+        /// The stream.
+        stream: String,
+        /// What the client expected.
+        expected: u64,
+        /// The stream's actual next offset.
+        actual: u64,
+    },
+    /// An idempotency key reused for a different batch.
+    #[error("idempotency key {key:?} was already used on stream {stream:?} for a different batch; nothing was written")]
+    IdempotencyConflict {
+        /// The stream.
+        stream: String,
+        /// The key.
+        key: String,
+    },
+    /// The server is shutting down.
+    #[error("server shutting down: reconnect and resume from your cursor")]
+    ShuttingDown,
+    /// An earlier storage failure made the log stop accepting writes.
+    #[error("storage failed ({0}); the server must be restarted")]
+    StorageFailed(String),
+    /// A storage error.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}

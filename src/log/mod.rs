@@ -1,0 +1,704 @@
+//! The log: named, ordered, durable streams on top of [`Store`], with live
+//! tail for subscribers.
+//!
+//! Each stream has one [`writer`] task (the only place offsets are
+//! assigned), a committed-head `watch` channel that subscribers wait on,
+//! and a [`cache`] of recently committed chunks. Appends flow
+//! writer → store → [`commit`] (one sync for many appends) → publish: the
+//! head moves, the cache fills, callers are acknowledged. Readers never see
+//! past the committed head, so they never see an event that is not yet
+//! durable under the durability mode.
+
+mod cache;
+mod commit;
+mod subscription;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use subscription::{StartAt, Subscription};
+
+use crate::config::{Durability, ServerConfig};
+use crate::error::Error;
+use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
+use cache::TailCache;
+use commit::Committer;
+use writer::{AppendJob, Writer, WriterCommand};
+
+/// How many Append calls may queue for one stream's writer before callers
+/// wait (backpressure on producers, bounded memory).
+const WRITER_QUEUE: usize = 1024;
+
+/// The longest stream name.
+pub const MAX_STREAM_NAME_LEN: usize = 200;
+
+/// The longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
+/// The log's settings (a subset of the server's).
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// When appends are acknowledged.
+    pub durability: Durability,
+    /// sled's page cache size in bytes.
+    pub cache_bytes: u64,
+    /// Per-stream tail cache size in bytes.
+    pub tail_cache_bytes: usize,
+    /// Largest event in bytes (all fields).
+    pub max_event_bytes: usize,
+    /// Most events in one Append.
+    pub max_batch_events: usize,
+    /// Largest Append in bytes.
+    pub max_batch_bytes: usize,
+    /// How long idempotency keys are remembered.
+    pub idempotency_window: Duration,
+    /// Whether Append creates missing streams.
+    pub auto_create_streams: bool,
+}
+
+impl From<&ServerConfig> for LogConfig {
+    fn from(c: &ServerConfig) -> LogConfig {
+        LogConfig {
+            data_dir: c.data_dir.clone(),
+            durability: c.durability,
+            cache_bytes: c.cache_bytes,
+            tail_cache_bytes: c.tail_cache_bytes,
+            max_event_bytes: c.max_event_bytes,
+            max_batch_events: c.max_batch_events,
+            max_batch_bytes: c.max_batch_bytes,
+            idempotency_window: c.idempotency_window,
+            auto_create_streams: c.auto_create_streams,
+        }
+    }
+}
+
+/// A batch to append.
+#[derive(Debug, Clone, Default)]
+pub struct AppendBatch {
+    /// The events, in order.
+    pub events: Vec<EventRecord>,
+    /// Optimistic concurrency check.
+    pub expected_next_offset: Option<u64>,
+    /// Makes retries safe; empty means none.
+    pub idempotency_key: String,
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// The batch's first offset.
+    pub first_offset: u64,
+    /// How many events it holds.
+    pub count: u32,
+    /// Its append time, nanoseconds since the Unix epoch.
+    pub time_unix_nanos: i64,
+    /// True when this repeats an earlier append with the same key.
+    pub duplicate: bool,
+}
+
+/// A stream's committed bounds, as subscribers see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The first retained offset.
+    pub first_offset: u64,
+    /// The offset the next committed event gets.
+    pub next_offset: u64,
+    /// Set once the stream is deleted.
+    pub deleted: bool,
+}
+
+/// A description of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    /// The name.
+    pub name: String,
+    /// The first retained offset.
+    pub first_offset: u64,
+    /// The head.
+    pub next_offset: u64,
+    /// Approximate stored bytes.
+    pub approximate_bytes: u64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: i64,
+}
+
+/// A run of consecutive events inside one chunk: `chunk.records[start..end]`.
+#[derive(Debug, Clone)]
+pub struct EventSlice {
+    /// The chunk holding the events (shared with the cache: no copy).
+    pub chunk: Arc<Chunk>,
+    /// Index of the first event in the chunk.
+    pub start: usize,
+    /// Index after the last event.
+    pub end: usize,
+}
+
+impl EventSlice {
+    /// The events with their offsets.
+    pub fn events(&self) -> impl Iterator<Item = (u64, &EventRecord)> {
+        let first = self.chunk.first_offset;
+        self.chunk.records[self.start..self.end]
+            .iter()
+            .enumerate()
+            .map(move |(i, r)| (first + (self.start + i) as u64, r))
+    }
+
+    /// The number of events.
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// Whether it holds no event.
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+/// A page of events read from a stream.
+#[derive(Debug, Clone)]
+pub struct ReadPage {
+    /// The events, as slices of chunks, in offset order.
+    pub slices: Vec<EventSlice>,
+    /// The offset to read from next.
+    pub next_offset: u64,
+    /// The stream's committed head when read.
+    pub head_offset: u64,
+}
+
+/// State of a stream shared by its writer, the committer and readers.
+pub(crate) struct StreamShared {
+    /// The committed head; subscribers at the head wait for it to change.
+    head_tx: watch::Sender<Head>,
+    /// Recently committed chunks, so live readers skip storage.
+    cache: Mutex<TailCache>,
+    /// Approximate stored bytes.
+    bytes: AtomicU64,
+}
+
+impl StreamShared {
+    fn publish(&self, chunks: Vec<(Arc<Chunk>, usize)>, next_offset: u64) {
+        if !chunks.is_empty() {
+            let mut cache = self.cache.lock().expect("tail cache lock");
+            for (chunk, size) in chunks {
+                cache.push(chunk, size);
+            }
+        }
+        self.head_tx.send_if_modified(|head| {
+            let moved = head.next_offset != next_offset;
+            head.next_offset = next_offset;
+            moved
+        });
+    }
+
+    fn mark_deleted(&self) {
+        self.head_tx.send_modify(|head| head.deleted = true);
+    }
+
+    fn set_bytes(&self, bytes: u64) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    fn head(&self) -> Head {
+        *self.head_tx.borrow()
+    }
+}
+
+/// A stream in the registry.
+pub(crate) struct Stream {
+    name: String,
+    meta: StreamMeta,
+    /// The queue to the stream's single writer.
+    writer_tx: mpsc::Sender<WriterCommand>,
+    shared: Arc<StreamShared>,
+}
+
+impl Stream {
+    fn info(&self) -> StreamInfo {
+        let head = self.shared.head();
+        StreamInfo {
+            name: self.name.clone(),
+            first_offset: head.first_offset,
+            next_offset: head.next_offset,
+            approximate_bytes: self.shared.bytes.load(Ordering::Relaxed),
+            created_unix_nanos: self.meta.created_unix_nanos,
+        }
+    }
+
+    /// Reads committed events from `offset` up to `end`, at most
+    /// `max_events` and about `max_bytes` (always at least one event when
+    /// any is available). Serves from the tail cache when it can.
+    fn read(
+        &self,
+        store: &Store,
+        offset: u64,
+        end: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<EventSlice>, Error> {
+        let mut slices = Vec::new();
+        let mut position = offset;
+        let mut events = 0;
+        let mut bytes = 0;
+        while position < end && events < max_events && bytes < max_bytes {
+            let cached = self
+                .shared
+                .cache
+                .lock()
+                .expect("tail cache lock")
+                .chunks_from(position, 64);
+            let chunks = match cached {
+                Some(chunks) => chunks,
+                None => store
+                    .read_chunks(self.meta.id, position, end, max_bytes.saturating_sub(bytes))?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect(),
+            };
+            let before = position;
+            for chunk in chunks {
+                if !chunk.contains(position) {
+                    // A hole where committed events should be: retention
+                    // removed them under us. Never skip silently.
+                    break;
+                }
+                let start = (position - chunk.first_offset) as usize;
+                let mut stop = start;
+                while stop < chunk.records.len()
+                    && position < end
+                    && events < max_events
+                    && (bytes < max_bytes)
+                {
+                    bytes += chunk.records[stop].encoded_len();
+                    stop += 1;
+                    position += 1;
+                    events += 1;
+                }
+                slices.push(EventSlice {
+                    chunk,
+                    start,
+                    end: stop,
+                });
+                if position >= end || events >= max_events || bytes >= max_bytes {
+                    break;
+                }
+            }
+            if position == before {
+                let first = self.shared.head().first_offset;
+                return Err(Error::OffsetTrimmed {
+                    stream: self.name.clone(),
+                    offset: position,
+                    first,
+                });
+            }
+        }
+        Ok(slices)
+    }
+}
+
+/// The set of streams.
+pub struct Log {
+    store: Arc<Store>,
+    config: LogConfig,
+    committer: Committer,
+    /// The registry, in name order (for paginated listing). Held briefly;
+    /// never across an await.
+    streams: RwLock<BTreeMap<String, Arc<Stream>>>,
+    /// Writers, the flusher and housekeeping, awaited on close.
+    tasks: TaskTracker,
+    /// Stops housekeeping on close.
+    closing: CancellationToken,
+}
+
+impl Log {
+    /// Opens the store and starts a writer per stream.
+    pub async fn open(config: LogConfig) -> Result<Arc<Log>, Error> {
+        let options = StoreOptions {
+            path: config.data_dir.clone(),
+            cache_bytes: config.cache_bytes,
+            background_flush_ms: match config.durability {
+                Durability::Fsync => 500,
+                Durability::Buffered => 5,
+            },
+        };
+        let (store, stored) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&options)?;
+            let stored = store.load_streams()?;
+            Ok::<_, Error>((store, stored))
+        })
+        .await
+        .map_err(|e| Error::StorageFailed(e.to_string()))??;
+        let store = Arc::new(store);
+        let tasks = TaskTracker::new();
+        let closing = CancellationToken::new();
+        let committer = Committer::start(store.clone(), config.durability, &tasks, closing.clone());
+        let log = Arc::new(Log {
+            store,
+            config,
+            committer,
+            streams: RwLock::new(BTreeMap::new()),
+            tasks,
+            closing,
+        });
+        {
+            let mut streams = log.streams.write().expect("registry lock");
+            for s in stored {
+                let stream = log.start_stream(s);
+                streams.insert(stream.name.clone(), stream);
+            }
+        }
+        log.tasks.spawn(expire_idempotency_keys(log.clone()));
+        info!(path = %log.store.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
+        Ok(log)
+    }
+
+    fn start_stream(&self, stored: StoredStream) -> Arc<Stream> {
+        let (head_tx, _) = watch::channel(Head {
+            first_offset: stored.first_offset,
+            next_offset: stored.next_offset,
+            deleted: false,
+        });
+        let shared = Arc::new(StreamShared {
+            head_tx,
+            cache: Mutex::new(TailCache::new(self.config.tail_cache_bytes)),
+            bytes: AtomicU64::new(stored.meta.bytes),
+        });
+        let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
+        let writer = Writer {
+            store: self.store.clone(),
+            committer: self.committer.clone(),
+            shared: shared.clone(),
+            name: stored.name.clone(),
+            meta: stored.meta,
+            next_offset: stored.next_offset,
+            last_time_unix_nanos: stored.last_time_unix_nanos.unwrap_or(i64::MIN),
+            idempotency_window: self.config.idempotency_window,
+            closing: self.closing.clone(),
+        };
+        self.tasks.spawn(writer.run(writer_rx));
+        Arc::new(Stream {
+            name: stored.name,
+            meta: stored.meta,
+            writer_tx,
+            shared,
+        })
+    }
+
+    fn get(&self, name: &str) -> Result<Arc<Stream>, Error> {
+        self.streams
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::StreamNotFound(name.to_string()))
+    }
+
+    /// Returns the stream, creating it when `create` is set and it is missing.
+    /// The second value says whether it was created.
+    fn get_or_create(&self, name: &str, create: bool) -> Result<(Arc<Stream>, bool), Error> {
+        validate_stream_name(name)?;
+        if let Ok(stream) = self.get(name) {
+            return Ok((stream, false));
+        }
+        if !create {
+            return Err(Error::StreamNotFound(name.to_string()));
+        }
+        let mut streams = self.streams.write().expect("registry lock");
+        if let Some(stream) = streams.get(name) {
+            return Ok((stream.clone(), false));
+        }
+        let meta = StreamMeta {
+            id: self.store.new_stream_id()?,
+            created_unix_nanos: now_unix_nanos(),
+            offset_floor: 0,
+            bytes: 0,
+        };
+        self.store.put_stream(name, &meta)?;
+        let stream = self.start_stream(StoredStream {
+            name: name.to_string(),
+            meta,
+            first_offset: 0,
+            next_offset: 0,
+            last_time_unix_nanos: None,
+        });
+        streams.insert(name.to_string(), stream.clone());
+        Ok((stream, true))
+    }
+
+    /// Appends a batch atomically; returns once it is durable under the
+    /// durability mode.
+    pub async fn append(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
+        self.validate_batch(&batch)?;
+        let (stream, _) = self.get_or_create(stream, self.config.auto_create_streams)?;
+        let idempotency = (!batch.idempotency_key.is_empty())
+            .then(|| (batch.idempotency_key.clone(), fingerprint(&batch)));
+        let (reply, reply_rx) = oneshot::channel();
+        let job = AppendJob {
+            events: batch.events,
+            expected_next_offset: batch.expected_next_offset,
+            idempotency,
+            reply,
+        };
+        let gone = || {
+            if self.closing.is_cancelled() {
+                Error::ShuttingDown
+            } else {
+                Error::StreamNotFound(stream.name.clone())
+            }
+        };
+        stream
+            .writer_tx
+            .send(WriterCommand::Append(job))
+            .await
+            .map_err(|_| gone())?;
+        reply_rx.await.map_err(|_| gone())?
+    }
+
+    fn validate_batch(&self, batch: &AppendBatch) -> Result<(), Error> {
+        let invalid = |m: String| Err(Error::InvalidArgument(m));
+        if batch.events.is_empty() {
+            return invalid("the batch is empty: send at least one event".into());
+        }
+        if batch.events.len() > self.config.max_batch_events {
+            return invalid(format!(
+                "the batch has {} events; the most allowed is {}: split it",
+                batch.events.len(),
+                self.config.max_batch_events
+            ));
+        }
+        if batch.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+            return invalid(format!(
+                "the idempotency key is {} bytes; the most allowed is {MAX_IDEMPOTENCY_KEY_LEN}",
+                batch.idempotency_key.len()
+            ));
+        }
+        let mut total = 0;
+        for (i, event) in batch.events.iter().enumerate() {
+            if event.event_type.is_empty() {
+                return invalid(format!("event {i} has an empty type: every event needs a type such as \"invoice.paid\""));
+            }
+            let size = event.encoded_len();
+            if size > self.config.max_event_bytes {
+                return invalid(format!(
+                    "event {i} is {size} bytes; the largest allowed is {} bytes",
+                    self.config.max_event_bytes
+                ));
+            }
+            total += size;
+        }
+        if total > self.config.max_batch_bytes {
+            return invalid(format!(
+                "the batch is {total} bytes; the largest allowed is {} bytes: split it",
+                self.config.max_batch_bytes
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads one page of committed events from `offset`.
+    pub fn read(
+        &self,
+        stream: &str,
+        offset: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<ReadPage, Error> {
+        let stream = self.get(stream)?;
+        let head = stream.shared.head();
+        check_offset(&stream.name, offset, head)?;
+        let slices = stream.read(&self.store, offset, head.next_offset, max_events, max_bytes)?;
+        let read: usize = slices.iter().map(EventSlice::len).sum();
+        Ok(ReadPage {
+            slices,
+            next_offset: offset + read as u64,
+            head_offset: head.next_offset,
+        })
+    }
+
+    /// Opens a subscription at `start`.
+    pub fn subscribe(&self, stream: &str, start: StartAt) -> Result<Subscription, Error> {
+        let stream = self.get(stream)?;
+        Subscription::new(self.store.clone(), stream, start)
+    }
+
+    /// Creates an empty stream; durable before it returns.
+    pub async fn create_stream(&self, name: &str) -> Result<StreamInfo, Error> {
+        let (stream, created) = self.get_or_create(name, true)?;
+        if !created {
+            return Err(Error::StreamExists(name.to_string()));
+        }
+        self.sync().await?;
+        Ok(stream.info())
+    }
+
+    /// Describes a stream.
+    pub fn stream_info(&self, name: &str) -> Result<StreamInfo, Error> {
+        Ok(self.get(name)?.info())
+    }
+
+    /// Lists up to `limit` streams whose names sort after `after`.
+    pub fn list_streams(&self, after: &str, limit: usize) -> Vec<StreamInfo> {
+        let streams = self.streams.read().expect("registry lock");
+        let lower = if after.is_empty() {
+            Bound::Unbounded
+        } else {
+            Bound::Excluded(after)
+        };
+        streams
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, s)| s.info())
+            .collect()
+    }
+
+    /// Deletes a stream with all its events; its subscriptions end.
+    pub async fn delete_stream(&self, name: &str) -> Result<(), Error> {
+        let stream = {
+            let mut streams = self.streams.write().expect("registry lock");
+            streams
+                .remove(name)
+                .ok_or_else(|| Error::StreamNotFound(name.to_string()))?
+        };
+        let (reply, reply_rx) = oneshot::channel();
+        let stopped = || Error::StorageFailed("the stream's writer stopped".into());
+        stream
+            .writer_tx
+            .send(WriterCommand::Delete(reply))
+            .await
+            .map_err(|_| stopped())?;
+        reply_rx.await.map_err(|_| stopped())?
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn sync(&self) -> Result<(), Error> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.sync())
+            .await
+            .map_err(|e| Error::StorageFailed(e.to_string()))??;
+        Ok(())
+    }
+
+    /// Stops the writers and housekeeping, waits for them, and makes
+    /// everything durable. Call once no Append is in flight.
+    pub async fn close(&self) -> Result<(), Error> {
+        self.closing.cancel();
+        // Writers stop between groups; the flusher syncs what they handed
+        // over, then stops.
+        self.streams.write().expect("registry lock").clear();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!("log tasks did not stop within 10s");
+        }
+        self.sync().await
+    }
+}
+
+/// Checks a start or read offset against a stream's bounds.
+fn check_offset(stream: &str, offset: u64, head: Head) -> Result<(), Error> {
+    if head.deleted {
+        return Err(Error::StreamNotFound(stream.to_string()));
+    }
+    if offset > head.next_offset {
+        return Err(Error::OffsetPastHead {
+            stream: stream.to_string(),
+            offset,
+            head: head.next_offset,
+        });
+    }
+    if offset < head.first_offset {
+        return Err(Error::OffsetTrimmed {
+            stream: stream.to_string(),
+            offset,
+            first: head.first_offset,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a stream name: 1 to 200 characters of `A-Z a-z 0-9 . _ -`.
+pub fn validate_stream_name(name: &str) -> Result<(), Error> {
+    let reason = if name.is_empty() {
+        "it is empty"
+    } else if name.len() > MAX_STREAM_NAME_LEN {
+        "it is longer than 200 characters"
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        "only letters, digits, '.', '_' and '-' are allowed"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidStreamName {
+        name: name.to_string(),
+        reason,
+    })
+}
+
+/// A 128-bit hash of a batch's events, to tell a retry (same events) from a
+/// different batch reusing an idempotency key. Hashes the storage encoding,
+/// which is stable across versions (xxh3 is a fixed algorithm).
+fn fingerprint(batch: &AppendBatch) -> u128 {
+    let chunk = Chunk {
+        first_offset: 0,
+        time_unix_nanos: 0,
+        records: batch.events.clone(),
+    };
+    xxhash_rust::xxh3::xxh3_128(&chunk.encode())
+}
+
+/// The current time in nanoseconds since the Unix epoch.
+pub fn now_unix_nanos() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// Forgets expired idempotency keys every minute until the log closes.
+async fn expire_idempotency_keys(log: Arc<Log>) {
+    let period = Duration::from_secs(60).min(log.config.idempotency_window);
+    loop {
+        tokio::select! {
+            _ = log.closing.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let window = i64::try_from(log.config.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = now_unix_nanos().saturating_sub(window);
+        let store = log.store.clone();
+        match tokio::task::spawn_blocking(move || store.expire_idempotency(cutoff)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(expired = n, "forgot expired idempotency keys"),
+            Ok(Err(e)) => warn!(error = %e, "expiring idempotency keys failed"),
+            Err(e) => warn!(error = %e, "expiring idempotency keys panicked"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names() {
+        for ok in ["a", "orders", "Orders.v2_x-y", &"x".repeat(200)] {
+            assert!(validate_stream_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "é", &"x".repeat(201)] {
+            assert!(validate_stream_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Subscriptions: a cursor over one stream that reads stored events first
+//! and then follows the committed head.
+//!
+//! There is no separate "catch-up" and "live" mode to switch between, so
+//! there is no switch to lose or repeat an event at: the cursor always reads
+//! from its own position up to the committed head (from the tail cache when
+//! the events are recent, from storage otherwise), and when it reaches the
+//! head it waits on the stream's head `watch` channel. Writers never wait
+//! for subscribers; a slow subscriber only falls behind.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::{check_offset, EventSlice, Head, Stream};
+use crate::error::Error;
+use crate::storage::Store;
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The first retained event.
+    Earliest,
+    /// The head: only events appended from now on.
+    Latest,
+    /// A given offset, between the first retained offset and the head.
+    Offset(u64),
+}
+
+/// A cursor over one stream.
+pub struct Subscription {
+    store: Arc<Store>,
+    stream: Arc<Stream>,
+    /// The stream's committed head; waited on at the head.
+    head_rx: watch::Receiver<Head>,
+    next_offset: u64,
+}
+
+impl Subscription {
+    pub(super) fn new(
+        store: Arc<Store>,
+        stream: Arc<Stream>,
+        start: StartAt,
+    ) -> Result<Subscription, Error> {
+        let head_rx = stream.shared.head_tx.subscribe();
+        let head = *head_rx.borrow();
+        let next_offset = match start {
+            StartAt::Earliest => head.first_offset,
+            StartAt::Latest => head.next_offset,
+            StartAt::Offset(offset) => {
+                check_offset(&stream.name, offset, head)?;
+                offset
+            }
+        };
+        Ok(Subscription {
+            store,
+            stream,
+            head_rx,
+            next_offset,
+        })
+    }
+
+    /// The stream's name.
+    pub fn stream_name(&self) -> &str {
+        &self.stream.name
+    }
+
+    /// The cursor: the offset of the next event this subscription delivers.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The stream's committed head as last seen.
+    pub fn head(&self) -> Head {
+        *self.head_rx.borrow()
+    }
+
+    /// Takes the events available now, up to the limits, and advances the
+    /// cursor past them. Empty when the cursor is at the head. Fails when
+    /// the stream was deleted or the cursor's events are no longer retained.
+    pub fn poll(&mut self, max_events: usize, max_bytes: usize) -> Result<Vec<EventSlice>, Error> {
+        let head = *self.head_rx.borrow_and_update();
+        check_offset(&self.stream.name, self.next_offset, head)?;
+        if self.next_offset == head.next_offset {
+            return Ok(Vec::new());
+        }
+        let slices = self.stream.read(
+            &self.store,
+            self.next_offset,
+            head.next_offset,
+            max_events,
+            max_bytes,
+        )?;
+        self.next_offset += slices.iter().map(EventSlice::len).sum::<usize>() as u64;
+        Ok(slices)
+    }
+
+    /// Waits until [`Subscription::poll`] has something to say: new events,
+    /// a deletion, or trimmed events. Cancel-safe.
+    pub async fn changed(&mut self) {
+        loop {
+            let head = *self.head_rx.borrow_and_update();
+            if head.deleted
+                || head.next_offset != self.next_offset
+                || head.first_offset > self.next_offset
+            {
+                return;
+            }
+            if self.head_rx.changed().await.is_err() {
+                // The stream's state is gone; poll reports what it can.
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The single writer of a stream: the only place that assigns offsets.
+//!
+//! Every Append on a stream becomes a job on the writer's queue. The writer
+//! takes whatever jobs are waiting (up to a cap) as one group, checks each
+//! job's preconditions in order (idempotency key, expected next offset),
+//! gives the accepted ones consecutive offsets, and writes them with their
+//! idempotency records and the stream's metadata in one atomic store batch.
+//! The group then goes to the [`Committer`] for one shared sync. Offsets are
+//! therefore dense and ordered however many producers race, and a rejected
+//! job writes nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::error;
+
+use super::commit::{Commit, Committer, Reply};
+use super::{now_unix_nanos, AppendOutcome, StreamShared};
+use crate::error::Error;
+use crate::storage::{
+    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Store, StreamMeta, TARGET_CHUNK_BYTES,
+};
+
+/// The most events one group commit takes from the queue; later jobs wait
+/// for the next group.
+const MAX_GROUP_EVENTS: usize = 20_000;
+
+/// A request to the writer.
+pub(crate) enum WriterCommand {
+    /// Append a batch.
+    Append(AppendJob),
+    /// Delete the stream, then stop.
+    Delete(oneshot::Sender<Result<(), Error>>),
+}
+
+/// One Append call.
+pub(crate) struct AppendJob {
+    pub(crate) events: Vec<EventRecord>,
+    pub(crate) expected_next_offset: Option<u64>,
+    /// The idempotency key with the batch's fingerprint.
+    pub(crate) idempotency: Option<(String, u128)>,
+    pub(crate) reply: Reply,
+}
+
+/// The writer's state. Owns the stream's authoritative next offset.
+pub(crate) struct Writer {
+    pub(crate) store: Arc<Store>,
+    pub(crate) committer: Committer,
+    pub(crate) shared: Arc<StreamShared>,
+    pub(crate) name: String,
+    pub(crate) meta: StreamMeta,
+    /// The offset the next accepted event gets (written, maybe not yet durable).
+    pub(crate) next_offset: u64,
+    /// The last append time, so times never go backwards.
+    pub(crate) last_time_unix_nanos: i64,
+    pub(crate) idempotency_window: Duration,
+    /// Cancelled when the log closes: the writer stops between groups.
+    pub(crate) closing: CancellationToken,
+}
+
+impl Writer {
+    /// Runs until the stream is deleted, the log closes, or every sender is gone.
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<WriterCommand>) {
+        loop {
+            let command = tokio::select! {
+                biased;
+                _ = self.closing.cancelled() => return,
+                command = rx.recv() => match command {
+                    Some(command) => command,
+                    None => return,
+                },
+            };
+            let mut jobs = Vec::new();
+            let mut delete = None;
+            match command {
+                WriterCommand::Append(job) => jobs.push(job),
+                WriterCommand::Delete(reply) => delete = Some(reply),
+            }
+            let mut events: usize = jobs.iter().map(|j| j.events.len()).sum();
+            while delete.is_none() && events < MAX_GROUP_EVENTS {
+                match rx.try_recv() {
+                    Ok(WriterCommand::Append(job)) => {
+                        events += job.events.len();
+                        jobs.push(job);
+                    }
+                    Ok(WriterCommand::Delete(reply)) => delete = Some(reply),
+                    Err(_) => break,
+                }
+            }
+            if !jobs.is_empty() {
+                self.write_group(jobs).await;
+            }
+            if let Some(reply) = delete {
+                let _ = reply.send(self.delete().await);
+                return;
+            }
+        }
+    }
+
+    async fn write_group(&mut self, jobs: Vec<AppendJob>) {
+        if let Some(reason) = self.committer.failure() {
+            for job in jobs {
+                let _ = job.reply.send(Err(Error::StorageFailed(reason.clone())));
+            }
+            return;
+        }
+        let time = now_unix_nanos().max(self.last_time_unix_nanos);
+        let group_first = self.next_offset;
+        let mut records = Vec::new();
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut new_keys: Vec<(String, IdempotencyRecord)> = Vec::new();
+        for job in jobs {
+            let result = self.accept(&job, time, &new_keys);
+            match result {
+                Ok(outcome) if !outcome.duplicate => {
+                    if let Some((key, fingerprint)) = job.idempotency {
+                        new_keys.push((
+                            key,
+                            IdempotencyRecord {
+                                first_offset: outcome.first_offset,
+                                count: outcome.count,
+                                time_unix_nanos: time,
+                                fingerprint,
+                            },
+                        ));
+                    }
+                    self.next_offset += u64::from(outcome.count);
+                    records.extend(job.events);
+                    replies.push((job.reply, Ok(outcome)));
+                }
+                other => replies.push((job.reply, other)),
+            }
+        }
+
+        let chunks = cut_into_chunks(group_first, time, records);
+        let mut meta = self.meta;
+        let mut encoded = Vec::with_capacity(chunks.len());
+        let mut cached = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            let value = chunk.encode();
+            let size = value.len();
+            meta.bytes += size as u64;
+            encoded.push(EncodedChunk {
+                first_offset: chunk.first_offset,
+                value,
+            });
+            cached.push((Arc::new(chunk), size));
+        }
+        if !encoded.is_empty() || !new_keys.is_empty() {
+            let keys: Vec<(&str, IdempotencyRecord)> =
+                new_keys.iter().map(|(k, r)| (k.as_str(), *r)).collect();
+            if let Err(e) = self.store.write_group(&self.name, &meta, &encoded, &keys) {
+                // The batch is atomic: nothing of it was written.
+                error!(stream = %self.name, error = %e, "append failed");
+                self.next_offset = group_first;
+                let reason = e.to_string();
+                for (reply, result) in replies {
+                    let _ = reply.send(result.and(Err(Error::StorageFailed(reason.clone()))));
+                }
+                return;
+            }
+            self.meta = meta;
+            self.last_time_unix_nanos = time;
+            self.shared.set_bytes(meta.bytes);
+        }
+        self.committer
+            .commit(Commit {
+                stream: self.shared.clone(),
+                next_offset: self.next_offset,
+                chunks: cached,
+                replies,
+            })
+            .await;
+    }
+
+    /// Decides one job against the stream as it stands after the jobs
+    /// before it in this group.
+    fn accept(
+        &self,
+        job: &AppendJob,
+        time: i64,
+        new_keys: &[(String, IdempotencyRecord)],
+    ) -> Result<AppendOutcome, Error> {
+        if let Some((key, fingerprint)) = &job.idempotency {
+            let earlier = match new_keys.iter().find(|(k, _)| k == key) {
+                Some((_, record)) => Some(*record),
+                None => self
+                    .store
+                    .get_idempotency(self.meta.id, key)?
+                    .filter(|r| !self.expired(r)),
+            };
+            if let Some(record) = earlier {
+                if record.fingerprint != *fingerprint {
+                    return Err(Error::IdempotencyConflict {
+                        stream: self.name.clone(),
+                        key: key.clone(),
+                    });
+                }
+                return Ok(AppendOutcome {
+                    first_offset: record.first_offset,
+                    count: record.count,
+                    time_unix_nanos: record.time_unix_nanos,
+                    duplicate: true,
+                });
+            }
+        }
+        if let Some(expected) = job.expected_next_offset {
+            if expected != self.next_offset {
+                return Err(Error::WrongExpectedOffset {
+                    stream: self.name.clone(),
+                    expected,
+                    actual: self.next_offset,
+                });
+            }
+        }
+        Ok(AppendOutcome {
+            first_offset: self.next_offset,
+            count: job.events.len() as u32,
+            time_unix_nanos: time,
+            duplicate: false,
+        })
+    }
+
+    fn expired(&self, record: &IdempotencyRecord) -> bool {
+        let window = i64::try_from(self.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
+        record.time_unix_nanos.saturating_add(window) < now_unix_nanos()
+    }
+
+    async fn delete(&mut self) -> Result<(), Error> {
+        let store = self.store.clone();
+        let (name, id) = (self.name.clone(), self.meta.id);
+        tokio::task::spawn_blocking(move || {
+            store.delete_stream(&name, id)?;
+            store.sync()
+        })
+        .await
+        .map_err(|e| Error::StorageFailed(e.to_string()))??;
+        self.shared.mark_deleted();
+        Ok(())
+    }
+}
+
+/// Splits a group's records into chunks of about [`TARGET_CHUNK_BYTES`]
+/// (a single larger event gets a chunk of its own), keeping every chunk
+/// well under sled's inline value limit.
+fn cut_into_chunks(first_offset: u64, time: i64, records: Vec<EventRecord>) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut current = Chunk {
+        first_offset,
+        time_unix_nanos: time,
+        records: Vec::new(),
+    };
+    let mut bytes = 0;
+    for record in records {
+        let len = record.encoded_len();
+        if !current.records.is_empty() && bytes + len > TARGET_CHUNK_BYTES {
+            let next_first = current.end_offset();
+            chunks.push(std::mem::replace(
+                &mut current,
+                Chunk {
+                    first_offset: next_first,
+                    time_unix_nanos: time,
+                    records: Vec::new(),
+                },
+            ));
+            bytes = 0;
+        }
+        bytes += len;
+        current.records.push(record);
+    }
+    if !current.records.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn chunks_are_contiguous_and_bounded() {
+        let record = |n: usize| EventRecord {
+            event_type: "t".into(),
+            data: Bytes::from(vec![0u8; n]),
+            ..Default::default()
+        };
+        let mut records: Vec<_> = (0..1000).map(|_| record(256)).collect();
+        records.insert(500, record(TARGET_CHUNK_BYTES * 3));
+        let chunks = cut_into_chunks(10, 5, records);
+        assert_eq!(chunks[0].first_offset, 10);
+        for pair in chunks.windows(2) {
+            assert_eq!(pair[0].end_offset(), pair[1].first_offset);
+        }
+        assert_eq!(chunks.last().unwrap().end_offset(), 1011);
+        for chunk in &chunks {
+            assert!(chunk.records.len() == 1 || chunk.encoded_len() <= TARGET_CHUNK_BYTES + 64);
+        }
+        assert!(cut_into_chunks(0, 0, Vec::new()).is_empty());
+    }
+}

@@ -1,0 +1,134 @@
+//! The server: opens the log, serves gRPC on a listener the caller bound,
+//! and shuts down gracefully.
+//!
+//! The caller binds (tests pass `127.0.0.1:0`), so nothing here races for
+//! ports. Shutdown order: stop accepting; end every subscription with
+//! UNAVAILABLE ("server shutting down") so clients reconnect and resume;
+//! let in-flight calls finish for up to the grace period; stop the writers;
+//! sync storage.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+use crate::config::ServerConfig;
+use crate::error::Error;
+use crate::log::{Log, LogConfig};
+use crate::proto::event_log_server::EventLogServer;
+use crate::service::{EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
+
+/// Room above the largest batch for the request's own framing.
+const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
+
+/// An opened server, ready to serve.
+pub struct Server {
+    config: ServerConfig,
+    log: Arc<Log>,
+}
+
+impl Server {
+    /// Opens storage. Fails with a clear message when the data dir is
+    /// locked by another process, unreadable or corrupt.
+    pub async fn open(config: ServerConfig) -> Result<Server, Error> {
+        let log = Log::open(LogConfig::from(&config)).await?;
+        Ok(Server { config, log })
+    }
+
+    /// The log, for embedding (e.g. the benchmark).
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down
+    /// gracefully.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ServeError> {
+        let config = &self.config;
+        let cancel = CancellationToken::new();
+        let subscriptions = TaskTracker::new();
+        let service = EventLogService::new(
+            self.log.clone(),
+            ServiceConfig {
+                heartbeat_interval: config.heartbeat_interval,
+            },
+            cancel.clone(),
+            subscriptions.clone(),
+        );
+        let service = EventLogServer::new(service)
+            .max_decoding_message_size(config.max_batch_bytes + REQUEST_OVERHEAD_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES);
+        let address = listener.local_addr().map_err(ServeError::Io)?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        info!(%address, durability = %config.durability, "serving gRPC");
+
+        let signalled = cancel.clone();
+        let serving = tonic::transport::Server::builder()
+            .http2_keepalive_interval(config.keepalive_interval)
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move {
+                shutdown.await;
+                info!("shutting down: ending subscriptions, finishing open calls");
+                signalled.cancel();
+            });
+        let grace = config.shutdown_grace;
+        tokio::select! {
+            result = serving => result.map_err(ServeError::Transport)?,
+            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                warn!(?grace, "open calls did not finish within the grace period; closing them");
+            }
+        }
+        subscriptions.close();
+        let _ = tokio::time::timeout(grace, subscriptions.wait()).await;
+        self.log.close().await.map_err(ServeError::Close)?;
+        info!("shut down cleanly");
+        Ok(())
+    }
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listener failed.
+    #[error("listener error: {0}")]
+    Io(std::io::Error),
+    /// The gRPC transport failed.
+    #[error("gRPC transport error: {0}")]
+    Transport(tonic::transport::Error),
+    /// Storage could not be closed cleanly.
+    #[error("closing storage failed: {0}")]
+    Close(Error),
+}
+
+/// Completes on SIGINT or SIGTERM (what Kubernetes sends), logging which.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = ctrl_c => info!("received SIGINT"),
+                _ = term.recv() => info!("received SIGTERM"),
+            },
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the server");
+                let _ = ctrl_c.await;
+                info!("received SIGINT");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+        info!("received SIGINT");
+    }
+}

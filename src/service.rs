@@ -1,0 +1,334 @@
+//! The gRPC `EventLog` service: turns requests into log calls and log
+//! results into responses. The one place that maps [`Error`] to a status.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost_types::Timestamp;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::error::Error;
+use crate::log::{self, AppendBatch, EventSlice, Log, StartAt, Subscription};
+use crate::proto::event_log_server::EventLog;
+use crate::proto::{self as pb, subscribe_request};
+use crate::storage::EventRecord;
+
+/// Default and largest page for Read, and default batch for Subscribe.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+/// Responses stop growing past this many bytes (at least one event each).
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// Responses a subscription may have queued for a slow client before its
+/// task waits: with HTTP/2 flow control this bounds a stalled subscriber's
+/// memory to a few responses.
+const SUBSCRIPTION_BUFFER: usize = 4;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        let message = error.to_string();
+        match error {
+            Error::InvalidStreamName { .. } | Error::InvalidArgument(_) => {
+                Status::invalid_argument(message)
+            }
+            Error::StreamNotFound(_) => Status::not_found(message),
+            Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
+                Status::already_exists(message)
+            }
+            Error::OffsetPastHead { .. } | Error::OffsetTrimmed { .. } => {
+                Status::out_of_range(message)
+            }
+            Error::WrongExpectedOffset { .. } => Status::failed_precondition(message),
+            Error::ShuttingDown => Status::unavailable(message),
+            Error::StorageFailed(_) | Error::Storage(_) => Status::internal(message),
+        }
+    }
+}
+
+/// Service settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Heartbeat period on idle subscriptions.
+    pub heartbeat_interval: Duration,
+}
+
+/// The `EventLog` implementation.
+pub struct EventLogService {
+    log: Arc<Log>,
+    config: ServiceConfig,
+    /// Cancelled when the server shuts down: subscriptions end with UNAVAILABLE.
+    shutdown: CancellationToken,
+    /// Subscription tasks, so shutdown can wait for them to end.
+    subscriptions: TaskTracker,
+}
+
+impl EventLogService {
+    /// A service over `log`.
+    pub fn new(
+        log: Arc<Log>,
+        config: ServiceConfig,
+        shutdown: CancellationToken,
+        subscriptions: TaskTracker,
+    ) -> EventLogService {
+        EventLogService {
+            log,
+            config,
+            shutdown,
+            subscriptions,
+        }
+    }
+}
+
+type SubscribeStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EventLog for EventLogService {
+    async fn append(
+        &self,
+        request: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendResponse>, Status> {
+        let request = request.into_inner();
+        let batch = AppendBatch {
+            events: request.events.into_iter().map(record_from_proto).collect(),
+            expected_next_offset: request.expected_next_offset,
+            idempotency_key: request.idempotency_key,
+        };
+        let outcome = self.log.append(&request.stream, batch).await?;
+        Ok(Response::new(pb::AppendResponse {
+            stream: request.stream,
+            first_offset: outcome.first_offset,
+            count: outcome.count,
+            time: Some(timestamp(outcome.time_unix_nanos)),
+            duplicate: outcome.duplicate,
+        }))
+    }
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<pb::ReadResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.limit, "limit")?;
+        let page = self
+            .log
+            .read(&request.stream, request.offset, limit, MAX_RESPONSE_BYTES)?;
+        Ok(Response::new(pb::ReadResponse {
+            events: events_to_proto(&request.stream, &page.slices),
+            next_offset: page.next_offset,
+            head_offset: page.head_offset,
+        }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let start = match request.start {
+            None => StartAt::Earliest,
+            Some(subscribe_request::Start::Offset(offset)) => StartAt::Offset(offset),
+            Some(subscribe_request::Start::Position(p)) => match pb::StartPosition::try_from(p) {
+                Ok(pb::StartPosition::Unspecified | pb::StartPosition::Earliest) => {
+                    StartAt::Earliest
+                }
+                Ok(pb::StartPosition::Latest) => StartAt::Latest,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown start position {p}: use EARLIEST, LATEST or an offset"
+                    )))
+                }
+            },
+        };
+        let max_events = if request.max_batch_events == 0 {
+            DEFAULT_PAGE as usize
+        } else {
+            request.max_batch_events.min(MAX_PAGE) as usize
+        };
+        let subscription = self.log.subscribe(&request.stream, start)?;
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.subscriptions.spawn(run_subscription(
+            subscription,
+            tx,
+            max_events,
+            self.config.heartbeat_interval,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn create_stream(
+        &self,
+        request: Request<pb::CreateStreamRequest>,
+    ) -> Result<Response<pb::CreateStreamResponse>, Status> {
+        let info = self.log.create_stream(&request.into_inner().stream).await?;
+        Ok(Response::new(pb::CreateStreamResponse {
+            stream: Some(stream_info_to_proto(info)),
+        }))
+    }
+
+    async fn get_stream(
+        &self,
+        request: Request<pb::GetStreamRequest>,
+    ) -> Result<Response<pb::GetStreamResponse>, Status> {
+        let name = request.into_inner().stream;
+        log::validate_stream_name(&name)?;
+        let info = self.log.stream_info(&name)?;
+        Ok(Response::new(pb::GetStreamResponse {
+            stream: Some(stream_info_to_proto(info)),
+        }))
+    }
+
+    async fn list_streams(
+        &self,
+        request: Request<pb::ListStreamsRequest>,
+    ) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size, "page_size")?;
+        // One more than asked tells whether another page exists.
+        let mut streams = self.log.list_streams(&request.page_token, limit + 1);
+        let next_page_token = if streams.len() > limit {
+            streams.truncate(limit);
+            streams.last().map(|s| s.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListStreamsResponse {
+            streams: streams.into_iter().map(stream_info_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_stream(
+        &self,
+        request: Request<pb::DeleteStreamRequest>,
+    ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
+        let name = request.into_inner().stream;
+        log::validate_stream_name(&name)?;
+        self.log.delete_stream(&name).await?;
+        Ok(Response::new(pb::DeleteStreamResponse {}))
+    }
+}
+
+/// Drives one subscription: sends events as they become available, a
+/// heartbeat when idle, and ends on error, client disconnect or shutdown.
+async fn run_subscription(
+    mut subscription: Subscription,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    max_events: usize,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+) {
+    // The first response goes out at once, events or not, so the client
+    // knows its subscription is live.
+    let mut send_now = true;
+    loop {
+        let slices = match subscription.poll(max_events, MAX_RESPONSE_BYTES) {
+            Ok(slices) => slices,
+            Err(error) => {
+                let _ = tx.send(Err(error.into())).await;
+                return;
+            }
+        };
+        if !slices.is_empty() || send_now {
+            send_now = false;
+            let head = subscription.head();
+            let response = pb::SubscribeResponse {
+                events: events_to_proto(subscription.stream_name(), &slices),
+                next_offset: subscription.next_offset(),
+                head_offset: head.next_offset,
+                caught_up: subscription.next_offset() >= head.next_offset,
+                server_time: Some(timestamp(log::now_unix_nanos())),
+            };
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                _ = shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Error::ShuttingDown.into()));
+                    return;
+                }
+            }
+            if !slices.is_empty() {
+                continue;
+            }
+        }
+        let idle_until = Instant::now() + heartbeat;
+        tokio::select! {
+            _ = subscription.changed() => {}
+            _ = tokio::time::sleep_until(idle_until) => send_now = true,
+            _ = tx.closed() => return,
+            _ = shutdown.cancelled() => {
+                let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                return;
+            }
+        }
+    }
+}
+
+fn page_size(requested: u32, field: &str) -> Result<usize, Status> {
+    match requested {
+        0 => Ok(DEFAULT_PAGE as usize),
+        n if n <= MAX_PAGE => Ok(n as usize),
+        n => Err(Status::invalid_argument(format!(
+            "{field} {n} is too large: the most is {MAX_PAGE}"
+        ))),
+    }
+}
+
+fn record_from_proto(event: pb::NewEvent) -> EventRecord {
+    // Sorted, so equal maps give equal records (and idempotency fingerprints).
+    let mut metadata: Vec<(String, String)> = event.metadata.into_iter().collect();
+    metadata.sort_unstable();
+    EventRecord {
+        event_type: event.r#type,
+        key: event.key,
+        content_type: event.content_type,
+        data: event.data.into(),
+        metadata,
+    }
+}
+
+fn events_to_proto(stream: &str, slices: &[EventSlice]) -> Vec<pb::Event> {
+    let mut events = Vec::with_capacity(slices.iter().map(EventSlice::len).sum());
+    for slice in slices {
+        let time = timestamp(slice.chunk.time_unix_nanos);
+        for (offset, record) in slice.events() {
+            events.push(pb::Event {
+                stream: stream.to_string(),
+                offset,
+                r#type: record.event_type.clone(),
+                key: record.key.clone(),
+                data: record.data.clone(),
+                content_type: record.content_type.clone(),
+                metadata: record.metadata.iter().cloned().collect(),
+                time: Some(time),
+            });
+        }
+    }
+    events
+}
+
+fn stream_info_to_proto(info: log::StreamInfo) -> pb::StreamInfo {
+    pb::StreamInfo {
+        event_count: info.next_offset - info.first_offset,
+        name: info.name,
+        first_offset: info.first_offset,
+        next_offset: info.next_offset,
+        approximate_bytes: info.approximate_bytes,
+        created_time: Some(timestamp(info.created_unix_nanos)),
+    }
+}
+
+/// A protobuf timestamp from nanoseconds since the Unix epoch.
+pub fn timestamp(unix_nanos: i64) -> Timestamp {
+    Timestamp {
+        seconds: unix_nanos.div_euclid(1_000_000_000),
+        nanos: unix_nanos.rem_euclid(1_000_000_000) as i32,
+    }
+}
