@@ -1,0 +1,177 @@
+//! `pullstream publish`: append one event given by flags, or NDJSON events
+//! read from stdin (one object per line, sent in batches), and print each
+//! acknowledgement as a JSON line.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use super::{connect, json, status_error, ClientArgs};
+use crate::proto as pb;
+
+/// Arguments of `pullstream publish`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+    pullstream publish orders --type order.created --key ord_1 --data '{\"total\":42}'\n  \
+    printf '%s\\n' '{\"type\":\"order.paid\",\"key\":\"ord_1\",\"data\":{\"total\":42}}' | pullstream publish orders\n\n\
+    Each stdin line is an object with \"type\" (required), \"key\", \"data\" (any JSON value),\n\
+    or \"data_base64\" with \"content_type\", and \"metadata\" (string to string).")]
+pub struct PublishArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The stream to append to
+    stream: String,
+    /// The event type (e.g. invoice.paid); without it, events are read from stdin as NDJSON
+    #[arg(long = "type", value_name = "TYPE")]
+    event_type: Option<String>,
+    /// The entity the event is about (e.g. in_123)
+    #[arg(long, requires = "event_type")]
+    key: Option<String>,
+    /// The payload; checked to be JSON when the content type is JSON
+    #[arg(long, requires = "event_type", default_value = "{}")]
+    data: String,
+    /// The payload's media type
+    #[arg(long, requires = "event_type", default_value = "application/json")]
+    content_type: String,
+    /// Metadata as KEY=VALUE (repeatable)
+    #[arg(long = "meta", value_name = "KEY=VALUE", requires = "event_type")]
+    metadata: Vec<String>,
+    /// Append only if the stream's next offset is this (optimistic concurrency)
+    #[arg(long)]
+    expected_next_offset: Option<u64>,
+    /// Makes a retry of this command safe: the server appends the batch once
+    #[arg(long, requires = "event_type")]
+    idempotency_key: Option<String>,
+    /// Events per Append when reading stdin
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    batch: u32,
+}
+
+/// One NDJSON input line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputEvent {
+    #[serde(rename = "type")]
+    event_type: String,
+    #[serde(default)]
+    key: String,
+    data: Option<serde_json::Value>,
+    data_base64: Option<String>,
+    content_type: Option<String>,
+    #[serde(default)]
+    metadata: HashMap<String, String>,
+}
+
+impl InputEvent {
+    fn into_proto(self) -> anyhow::Result<pb::NewEvent> {
+        let (data, default_type) = match (self.data, self.data_base64) {
+            (Some(_), Some(_)) => bail!("give \"data\" or \"data_base64\", not both"),
+            (Some(value), None) => (serde_json::to_vec(&value)?, "application/json"),
+            (None, Some(b64)) => (
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .context("\"data_base64\" is not valid base64")?,
+                "",
+            ),
+            (None, None) => (Vec::new(), ""),
+        };
+        Ok(pb::NewEvent {
+            r#type: self.event_type,
+            key: self.key,
+            data,
+            content_type: self.content_type.unwrap_or_else(|| default_type.to_string()),
+            metadata: self.metadata,
+        })
+    }
+}
+
+/// Runs `pullstream publish`.
+pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.client).await?;
+    let Some(event_type) = args.event_type.clone() else {
+        return publish_stdin(&mut client, &args).await;
+    };
+    if json::is_json(&args.content_type) {
+        serde_json::from_str::<serde_json::Value>(&args.data).with_context(|| {
+            format!(
+                "--data is not valid JSON ({}); pass --content-type for other payloads",
+                args.content_type
+            )
+        })?;
+    }
+    let metadata = args
+        .metadata
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--meta {pair:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let event = pb::NewEvent {
+        r#type: event_type,
+        key: args.key.clone().unwrap_or_default(),
+        data: args.data.clone().into_bytes(),
+        content_type: args.content_type.clone(),
+        metadata,
+    };
+    let request = pb::AppendRequest {
+        stream: args.stream.clone(),
+        events: vec![event],
+        expected_next_offset: args.expected_next_offset,
+        idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+    };
+    let response = client.append(request).await.map_err(status_error)?;
+    println!("{}", json::ack(response.get_ref()));
+    Ok(())
+}
+
+async fn publish_stdin(
+    client: &mut crate::proto::event_log_client::EventLogClient<tonic::transport::Channel>,
+    args: &PublishArgs,
+) -> anyhow::Result<()> {
+    if std::io::stdin().is_terminal() {
+        eprintln!("reading NDJSON events from stdin (one per line; Ctrl-D to finish; --help for the format)");
+    }
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let mut batch = Vec::new();
+    let mut line_number = 0;
+    let mut expected = args.expected_next_offset;
+    loop {
+        let line = lines.next_line().await.context("reading stdin")?;
+        let done = line.is_none();
+        if let Some(line) = line {
+            line_number += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let event = serde_json::from_str::<InputEvent>(&line)
+                .map_err(anyhow::Error::from)
+                .and_then(InputEvent::into_proto)
+                .with_context(|| format!("stdin line {line_number}"))?;
+            batch.push(event);
+        }
+        if batch.len() >= args.batch as usize || (done && !batch.is_empty()) {
+            let request = pb::AppendRequest {
+                stream: args.stream.clone(),
+                events: std::mem::take(&mut batch),
+                expected_next_offset: expected,
+                idempotency_key: String::new(),
+            };
+            let response = client.append(request).await.map_err(status_error)?;
+            let ack = response.into_inner();
+            expected = expected.map(|_| ack.first_offset + u64::from(ack.count));
+            println!("{}", json::ack(&ack));
+        }
+        if done {
+            if line_number == 0 {
+                bail!("no events on stdin: pass --type (and --data), or pipe NDJSON events in");
+            }
+            return Ok(());
+        }
+    }
+}
