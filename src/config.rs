@@ -199,7 +199,9 @@ impl TryFrom<ServeSettings> for ServerConfig {
             d.map_or(Duration::from_secs(default), |d| d.0)
         };
         let config = ServerConfig {
-            data_dir: s.data_dir.unwrap_or_else(|| PathBuf::from("pullstream-data")),
+            data_dir: s
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("pullstream-data")),
             listen: s
                 .listen
                 .unwrap_or_else(|| "127.0.0.1:50051".parse().expect("valid address")),
@@ -216,9 +218,8 @@ impl TryFrom<ServeSettings> for ServerConfig {
             keepalive_timeout: secs(s.keepalive_timeout, 20),
             shutdown_grace: secs(s.shutdown_grace, 5),
         };
-        let invalid = |setting: &'static str, message: String| {
-            Err(ConfigError::Invalid { setting, message })
-        };
+        let invalid =
+            |setting: &'static str, message: String| Err(ConfigError::Invalid { setting, message });
         if config.max_event_bytes == 0 || config.max_event_bytes > MAX_EVENT_BYTES_LIMIT {
             return invalid(
                 "max-event-bytes",

@@ -14,7 +14,8 @@ async fn main() -> ExitCode {
     // The server logs at info by default; client commands keep stderr quiet
     // (warnings only) so their stdout is clean for scripts. RUST_LOG overrides.
     let default_level = if cli.is_server() { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -64,7 +64,9 @@ impl Server {
         );
         let service = EventLogServer::new(service)
             .max_decoding_message_size(config.max_batch_bytes + REQUEST_OVERHEAD_BYTES)
-            .max_encoding_message_size(MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES);
+            .max_encoding_message_size(
+                MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
+            );
         let address = listener.local_addr().map_err(ServeError::Io)?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         info!(%address, durability = %config.durability, "serving gRPC");

@@ -30,7 +30,11 @@ pub struct Cli {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
     /// Server URL
-    #[arg(long, env = "PULLSTREAM_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "PULLSTREAM_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
 }
 

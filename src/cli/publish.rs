@@ -83,7 +83,9 @@ impl InputEvent {
             r#type: self.event_type,
             key: self.key,
             data,
-            content_type: self.content_type.unwrap_or_else(|| default_type.to_string()),
+            content_type: self
+                .content_type
+                .unwrap_or_else(|| default_type.to_string()),
             metadata: self.metadata,
         })
     }

@@ -73,7 +73,10 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let info = info.stream.unwrap_or_default();
-            println!("{}", serde_json::to_string_pretty(&json::stream_info(&info))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json::stream_info(&info))?
+            );
         }
         StreamsCommand::Create { stream } => {
             let info = client
@@ -82,7 +85,10 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let info = info.stream.unwrap_or_default();
-            println!("{}", serde_json::to_string_pretty(&json::stream_info(&info))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json::stream_info(&info))?
+            );
         }
         StreamsCommand::Delete { stream } => {
             client
@@ -102,7 +108,12 @@ fn print_table(streams: &[pb::StreamInfo]) {
         eprintln!("no streams yet: `pullstream publish STREAM --type T` creates one");
         return;
     }
-    let width = streams.iter().map(|s| s.name.len()).max().unwrap_or(0).max(6);
+    let width = streams
+        .iter()
+        .map(|s| s.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(6);
     println!(
         "{:<width$}  {:>12}  {:>12}  {:>12}  {:>12}  CREATED",
         "STREAM", "FIRST", "NEXT", "EVENTS", "BYTES"

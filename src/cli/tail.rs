@@ -89,7 +89,11 @@ async fn follow(
     loop {
         let response = match stream.message().await {
             Ok(Some(response)) => response,
-            Ok(None) => return Err(Interruption::Retry("the server ended the subscription".into())),
+            Ok(None) => {
+                return Err(Interruption::Retry(
+                    "the server ended the subscription".into(),
+                ))
+            }
             Err(status) => return Err(classify(status)),
         };
         *backoff = Duration::from_millis(100);
@@ -124,4 +128,3 @@ fn classify(status: tonic::Status) -> Interruption {
         _ => Interruption::Fatal(status_error(status)),
     }
 }
-

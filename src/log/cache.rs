@@ -54,7 +54,9 @@ impl TailCache {
         if offset < front.first_offset {
             return None;
         }
-        let start = self.chunks.partition_point(|(c, _)| c.end_offset() <= offset);
+        let start = self
+            .chunks
+            .partition_point(|(c, _)| c.end_offset() <= offset);
         Some(
             self.chunks
                 .range(start..)

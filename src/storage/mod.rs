@@ -211,7 +211,10 @@ impl Store {
     ) -> Result<(), StorageError> {
         let mut batch = sled::Batch::default();
         for chunk in chunks {
-            batch.insert(&chunk_key(meta.id, chunk.first_offset)[..], &chunk.value[..]);
+            batch.insert(
+                &chunk_key(meta.id, chunk.first_offset)[..],
+                &chunk.value[..],
+            );
         }
         for (key, record) in idempotency {
             batch.insert(idempotency_key(meta.id, key), record.encode());

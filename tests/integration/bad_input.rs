@@ -1,0 +1,232 @@
+//! Bad input gets a clear status and changes nothing.
+
+use pullstream::proto::{self as pb, subscribe_request::Start};
+use tonic::Code;
+
+use crate::common::*;
+
+fn assert_status<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, needle: &str) {
+    let status = result.expect_err("the call must fail");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().contains(needle),
+        "{:?} lacks {needle:?}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn invalid_stream_names_are_rejected_everywhere() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let long = "x".repeat(201);
+    for name in ["", "has space", "slash/", "ünïcode", long.as_str()] {
+        let append = client
+            .append(pb::AppendRequest {
+                stream: name.into(),
+                events: vec![event("t", "1")],
+                ..Default::default()
+            })
+            .await;
+        assert_status(append, Code::InvalidArgument, "invalid stream name");
+        let create = client
+            .create_stream(pb::CreateStreamRequest {
+                stream: name.into(),
+            })
+            .await;
+        assert_status(create, Code::InvalidArgument, "invalid stream name");
+        let get = client
+            .get_stream(pb::GetStreamRequest {
+                stream: name.into(),
+            })
+            .await;
+        assert_status(get, Code::InvalidArgument, "invalid stream name");
+    }
+    let listed = client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .unwrap();
+    assert!(
+        listed.into_inner().streams.is_empty(),
+        "nothing was created"
+    );
+}
+
+#[tokio::test]
+async fn bad_batches_write_nothing() {
+    let server = TestServer::start_with(|c| {
+        c.max_event_bytes = 1024;
+        c.max_batch_events = 10;
+        c.max_batch_bytes = 4096;
+    })
+    .await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1")]).await;
+    let request = |events: Vec<pb::NewEvent>, key: &str| pb::AppendRequest {
+        stream: "s".into(),
+        events,
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let big = format!("\"{}\"", "x".repeat(1100));
+    let cases = [
+        (request(vec![], ""), "empty"),
+        (request(vec![event("", "1")], ""), "empty type"),
+        (
+            request(vec![event("t", "1"), event("t", &big)], ""),
+            "event 1 is",
+        ),
+        (
+            request((0..11).map(|_| event("t", "1")).collect(), ""),
+            "11 events",
+        ),
+        (
+            request((0..6).map(|_| event("t", &"y".repeat(900))).collect(), ""),
+            "the batch is",
+        ),
+        (
+            request(vec![event("t", "1")], &"k".repeat(201)),
+            "idempotency key",
+        ),
+    ];
+    for (request, needle) in cases {
+        assert_status(client.append(request).await, Code::InvalidArgument, needle);
+    }
+    // Nothing was written, and the stream still works.
+    assert_eq!(read_all(&mut client, "s").await.len(), 1);
+    assert_eq!(
+        append(&mut client, "s", vec![event("t", "2")])
+            .await
+            .first_offset,
+        1
+    );
+}
+
+#[tokio::test]
+async fn unknown_streams_are_not_found() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let read = client
+        .read(pb::ReadRequest {
+            stream: "nope".into(),
+            offset: 0,
+            limit: 1,
+        })
+        .await;
+    assert_status(read, Code::NotFound, "nope");
+    let sub = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "nope".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(sub.map(|_| ()), Code::NotFound, "nope");
+    let del = client
+        .delete_stream(pb::DeleteStreamRequest {
+            stream: "nope".into(),
+        })
+        .await;
+    assert_status(del, Code::NotFound, "nope");
+}
+
+#[tokio::test]
+async fn offsets_past_the_head_are_out_of_range_naming_the_head() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1"), event("t", "2")]).await;
+    let read = client
+        .read(pb::ReadRequest {
+            stream: "s".into(),
+            offset: 3,
+            limit: 1,
+        })
+        .await;
+    assert_status(read, Code::OutOfRange, "next offset is 2");
+    let sub = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "s".into(),
+            start: Some(Start::Offset(99)),
+            max_batch_events: 0,
+        })
+        .await;
+    assert_status(sub.map(|_| ()), Code::OutOfRange, "next offset is 2");
+}
+
+#[tokio::test]
+async fn bad_limits_and_positions_are_invalid() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1")]).await;
+    let read = client
+        .read(pb::ReadRequest {
+            stream: "s".into(),
+            offset: 0,
+            limit: 1001,
+        })
+        .await;
+    assert_status(read, Code::InvalidArgument, "limit");
+    let list = client
+        .list_streams(pb::ListStreamsRequest {
+            page_size: 5000,
+            page_token: String::new(),
+        })
+        .await;
+    assert_status(list, Code::InvalidArgument, "page_size");
+    let sub = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "s".into(),
+            start: Some(Start::Position(42)),
+            max_batch_events: 0,
+        })
+        .await;
+    assert_status(sub.map(|_| ()), Code::InvalidArgument, "start position");
+}
+
+#[tokio::test]
+async fn append_to_a_missing_stream_is_not_found_when_auto_create_is_off() {
+    let server = TestServer::start_with(|c| c.auto_create_streams = false).await;
+    let mut client = server.client().await;
+    let result = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: vec![event("t", "1")],
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::NotFound, "\"s\"");
+    client
+        .create_stream(pb::CreateStreamRequest { stream: "s".into() })
+        .await
+        .unwrap();
+    assert_eq!(
+        append(&mut client, "s", vec![event("t", "1")])
+            .await
+            .first_offset,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_huge_request_is_refused_by_the_transport() {
+    let server = TestServer::start_with(|c| {
+        c.max_event_bytes = 1024;
+        c.max_batch_bytes = 4096;
+    })
+    .await;
+    let mut client = server.client().await;
+    let huge = format!("\"{}\"", "x".repeat(1 << 20));
+    let result = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: vec![event("t", &huge)],
+            ..Default::default()
+        })
+        .await;
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    let listed = client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.into_inner().streams.is_empty());
+}

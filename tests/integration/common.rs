@@ -1,0 +1,195 @@
+//! Test harness: the real server in-process on an ephemeral loopback port
+//! with a temp data dir, and the generated tonic client.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pullstream::config::ServerConfig;
+use pullstream::proto::event_log_client::EventLogClient;
+use pullstream::proto::{self as pb, subscribe_request::Start};
+use pullstream::server::{ServeError, Server};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+pub type Client = EventLogClient<Channel>;
+
+/// A running server. Dropping it without `stop` aborts the server task.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    pub config: ServerConfig,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), ServeError>>>,
+}
+
+impl TestServer {
+    /// A server with test defaults on a fresh temp dir.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server on a fresh temp dir, with `tweak` applied to the config.
+    pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ServerConfig::for_tests(dir.path());
+        tweak(&mut config);
+        Self::start_in(dir, config).await
+    }
+
+    /// A server on an existing dir (for restarts).
+    pub async fn start_in(dir: TempDir, config: ServerConfig) -> TestServer {
+        let server = Server::open(config.clone()).await.expect("open server");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(server.serve(listener, async {
+            let _ = shutdown_rx.await;
+        }));
+        TestServer {
+            addr,
+            dir,
+            config,
+            shutdown_tx: Some(shutdown_tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> Client {
+        EventLogClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+            .max_decoding_message_size(64 << 20)
+    }
+
+    /// Shuts down gracefully and waits; returns the data dir and config
+    /// for a restart.
+    pub async fn stop(mut self) -> (TempDir, ServerConfig) {
+        self.shutdown_tx.take().expect("running").send(()).ok();
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("server stops within 30s")
+            .expect("server task")
+            .expect("clean shutdown");
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
+        (dir, self.config.clone())
+    }
+
+    /// Stops and starts again on the same data dir.
+    pub async fn restart(self) -> TestServer {
+        let (dir, config) = self.stop().await;
+        TestServer::start_in(dir, config).await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+/// A JSON event of `event_type` with `data`.
+pub fn event(event_type: &str, data: &str) -> pb::NewEvent {
+    pb::NewEvent {
+        r#type: event_type.to_string(),
+        key: String::new(),
+        data: data.as_bytes().to_vec(),
+        content_type: "application/json".to_string(),
+        metadata: Default::default(),
+    }
+}
+
+/// Appends `events` to `stream`, panicking on error.
+pub async fn append(
+    client: &mut Client,
+    stream: &str,
+    events: Vec<pb::NewEvent>,
+) -> pb::AppendResponse {
+    client
+        .append(pb::AppendRequest {
+            stream: stream.to_string(),
+            events,
+            ..Default::default()
+        })
+        .await
+        .expect("append")
+        .into_inner()
+}
+
+/// Reads every event of `stream` with Read pages.
+pub async fn read_all(client: &mut Client, stream: &str) -> Vec<pb::Event> {
+    let mut events = Vec::new();
+    let mut offset = 0;
+    loop {
+        let page = client
+            .read(pb::ReadRequest {
+                stream: stream.to_string(),
+                offset,
+                limit: 1000,
+            })
+            .await
+            .expect("read")
+            .into_inner();
+        events.extend(page.events);
+        offset = page.next_offset;
+        if offset == page.head_offset {
+            return events;
+        }
+    }
+}
+
+/// Opens a subscription.
+pub async fn subscribe(
+    client: &mut Client,
+    stream: &str,
+    start: Option<Start>,
+) -> Streaming<pb::SubscribeResponse> {
+    client
+        .subscribe(pb::SubscribeRequest {
+            stream: stream.to_string(),
+            start,
+            max_batch_events: 0,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+/// The next subscription message, failing the test if none comes in 30 s
+/// (a deadlock guard, not a timing assertion).
+pub async fn next(
+    stream: &mut Streaming<pb::SubscribeResponse>,
+) -> Result<pb::SubscribeResponse, tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("a subscription message within 30s")
+        .map(|m| m.expect("stream still open"))
+}
+
+/// Collects events from a subscription until `count` have arrived.
+pub async fn collect(
+    stream: &mut Streaming<pb::SubscribeResponse>,
+    count: usize,
+) -> Vec<pb::Event> {
+    let mut events = Vec::new();
+    while events.len() < count {
+        let response = next(stream).await.expect("subscription message");
+        events.extend(response.events);
+    }
+    events
+}
+
+/// Runs `future` with a generous deadlock guard.
+pub async fn within<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), future)
+        .await
+        .expect("finished within 60s")
+}

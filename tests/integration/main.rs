@@ -1,0 +1,11 @@
+//! Integration tests: the real server on an ephemeral port with a temp data
+//! dir, driven by the generated gRPC client. One test binary, so the crate
+//! is linked once.
+
+mod common;
+
+mod append;
+mod bad_input;
+mod process;
+mod streams;
+mod subscribe;

@@ -1,0 +1,348 @@
+//! Tests that need a real process: kill -9, a second server on a locked
+//! data dir, startup errors, and the CLI as a user runs it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use pullstream::proto::event_log_client::EventLogClient;
+
+use crate::common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+
+/// Starts `pullstream serve` on an ephemeral port and returns it with the
+/// address it logged.
+fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("server printed its address before exiting")
+            .unwrap();
+        if let Some(rest) = line.split("address=").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, format!("http://{address}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for p in 0..8 {
+        let url = url.clone();
+        let acked = acked.clone();
+        let stop = stop.clone();
+        producers.push(tokio::spawn(async move {
+            let mut client = EventLogClient::connect(url).await.unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let data = format!(r#"{{"p":{p},"i":{i}}}"#);
+                let request = pullstream::proto::AppendRequest {
+                    stream: "s".into(),
+                    events: vec![event("t", &data), event("t", &data)],
+                    ..Default::default()
+                };
+                match client.append(request).await {
+                    Ok(ack) => acked
+                        .lock()
+                        .unwrap()
+                        .push((ack.into_inner().first_offset, data)),
+                    Err(_) => return, // the server died mid-call: not acknowledged
+                }
+                i += 1;
+            }
+        }));
+    }
+    // Let appends flow, then kill the server without warning.
+    while acked.lock().unwrap().len() < 300 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        within(p).await.unwrap();
+    }
+
+    let config = pullstream::config::ServerConfig::for_tests(dir.path());
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let events = read_all(&mut client, "s").await;
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.offset, i as u64, "offsets stay dense after a crash");
+    }
+    let acked = acked.lock().unwrap();
+    for (first, data) in acked.iter() {
+        for offset in [*first, first + 1] {
+            let stored = events
+                .get(offset as usize)
+                .expect("acknowledged event survived");
+            assert_eq!(std::str::from_utf8(&stored.data).unwrap(), data);
+        }
+    }
+    // New appends continue after the surviving head.
+    let ack = append(&mut client, "s", vec![event("t", "after")]).await;
+    assert_eq!(ack.first_offset, events.len() as u64);
+}
+
+#[test]
+fn a_locked_data_dir_is_a_clear_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, _) = spawn_server(dir.path(), &[]);
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+}
+
+#[test]
+fn unusable_data_dir_and_bad_settings_exit_nonzero_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+
+    // A corrupt store: garbage where sled's data file should be.
+    let corrupt = dir.path().join("corrupt");
+    std::fs::create_dir(&corrupt).unwrap();
+    std::fs::write(corrupt.join("conf"), b"segment_size: banana\n").unwrap();
+    std::fs::write(corrupt.join("db"), vec![0xAB; 4096]).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&corrupt)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open data dir"));
+
+    let out = Command::new(BIN)
+        .args(["serve", "--max-event-bytes", "0", "--data-dir"])
+        .arg(dir.path().join("unused"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max-event-bytes"));
+
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "durabilty = \"fsync\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("durabilty"));
+}
+
+#[test]
+fn the_cli_publishes_tails_and_lists_as_the_readme_shows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("PULLSTREAM_SERVER", &url)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).unwrap();
+        }
+        drop(input);
+        child.wait_with_output().unwrap()
+    };
+    let out = cli(
+        &[
+            "publish",
+            "orders",
+            "--type",
+            "order.created",
+            "--key",
+            "ord_1",
+            "--data",
+            r#"{"total":42}"#,
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (ack["first_offset"].as_u64(), ack["count"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    let ndjson = "{\"type\":\"order.paid\",\"key\":\"ord_1\",\"data\":{\"total\":42}}\n{\"type\":\"blob\",\"data_base64\":\"AAE=\"}\n";
+    let out = cli(&["publish", "orders"], Some(ndjson));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ack: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (ack["first_offset"].as_u64(), ack["count"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    let out = cli(
+        &["publish", "orders", "--type", "x", "--data", "not json"],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not valid JSON"));
+
+    let out = cli(&["tail", "orders", "--limit", "3"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["data"]["total"], 42);
+    assert_eq!(lines[1]["type"], "order.paid");
+    assert_eq!(lines[2]["data_base64"], "AAE=");
+    assert_eq!(lines[2]["offset"], 2);
+
+    let out = cli(&["tail", "orders", "--from", "1", "--limit", "1"], None);
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["offset"], 1);
+
+    let out = cli(&["streams", "list"], None);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("orders") && table.contains("STREAM"),
+        "{table}"
+    );
+
+    let out = cli(&["tail", "missing"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn tail_resumes_from_its_cursor_across_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        // Find a free port and reuse it for both server runs.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let start = |dir: &std::path::Path| {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", &listen, "--data-dir"])
+            .arg(dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        while !lines.next().unwrap().unwrap().contains("address=") {}
+        std::thread::spawn(move || for _ in lines {});
+        child
+    };
+    let publish = |n: u32| {
+        let events: String = (0..n)
+            .map(|i| format!("{{\"type\":\"t\",\"data\":{i}}}\n"))
+            .collect();
+        let mut child = Command::new(BIN)
+            .args(["publish", "s", "--server", &url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(events.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+    };
+    let mut server = start(dir.path());
+    publish(5);
+    let mut tail = Command::new(BIN)
+        .args(["tail", "s", "--limit", "10", "--server", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
+    let mut offsets = Vec::new();
+    for _ in 0..5 {
+        let line: serde_json::Value = serde_json::from_str(&out.next().unwrap().unwrap()).unwrap();
+        offsets.push(line["offset"].as_u64().unwrap());
+    }
+    // Graceful stop: the subscription ends with UNAVAILABLE, tail reconnects.
+    sigterm(&server);
+    server.wait().unwrap();
+    let mut server = start(dir.path());
+    publish(5);
+    for line in out.by_ref() {
+        let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        offsets.push(line["offset"].as_u64().unwrap());
+    }
+    assert!(tail.wait().unwrap().success());
+    assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -1,0 +1,209 @@
+//! Subscribe: catch-up to live with no gap or duplicate, resume from the
+//! cursor, heartbeats, slow subscribers, shutdown, deletion.
+
+use std::time::Duration;
+
+use pullstream::proto::{self as pb, subscribe_request::Start};
+use tonic::Code;
+
+use crate::common::*;
+
+fn earliest() -> Option<Start> {
+    Some(Start::Position(pb::StartPosition::Earliest as i32))
+}
+
+fn latest() -> Option<Start> {
+    Some(Start::Position(pb::StartPosition::Latest as i32))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_switches_to_live_with_no_gap_or_duplicate() {
+    let server = TestServer::start_with(|c| c.tail_cache_bytes = 16 << 10).await;
+    let mut client = server.client().await;
+    let total = 3000u64;
+    // 500 stored before the subscriber starts; the rest while it catches up.
+    for i in 0..50 {
+        let events = (0..10)
+            .map(|j| event("t", &(i * 10 + j).to_string()))
+            .collect();
+        append(&mut client, "s", events).await;
+    }
+    let mut producer = server.client().await;
+    let writer = tokio::spawn(async move {
+        for i in 50..(total / 10) {
+            let events = (0..10)
+                .map(|j| event("t", &(i * 10 + j).to_string()))
+                .collect();
+            append(&mut producer, "s", events).await;
+        }
+    });
+    let mut stream = subscribe(&mut client, "s", None).await;
+    let mut received = Vec::new();
+    let mut last_next = 0;
+    let mut saw_caught_up_at_end = false;
+    while (received.len() as u64) < total {
+        let r = next(&mut stream).await.unwrap();
+        // The cursor always points right after what was delivered.
+        let expected_next = last_next + r.events.len() as u64;
+        assert_eq!(r.next_offset, expected_next);
+        assert!(r.head_offset >= r.next_offset);
+        assert_eq!(r.caught_up, r.next_offset == r.head_offset);
+        last_next = r.next_offset;
+        received.extend(r.events);
+        saw_caught_up_at_end = r.caught_up;
+    }
+    within(writer).await.unwrap();
+    for (i, e) in received.iter().enumerate() {
+        assert_eq!(e.offset, i as u64, "gap or duplicate");
+        assert_eq!(std::str::from_utf8(&e.data).unwrap(), i.to_string());
+    }
+    assert!(saw_caught_up_at_end);
+}
+
+#[tokio::test]
+async fn resume_from_next_offset_after_dropping_a_subscription() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for i in 0..20 {
+        append(&mut client, "s", vec![event("t", &i.to_string())]).await;
+    }
+    let mut stream = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "s".into(),
+            start: earliest(),
+            max_batch_events: 7,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await.unwrap();
+    assert_eq!(first.events.len(), 7);
+    assert_eq!(first.next_offset, 7);
+    drop(stream);
+    append(&mut client, "s", vec![event("t", "20")]).await;
+    let mut stream = subscribe(&mut client, "s", Some(Start::Offset(first.next_offset))).await;
+    let rest = collect(&mut stream, 14).await;
+    let offsets: Vec<u64> = rest.iter().map(|e| e.offset).collect();
+    assert_eq!(offsets, (7..21).collect::<Vec<_>>());
+
+    // Resuming exactly at the head waits for new events.
+    let mut at_head = subscribe(&mut client, "s", Some(Start::Offset(21))).await;
+    let hello = next(&mut at_head).await.unwrap();
+    assert!(hello.events.is_empty() && hello.caught_up);
+    append(&mut client, "s", vec![event("t", "21")]).await;
+    assert_eq!(collect(&mut at_head, 1).await[0].offset, 21);
+}
+
+#[tokio::test]
+async fn latest_starts_at_the_head_and_earliest_at_the_start() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("old", "1"), event("old", "2")]).await;
+    let mut live = subscribe(&mut client, "s", latest()).await;
+    let hello = next(&mut live).await.unwrap();
+    assert_eq!((hello.next_offset, hello.head_offset), (2, 2));
+    append(&mut client, "s", vec![event("new", "3")]).await;
+    let got = collect(&mut live, 1).await;
+    assert_eq!((got[0].offset, got[0].r#type.as_str()), (2, "new"));
+    let mut all = subscribe(&mut client, "s", earliest()).await;
+    assert_eq!(collect(&mut all, 3).await[0].offset, 0);
+}
+
+#[tokio::test]
+async fn first_response_is_immediate_and_idle_streams_get_heartbeats() {
+    let server =
+        TestServer::start_with(|c| c.heartbeat_interval = Duration::from_millis(200)).await;
+    let mut client = server.client().await;
+    append(&mut client, "idle", vec![event("t", "1")]).await;
+    let mut stream = subscribe(&mut client, "idle", latest()).await;
+    let hello = next(&mut stream).await.unwrap();
+    assert!(hello.events.is_empty());
+    assert!(hello.caught_up);
+    for _ in 0..3 {
+        let beat = next(&mut stream).await.unwrap();
+        assert!(beat.events.is_empty(), "heartbeat carries no events");
+        assert_eq!((beat.next_offset, beat.head_offset), (1, 1));
+        assert!(beat.caught_up);
+        assert!(beat.server_time.unwrap().seconds > 1_700_000_000);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_delays_neither_writers_nor_other_subscribers() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "0")]).await;
+    // This subscriber never reads after its first message: HTTP/2 flow
+    // control and the bounded buffer must hold it back on its own.
+    let mut stalled_client = server.client().await;
+    let mut stalled = subscribe(&mut stalled_client, "s", earliest()).await;
+    next(&mut stalled).await.unwrap();
+
+    let mut healthy = subscribe(&mut client, "s", earliest()).await;
+    let payload = format!("\"{}\"", "z".repeat(16 << 10));
+    let appends = 400u64; // 400 x 4 x 16 KiB = 25 MiB: far beyond any window
+    let mut producer = server.client().await;
+    let writer = tokio::spawn(async move {
+        for _ in 0..appends {
+            let events = (0..4).map(|_| event("t", &payload)).collect();
+            append(&mut producer, "s", events).await;
+        }
+    });
+    let received = collect(&mut healthy, (1 + appends * 4) as usize).await;
+    assert_eq!(received.last().unwrap().offset, appends * 4);
+    within(writer).await.unwrap();
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn graceful_shutdown_ends_subscriptions_with_unavailable() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1")]).await;
+    let mut stream = subscribe(&mut client, "s", earliest()).await;
+    collect(&mut stream, 1).await;
+    let stopping = tokio::spawn(server.stop());
+    let status = loop {
+        match next_or_end(&mut stream).await {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => panic!("subscription ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("shutting down"));
+    within(stopping).await.unwrap();
+}
+
+async fn next_or_end(
+    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
+) -> Option<Result<pb::SubscribeResponse, tonic::Status>> {
+    within(stream.message()).await.transpose()
+}
+
+#[tokio::test]
+async fn deleting_a_stream_ends_its_subscriptions_with_not_found() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1")]).await;
+    let mut stream = subscribe(&mut client, "s", earliest()).await;
+    collect(&mut stream, 1).await;
+    client
+        .delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
+        .await
+        .unwrap();
+    let status = loop {
+        match next_or_end(&mut stream).await {
+            Some(Ok(_)) => continue,
+            Some(Err(status)) => break status,
+            None => panic!("subscription ended without a status"),
+        }
+    };
+    assert_eq!(status.code(), Code::NotFound);
+    // A new stream of the same name starts again at 0, without old events.
+    let ack = append(&mut client, "s", vec![event("t", "new")]).await;
+    assert_eq!(ack.first_offset, 0);
+    let events = read_all(&mut client, "s").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(&events[0].data[..], b"new");
+}
