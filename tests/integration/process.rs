@@ -90,7 +90,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e.offset, i as u64, "offsets stay dense after a crash");
     }
-    let acked = acked.lock().unwrap();
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
     for (first, data) in acked.iter() {
         for offset in [*first, first + 1] {
             let stored = events
