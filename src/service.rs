@@ -179,7 +179,6 @@ impl EventLog for EventLogService {
         request: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::GetStreamResponse>, Status> {
         let name = request.into_inner().stream;
-        log::validate_stream_name(&name)?;
         let info = self.log.stream_info(&name)?;
         Ok(Response::new(pb::GetStreamResponse {
             stream: Some(stream_info_to_proto(info)),
@@ -211,7 +210,6 @@ impl EventLog for EventLogService {
         request: Request<pb::DeleteStreamRequest>,
     ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
         let name = request.into_inner().stream;
-        log::validate_stream_name(&name)?;
         self.log.delete_stream(&name).await?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }

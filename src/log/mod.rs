@@ -396,6 +396,7 @@ impl Log {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Stream>, Error> {
+        validate_stream_name(name)?;
         self.streams
             .read()
             .expect("registry lock")
@@ -564,6 +565,7 @@ impl Log {
 
     /// Deletes a stream with all its events; its subscriptions end.
     pub async fn delete_stream(&self, name: &str) -> Result<(), Error> {
+        validate_stream_name(name)?;
         let stream = {
             let mut streams = self.streams.write().expect("registry lock");
             streams
