@@ -9,7 +9,8 @@
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
 //!   status codes in one place.
 //! - [`server`]: opens the log, serves gRPC, shuts down gracefully.
-//! - [`cli`]: the `pullstream` command-line client.
+//! - [`cli`]: the `pullstream` command line (server and client commands).
+//! - [`bench`]: `pullstream bench`, the load generator behind the README's figures.
 //!
 //! # Architecture invariants
 //! - Only `storage` knows sled; only `service`, `server` and `cli` know tonic.
@@ -20,6 +21,7 @@
 //! - Writers never wait for readers: subscribers follow the head through a
 //!   `watch` channel and read at their own pace.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;

@@ -54,6 +54,8 @@ enum Command {
     Tail(tail::TailArgs),
     /// List, inspect, create and delete streams
     Streams(streams::StreamsArgs),
+    /// Measure throughput, latency and memory (starts its own server unless --server)
+    Bench(crate::bench::BenchArgs),
 }
 
 impl Cli {
@@ -64,6 +66,7 @@ impl Cli {
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Streams(args) => streams::run(args).await,
+            Command::Bench(args) => crate::bench::run(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

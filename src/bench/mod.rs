@@ -1,0 +1,290 @@
+//! `pullstream bench`: a load generator in the same binary (like `nats
+//! bench`), measuring the workloads our performance targets are stated in.
+//!
+//! It runs against `--server URL`, or (the default) against a server it
+//! starts itself as a child process on a temp dir, so one command measures
+//! everything and server memory can be read from `/proc` without the load
+//! generator's own memory mixed in. Latencies go into HDR histograms. A
+//! progress line runs on stderr; a table goes to stdout and, with `--json
+//! FILE`, a JSON summary to a file. A workload that detects a correctness
+//! failure (a gap, a duplicate, a lost event) fails the whole run with a
+//! non-zero exit.
+
+mod server;
+mod workloads;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::{Durability, HumanDuration};
+use crate::proto::event_log_client::EventLogClient;
+use server::EmbeddedServer;
+
+/// The workloads `pullstream bench` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Producers appending as fast as acknowledgements allow
+    Append,
+    /// One subscriber reading stored events from offset 0
+    Catchup,
+    /// Subscribers following live while a producer appends at a fixed rate
+    Tail,
+    /// Many idle subscriptions held open: server memory per subscription
+    Fanout,
+}
+
+/// Arguments of `pullstream bench`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+    pullstream bench                                  # every workload, embedded server, fsync\n  \
+    pullstream bench --workload append --batch 100 --producers 1\n  \
+    pullstream bench --workload tail --subscribers 16 --rate 5000 --duration 10s\n  \
+    pullstream bench --server http://10.0.0.5:50051 --workload catchup --json out.json")]
+pub struct BenchArgs {
+    /// Benchmark this server instead of starting one
+    #[arg(long, env = "PULLSTREAM_SERVER")]
+    server: Option<String>,
+    /// Durability mode of the embedded server
+    #[arg(long, default_value = "fsync")]
+    durability: Durability,
+    /// Workloads to run (repeatable) [default: all]
+    #[arg(long = "workload", value_enum)]
+    workloads: Vec<Workload>,
+    /// Payload bytes per event
+    #[arg(long, default_value_t = 256)]
+    event_bytes: usize,
+    /// append: events per Append call (repeatable)
+    #[arg(long = "batch", default_values_t = [100, 1])]
+    batches: Vec<usize>,
+    /// append: concurrent producers (repeatable)
+    #[arg(long = "producers", default_values_t = [1, 64])]
+    producers: Vec<usize>,
+    /// append and tail: how long each run lasts
+    #[arg(long, default_value = "5s")]
+    duration: HumanDuration,
+    /// catchup: events stored, then read
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// tail: live subscribers
+    #[arg(long, default_value_t = 16)]
+    subscribers: usize,
+    /// tail: events appended per second
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// fanout: idle subscriptions held open
+    #[arg(long, default_value_t = 10_000)]
+    idle_subscriptions: usize,
+    /// Write a JSON summary here
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// One measured run.
+#[derive(Debug)]
+pub(crate) struct Outcome {
+    /// e.g. `append batch=100 producers=1`.
+    name: String,
+    /// Parameters and figures, for the JSON summary.
+    figures: Value,
+    /// One line for the table.
+    summary: String,
+    /// Correctness problems found; any fails the run.
+    failures: Vec<String>,
+}
+
+/// What every workload needs.
+pub(crate) struct BenchContext {
+    url: String,
+    embedded: Option<EmbeddedServer>,
+    event_bytes: usize,
+}
+
+impl BenchContext {
+    /// A new connection (each producer gets its own, as separate clients would).
+    async fn client(&self) -> anyhow::Result<EventLogClient<Channel>> {
+        let channel = Endpoint::from_shared(self.url.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the server at {}", self.url))?;
+        Ok(EventLogClient::new(channel).max_decoding_message_size(usize::MAX))
+    }
+
+    /// The server's resident memory, when it is our child.
+    fn server_rss(&self) -> Option<u64> {
+        self.embedded.as_ref().and_then(EmbeddedServer::rss_bytes)
+    }
+
+    /// The size of the server's data dir, when it is ours.
+    fn data_dir_bytes(&self) -> Option<u64> {
+        self.embedded.as_ref().map(EmbeddedServer::data_dir_bytes)
+    }
+}
+
+/// Runs `pullstream bench`.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.event_bytes < 16 {
+        bail!("--event-bytes must be at least 16 (the tail workload stamps a send time into each event)");
+    }
+    let workloads = if args.workloads.is_empty() {
+        vec![Workload::Append, Workload::Catchup, Workload::Tail, Workload::Fanout]
+    } else {
+        args.workloads.clone()
+    };
+    let embedded = match &args.server {
+        Some(_) => None,
+        None => Some(EmbeddedServer::start(args.durability).await?),
+    };
+    let url = match (&args.server, &embedded) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url.clone(),
+        (None, None) => unreachable!("an embedded server is started when no URL is given"),
+    };
+    let ctx = BenchContext {
+        url,
+        embedded,
+        event_bytes: args.event_bytes,
+    };
+    eprintln!(
+        "pullstream bench: server {} ({}), {}-byte events",
+        ctx.url,
+        match &ctx.embedded {
+            Some(_) => format!("embedded, durability {}", args.durability),
+            None => "external".to_string(),
+        },
+        args.event_bytes
+    );
+    let mut outcomes = Vec::new();
+    for workload in workloads {
+        match workload {
+            Workload::Append => {
+                for &batch in &args.batches {
+                    for &producers in &args.producers {
+                        outcomes.push(workloads::append(&ctx, batch, producers, args.duration.0).await?);
+                    }
+                }
+            }
+            Workload::Catchup => outcomes.push(workloads::catchup(&ctx, args.events).await?),
+            Workload::Tail => outcomes.push(
+                workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?,
+            ),
+            Workload::Fanout => outcomes.push(workloads::fanout(&ctx, args.idle_subscriptions).await?),
+        }
+    }
+
+    println!();
+    for outcome in &outcomes {
+        println!("{:<40} {}", outcome.name, outcome.summary);
+        for failure in &outcome.failures {
+            println!("{:<40} FAILED: {failure}", "");
+        }
+    }
+    if let Some(path) = &args.json {
+        let summary = json!({
+            "server": ctx.url,
+            "embedded": ctx.embedded.is_some(),
+            "durability": ctx.embedded.as_ref().map(|_| args.durability.to_string()),
+            "event_bytes": args.event_bytes,
+            "results": outcomes.iter().map(|o| json!({
+                "name": o.name,
+                "figures": o.figures,
+                "failures": o.failures,
+            })).collect::<Vec<_>>(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("JSON summary written to {}", path.display());
+    }
+    let failures: usize = outcomes.iter().map(|o| o.failures.len()).sum();
+    if failures > 0 {
+        bail!("{failures} correctness check(s) failed: see FAILED lines above");
+    }
+    Ok(())
+}
+
+/// A progress line on stderr while a workload runs (only on a terminal).
+pub(crate) struct Progress {
+    count: Arc<AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    pub(crate) fn start(label: String) -> Progress {
+        let count = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let counter = count.clone();
+        let tty = std::io::stderr().is_terminal();
+        eprintln!("running {label}");
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                if tty {
+                    let n = counter.load(Ordering::Relaxed);
+                    let secs = started.elapsed().as_secs_f64();
+                    eprint!(
+                        "\r  {secs:5.1}s  {n:>12} events  {:>12.0} events/s ",
+                        n as f64 / secs.max(1e-9)
+                    );
+                }
+            }
+            if tty {
+                eprint!("\r{:70}\r", "");
+            }
+        });
+        Progress { count, stop, task }
+    }
+
+    pub(crate) fn counter(&self) -> Arc<AtomicU64> {
+        self.count.clone()
+    }
+
+    pub(crate) async fn finish(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// A latency histogram in microseconds (1 µs to 1 h, 3 significant digits).
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// p50/p99/p999/max of a histogram, in milliseconds, as JSON and as text.
+pub(crate) fn latency(h: &Histogram<u64>) -> (Value, String) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    let value = json!({
+        "samples": h.len(),
+        "p50_ms": ms(h.value_at_quantile(0.50)),
+        "p99_ms": ms(h.value_at_quantile(0.99)),
+        "p999_ms": ms(h.value_at_quantile(0.999)),
+        "max_ms": ms(h.max()),
+    });
+    let text = format!(
+        "p50 {:.3} ms  p99 {:.3} ms  p999 {:.3} ms  max {:.3} ms",
+        ms(h.value_at_quantile(0.50)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.max())
+    );
+    (value, text)
+}
+
+/// A byte count for people.
+pub(crate) fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}

@@ -1,0 +1,457 @@
+//! The benchmark workloads. Each returns an [`Outcome`] with its figures
+//! and any correctness failure it detected.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio::sync::{watch, Semaphore};
+
+use super::{histogram, latency, mib, BenchContext, Outcome, Progress};
+use crate::proto::{self as pb, subscribe_request::Start};
+
+/// A stream name no earlier run used.
+fn fresh_stream(workload: &str) -> String {
+    format!("bench-{workload}-{}", crate::log::now_unix_nanos())
+}
+
+/// An event of `bytes` payload bytes; the first 8 carry `stamp`.
+fn event(bytes: usize, seq: u64, stamp: u64) -> pb::NewEvent {
+    let mut data = vec![b'x'; bytes];
+    data[..8].copy_from_slice(&stamp.to_le_bytes());
+    pb::NewEvent {
+        r#type: "bench.event".into(),
+        key: format!("k{}", seq % 1024),
+        data,
+        content_type: "application/octet-stream".into(),
+        metadata: Default::default(),
+    }
+}
+
+fn stamp_of(data: &[u8]) -> u64 {
+    let mut stamp = [0u8; 8];
+    stamp.copy_from_slice(&data[..8]);
+    u64::from_le_bytes(stamp)
+}
+
+async fn head_of(ctx: &BenchContext, stream: &str) -> anyhow::Result<u64> {
+    let info = ctx
+        .client()
+        .await?
+        .get_stream(pb::GetStreamRequest {
+            stream: stream.to_string(),
+        })
+        .await?
+        .into_inner();
+    Ok(info.stream.map_or(0, |s| s.next_offset))
+}
+
+/// `append`: producers append batches back to back for `duration`, each
+/// waiting for its acknowledgement before sending the next.
+pub(crate) async fn append(
+    ctx: &BenchContext,
+    batch: usize,
+    producers: usize,
+    duration: Duration,
+) -> anyhow::Result<Outcome> {
+    let name = format!("append batch={batch} producers={producers}");
+    let stream = fresh_stream("append");
+    let mut clients = Vec::with_capacity(producers);
+    for _ in 0..producers {
+        clients.push(ctx.client().await?);
+    }
+    let progress = Progress::start(name.clone());
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for (p, mut client) in clients.into_iter().enumerate() {
+        let counter = progress.counter();
+        let stream = stream.clone();
+        let events: Vec<_> = (0..batch)
+            .map(|i| event(ctx.event_bytes, (p * batch + i) as u64, 0))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut acks = histogram();
+            let mut acked = 0u64;
+            while Instant::now() < deadline {
+                let request = pb::AppendRequest {
+                    stream: stream.clone(),
+                    events: events.clone(),
+                    ..Default::default()
+                };
+                let sent = Instant::now();
+                client.append(request).await.context("append failed")?;
+                acks.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                acked += batch as u64;
+                counter.fetch_add(batch as u64, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>((acks, acked))
+        }));
+    }
+    let mut acks = histogram();
+    let mut total = 0;
+    for task in tasks {
+        let (h, n) = task.await??;
+        acks.add(h).context("merging histograms")?;
+        total += n;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish().await;
+
+    let mut failures = Vec::new();
+    let head = head_of(ctx, &stream).await?;
+    if head != total {
+        failures.push(format!(
+            "{total} events acknowledged but the stream holds {head}"
+        ));
+    }
+    let rate = total as f64 / seconds;
+    let mb = rate * ctx.event_bytes as f64 / 1e6;
+    let (ack_json, ack_text) = latency(&acks);
+    Ok(Outcome {
+        summary: format!("{rate:>10.0} events/s {mb:>7.1} MB/s  ack {ack_text}"),
+        figures: json!({
+            "workload": "append", "batch": batch, "producers": producers,
+            "events": total, "seconds": seconds, "events_per_sec": rate, "mb_per_sec": mb,
+            "ack_latency": ack_json,
+        }),
+        name,
+        failures,
+    })
+}
+
+/// `catchup`: stores `events` events, then one subscriber reads them all
+/// from offset 0. Also reports the data dir size against the raw bytes.
+pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<Outcome> {
+    let name = format!("catchup events={events}");
+    let stream = fresh_stream("catchup");
+    // Load with a few concurrent producers in big batches (not measured).
+    let load = Progress::start(format!("catchup: storing {events} events"));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut loaders = Vec::new();
+    for _ in 0..4 {
+        let mut client = ctx.client().await?;
+        let (stream, next, counter) = (stream.clone(), next.clone(), load.counter());
+        let template: Vec<_> = (0..1000).map(|i| event(ctx.event_bytes, i, 0)).collect();
+        loaders.push(tokio::spawn(async move {
+            loop {
+                let first = next.fetch_add(1000, Ordering::Relaxed);
+                if first >= events {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let n = (events - first).min(1000) as usize;
+                client
+                    .append(pb::AppendRequest {
+                        stream: stream.clone(),
+                        events: template[..n].to_vec(),
+                        ..Default::default()
+                    })
+                    .await
+                    .context("loading events")?;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }));
+    }
+    for loader in loaders {
+        loader.await??;
+    }
+    load.finish().await;
+
+    let mut client = ctx.client().await?;
+    let progress = Progress::start(name.clone());
+    let counter = progress.counter();
+    let started = Instant::now();
+    let mut subscription = client
+        .subscribe(pb::SubscribeRequest {
+            stream: stream.clone(),
+            start: Some(Start::Offset(0)),
+            max_batch_events: 1000,
+        })
+        .await?
+        .into_inner();
+    let mut expected = 0u64;
+    let mut failures = Vec::new();
+    while expected < events {
+        let response = subscription
+            .message()
+            .await?
+            .context("subscription ended early")?;
+        for e in &response.events {
+            if e.offset != expected && failures.len() < 10 {
+                failures.push(format!("expected offset {expected}, got {}", e.offset));
+            }
+            expected = e.offset + 1;
+        }
+        counter.store(expected, Ordering::Relaxed);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish().await;
+    let rate = events as f64 / seconds;
+    let raw = events * ctx.event_bytes as u64;
+    let disk = ctx.data_dir_bytes();
+    let rss = ctx.server_rss();
+    let mut summary = format!("{rate:>10.0} events/s {:>7.1} MB/s", rate * ctx.event_bytes as f64 / 1e6);
+    if let Some(disk) = disk {
+        summary += &format!("  data dir {} = {:.2}x raw", mib(disk), disk as f64 / raw as f64);
+    }
+    if let Some(rss) = rss {
+        summary += &format!("  server RSS {}", mib(rss));
+    }
+    Ok(Outcome {
+        summary,
+        figures: json!({
+            "workload": "catchup", "events": events, "seconds": seconds, "events_per_sec": rate,
+            "raw_event_bytes": raw, "data_dir_bytes": disk, "server_rss_bytes": rss,
+        }),
+        name,
+        failures,
+    })
+}
+
+/// `tail`: `subscribers` follow a stream live while one producer appends
+/// `rate` single-event Appends per second (pipelined, so acknowledgements
+/// do not limit the rate). Measures append-call-to-receipt latency and
+/// checks that every subscriber got every event once, in order.
+pub(crate) async fn tail(
+    ctx: &BenchContext,
+    subscribers: usize,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Outcome> {
+    let name = format!("tail subscribers={subscribers} rate={rate}/s");
+    let stream = fresh_stream("tail");
+    ctx.client()
+        .await?
+        .create_stream(pb::CreateStreamRequest {
+            stream: stream.clone(),
+        })
+        .await?;
+    let base = Instant::now();
+    let (target_tx, target_rx) = watch::channel(None::<u64>);
+    let mut readers = Vec::new();
+    for _ in 0..subscribers {
+        let mut client = ctx.client().await?;
+        let mut subscription = client
+            .subscribe(pb::SubscribeRequest {
+                stream: stream.clone(),
+                start: Some(Start::Position(pb::StartPosition::Latest as i32)),
+                max_batch_events: 0,
+            })
+            .await?
+            .into_inner();
+        let hello = subscription.message().await?.context("no first response")?;
+        let start = hello.next_offset;
+        let target_rx = target_rx.clone();
+        readers.push(tokio::spawn(async move {
+            let _client = client;
+            let mut latencies = histogram();
+            let mut expected = start;
+            let mut failures = Vec::new();
+            loop {
+                if let Some(target) = *target_rx.borrow() {
+                    if expected >= start + target {
+                        break;
+                    }
+                }
+                let message =
+                    tokio::time::timeout(Duration::from_secs(30), subscription.message()).await;
+                let response = match message {
+                    Ok(Ok(Some(response))) => response,
+                    Ok(Ok(None)) => {
+                        failures.push("subscription ended early".to_string());
+                        break;
+                    }
+                    Ok(Err(status)) => {
+                        failures.push(format!("subscription failed: {status}"));
+                        break;
+                    }
+                    Err(_) => {
+                        failures.push(format!("no message for 30 s at offset {expected}"));
+                        break;
+                    }
+                };
+                let now = base.elapsed().as_micros() as u64;
+                for e in &response.events {
+                    if e.offset != expected && failures.len() < 10 {
+                        let kind = if e.offset < expected { "duplicate" } else { "gap" };
+                        failures.push(format!("{kind}: expected offset {expected}, got {}", e.offset));
+                    }
+                    expected = e.offset + 1;
+                    latencies.saturating_record(now.saturating_sub(stamp_of(&e.data)).max(1));
+                }
+            }
+            (latencies, expected - start, failures)
+        }));
+    }
+
+    let progress = Progress::start(name.clone());
+    let counter = progress.counter();
+    let producer = ctx.client().await?;
+    let in_flight = Arc::new(Semaphore::new(1024));
+    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut sent = 0u64;
+    while started.elapsed() < duration {
+        ticks.tick().await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let stamp = base.elapsed().as_micros() as u64;
+        let request = pb::AppendRequest {
+            stream: stream.clone(),
+            events: vec![event(ctx.event_bytes, sent, stamp)],
+            ..Default::default()
+        };
+        let (mut client, counter, errors) = (producer.clone(), counter.clone(), errors.clone());
+        tokio::spawn(async move {
+            match client.append(request).await {
+                Ok(_) => counter.fetch_add(1, Ordering::Relaxed),
+                Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+            };
+            drop(permit);
+        });
+        sent += 1;
+    }
+    let _all = in_flight.acquire_many(1024).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    progress.finish().await;
+    let appended = counter.load(Ordering::Relaxed);
+    let _ = target_tx.send(Some(appended));
+
+    let mut latencies = histogram();
+    let mut failures = Vec::new();
+    let errors = errors.load(Ordering::Relaxed);
+    if errors > 0 {
+        failures.push(format!("{errors} appends failed"));
+    }
+    for (i, reader) in readers.into_iter().enumerate() {
+        let (h, received, reader_failures) = reader.await?;
+        latencies.add(h).context("merging histograms")?;
+        if received != appended {
+            failures.push(format!("subscriber {i} received {received} of {appended} events"));
+        }
+        failures.extend(reader_failures.into_iter().map(|f| format!("subscriber {i}: {f}")));
+    }
+    let (latency_json, latency_text) = latency(&latencies);
+    let achieved = appended as f64 / seconds;
+    Ok(Outcome {
+        summary: format!(
+            "{achieved:>10.0} events/s to {subscribers} subscribers ({} deliveries), end-to-end {latency_text}",
+            latencies.len()
+        ),
+        figures: json!({
+            "workload": "tail", "subscribers": subscribers, "target_rate": rate,
+            "events": appended, "seconds": seconds, "events_per_sec": achieved,
+            "end_to_end_latency": latency_json,
+        }),
+        name,
+        failures,
+    })
+}
+
+/// `fanout`: opens `count` idle subscriptions (100 per connection), holds
+/// them for a few heartbeats, and reports the server's memory per
+/// subscription.
+pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<Outcome> {
+    const PER_CONNECTION: usize = 100;
+    const HOLD: Duration = Duration::from_secs(3);
+    let name = format!("fanout subscriptions={count}");
+    let stream = fresh_stream("fanout");
+    ctx.client()
+        .await?
+        .create_stream(pb::CreateStreamRequest {
+            stream: stream.clone(),
+        })
+        .await?;
+    let rss_before = ctx.server_rss();
+    let progress = Progress::start(name.clone());
+    let opened = progress.counter();
+    let opening = Instant::now();
+    let heartbeats = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut openers = Vec::new();
+    for c in 0..count.div_ceil(PER_CONNECTION) {
+        let n = PER_CONNECTION.min(count - c * PER_CONNECTION);
+        let client = ctx.client().await?;
+        let (stream, opened, heartbeats, stop_rx) =
+            (stream.clone(), opened.clone(), heartbeats.clone(), stop_rx.clone());
+        openers.push(tokio::spawn(async move {
+            let mut holders = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mut subscription = client
+                    .clone()
+                    .subscribe(pb::SubscribeRequest {
+                        stream: stream.clone(),
+                        start: Some(Start::Position(pb::StartPosition::Latest as i32)),
+                        max_batch_events: 0,
+                    })
+                    .await?
+                    .into_inner();
+                subscription.message().await?.context("no first response")?;
+                opened.fetch_add(1, Ordering::Relaxed);
+                let (heartbeats, mut stop_rx) = (heartbeats.clone(), stop_rx.clone());
+                holders.push(tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = stop_rx.changed() => return,
+                            message = subscription.message() => match message {
+                                Ok(Some(_)) => heartbeats.fetch_add(1, Ordering::Relaxed),
+                                _ => return,
+                            },
+                        };
+                    }
+                }));
+            }
+            Ok::<_, anyhow::Error>(holders)
+        }));
+    }
+    let mut holders = Vec::new();
+    for opener in openers {
+        holders.extend(opener.await??);
+    }
+    let open_seconds = opening.elapsed().as_secs_f64();
+    heartbeats.store(0, Ordering::Relaxed);
+    tokio::time::sleep(HOLD).await;
+    let rss_after = ctx.server_rss();
+    let beats = heartbeats.load(Ordering::Relaxed);
+    progress.finish().await;
+    let _ = stop_tx.send(true);
+    for holder in holders {
+        let _ = holder.await;
+    }
+
+    let mut failures = Vec::new();
+    // The embedded server sends a heartbeat every second.
+    if ctx.embedded.is_some() && beats < count as u64 {
+        failures.push(format!(
+            "only {beats} heartbeats reached {count} idle subscriptions in {HOLD:?}"
+        ));
+    }
+    let per_subscription = match (rss_before, rss_after) {
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) / count.max(1) as u64),
+        _ => None,
+    };
+    let summary = match (rss_before, rss_after, per_subscription) {
+        (Some(before), Some(after), Some(per)) => format!(
+            "server RSS {} -> {}  = {:.1} KiB per subscription; {beats} heartbeats in {HOLD:?}",
+            mib(before),
+            mib(after),
+            per as f64 / 1024.0
+        ),
+        _ => format!("{count} subscriptions open; {beats} heartbeats in {HOLD:?} (server memory unknown: not embedded)"),
+    };
+    Ok(Outcome {
+        summary,
+        figures: json!({
+            "workload": "fanout", "subscriptions": count, "open_seconds": open_seconds,
+            "server_rss_before_bytes": rss_before, "server_rss_after_bytes": rss_after,
+            "server_bytes_per_subscription": per_subscription, "heartbeats": beats,
+        }),
+        name,
+        failures,
+    })
+}
+
