@@ -136,7 +136,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--event-bytes must be at least 16 (the tail workload stamps a send time into each event)");
     }
     let workloads = if args.workloads.is_empty() {
-        vec![Workload::Append, Workload::Catchup, Workload::Tail, Workload::Fanout]
+        vec![
+            Workload::Append,
+            Workload::Catchup,
+            Workload::Tail,
+            Workload::Fanout,
+        ]
     } else {
         args.workloads.clone()
     };
@@ -169,15 +174,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Append => {
                 for &batch in &args.batches {
                     for &producers in &args.producers {
-                        outcomes.push(workloads::append(&ctx, batch, producers, args.duration.0).await?);
+                        outcomes.push(
+                            workloads::append(&ctx, batch, producers, args.duration.0).await?,
+                        );
                     }
                 }
             }
             Workload::Catchup => outcomes.push(workloads::catchup(&ctx, args.events).await?),
-            Workload::Tail => outcomes.push(
-                workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?,
-            ),
-            Workload::Fanout => outcomes.push(workloads::fanout(&ctx, args.idle_subscriptions).await?),
+            Workload::Tail => outcomes
+                .push(workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?),
+            Workload::Fanout => {
+                outcomes.push(workloads::fanout(&ctx, args.idle_subscriptions).await?)
+            }
         }
     }
 

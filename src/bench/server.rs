@@ -28,7 +28,13 @@ impl EmbeddedServer {
             .context("creating a temp data dir")?;
         let exe = std::env::current_exe().context("locating the pullstream binary")?;
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--heartbeat-interval", "1s"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--heartbeat-interval",
+                "1s",
+            ])
             .args(["--durability", &durability.to_string(), "--data-dir"])
             .arg(dir.path())
             .env("RUST_LOG", "info")

@@ -192,9 +192,16 @@ pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<O
     let raw = events * ctx.event_bytes as u64;
     let disk = ctx.data_dir_bytes();
     let rss = ctx.server_rss();
-    let mut summary = format!("{rate:>10.0} events/s {:>7.1} MB/s", rate * ctx.event_bytes as f64 / 1e6);
+    let mut summary = format!(
+        "{rate:>10.0} events/s {:>7.1} MB/s",
+        rate * ctx.event_bytes as f64 / 1e6
+    );
     if let Some(disk) = disk {
-        summary += &format!("  data dir {} = {:.2}x raw", mib(disk), disk as f64 / raw as f64);
+        summary += &format!(
+            "  data dir {} = {:.2}x raw",
+            mib(disk),
+            disk as f64 / raw as f64
+        );
     }
     if let Some(rss) = rss {
         summary += &format!("  server RSS {}", mib(rss));
@@ -275,8 +282,15 @@ pub(crate) async fn tail(
                 let now = base.elapsed().as_micros() as u64;
                 for e in &response.events {
                     if e.offset != expected && failures.len() < 10 {
-                        let kind = if e.offset < expected { "duplicate" } else { "gap" };
-                        failures.push(format!("{kind}: expected offset {expected}, got {}", e.offset));
+                        let kind = if e.offset < expected {
+                            "duplicate"
+                        } else {
+                            "gap"
+                        };
+                        failures.push(format!(
+                            "{kind}: expected offset {expected}, got {}",
+                            e.offset
+                        ));
                     }
                     expected = e.offset + 1;
                     latencies.saturating_record(now.saturating_sub(stamp_of(&e.data)).max(1));
@@ -331,9 +345,15 @@ pub(crate) async fn tail(
         let (h, received, reader_failures) = reader.await?;
         latencies.add(h).context("merging histograms")?;
         if received != appended {
-            failures.push(format!("subscriber {i} received {received} of {appended} events"));
+            failures.push(format!(
+                "subscriber {i} received {received} of {appended} events"
+            ));
         }
-        failures.extend(reader_failures.into_iter().map(|f| format!("subscriber {i}: {f}")));
+        failures.extend(
+            reader_failures
+                .into_iter()
+                .map(|f| format!("subscriber {i}: {f}")),
+        );
     }
     let (latency_json, latency_text) = latency(&latencies);
     let achieved = appended as f64 / seconds;
@@ -376,8 +396,12 @@ pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<O
     for c in 0..count.div_ceil(PER_CONNECTION) {
         let n = PER_CONNECTION.min(count - c * PER_CONNECTION);
         let client = ctx.client().await?;
-        let (stream, opened, heartbeats, stop_rx) =
-            (stream.clone(), opened.clone(), heartbeats.clone(), stop_rx.clone());
+        let (stream, opened, heartbeats, stop_rx) = (
+            stream.clone(),
+            opened.clone(),
+            heartbeats.clone(),
+            stop_rx.clone(),
+        );
         openers.push(tokio::spawn(async move {
             let mut holders = Vec::with_capacity(n);
             for _ in 0..n {
@@ -454,4 +478,3 @@ pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<O
         failures,
     })
 }
-

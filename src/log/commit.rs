@@ -2,14 +2,16 @@
 //! and visible to subscribers".
 //!
 //! Writers hand each written group to the [`Committer`]. In `fsync` mode a
-//! single flusher task makes everything written so far durable with one
-//! [`Store::sync`] (sled flush + `fdatasync`), then publishes every group
-//! that sync covered: the stream's head moves, its tail cache gets the new
-//! chunks, and the callers get their acknowledgements. Groups arriving
-//! while a sync runs wait for the next one, so under load one sync covers
-//! many appends on many streams. Publishing only after the sync means a
-//! subscriber never sees an event that a crash could take back, so an
-//! offset a consumer has seen is never reused.
+//! single flusher task takes every group waiting, appends their
+//! write-ahead log records with one write and one `fdatasync`
+//! ([`Store::log_records`]), then publishes them: each stream's head moves,
+//! its tail cache gets the new chunks, and the callers get their
+//! acknowledgements. Groups arriving while a sync runs wait for the next
+//! one, so under load one sync covers many appends on many streams.
+//! Publishing only after the sync means a subscriber never sees an event
+//! that a crash could take back, so an offset a consumer has seen is never
+//! reused. When the log asks for a checkpoint, the flusher starts one in the
+//! background (at most one at a time).
 //!
 //! In `buffered` mode groups are published as soon as they are written.
 
@@ -18,7 +20,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::error;
+use tracing::{debug, error, warn};
 
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
@@ -28,36 +30,68 @@ use crate::storage::{Chunk, Store};
 /// How many written groups may wait for a sync before writers pause.
 const COMMIT_QUEUE: usize = 4096;
 
-/// The acknowledgement a caller waits for.
+/// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
 
-/// One written group, waiting to be made durable and published.
+/// One written change, waiting to be made durable and published.
 pub(crate) struct Commit {
     pub(crate) stream: Arc<StreamShared>,
-    /// The stream's next offset once this group is published.
-    pub(crate) next_offset: u64,
-    /// The group's chunks with their encoded sizes, for the tail cache.
-    pub(crate) chunks: Vec<(Arc<Chunk>, usize)>,
-    /// Every caller of the group with its answer.
-    pub(crate) replies: Vec<(Reply, Result<AppendOutcome, Error>)>,
+    /// The write-ahead log record of the change (`fsync` mode).
+    pub(crate) record: Option<Vec<u8>>,
+    pub(crate) change: Change,
+}
+
+/// What a commit publishes.
+pub(crate) enum Change {
+    /// A group of appends.
+    Appended {
+        /// The stream's next offset once published.
+        next_offset: u64,
+        /// The group's chunks with their encoded sizes, for the tail cache.
+        chunks: Vec<(Arc<Chunk>, usize)>,
+        /// Every caller of the group with its answer.
+        replies: Vec<(Reply, Result<AppendOutcome, Error>)>,
+    },
+    /// The stream's deletion.
+    Deleted(oneshot::Sender<Result<(), Error>>),
 }
 
 impl Commit {
     fn publish(self) {
-        self.stream.publish(self.chunks, self.next_offset);
-        for (reply, result) in self.replies {
-            let _ = reply.send(result);
+        match self.change {
+            Change::Appended {
+                next_offset,
+                chunks,
+                replies,
+            } => {
+                self.stream.publish(chunks, next_offset);
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Change::Deleted(reply) => {
+                self.stream.mark_deleted();
+                let _ = reply.send(Ok(()));
+            }
         }
     }
 
     fn fail(self, reason: &str) {
-        for (reply, _) in self.replies {
-            let _ = reply.send(Err(Error::StorageFailed(reason.to_string())));
+        let error = || Error::StorageFailed(reason.to_string());
+        match self.change {
+            Change::Appended { replies, .. } => {
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(error()));
+                }
+            }
+            Change::Deleted(reply) => {
+                let _ = reply.send(Err(error()));
+            }
         }
     }
 }
 
-/// Hands written groups to durability and publication.
+/// Hands written changes to durability and publication.
 #[derive(Clone)]
 pub(crate) struct Committer {
     /// The flusher's queue (`fsync` mode only).
@@ -80,7 +114,13 @@ impl Committer {
             Durability::Buffered => None,
             Durability::Fsync => {
                 let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
-                tasks.spawn(run_flusher(store, rx, failed.clone(), closing));
+                tasks.spawn(run_flusher(
+                    store,
+                    rx,
+                    failed.clone(),
+                    closing,
+                    tasks.clone(),
+                ));
                 Some(tx)
             }
         };
@@ -110,8 +150,10 @@ async fn run_flusher(
     mut rx: mpsc::Receiver<Commit>,
     failed: Arc<OnceLock<String>>,
     closing: CancellationToken,
+    tasks: TaskTracker,
 ) {
     let mut group = Vec::new();
+    let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             biased;
@@ -126,13 +168,43 @@ async fn run_flusher(
                 }
             }
         }
-        let sync_store = store.clone();
-        let result = tokio::task::spawn_blocking(move || sync_store.sync())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let mut records = Vec::new();
+        for commit in &mut group {
+            if let Some(record) = commit.record.take() {
+                records.extend_from_slice(&record);
+            }
+        }
+        // Nothing new to log: everything earlier is already durable.
+        let result = if records.is_empty() {
+            Ok(None)
+        } else {
+            let store = store.clone();
+            let started = std::time::Instant::now();
+            let result = tokio::task::spawn_blocking(move || store.log_records(&records))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            debug!(
+                groups = group.len(),
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "group commit"
+            );
+            result
+        };
         match result {
-            Ok(()) => group.drain(..).for_each(Commit::publish),
+            Ok(due) => {
+                group.drain(..).for_each(Commit::publish);
+                if let Some(below) = due {
+                    if checkpoint.as_ref().is_none_or(|c| c.is_finished()) {
+                        let store = store.clone();
+                        checkpoint = Some(tasks.spawn_blocking(move || {
+                            if let Err(e) = store.checkpoint(below) {
+                                warn!(error = %e, "checkpoint failed; the write-ahead log keeps growing until one succeeds");
+                            }
+                        }));
+                    }
+                }
+            }
             Err(reason) => {
                 error!(%reason, "storage sync failed: refusing further appends until restart");
                 let _ = failed.set(reason.clone());

@@ -331,6 +331,7 @@ impl Log {
                 Durability::Fsync => 500,
                 Durability::Buffered => 5,
             },
+            write_ahead_log: config.durability == Durability::Fsync,
         };
         let (store, stored) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&options)?;
@@ -564,22 +565,26 @@ impl Log {
     }
 
     /// Deletes a stream with all its events; its subscriptions end.
+    ///
+    /// The stream stays in the registry until its writer has deleted it, so
+    /// a stream of the same name cannot be created in between (its
+    /// metadata would share the name's key with the deletion).
     pub async fn delete_stream(&self, name: &str) -> Result<(), Error> {
-        validate_stream_name(name)?;
-        let stream = {
-            let mut streams = self.streams.write().expect("registry lock");
-            streams
-                .remove(name)
-                .ok_or_else(|| Error::StreamNotFound(name.to_string()))?
-        };
+        let stream = self.get(name)?;
         let (reply, reply_rx) = oneshot::channel();
-        let stopped = || Error::StorageFailed("the stream's writer stopped".into());
+        let gone = || Error::StreamNotFound(name.to_string());
         stream
             .writer_tx
             .send(WriterCommand::Delete(reply))
             .await
-            .map_err(|_| stopped())?;
-        reply_rx.await.map_err(|_| stopped())?
+            .map_err(|_| gone())?;
+        // No answer means another DeleteStream got there first.
+        reply_rx.await.map_err(|_| gone())??;
+        let mut streams = self.streams.write().expect("registry lock");
+        if streams.get(name).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
+            streams.remove(name);
+        }
+        Ok(())
     }
 
     /// Makes everything written so far durable.

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use super::commit::{Commit, Committer, Reply};
+use super::commit::{Change, Commit, Committer, Reply};
 use super::{now_unix_nanos, AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
@@ -93,7 +93,7 @@ impl Writer {
                 self.write_group(jobs).await;
             }
             if let Some(reply) = delete {
-                let _ = reply.send(self.delete().await);
+                self.delete(reply).await;
                 return;
             }
         }
@@ -148,18 +148,22 @@ impl Writer {
             });
             cached.push((Arc::new(chunk), size));
         }
+        let mut record = None;
         if !encoded.is_empty() || !new_keys.is_empty() {
             let keys: Vec<(&str, IdempotencyRecord)> =
                 new_keys.iter().map(|(k, r)| (k.as_str(), *r)).collect();
-            if let Err(e) = self.store.write_group(&self.name, &meta, &encoded, &keys) {
-                // The batch is atomic: nothing of it was written.
-                error!(stream = %self.name, error = %e, "append failed");
-                self.next_offset = group_first;
-                let reason = e.to_string();
-                for (reply, result) in replies {
-                    let _ = reply.send(result.and(Err(Error::StorageFailed(reason.clone()))));
+            match self.store.write_group(&self.name, &meta, encoded, &keys) {
+                Ok(logged) => record = logged,
+                Err(e) => {
+                    // The batch is atomic: nothing of it was written.
+                    error!(stream = %self.name, error = %e, "append failed");
+                    self.next_offset = group_first;
+                    let reason = e.to_string();
+                    for (reply, result) in replies {
+                        let _ = reply.send(result.and(Err(Error::StorageFailed(reason.clone()))));
+                    }
+                    return;
                 }
-                return;
             }
             self.meta = meta;
             self.last_time_unix_nanos = time;
@@ -168,9 +172,12 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
-                next_offset: self.next_offset,
-                chunks: cached,
-                replies,
+                record,
+                change: Change::Appended {
+                    next_offset: self.next_offset,
+                    chunks: cached,
+                    replies,
+                },
             })
             .await;
     }
@@ -228,17 +235,23 @@ impl Writer {
         record.time_unix_nanos.saturating_add(window) < now_unix_nanos()
     }
 
-    async fn delete(&mut self) -> Result<(), Error> {
-        let store = self.store.clone();
-        let (name, id) = (self.name.clone(), self.meta.id);
-        tokio::task::spawn_blocking(move || {
-            store.delete_stream(&name, id)?;
-            store.sync()
-        })
-        .await
-        .map_err(|e| Error::StorageFailed(e.to_string()))??;
-        self.shared.mark_deleted();
-        Ok(())
+    /// Deletes the stream's data; the caller is answered once the
+    /// deletion is durable, and subscriptions end when it is published.
+    async fn delete(&mut self, reply: oneshot::Sender<Result<(), Error>>) {
+        let record = match self.store.delete_stream(&self.name, self.meta.id) {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        self.committer
+            .commit(Commit {
+                stream: self.shared.clone(),
+                record,
+                change: Change::Deleted(reply),
+            })
+            .await;
     }
 }
 

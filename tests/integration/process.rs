@@ -135,9 +135,9 @@ fn unusable_data_dir_and_bad_settings_exit_nonzero_with_a_message() {
 
     // A corrupt store: garbage where sled's data file should be.
     let corrupt = dir.path().join("corrupt");
-    std::fs::create_dir(&corrupt).unwrap();
-    std::fs::write(corrupt.join("conf"), b"segment_size: banana\n").unwrap();
-    std::fs::write(corrupt.join("db"), vec![0xAB; 4096]).unwrap();
+    std::fs::create_dir_all(corrupt.join("sled")).unwrap();
+    std::fs::write(corrupt.join("sled/conf"), b"segment_size: banana\n").unwrap();
+    std::fs::write(corrupt.join("sled/db"), vec![0xAB; 4096]).unwrap();
     let out = Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(&corrupt)
