@@ -10,16 +10,15 @@
 //! one, so under load one sync covers many appends on many streams.
 //! Publishing only after the sync means a subscriber never sees an event
 //! that a crash could take back, so an offset a consumer has seen is never
-//! reused. When the log asks for a checkpoint, the flusher starts one in the
-//! background (at most one at a time).
+//! reused. The flusher is a thread of its own (the sync blocks). When the
+//! log asks for a checkpoint, the flusher starts one in the background (at
+//! most one at a time).
 //!
 //! In `buffered` mode groups are published as soon as they are written.
 
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, error, warn};
 
 use super::{AppendOutcome, StreamShared};
@@ -102,29 +101,28 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer (and in `fsync` mode its flusher task).
+    /// Starts the committer, and in `fsync` mode its flusher thread, which
+    /// runs until every `Committer` clone is dropped; join the returned
+    /// handle to wait for it.
     pub(crate) fn start(
         store: Arc<Store>,
         durability: Durability,
-        tasks: &TaskTracker,
-        closing: CancellationToken,
-    ) -> Committer {
+    ) -> std::io::Result<(Committer, Option<std::thread::JoinHandle<()>>)> {
         let failed = Arc::new(OnceLock::new());
-        let flush_tx = match durability {
-            Durability::Buffered => None,
+        let (flush_tx, flusher) = match durability {
+            Durability::Buffered => (None, None),
             Durability::Fsync => {
                 let (tx, rx) = mpsc::channel(COMMIT_QUEUE);
-                tasks.spawn(run_flusher(
-                    store,
-                    rx,
-                    failed.clone(),
-                    closing,
-                    tasks.clone(),
-                ));
-                Some(tx)
+                let failed = failed.clone();
+                // A dedicated thread, not a task: the sync blocks, and a
+                // thread of its own saves a hand-off per group commit.
+                let flusher = std::thread::Builder::new()
+                    .name("pullstream-flusher".into())
+                    .spawn(move || run_flusher(&store, rx, &failed))?;
+                (Some(tx), Some(flusher))
             }
         };
-        Committer { flush_tx, failed }
+        Ok((Committer { flush_tx, failed }, flusher))
     }
 
     /// The reason writes are refused, after a failed sync.
@@ -145,71 +143,64 @@ impl Committer {
     }
 }
 
-async fn run_flusher(
-    store: Arc<Store>,
-    mut rx: mpsc::Receiver<Commit>,
-    failed: Arc<OnceLock<String>>,
-    closing: CancellationToken,
-    tasks: TaskTracker,
-) {
+fn run_flusher(store: &Arc<Store>, mut rx: mpsc::Receiver<Commit>, failed: &OnceLock<String>) {
     let mut group = Vec::new();
-    let mut checkpoint: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
-        tokio::select! {
-            biased;
-            received = rx.recv_many(&mut group, COMMIT_QUEUE) => if received == 0 { return },
-            _ = closing.cancelled() => {
-                // Writers stop between groups: sync what they handed over, then stop.
-                while let Ok(commit) = rx.try_recv() {
-                    group.push(commit);
-                }
-                if group.is_empty() {
-                    return;
-                }
+    let mut records = Vec::new();
+    let mut checkpoint: Option<std::thread::JoinHandle<()>> = None;
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < COMMIT_QUEUE {
+            match rx.try_recv() {
+                Ok(commit) => group.push(commit),
+                Err(_) => break,
             }
         }
-        let mut records = Vec::new();
+        records.clear();
         for commit in &mut group {
             if let Some(record) = commit.record.take() {
                 records.extend_from_slice(&record);
             }
         }
+        let started = std::time::Instant::now();
         // Nothing new to log: everything earlier is already durable.
         let result = if records.is_empty() {
             Ok(None)
         } else {
-            let store = store.clone();
-            let started = std::time::Instant::now();
-            let result = tokio::task::spawn_blocking(move || store.log_records(&records))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            debug!(
-                groups = group.len(),
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "group commit"
-            );
-            result
+            store.log_records(&records)
         };
+        debug!(
+            groups = group.len(),
+            bytes = records.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
         match result {
             Ok(due) => {
                 group.drain(..).for_each(Commit::publish);
                 if let Some(below) = due {
                     if checkpoint.as_ref().is_none_or(|c| c.is_finished()) {
                         let store = store.clone();
-                        checkpoint = Some(tasks.spawn_blocking(move || {
-                            if let Err(e) = store.checkpoint(below) {
-                                warn!(error = %e, "checkpoint failed; the write-ahead log keeps growing until one succeeds");
-                            }
-                        }));
+                        checkpoint = std::thread::Builder::new()
+                            .name("pullstream-checkpoint".into())
+                            .spawn(move || {
+                                if let Err(e) = store.checkpoint(below) {
+                                    warn!(error = %e, "checkpoint failed; the write-ahead log grows until one succeeds");
+                                }
+                            })
+                            .map_err(|e| warn!(error = %e, "cannot start a checkpoint"))
+                            .ok();
                     }
                 }
             }
-            Err(reason) => {
+            Err(e) => {
+                let reason = e.to_string();
                 error!(%reason, "storage sync failed: refusing further appends until restart");
                 let _ = failed.set(reason.clone());
                 group.drain(..).for_each(|c| c.fail(&reason));
             }
         }
+    }
+    if let Some(checkpoint) = checkpoint {
+        let _ = checkpoint.join();
     }
 }

@@ -311,7 +311,11 @@ impl Stream {
 pub struct Log {
     store: Arc<Store>,
     config: LogConfig,
-    committer: Committer,
+    /// Taken on close, so that once the writers stop the flusher's queue
+    /// closes and the flusher thread ends.
+    committer: Mutex<Option<Committer>>,
+    /// The flusher thread (`fsync` mode), joined on close.
+    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The registry, in name order (for paginated listing). Held briefly;
     /// never across an await.
     streams: RwLock<BTreeMap<String, Arc<Stream>>>,
@@ -343,11 +347,13 @@ impl Log {
         let store = Arc::new(store);
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
-        let committer = Committer::start(store.clone(), config.durability, &tasks, closing.clone());
+        let (committer, flusher) = Committer::start(store.clone(), config.durability)
+            .map_err(|e| Error::Storage(e.into()))?;
         let log = Arc::new(Log {
             store,
             config,
-            committer,
+            committer: Mutex::new(Some(committer)),
+            flusher: Mutex::new(flusher),
             streams: RwLock::new(BTreeMap::new()),
             tasks,
             closing,
@@ -355,7 +361,7 @@ impl Log {
         {
             let mut streams = log.streams.write().expect("registry lock");
             for s in stored {
-                let stream = log.start_stream(s);
+                let stream = log.start_stream(s)?;
                 streams.insert(stream.name.clone(), stream);
             }
         }
@@ -364,7 +370,13 @@ impl Log {
         Ok(log)
     }
 
-    fn start_stream(&self, stored: StoredStream) -> Arc<Stream> {
+    fn start_stream(&self, stored: StoredStream) -> Result<Arc<Stream>, Error> {
+        let committer = self
+            .committer
+            .lock()
+            .expect("committer lock")
+            .clone()
+            .ok_or(Error::ShuttingDown)?;
         let (head_tx, _) = watch::channel(Head {
             first_offset: stored.first_offset,
             next_offset: stored.next_offset,
@@ -378,7 +390,7 @@ impl Log {
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
             store: self.store.clone(),
-            committer: self.committer.clone(),
+            committer,
             shared: shared.clone(),
             name: stored.name.clone(),
             meta: stored.meta,
@@ -388,12 +400,12 @@ impl Log {
             closing: self.closing.clone(),
         };
         self.tasks.spawn(writer.run(writer_rx));
-        Arc::new(Stream {
+        Ok(Arc::new(Stream {
             name: stored.name,
             meta: stored.meta,
             writer_tx,
             shared,
-        })
+        }))
     }
 
     fn get(&self, name: &str) -> Result<Arc<Stream>, Error> {
@@ -433,7 +445,7 @@ impl Log {
             first_offset: 0,
             next_offset: 0,
             last_time_unix_nanos: None,
-        });
+        })?;
         streams.insert(name.to_string(), stream.clone());
         Ok((stream, true))
     }
@@ -600,8 +612,9 @@ impl Log {
     /// everything durable. Call once no Append is in flight.
     pub async fn close(&self) -> Result<(), Error> {
         self.closing.cancel();
-        // Writers stop between groups; the flusher syncs what they handed
-        // over, then stops.
+        // Writers stop between groups and drop their committers; with ours
+        // gone too, the flusher logs what they handed over, then ends.
+        self.committer.lock().expect("committer lock").take();
         self.streams.write().expect("registry lock").clear();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
@@ -609,6 +622,13 @@ impl Log {
             .is_err()
         {
             warn!("log tasks did not stop within 10s");
+        }
+        let flusher = self.flusher.lock().expect("flusher lock").take();
+        if let Some(flusher) = flusher {
+            let joined = tokio::task::spawn_blocking(move || flusher.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                warn!("the flusher thread panicked");
+            }
         }
         self.sync().await
     }
