@@ -436,6 +436,7 @@ impl Log {
             id: self.store.new_stream_id()?,
             created_unix_nanos: now_unix_nanos(),
             offset_floor: 0,
+            next_offset: 0,
             bytes: 0,
         };
         self.store.put_stream(name, &meta)?;

@@ -136,6 +136,7 @@ impl Writer {
 
         let chunks = cut_into_chunks(group_first, time, records);
         let mut meta = self.meta;
+        meta.next_offset = self.next_offset;
         let mut encoded = Vec::with_capacity(chunks.len());
         let mut cached = Vec::with_capacity(chunks.len());
         for chunk in chunks {

@@ -165,15 +165,17 @@ pub struct StreamMeta {
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_unix_nanos: i64,
     /// Offsets below this are gone (trimmed); the stream's first offset is
-    /// the larger of this and its first stored chunk. Also keeps the head
-    /// when every chunk has been trimmed.
+    /// the larger of this and its first stored chunk.
     pub offset_floor: u64,
+    /// The head: the offset the next event gets. Written after the chunks
+    /// of each group, so it never points past what is stored.
+    pub next_offset: u64,
     /// Approximate bytes of stored chunks.
     pub bytes: u64,
 }
 
 impl StreamMeta {
-    const LEN: usize = 1 + 8 + 8 + 8 + 8;
+    const LEN: usize = 1 + 8 + 8 + 8 + 8 + 8;
 
     /// Encodes the metadata for storage.
     pub fn encode(&self) -> Vec<u8> {
@@ -182,6 +184,7 @@ impl StreamMeta {
         out.put_u64(self.id);
         out.put_i64(self.created_unix_nanos);
         out.put_u64(self.offset_floor);
+        out.put_u64(self.next_offset);
         out.put_u64(self.bytes);
         out
     }
@@ -199,6 +202,7 @@ impl StreamMeta {
             id: buf.get_u64(),
             created_unix_nanos: buf.get_i64(),
             offset_floor: buf.get_u64(),
+            next_offset: buf.get_u64(),
             bytes: buf.get_u64(),
         })
     }
@@ -260,6 +264,9 @@ pub enum CodecError {
     /// A text field is not UTF-8.
     #[error("text field is not valid UTF-8")]
     InvalidUtf8,
+    /// Stored values contradict each other.
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -375,6 +382,7 @@ mod tests {
             id: 7,
             created_unix_nanos: -5,
             offset_floor: 10,
+            next_offset: 12,
             bytes: 1 << 40,
         };
         assert_eq!(StreamMeta::decode(&meta.encode()), Ok(meta));
