@@ -87,6 +87,15 @@ pub struct BenchArgs {
     json: Option<PathBuf>,
 }
 
+/// One run of one workload with one set of parameters.
+#[derive(Debug, Clone, Copy)]
+enum Scenario {
+    Append { batch: usize, producers: usize },
+    Catchup,
+    Tail,
+    Fanout,
+}
+
 /// One measured run.
 #[derive(Debug)]
 pub(crate) struct Outcome {
@@ -145,48 +154,58 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         args.workloads.clone()
     };
-    let embedded = match &args.server {
-        Some(_) => None,
-        None => Some(EmbeddedServer::start(args.durability).await?),
-    };
-    let url = match (&args.server, &embedded) {
-        (Some(url), _) => url.clone(),
-        (None, Some(server)) => server.url.clone(),
-        (None, None) => unreachable!("an embedded server is started when no URL is given"),
-    };
-    let ctx = BenchContext {
-        url,
-        embedded,
-        event_bytes: args.event_bytes,
-    };
-    eprintln!(
-        "pullstream bench: server {} ({}), {}-byte events",
-        ctx.url,
-        match &ctx.embedded {
-            Some(_) => format!("embedded, durability {}", args.durability),
-            None => "external".to_string(),
-        },
-        args.event_bytes
-    );
-    let mut outcomes = Vec::new();
+    let mut scenarios = Vec::new();
     for workload in workloads {
         match workload {
             Workload::Append => {
                 for &batch in &args.batches {
                     for &producers in &args.producers {
-                        outcomes.push(
-                            workloads::append(&ctx, batch, producers, args.duration.0).await?,
-                        );
+                        scenarios.push(Scenario::Append { batch, producers });
                     }
                 }
             }
-            Workload::Catchup => outcomes.push(workloads::catchup(&ctx, args.events).await?),
-            Workload::Tail => outcomes
-                .push(workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?),
-            Workload::Fanout => {
-                outcomes.push(workloads::fanout(&ctx, args.idle_subscriptions).await?)
-            }
+            Workload::Catchup => scenarios.push(Scenario::Catchup),
+            Workload::Tail => scenarios.push(Scenario::Tail),
+            Workload::Fanout => scenarios.push(Scenario::Fanout),
         }
+    }
+    match &args.server {
+        Some(url) => eprintln!("pullstream bench: server {url} (external), {}-byte events", args.event_bytes),
+        None => eprintln!(
+            "pullstream bench: a fresh embedded server (durability {}) per run, {}-byte events",
+            args.durability, args.event_bytes
+        ),
+    }
+    let mut outcomes = Vec::new();
+    for scenario in scenarios {
+        // Each run gets a server of its own, so runs do not see each
+        // other's data or memory.
+        let embedded = match &args.server {
+            Some(_) => None,
+            None => Some(EmbeddedServer::start(args.durability).await?),
+        };
+        let url = match (&args.server, &embedded) {
+            (Some(url), _) => url.clone(),
+            (None, Some(server)) => server.url.clone(),
+            (None, None) => unreachable!("an embedded server is started when no URL is given"),
+        };
+        let ctx = BenchContext {
+            url,
+            embedded,
+            event_bytes: args.event_bytes,
+        };
+        let outcome = match scenario {
+            Scenario::Append { batch, producers } => {
+                workloads::append(&ctx, batch, producers, args.duration.0).await?
+            }
+            Scenario::Catchup => workloads::catchup(&ctx, args.events).await?,
+            Scenario::Tail => {
+                workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?
+            }
+            Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
+        };
+        eprintln!("  {}", outcome.summary.trim_start());
+        outcomes.push(outcome);
     }
 
     println!();
@@ -198,9 +217,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.json {
         let summary = json!({
-            "server": ctx.url,
-            "embedded": ctx.embedded.is_some(),
-            "durability": ctx.embedded.as_ref().map(|_| args.durability.to_string()),
+            "server": args.server.clone().unwrap_or_else(|| "embedded".into()),
+            "durability": args.server.is_none().then(|| args.durability.to_string()),
+            "command": std::env::args().collect::<Vec<_>>().join(" "),
             "event_bytes": args.event_bytes,
             "results": outcomes.iter().map(|o| json!({
                 "name": o.name,
