@@ -170,7 +170,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     match &args.server {
-        Some(url) => eprintln!("pullstream bench: server {url} (external), {}-byte events", args.event_bytes),
+        Some(url) => eprintln!(
+            "pullstream bench: server {url} (external), {}-byte events",
+            args.event_bytes
+        ),
         None => eprintln!(
             "pullstream bench: a fresh embedded server (durability {}) per run, {}-byte events",
             args.durability, args.event_bytes

@@ -290,7 +290,10 @@ impl Store {
             }
             streams.push(StoredStream {
                 name,
-                meta: StreamMeta { next_offset, ..meta },
+                meta: StreamMeta {
+                    next_offset,
+                    ..meta
+                },
                 first_offset,
                 next_offset,
                 last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
@@ -319,7 +322,11 @@ impl Store {
             }
         }
         if removed > 0 {
-            tracing::info!(stream_id, removed, "removed the remains of an unacknowledged append");
+            tracing::info!(
+                stream_id,
+                removed,
+                "removed the remains of an unacknowledged append"
+            );
         }
         Ok(())
     }
@@ -648,7 +655,10 @@ mod tests {
                 .unwrap();
             // A group cut short before its metadata write: chunks and a key
             // past the head, head unchanged.
-            store.tree.insert(chunk_key(3, 2), chunk(2, 3).value).unwrap();
+            store
+                .tree
+                .insert(chunk_key(3, 2), chunk(2, 3).value)
+                .unwrap();
             store
                 .tree
                 .insert(idempotency_key(3, "lost"), rec(2).encode())

@@ -346,3 +346,62 @@ fn sigterm(child: &Child) {
         .unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn bench_runs_every_workload_and_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--duration",
+            "300ms",
+            "--batch",
+            "10",
+            "--producers",
+            "2",
+        ])
+        .args(["--events", "3000", "--subscribers", "2", "--rate", "300"])
+        .args(["--idle-subscriptions", "150", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let results = summary["results"].as_array().unwrap();
+    let workloads: Vec<&str> = results
+        .iter()
+        .map(|r| r["figures"]["workload"].as_str().unwrap())
+        .collect();
+    assert_eq!(workloads, ["append", "catchup", "tail", "fanout"]);
+    for result in results {
+        assert!(
+            result["failures"].as_array().unwrap().is_empty(),
+            "{result}"
+        );
+    }
+    // The figures are measured, not made up: counts match what was asked.
+    assert!(results[0]["figures"]["events"].as_u64().unwrap() > 0);
+    assert_eq!(results[1]["figures"]["events"], 3000);
+    assert!(results[1]["figures"]["data_dir_bytes"].as_u64().unwrap() > 3000 * 256);
+    assert!(
+        results[2]["figures"]["end_to_end_latency"]["samples"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        results[3]["figures"]["server_rss_after_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(stdout.contains("events/s"));
+}
