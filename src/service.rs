@@ -5,6 +5,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{
+    encode_key, encode_varint, encoded_len_varint, key_len, message, uint64, WireType,
+};
 use prost_types::Timestamp;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -119,7 +123,8 @@ impl EventLog for EventLogService {
             .log
             .read(&request.stream, request.offset, limit, MAX_RESPONSE_BYTES)?;
         Ok(Response::new(pb::ReadResponse {
-            events: events_to_proto(&request.stream, &page.slices),
+            events: Vec::new(),
+            encoded_events: encode_events(&request.stream, &page.slices),
             next_offset: page.next_offset,
             head_offset: page.head_offset,
         }))
@@ -239,7 +244,8 @@ async fn run_subscription(
             send_now = false;
             let head = subscription.head();
             let response = pb::SubscribeResponse {
-                events: events_to_proto(subscription.stream_name(), &slices),
+                events: Vec::new(),
+                encoded_events: encode_events(subscription.stream_name(), &slices),
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
                 caught_up: subscription.next_offset() >= head.next_offset,
@@ -292,24 +298,69 @@ fn record_from_proto(event: pb::NewEvent) -> EventRecord {
     }
 }
 
-fn events_to_proto(stream: &str, slices: &[EventSlice]) -> Vec<pb::Event> {
-    let mut events = Vec::with_capacity(slices.iter().map(EventSlice::len).sum());
+/// Encodes events as `events` entries (field 1) of a response, straight
+/// from stored records: no `Event` struct, no per-event strings.
+fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
+    let mut buf = BytesMut::new();
     for slice in slices {
         let time = timestamp(slice.chunk.time_unix_nanos);
         for (offset, record) in slice.events() {
-            events.push(pb::Event {
-                stream: stream.to_string(),
-                offset,
-                r#type: record.event_type.clone(),
-                key: record.key.clone(),
-                data: record.data.clone(),
-                content_type: record.content_type.clone(),
-                metadata: record.metadata.iter().cloned().collect(),
-                time: Some(time),
-            });
+            let metadata_len: usize = record
+                .metadata
+                .iter()
+                .map(|(k, v)| {
+                    let entry = str_len(1, k) + str_len(2, v);
+                    key_len(7) + encoded_len_varint(entry as u64) + entry
+                })
+                .sum();
+            let body = str_len(1, stream)
+                + if offset != 0 { uint64::encoded_len(2, &offset) } else { 0 }
+                + str_len(3, &record.event_type)
+                + str_len(4, &record.key)
+                + str_len(5, &record.data)
+                + str_len(6, &record.content_type)
+                + metadata_len
+                + message::encoded_len(8, &time);
+            buf.reserve(key_len(1) + encoded_len_varint(body as u64) + body);
+            encode_key(1, WireType::LengthDelimited, &mut buf);
+            encode_varint(body as u64, &mut buf);
+            put_str(1, stream, &mut buf);
+            if offset != 0 {
+                uint64::encode(2, &offset, &mut buf);
+            }
+            put_str(3, &record.event_type, &mut buf);
+            put_str(4, &record.key, &mut buf);
+            put_str(5, &record.data, &mut buf);
+            put_str(6, &record.content_type, &mut buf);
+            for (k, v) in &record.metadata {
+                encode_key(7, WireType::LengthDelimited, &mut buf);
+                encode_varint((str_len(1, k) + str_len(2, v)) as u64, &mut buf);
+                put_str(1, k, &mut buf);
+                put_str(2, v, &mut buf);
+            }
+            message::encode(8, &time, &mut buf);
         }
     }
-    events
+    buf.freeze()
+}
+
+/// The size of a length-delimited field (omitted when empty, as proto3 does).
+fn str_len(tag: u32, value: impl AsRef<[u8]>) -> usize {
+    let len = value.as_ref().len();
+    if len == 0 {
+        0
+    } else {
+        key_len(tag) + encoded_len_varint(len as u64) + len
+    }
+}
+
+fn put_str(tag: u32, value: impl AsRef<[u8]>, buf: &mut BytesMut) {
+    let value = value.as_ref();
+    if !value.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(value.len() as u64, buf);
+        buf.put_slice(value);
+    }
 }
 
 fn stream_info_to_proto(info: log::StreamInfo) -> pb::StreamInfo {

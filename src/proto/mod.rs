@@ -8,6 +8,9 @@
 
 tonic::include_proto!("pullstream.v1");
 
+pub mod wire;
+pub use wire::{ReadResponse, SubscribeResponse};
+
 /// The encoded `FileDescriptorSet` of the proto, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/pullstream_descriptor.bin"));
