@@ -19,8 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // subscriber's response: `Bytes` makes those clones reference counts.
         .bytes(".pullstream.v1.Event.data")
         // Hand-written so the server can send pre-encoded events (src/proto/wire.rs).
-        .extern_path(".pullstream.v1.SubscribeResponse", "crate::proto::wire::SubscribeResponse")
-        .extern_path(".pullstream.v1.ReadResponse", "crate::proto::wire::ReadResponse")
+        .extern_path(
+            ".pullstream.v1.SubscribeResponse",
+            "crate::proto::wire::SubscribeResponse",
+        )
+        .extern_path(
+            ".pullstream.v1.ReadResponse",
+            "crate::proto::wire::ReadResponse",
+        )
         .compile_fds(fds)?;
     Ok(())
 }

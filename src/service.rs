@@ -314,7 +314,11 @@ fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
                 })
                 .sum();
             let body = str_len(1, stream)
-                + if offset != 0 { uint64::encoded_len(2, &offset) } else { 0 }
+                + if offset != 0 {
+                    uint64::encoded_len(2, &offset)
+                } else {
+                    0
+                }
                 + str_len(3, &record.event_type)
                 + str_len(4, &record.key)
                 + str_len(5, &record.data)

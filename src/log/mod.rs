@@ -238,7 +238,10 @@ impl Stream {
 
     /// Reads committed events from `offset` up to `end`, at most
     /// `max_events` and about `max_bytes` (always at least one event when
-    /// any is available). Serves from the tail cache when it can.
+    /// any is available). Serves from `leftover` (a chunk the caller's
+    /// previous read did not finish), then the tail cache, then storage;
+    /// leaves in `leftover` the last chunk if this read did not finish it,
+    /// so a reader decodes each stored chunk once.
     fn read(
         &self,
         store: &Store,
@@ -246,22 +249,33 @@ impl Stream {
         end: u64,
         max_events: usize,
         max_bytes: usize,
+        leftover: &mut Option<Arc<Chunk>>,
     ) -> Result<Vec<EventSlice>, Error> {
         let mut slices = Vec::new();
         let mut position = offset;
         let mut events = 0;
         let mut bytes = 0;
         while position < end && events < max_events && bytes < max_bytes {
-            let cached = self
-                .shared
-                .cache
-                .lock()
-                .expect("tail cache lock")
-                .chunks_from(position, 64);
+            let unfinished = leftover.take().filter(|c| c.contains(position));
+            let cached = match unfinished {
+                Some(chunk) => Some(vec![chunk]),
+                None => self
+                    .shared
+                    .cache
+                    .lock()
+                    .expect("tail cache lock")
+                    .chunks_from(position, 64),
+            };
             let chunks = match cached {
                 Some(chunks) => chunks,
                 None => store
-                    .read_chunks(self.meta.id, position, end, max_bytes.saturating_sub(bytes))?
+                    .read_chunks(
+                        self.meta.id,
+                        position,
+                        end,
+                        max_events - events,
+                        max_bytes.saturating_sub(bytes),
+                    )?
                     .into_iter()
                     .map(Arc::new)
                     .collect(),
@@ -284,6 +298,9 @@ impl Stream {
                     stop += 1;
                     position += 1;
                     events += 1;
+                }
+                if stop < chunk.records.len() {
+                    *leftover = Some(chunk.clone());
                 }
                 slices.push(EventSlice {
                     chunk,
@@ -532,7 +549,14 @@ impl Log {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         check_offset(&stream.name, offset, head)?;
-        let slices = stream.read(&self.store, offset, head.next_offset, max_events, max_bytes)?;
+        let slices = stream.read(
+            &self.store,
+            offset,
+            head.next_offset,
+            max_events,
+            max_bytes,
+            &mut None,
+        )?;
         let read: usize = slices.iter().map(EventSlice::len).sum();
         Ok(ReadPage {
             slices,

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::{check_offset, EventSlice, Head, Stream};
 use crate::error::Error;
-use crate::storage::Store;
+use crate::storage::{Chunk, Store};
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub struct Subscription {
     /// The stream's committed head; waited on at the head.
     head_rx: watch::Receiver<Head>,
     next_offset: u64,
+    /// The last chunk read but not delivered to the end, so the next poll
+    /// does not read and decode it again.
+    leftover: Option<Arc<Chunk>>,
 }
 
 impl Subscription {
@@ -57,6 +60,7 @@ impl Subscription {
             stream,
             head_rx,
             next_offset,
+            leftover: None,
         })
     }
 
@@ -90,6 +94,7 @@ impl Subscription {
             head.next_offset,
             max_events,
             max_bytes,
+            &mut self.leftover,
         )?;
         self.next_offset += slices.iter().map(EventSlice::len).sum::<usize>() as u64;
         Ok(slices)

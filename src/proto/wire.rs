@@ -110,7 +110,11 @@ impl prost::Message for SubscribeResponse {
         events_len(&self.events, &self.encoded_events)
             + u64_len(2, self.next_offset)
             + u64_len(3, self.head_offset)
-            + if self.caught_up { bool::encoded_len(4, &true) } else { 0 }
+            + if self.caught_up {
+                bool::encoded_len(4, &true)
+            } else {
+                0
+            }
             + self
                 .server_time
                 .as_ref()
@@ -191,7 +195,10 @@ mod tests {
         assert_eq!(bytes.len(), response.encoded_len());
         let decoded = SubscribeResponse::decode(&bytes[..]).unwrap();
         assert_eq!(decoded.events, vec![event(0), event(1), event(2)]);
-        assert_eq!((decoded.next_offset, decoded.head_offset, decoded.caught_up), (3, 9, true));
+        assert_eq!(
+            (decoded.next_offset, decoded.head_offset, decoded.caught_up),
+            (3, 9, true)
+        );
 
         let read = ReadResponse {
             encoded_events: response.encoded_events.clone(),

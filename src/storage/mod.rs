@@ -372,13 +372,15 @@ impl Store {
     }
 
     /// Reads chunks of a stream in order, starting with the one holding
-    /// `offset`, until `end` (exclusive) or until about `max_bytes` have
-    /// been read (at least one chunk).
+    /// `offset`, until `end` (exclusive), until they hold `max_events`
+    /// events from `offset` on, or until about `max_bytes` have been read
+    /// (at least one chunk).
     pub fn read_chunks(
         &self,
         stream_id: u64,
         offset: u64,
         end: u64,
+        max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<Chunk>, StorageError> {
         let mut chunks = Vec::new();
@@ -403,8 +405,9 @@ impl Store {
             if chunk.end_offset() <= offset {
                 continue;
             }
+            let covered = chunk.end_offset() - offset;
             chunks.push(chunk);
-            if bytes >= max_bytes {
+            if bytes >= max_bytes || covered >= max_events as u64 {
                 break;
             }
         }
@@ -517,7 +520,8 @@ impl Store {
             ),
             source,
         };
-        let chunk = Chunk::decode(Bytes::copy_from_slice(value)).map_err(corrupt)?;
+        // Payloads stay slices of sled's buffer: no copy.
+        let chunk = Chunk::decode(Bytes::from_owner(value.clone())).map_err(corrupt)?;
         if chunk.first_offset != offset_of_chunk_key(key) || chunk.records.is_empty() {
             return Err(corrupt(CodecError::Truncated));
         }
@@ -617,14 +621,28 @@ mod tests {
             .unwrap();
 
         for offset in 0..10u64 {
-            let chunks = store.read_chunks(5, offset, 10, usize::MAX).unwrap();
+            let chunks = store
+                .read_chunks(5, offset, 10, usize::MAX, usize::MAX)
+                .unwrap();
             assert!(chunks[0].contains(offset), "offset {offset}");
             assert_eq!(chunks.last().unwrap().end_offset(), 10);
         }
         // `end` bounds the read; `max_bytes` stops after at least one chunk.
-        assert_eq!(store.read_chunks(5, 0, 4, usize::MAX).unwrap().len(), 2);
-        assert_eq!(store.read_chunks(5, 0, 10, 1).unwrap().len(), 1);
-        assert!(store.read_chunks(5, 10, 10, usize::MAX).unwrap().is_empty());
+        assert_eq!(
+            store
+                .read_chunks(5, 0, 4, usize::MAX, usize::MAX)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(store.read_chunks(5, 0, 10, usize::MAX, 1).unwrap().len(), 1);
+        // Enough chunks to cover max_events, no more.
+        assert_eq!(store.read_chunks(5, 1, 10, 2, usize::MAX).unwrap().len(), 1);
+        assert_eq!(store.read_chunks(5, 1, 10, 3, usize::MAX).unwrap().len(), 2);
+        assert!(store
+            .read_chunks(5, 10, 10, usize::MAX, usize::MAX)
+            .unwrap()
+            .is_empty());
 
         let loaded = store.load_streams().unwrap();
         assert_eq!(loaded.len(), 2);
@@ -667,7 +685,10 @@ mod tests {
         let store = open(dir.path());
         let streams = store.load_streams().unwrap();
         assert_eq!((streams[0].first_offset, streams[0].next_offset), (0, 2));
-        assert!(store.read_chunks(3, 2, 10, usize::MAX).unwrap().is_empty());
+        assert!(store
+            .read_chunks(3, 2, 10, usize::MAX, usize::MAX)
+            .unwrap()
+            .is_empty());
         assert_eq!(store.get_idempotency(3, "kept").unwrap(), Some(rec(0)));
         assert_eq!(store.get_idempotency(3, "lost").unwrap(), None);
     }
@@ -697,7 +718,10 @@ mod tests {
             .write_group("b", &b, vec![chunk(0, 1)], &[("k", rec)])
             .unwrap();
         store.delete_stream("a", 1).unwrap();
-        assert!(store.read_chunks(1, 0, 1, usize::MAX).unwrap().is_empty());
+        assert!(store
+            .read_chunks(1, 0, 1, usize::MAX, usize::MAX)
+            .unwrap()
+            .is_empty());
         assert_eq!(store.get_idempotency(1, "k").unwrap(), None);
         assert_eq!(store.get_idempotency(2, "k").unwrap(), Some(rec));
         let names: Vec<_> = store
