@@ -348,9 +348,12 @@ impl Log {
         let options = StoreOptions {
             path: config.data_dir.clone(),
             cache_bytes: config.cache_bytes,
+            // In fsync mode sled's periodic flush would only add stalls:
+            // the write-ahead log makes appends durable and checkpoints
+            // flush sled.
             background_flush_ms: match config.durability {
-                Durability::Fsync => 500,
-                Durability::Buffered => 5,
+                Durability::Fsync => None,
+                Durability::Buffered => Some(5),
             },
             write_ahead_log: config.durability == Durability::Fsync,
         };

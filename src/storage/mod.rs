@@ -61,8 +61,9 @@ pub struct StoreOptions {
     /// sled's page cache size in bytes.
     pub cache_bytes: u64,
     /// How often sled's own background flusher writes buffered data to the
-    /// OS, in milliseconds.
-    pub background_flush_ms: u64,
+    /// OS, in milliseconds; `None` turns it off (the write-ahead log and
+    /// checkpoints take care of durability then).
+    pub background_flush_ms: Option<u64>,
     /// Log every write to the write-ahead log (`fsync` mode).
     pub write_ahead_log: bool,
 }
@@ -153,7 +154,7 @@ impl Store {
             .path(&sled_dir)
             .cache_capacity(options.cache_bytes)
             .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(Some(options.background_flush_ms.max(1)))
+            .flush_every_ms(options.background_flush_ms.map(|ms| ms.max(1)))
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| match &source {
@@ -573,7 +574,7 @@ mod tests {
         Store::open(&StoreOptions {
             path: dir.to_path_buf(),
             cache_bytes: 8 << 20,
-            background_flush_ms: 500,
+            background_flush_ms: None,
             write_ahead_log: true,
         })
         .unwrap()
@@ -824,7 +825,7 @@ mod tests {
             let second = Store::open(&StoreOptions {
                 path: dir.path().to_path_buf(),
                 cache_bytes: 1 << 20,
-                background_flush_ms: 500,
+                background_flush_ms: None,
                 write_ahead_log: true,
             });
             assert!(matches!(second, Err(StorageError::Locked { .. })));
