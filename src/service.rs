@@ -287,12 +287,16 @@ fn page_size(requested: u32, field: &str) -> Result<usize, Status> {
 
 fn record_from_proto(event: pb::NewEvent) -> EventRecord {
     // Sorted, so equal maps give equal records (and idempotency fingerprints).
-    let mut metadata: Vec<(String, String)> = event.metadata.into_iter().collect();
+    let mut metadata: Vec<(Bytes, Bytes)> = event
+        .metadata
+        .into_iter()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
     metadata.sort_unstable();
     EventRecord {
-        event_type: event.r#type,
-        key: event.key,
-        content_type: event.content_type,
+        event_type: event.r#type.into(),
+        key: event.key.into(),
+        content_type: event.content_type.into(),
         data: event.data.into(),
         metadata,
     }

@@ -22,18 +22,22 @@ const CHUNK_HEADER_LEN: usize = 1 + 8 + 8 + 4;
 
 /// One event as stored: everything but its offset and time, which the
 /// chunk holding it supplies.
+///
+/// Text fields are UTF-8 held in `Bytes` (checked when decoded), so a
+/// decoded chunk's fields are slices of the stored value: reading an event
+/// allocates nothing per field.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EventRecord {
-    /// What happened, e.g. `invoice.paid`.
-    pub event_type: String,
-    /// The entity the event is about; empty when none.
-    pub key: String,
-    /// The media type of `data`; empty when none.
-    pub content_type: String,
+    /// What happened, e.g. `invoice.paid` (UTF-8).
+    pub event_type: Bytes,
+    /// The entity the event is about; empty when none (UTF-8).
+    pub key: Bytes,
+    /// The media type of `data`; empty when none (UTF-8).
+    pub content_type: Bytes,
     /// The payload.
     pub data: Bytes,
-    /// Free-form attributes, in the order given.
-    pub metadata: Vec<(String, String)>,
+    /// Free-form attributes, sorted by key (UTF-8).
+    pub metadata: Vec<(Bytes, Bytes)>,
 }
 
 impl EventRecord {
@@ -93,14 +97,14 @@ impl Chunk {
         out.put_i64(self.time_unix_nanos);
         out.put_u32(self.records.len() as u32);
         for record in &self.records {
-            put_bytes(&mut out, record.event_type.as_bytes());
-            put_bytes(&mut out, record.key.as_bytes());
-            put_bytes(&mut out, record.content_type.as_bytes());
+            put_bytes(&mut out, &record.event_type);
+            put_bytes(&mut out, &record.key);
+            put_bytes(&mut out, &record.content_type);
             put_bytes(&mut out, &record.data);
             out.put_u32(record.metadata.len() as u32);
             for (k, v) in &record.metadata {
-                put_bytes(&mut out, k.as_bytes());
-                put_bytes(&mut out, v.as_bytes());
+                put_bytes(&mut out, k);
+                put_bytes(&mut out, v);
             }
         }
         out
@@ -289,9 +293,10 @@ fn get_bytes(buf: &mut Bytes) -> Result<Bytes, CodecError> {
     Ok(buf.split_to(len))
 }
 
-fn get_string(buf: &mut Bytes) -> Result<String, CodecError> {
+fn get_string(buf: &mut Bytes) -> Result<Bytes, CodecError> {
     let bytes = get_bytes(buf)?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| CodecError::InvalidUtf8)
+    std::str::from_utf8(&bytes).map_err(|_| CodecError::InvalidUtf8)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]

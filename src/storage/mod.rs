@@ -586,7 +586,7 @@ mod tests {
             time_unix_nanos: first as i64,
             records: (0..n)
                 .map(|i| EventRecord {
-                    event_type: format!("t{}", first + i as u64),
+                    event_type: format!("t{}", first + i as u64).into(),
                     ..Default::default()
                 })
                 .collect(),
