@@ -36,6 +36,16 @@ fn stamp_of(data: &[u8]) -> u64 {
     u64::from_le_bytes(stamp)
 }
 
+async fn create_stream(ctx: &BenchContext, stream: &str) -> anyhow::Result<()> {
+    ctx.client()
+        .await?
+        .create_stream(pb::CreateStreamRequest {
+            stream: stream.to_string(),
+        })
+        .await?;
+    Ok(())
+}
+
 async fn head_of(ctx: &BenchContext, stream: &str) -> anyhow::Result<u64> {
     let info = ctx
         .client()
@@ -229,12 +239,7 @@ pub(crate) async fn tail(
 ) -> anyhow::Result<Outcome> {
     let name = format!("tail subscribers={subscribers} rate={rate}/s");
     let stream = fresh_stream("tail");
-    ctx.client()
-        .await?
-        .create_stream(pb::CreateStreamRequest {
-            stream: stream.clone(),
-        })
-        .await?;
+    create_stream(ctx, &stream).await?;
     let base = Instant::now();
     let (target_tx, target_rx) = watch::channel(None::<u64>);
     let mut readers = Vec::new();
@@ -380,12 +385,7 @@ pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<O
     const HOLD: Duration = Duration::from_secs(3);
     let name = format!("fanout subscriptions={count}");
     let stream = fresh_stream("fanout");
-    ctx.client()
-        .await?
-        .create_stream(pb::CreateStreamRequest {
-            stream: stream.clone(),
-        })
-        .await?;
+    create_stream(ctx, &stream).await?;
     let rss_before = ctx.server_rss();
     let progress = Progress::start(name.clone());
     let opened = progress.counter();

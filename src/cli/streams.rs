@@ -72,11 +72,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let info = info.stream.unwrap_or_default();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json::stream_info(&info))?
-            );
+            print_info(info.stream)?;
         }
         StreamsCommand::Create { stream } => {
             let info = client
@@ -84,11 +80,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let info = info.stream.unwrap_or_default();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json::stream_info(&info))?
-            );
+            print_info(info.stream)?;
         }
         StreamsCommand::Delete { stream } => {
             client
@@ -100,6 +92,15 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
             eprintln!("deleted stream {stream}");
         }
     }
+    Ok(())
+}
+
+fn print_info(info: Option<pb::StreamInfo>) -> anyhow::Result<()> {
+    let info = info.unwrap_or_default();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json::stream_info(&info))?
+    );
     Ok(())
 }
 

@@ -478,11 +478,6 @@ impl Store {
         Ok(())
     }
 
-    /// The size of the data dir's files, in bytes (sled's estimate).
-    pub fn size_on_disk(&self) -> Result<u64, StorageError> {
-        Ok(self.db.size_on_disk()?)
-    }
-
     fn first_chunk_offset(&self, stream_id: u64) -> Result<Option<u64>, StorageError> {
         match self
             .tree

@@ -163,22 +163,21 @@ async fn graceful_shutdown_ends_subscriptions_with_unavailable() {
     let mut stream = subscribe(&mut client, "s", earliest()).await;
     collect(&mut stream, 1).await;
     let stopping = tokio::spawn(server.stop());
-    let status = loop {
-        match next_or_end(&mut stream).await {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => break status,
-            None => panic!("subscription ended without a status"),
-        }
-    };
+    let status = ending_status(&mut stream).await;
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("shutting down"));
     within(stopping).await.unwrap();
 }
 
-async fn next_or_end(
-    stream: &mut tonic::Streaming<pb::SubscribeResponse>,
-) -> Option<Result<pb::SubscribeResponse, tonic::Status>> {
-    within(stream.message()).await.transpose()
+/// Reads a subscription until it ends, returning the status it ended with.
+async fn ending_status(stream: &mut tonic::Streaming<pb::SubscribeResponse>) -> tonic::Status {
+    loop {
+        match within(stream.message()).await {
+            Ok(Some(_)) => continue,
+            Err(status) => return status,
+            Ok(None) => panic!("subscription ended without a status"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -192,13 +191,7 @@ async fn deleting_a_stream_ends_its_subscriptions_with_not_found() {
         .delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
         .await
         .unwrap();
-    let status = loop {
-        match next_or_end(&mut stream).await {
-            Some(Ok(_)) => continue,
-            Some(Err(status)) => break status,
-            None => panic!("subscription ended without a status"),
-        }
-    };
+    let status = ending_status(&mut stream).await;
     assert_eq!(status.code(), Code::NotFound);
     // A new stream of the same name starts again at 0, without old events.
     let ack = append(&mut client, "s", vec![event("t", "new")]).await;
