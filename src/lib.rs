@@ -3,7 +3,9 @@
 //! # Code map
 //! - [`proto`]: the generated gRPC contract (`proto/pullstream/v1`).
 //! - [`config`]: flags, environment and TOML file → validated [`config::ServerConfig`].
-//! - [`storage`]: the sled event store: chunk codec, atomic group writes, sync.
+//! - [`storage`]: the sled event store: chunk codec, ordered group writes,
+//!   the write-ahead log that makes `fsync` appends durable with one
+//!   `fdatasync`, checkpoints.
 //! - [`log`]: streams on top of storage: one writer per stream, group
 //!   commit, committed-head watch, tail cache, subscriptions.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
@@ -20,6 +22,9 @@
 //!   saw is never reused, even after a crash.
 //! - Writers never wait for readers: subscribers follow the head through a
 //!   `watch` channel and read at their own pace.
+//! - In `fsync` mode nothing is acknowledged before its write-ahead log
+//!   record is synced; every sled write is also in the log, in order, until
+//!   a checkpoint has made sled durable.
 
 pub mod bench;
 pub mod cli;
