@@ -748,6 +748,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn offsets_outside_the_stream_are_out_of_range_naming_the_bound() {
+        let head = Head {
+            first_offset: 10,
+            next_offset: 20,
+            deleted: false,
+        };
+        for ok in [10, 15, 20] {
+            assert!(check_offset("s", ok, head).is_ok(), "{ok}");
+        }
+        let below = check_offset("s", 9, head).unwrap_err();
+        assert!(
+            matches!(below, Error::OffsetTrimmed { first: 10, .. }),
+            "{below}"
+        );
+        assert!(below.to_string().contains("first retained offset is 10"));
+        let past = check_offset("s", 21, head).unwrap_err();
+        assert!(
+            matches!(past, Error::OffsetPastHead { head: 20, .. }),
+            "{past}"
+        );
+        let deleted = Head {
+            deleted: true,
+            ..head
+        };
+        assert!(matches!(
+            check_offset("s", 15, deleted),
+            Err(Error::StreamNotFound(_))
+        ));
+    }
+
+    #[test]
     fn stream_names() {
         for ok in ["a", "orders", "Orders.v2_x-y", &"x".repeat(200)] {
             assert!(validate_stream_name(ok).is_ok(), "{ok}");
