@@ -91,6 +91,17 @@ impl Server {
         subscriptions.close();
         let _ = tokio::time::timeout(grace, subscriptions.wait()).await;
         self.log.close().await.map_err(ServeError::Close)?;
+        // Connection tasks that just ended may still be dropping their
+        // clones of the service (and so of the log). Wait for them, so that
+        // when `serve` returns the data dir is unlocked and can be opened
+        // again in this process (tests, embedding).
+        let released_by = tokio::time::Instant::now() + grace;
+        while Arc::strong_count(&self.log) > 1 && tokio::time::Instant::now() < released_by {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        if Arc::strong_count(&self.log) > 1 {
+            warn!("the log is still referenced after shutdown; the data dir stays locked until they end");
+        }
         info!("shut down cleanly");
         Ok(())
     }
