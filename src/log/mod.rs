@@ -328,11 +328,8 @@ impl Stream {
 pub struct Log {
     store: Arc<Store>,
     config: LogConfig,
-    /// Taken on close, so that once the writers stop the flusher's queue
-    /// closes and the flusher thread ends.
+    /// Taken on close, so no stream can start after it.
     committer: Mutex<Option<Committer>>,
-    /// The flusher thread (`fsync` mode), joined on close.
-    flusher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The registry, in name order (for paginated listing). Held briefly;
     /// never across an await.
     streams: RwLock<BTreeMap<String, Arc<Stream>>>,
@@ -367,13 +364,11 @@ impl Log {
         let store = Arc::new(store);
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
-        let (committer, flusher) = Committer::start(store.clone(), config.durability)
-            .map_err(|e| Error::Storage(e.into()))?;
+        let committer = Committer::start(store.clone(), config.durability);
         let log = Arc::new(Log {
             store,
             config,
             committer: Mutex::new(Some(committer)),
-            flusher: Mutex::new(flusher),
             streams: RwLock::new(BTreeMap::new()),
             tasks,
             closing,
@@ -640,9 +635,8 @@ impl Log {
     /// everything durable. Call once no Append is in flight.
     pub async fn close(&self) -> Result<(), Error> {
         self.closing.cancel();
-        // Writers stop between groups and drop their committers; with ours
-        // gone too, the flusher logs what they handed over, then ends.
-        self.committer.lock().expect("committer lock").take();
+        // Writers stop between groups; each syncs what it wrote.
+        let committer = self.committer.lock().expect("committer lock").take();
         self.streams.write().expect("registry lock").clear();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
@@ -651,12 +645,8 @@ impl Log {
         {
             warn!("log tasks did not stop within 10s");
         }
-        let flusher = self.flusher.lock().expect("flusher lock").take();
-        if let Some(flusher) = flusher {
-            let joined = tokio::task::spawn_blocking(move || flusher.join()).await;
-            if !matches!(joined, Ok(Ok(()))) {
-                warn!("the flusher thread panicked");
-            }
+        if let Some(committer) = committer {
+            let _ = tokio::task::spawn_blocking(move || committer.finish()).await;
         }
         self.sync().await
     }
