@@ -333,7 +333,7 @@ pub struct Log {
     /// The registry, in name order (for paginated listing). Held briefly;
     /// never across an await.
     streams: RwLock<BTreeMap<String, Arc<Stream>>>,
-    /// Writers, the flusher and housekeeping, awaited on close.
+    /// Writers and housekeeping, awaited on close.
     tasks: TaskTracker,
     /// Stops housekeeping on close.
     closing: CancellationToken,

@@ -137,7 +137,7 @@ pub struct Store {
     data_file: File,
     path: PathBuf,
     wal_dir: PathBuf,
-    /// The write-ahead log, when on. Appended to by the committer's flusher,
+    /// The write-ahead log, when on. Appended to by the group-commit leader,
     /// and by stream creation.
     wal: Option<Mutex<Wal>>,
 }

@@ -135,7 +135,8 @@ fn decode_one(data: &mut &[u8]) -> Option<Vec<Op>> {
     Some(ops)
 }
 
-/// The open log: the current file, appended to by the flusher only.
+/// The open log: the current file. The store keeps it behind a lock
+/// (group-commit leaders and stream creation append to it).
 pub struct Wal {
     dir: PathBuf,
     file: File,
