@@ -102,6 +102,9 @@ pub struct ServeSettings {
     /// On shutdown, how long to wait for open calls to finish [default: 5s]
     #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
+    /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
+    #[arg(long, env = "PULLSTREAM_CHECKPOINT_BYTES")]
+    pub checkpoint_bytes: Option<u64>,
 }
 
 impl ServeSettings {
@@ -135,6 +138,7 @@ impl ServeSettings {
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
+            checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
         }
     }
 }
@@ -174,6 +178,8 @@ pub struct ServerConfig {
     pub keepalive_timeout: Duration,
     /// Grace period for open calls on shutdown.
     pub shutdown_grace: Duration,
+    /// Write-ahead log bytes between checkpoints.
+    pub checkpoint_bytes: u64,
 }
 
 impl ServerConfig {
@@ -217,6 +223,9 @@ impl TryFrom<ServeSettings> for ServerConfig {
             keepalive_interval: Some(secs(s.keepalive_interval, 30)).filter(|d| !d.is_zero()),
             keepalive_timeout: secs(s.keepalive_timeout, 20),
             shutdown_grace: secs(s.shutdown_grace, 5),
+            checkpoint_bytes: s
+                .checkpoint_bytes
+                .unwrap_or(crate::storage::wal::DEFAULT_CHECKPOINT_BYTES),
         };
         let invalid =
             |setting: &'static str, message: String| Err(ConfigError::Invalid { setting, message });
@@ -240,6 +249,9 @@ impl TryFrom<ServeSettings> for ServerConfig {
         }
         if config.cache_bytes < 1 << 20 {
             return invalid("cache-bytes", "must be at least 1048576 (1 MiB)".into());
+        }
+        if config.checkpoint_bytes < 4096 {
+            return invalid("checkpoint-bytes", "must be at least 4096".into());
         }
         if config.idempotency_window.is_zero() {
             return invalid("idempotency-window", "must be more than 0s".into());

@@ -66,6 +66,8 @@ pub struct LogConfig {
     pub idempotency_window: Duration,
     /// Whether Append creates missing streams.
     pub auto_create_streams: bool,
+    /// The write-ahead log size that triggers a checkpoint.
+    pub checkpoint_bytes: u64,
 }
 
 impl From<&ServerConfig> for LogConfig {
@@ -80,6 +82,7 @@ impl From<&ServerConfig> for LogConfig {
             max_batch_bytes: c.max_batch_bytes,
             idempotency_window: c.idempotency_window,
             auto_create_streams: c.auto_create_streams,
+            checkpoint_bytes: c.checkpoint_bytes,
         }
     }
 }
@@ -353,6 +356,7 @@ impl Log {
                 Durability::Buffered => Some(5),
             },
             write_ahead_log: config.durability == Durability::Fsync,
+            checkpoint_bytes: config.checkpoint_bytes,
         };
         let (store, stored) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&options)?;

@@ -66,6 +66,8 @@ pub struct StoreOptions {
     pub background_flush_ms: Option<u64>,
     /// Log every write to the write-ahead log (`fsync` mode).
     pub write_ahead_log: bool,
+    /// The write-ahead log size that triggers a checkpoint.
+    pub checkpoint_bytes: u64,
 }
 
 /// Errors from the storage layer.
@@ -178,7 +180,11 @@ impl Store {
         };
         let next_seq = store.replay_wal()?;
         if options.write_ahead_log {
-            store.wal = Some(Mutex::new(Wal::create(&store.wal_dir, next_seq)?));
+            store.wal = Some(Mutex::new(Wal::create(
+                &store.wal_dir,
+                next_seq,
+                options.checkpoint_bytes,
+            )?));
         }
         Ok(store)
     }
@@ -571,6 +577,7 @@ mod tests {
             cache_bytes: 8 << 20,
             background_flush_ms: None,
             write_ahead_log: true,
+            checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
         })
         .unwrap()
     }
@@ -822,6 +829,7 @@ mod tests {
                 cache_bytes: 1 << 20,
                 background_flush_ms: None,
                 write_ahead_log: true,
+                checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
             });
             assert!(matches!(second, Err(StorageError::Locked { .. })));
         }

@@ -9,8 +9,8 @@
 //! written first (in memory) and flushed to disk lazily.
 //!
 //! A checkpoint (sled flush + `fdatasync` of sled's file) runs in the
-//! background whenever the current log file grows past
-//! [`CHECKPOINT_BYTES`]: the log first rotates to a new file, and once sled
+//! background whenever the current log file grows past the checkpoint size
+//! (default [`DEFAULT_CHECKPOINT_BYTES`]): the log first rotates to a new file, and once sled
 //! is durable every older file is deleted, since everything in them was
 //! applied to sled before it was logged. On open, the log files left over
 //! are replayed into sled (records are idempotent key writes), sled is
@@ -28,8 +28,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::{Buf, BufMut};
 
-/// When the current log file passes this size, a checkpoint starts.
-pub const CHECKPOINT_BYTES: u64 = 64 << 20;
+/// By default, when the current log file passes this size, a checkpoint
+/// starts. Larger means fewer sled flushes, but a longer replay after a crash.
+pub const DEFAULT_CHECKPOINT_BYTES: u64 = 64 << 20;
 
 /// One key operation, as logged and as applied to sled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +143,7 @@ pub struct Wal {
     file: File,
     seq: u64,
     written: u64,
+    checkpoint_bytes: u64,
 }
 
 impl Wal {
@@ -171,8 +173,9 @@ impl Wal {
         Ok(data)
     }
 
-    /// Starts a new, empty log file numbered `seq`.
-    pub fn create(dir: &Path, seq: u64) -> std::io::Result<Wal> {
+    /// Starts a new, empty log file numbered `seq`, due for a checkpoint
+    /// once it holds `checkpoint_bytes`.
+    pub fn create(dir: &Path, seq: u64, checkpoint_bytes: u64) -> std::io::Result<Wal> {
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -184,6 +187,7 @@ impl Wal {
             file,
             seq,
             written: 0,
+            checkpoint_bytes,
         })
     }
 
@@ -197,13 +201,13 @@ impl Wal {
 
     /// Whether the current file is due for a checkpoint.
     pub fn wants_checkpoint(&self) -> bool {
-        self.written >= CHECKPOINT_BYTES
+        self.written >= self.checkpoint_bytes
     }
 
     /// Switches to a new file; returns the number of the new file (every
     /// file below it can be deleted once sled is durable).
     pub fn rotate(&mut self) -> std::io::Result<u64> {
-        let next = Wal::create(&self.dir, self.seq + 1)?;
+        let next = Wal::create(&self.dir, self.seq + 1, self.checkpoint_bytes)?;
         *self = next;
         Ok(self.seq)
     }
@@ -261,9 +265,12 @@ mod tests {
     #[test]
     fn files_rotate_and_old_ones_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), 1).unwrap();
+        let mut wal = Wal::create(dir.path(), 1, 1).unwrap();
+        assert!(!wal.wants_checkpoint());
         wal.append(&encode_record(&ops())).unwrap();
+        assert!(wal.wants_checkpoint());
         assert_eq!(wal.rotate().unwrap(), 2);
+        assert!(!wal.wants_checkpoint());
         wal.append(&encode_record(&ops())).unwrap();
         let seqs: Vec<u64> = Wal::files(dir.path())
             .unwrap()

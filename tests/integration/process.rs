@@ -43,7 +43,12 @@ fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
+    // Small checkpoints, so the run rotates, checkpoints and deletes log
+    // files many times before the crash.
+    let (mut child, url) = spawn_server(
+        dir.path(),
+        &["--durability", "fsync", "--checkpoint-bytes", "16384"],
+    );
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut producers = Vec::new();
@@ -73,11 +78,31 @@ async fn kill_9_loses_no_acknowledged_event() {
         }));
     }
     // Let appends flow, then kill the server without warning.
-    while acked.lock().unwrap().len() < 300 {
+    while acked.lock().unwrap().len() < 1500 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    // Several checkpoints ran (the log rotated) and deleted the files they covered.
+    let log_files: Vec<u64> = std::fs::read_dir(dir.path().join("wal"))
+        .unwrap()
+        .map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.trim_start_matches("wal-")
+                .trim_end_matches(".log")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    let (first, last) = (
+        log_files.iter().min().unwrap(),
+        log_files.iter().max().unwrap(),
+    );
+    assert!(*last >= 3, "the log rotated: {log_files:?}");
+    assert!(
+        *first >= 2,
+        "checkpoints deleted the files they covered: {log_files:?}"
+    );
     stop.store(true, Ordering::Relaxed);
     for p in producers {
         within(p).await.unwrap();
