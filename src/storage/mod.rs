@@ -46,6 +46,9 @@ const SEGMENT_SIZE: usize = 8 << 20;
 /// files, which sled does not fsync).
 pub const MAX_INLINE_VALUE: usize = SEGMENT_SIZE / 4;
 
+/// How long opening waits for a locked data dir to be let go.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The size the log aims for when it cuts a group commit into chunks.
 pub const TARGET_CHUNK_BYTES: usize = 64 << 10;
 
@@ -152,22 +155,29 @@ impl Store {
         let wal_dir = path.join("wal");
         std::fs::create_dir_all(&sled_dir)?;
         std::fs::create_dir_all(&wal_dir)?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(options.cache_bytes)
             .segment_size(SEGMENT_SIZE)
             .flush_every_ms(options.background_flush_ms.map(|ms| ms.max(1)))
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|source| match &source {
-                sled::Error::Io(e) if e.to_string().contains("could not acquire lock") => {
-                    StorageError::Locked { path: path.clone() }
+            .mode(sled::Mode::HighThroughput);
+        // sled's IO threads let go of the data dir's lock a moment after the
+        // last handle drops, so a reopen in the same process (a restart of an
+        // embedded server) can find it still taken: wait a little before
+        // calling it held by someone else.
+        let waited_since = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    if waited_since.elapsed() >= LOCK_WAIT {
+                        return Err(StorageError::Locked { path });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                _ => StorageError::Open {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
+                Err(source) => return Err(StorageError::Open { path, source }),
+            }
+        };
         let tree = db.open_tree("pullstream")?;
         let data_file = File::open(sled_dir.join("db"))?;
         let mut store = Store {

@@ -41,22 +41,9 @@ impl TestServer {
 
     /// A server on an existing dir (for restarts).
     pub async fn start_in(dir: TempDir, config: ServerConfig) -> TestServer {
-        // sled's IO threads can hold the data dir's lock for a moment after
-        // the previous server in this process closed it; a new process
-        // never meets this.
-        let mut attempts = 0;
-        let server = loop {
-            match Server::open(config.clone()).await {
-                Ok(server) => break server,
-                Err(pullstream::error::Error::Storage(
-                    pullstream::storage::StorageError::Locked { .. },
-                )) if attempts < 50 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("open server: {e}"),
-            }
-        };
+        let server = Server::open(config.clone())
+            .await
+            .unwrap_or_else(|e| panic!("open server: {e}"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
