@@ -310,6 +310,16 @@ mod tests {
         assert_eq!(config.heartbeat_interval, Duration::from_secs(2));
         assert_eq!(config.max_event_bytes, 1 << 20);
         assert_eq!(config.listen.port(), 50051);
+        // HTTP/2 keepalive pings are on unless turned off with 0s.
+        assert_eq!(config.keepalive_interval, Some(Duration::from_secs(30)));
+        let off = ServeSettings {
+            keepalive_interval: Some(HumanDuration(Duration::ZERO)),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServerConfig::try_from(off).unwrap().keepalive_interval,
+            None
+        );
     }
 
     #[test]

@@ -573,13 +573,13 @@ impl Log {
         Subscription::new(self.store.clone(), stream, start)
     }
 
-    /// Creates an empty stream; durable before it returns.
+    /// Creates an empty stream; durable before it returns (the store makes
+    /// a new stream's metadata durable as it writes it).
     pub async fn create_stream(&self, name: &str) -> Result<StreamInfo, Error> {
         let (stream, created) = self.get_or_create(name, true)?;
         if !created {
             return Err(Error::StreamExists(name.to_string()));
         }
-        self.sync().await?;
         Ok(stream.info())
     }
 

@@ -354,10 +354,14 @@ impl Store {
     }
 
     /// Writes a stream's metadata (creating the stream when new).
+    /// Durable when it returns: logged to the write-ahead log when it is
+    /// on, otherwise synced (creating a stream is rare).
     pub fn put_stream(&self, name: &str, meta: &StreamMeta) -> Result<(), StorageError> {
-        let record = self.apply(vec![Op::Insert(stream_key(name), meta.encode())])?;
-        if let Some(record) = record {
-            self.log_records(&record)?;
+        match self.apply(vec![Op::Insert(stream_key(name), meta.encode())])? {
+            Some(record) => {
+                self.log_records(&record)?;
+            }
+            None => self.sync()?,
         }
         Ok(())
     }
