@@ -168,6 +168,7 @@ pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<O
         loader.await??;
     }
     load.finish().await;
+    let rss_written = ctx.server_rss();
 
     let mut client = ctx.client().await?;
     let progress = Progress::start(name.clone());
@@ -213,14 +214,19 @@ pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<O
             disk as f64 / raw as f64
         );
     }
-    if let Some(rss) = rss {
-        summary += &format!("  server RSS {}", mib(rss));
+    if let (Some(written), Some(read)) = (rss_written, rss) {
+        summary += &format!(
+            "  server RSS {} after writing, {} after reading",
+            mib(written),
+            mib(read)
+        );
     }
     Ok(Outcome {
         summary,
         figures: json!({
             "workload": "catchup", "events": events, "seconds": seconds, "events_per_sec": rate,
-            "raw_event_bytes": raw, "data_dir_bytes": disk, "server_rss_bytes": rss,
+            "raw_event_bytes": raw, "data_dir_bytes": disk,
+            "server_rss_after_writing_bytes": rss_written, "server_rss_bytes": rss,
         }),
         name,
         failures,

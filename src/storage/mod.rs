@@ -50,7 +50,15 @@ pub const MAX_INLINE_VALUE: usize = SEGMENT_SIZE / 4;
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The size the log aims for when it cuts a group commit into chunks.
-pub const TARGET_CHUNK_BYTES: usize = 64 << 10;
+///
+/// Small on purpose: sled 0.34 splits a leaf at 16 entries, so a leaf holds
+/// up to 16 chunks, and its page cache keeps every leaf touched by the
+/// last few thousand page accesses whatever `cache_capacity` says. Memory
+/// therefore scales with the chunk size. Measured with `pullstream bench
+/// --workload catchup --events 10000000`: 64 KiB chunks left the server at
+/// 1.3 GiB after the catch-up read, 16 KiB at 0.9 GiB, 8 KiB at 0.47 GiB;
+/// 4 KiB saved little more and read slower.
+pub const TARGET_CHUNK_BYTES: usize = 8 << 10;
 
 const STREAM_PREFIX: u8 = b's';
 const CHUNK_PREFIX: u8 = b'c';
@@ -408,29 +416,34 @@ impl Store {
         if offset >= end {
             return Ok(chunks);
         }
+        // Point lookups (`get_lt`, then `get_gt` chunk by chunk) rather than
+        // a range iterator: sled 0.34's page cache only evicts once enough
+        // page accesses have queued up, and an iterator records one access
+        // per leaf where these record one per chunk. With an iterator, a
+        // long catch-up read kept every leaf it touched in memory (RSS grew
+        // by about the bytes read); with lookups it stays flat.
+        let first_key = chunk_key(stream_id, 0);
+        let end_key = chunk_key(stream_id, end);
         // The chunk holding `offset` is the last one starting at or before it.
-        let start = match self
-            .tree
-            .range(chunk_key(stream_id, 0)..=chunk_key(stream_id, offset))
-            .next_back()
-        {
-            Some(item) => item?.0,
-            None => sled::IVec::from(&chunk_key(stream_id, offset)[..]),
+        let mut next = match self.tree.get_lt(chunk_key(stream_id, offset + 1))? {
+            Some((key, value)) if key[..] >= first_key[..] => Some((key, value)),
+            _ => self.tree.get_gt(chunk_key(stream_id, offset))?,
         };
-        let end_key = sled::IVec::from(&chunk_key(stream_id, end)[..]);
         let mut bytes = 0;
-        for item in self.tree.range(start..end_key) {
-            let (key, value) = item?;
-            bytes += value.len();
-            let chunk = self.decode_chunk(stream_id, &key, &value)?;
-            if chunk.end_offset() <= offset {
-                continue;
-            }
-            let covered = chunk.end_offset() - offset;
-            chunks.push(chunk);
-            if bytes >= max_bytes || covered >= max_events as u64 {
+        while let Some((key, value)) = next {
+            if key[..] >= end_key[..] {
                 break;
             }
+            bytes += value.len();
+            let chunk = self.decode_chunk(stream_id, &key, &value)?;
+            if chunk.end_offset() > offset {
+                let covered = chunk.end_offset() - offset;
+                chunks.push(chunk);
+                if bytes >= max_bytes || covered >= max_events as u64 {
+                    break;
+                }
+            }
+            next = self.tree.get_gt(&key)?;
         }
         Ok(chunks)
     }
@@ -665,6 +678,37 @@ mod tests {
         assert_eq!(loaded.len(), 2);
         assert_eq!((loaded[0].first_offset, loaded[0].next_offset), (0, 10));
         assert_eq!((loaded[1].first_offset, loaded[1].next_offset), (0, 2));
+    }
+
+    #[test]
+    fn a_read_below_the_first_chunk_starts_at_it_and_never_strays_into_a_neighbour() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let meta = |id, next_offset| StreamMeta {
+            id,
+            created_unix_nanos: 0,
+            offset_floor: 0,
+            next_offset,
+            bytes: 0,
+        };
+        store
+            .write_group("low", &meta(4, 8), vec![chunk(0, 8)], &[])
+            .unwrap();
+        // Stream 5 holds only [6,9): as if its front had been trimmed.
+        store
+            .write_group("mid", &meta(5, 9), vec![chunk(6, 3)], &[])
+            .unwrap();
+        store
+            .write_group("high", &meta(6, 2), vec![chunk(0, 2)], &[])
+            .unwrap();
+        let chunks = store.read_chunks(5, 2, 9, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!((chunks[0].first_offset, chunks[0].end_offset()), (6, 9));
+        // A stream with no chunks at all reads nothing, not its neighbour's.
+        assert!(store
+            .read_chunks(7, 0, 5, usize::MAX, usize::MAX)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
