@@ -21,6 +21,25 @@ pub enum Error {
     /// The stream does not exist (or was deleted).
     #[error("stream {0:?} not found")]
     StreamNotFound(String),
+    /// A durable consumer that does not exist.
+    #[error("consumer {consumer:?} of stream {stream:?} not found")]
+    ConsumerNotFound {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+    },
+    /// A newer subscription of the same durable consumer took over, or the
+    /// consumer was deleted.
+    #[error("consumer {consumer:?} of stream {stream:?} {reason}")]
+    ConsumerSessionEnded {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+        /// What happened.
+        reason: &'static str,
+    },
     /// CreateStream on a stream that exists.
     #[error("stream {0:?} already exists")]
     StreamExists(String),

@@ -18,10 +18,13 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::error::Error;
-use crate::log::{self, AppendBatch, EventSlice, Log, StartAt, Subscription};
+use crate::log::{
+    self, AppendBatch, ConsumerLease, ConsumerSettings, EventFilter, EventSlice, Log, StartAt,
+    Subscription,
+};
 use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
-use crate::storage::EventRecord;
+use crate::storage::{EventRecord, Rendering};
 
 /// Default and largest page for Read, and default batch for Subscribe.
 const DEFAULT_PAGE: u32 = 100;
@@ -40,7 +43,8 @@ impl From<Error> for Status {
             Error::InvalidStreamName { .. } | Error::InvalidArgument(_) => {
                 Status::invalid_argument(message)
             }
-            Error::StreamNotFound(_) => Status::not_found(message),
+            Error::StreamNotFound(_) | Error::ConsumerNotFound { .. } => Status::not_found(message),
+            Error::ConsumerSessionEnded { .. } => Status::aborted(message),
             Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
                 Status::already_exists(message)
             }
@@ -119,12 +123,18 @@ impl EventLog for EventLogService {
     ) -> Result<Response<pb::ReadResponse>, Status> {
         let request = request.into_inner();
         let limit = page_size(request.limit, "limit")?;
-        let page = self
-            .log
-            .read(&request.stream, request.offset, limit, MAX_RESPONSE_BYTES)?;
+        let filter = filter_from_proto(request.filter)?.unwrap_or_default();
+        let version = version_from_proto(request.version)?.unwrap_or_default();
+        let page = self.log.read(
+            &request.stream,
+            request.offset,
+            limit,
+            MAX_RESPONSE_BYTES,
+            &filter,
+        )?;
         Ok(Response::new(pb::ReadResponse {
             events: Vec::new(),
-            encoded_events: encode_events(&request.stream, &page.slices),
+            encoded_events: encode_events(&request.stream, &page.slices, version.as_bytes()),
             next_offset: page.next_offset,
             head_offset: page.head_offset,
         }))
@@ -147,22 +157,44 @@ impl EventLog for EventLogService {
                 Ok(pb::StartPosition::Latest) => StartAt::Latest,
                 Err(_) => {
                     return Err(Status::invalid_argument(format!(
-                        "unknown start position {p}: use EARLIEST, LATEST or an offset"
+                        "unknown start position {p}: use EARLIEST, LATEST, an offset or a time"
                     )))
                 }
             },
+            Some(subscribe_request::Start::Time(t)) => StartAt::Time(unix_nanos(&t)?),
         };
         let max_events = if request.max_batch_events == 0 {
             DEFAULT_PAGE as usize
         } else {
             request.max_batch_events.min(MAX_PAGE) as usize
         };
-        let subscription = self.log.subscribe(&request.stream, start)?;
+        let filter = filter_from_proto(request.filter)?;
+        let version = version_from_proto(request.version)?;
+        let (subscription, lease, version) = if request.consumer.is_empty() {
+            let subscription =
+                self.log
+                    .subscribe(&request.stream, start, filter.unwrap_or_default())?;
+            (subscription, None, version.unwrap_or_default())
+        } else {
+            let settings = ConsumerSettings { filter, version };
+            let (lease, cursor, filter, version) = self
+                .log
+                .open_consumer(&request.stream, &request.consumer, start, settings)
+                .await?;
+            let subscription =
+                self.log
+                    .subscribe(&request.stream, StartAt::Offset(cursor), filter)?;
+            (subscription, Some(lease), version)
+        };
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.subscriptions.spawn(run_subscription(
-            subscription,
+            Delivery {
+                subscription,
+                lease,
+                version: Bytes::from(version),
+                max_events,
+            },
             tx,
-            max_events,
             self.config.heartbeat_interval,
             self.shutdown.clone(),
         ));
@@ -218,21 +250,97 @@ impl EventLog for EventLogService {
         self.log.delete_stream(&name).await?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
+
+    async fn commit_cursor(
+        &self,
+        request: Request<pb::CommitCursorRequest>,
+    ) -> Result<Response<pb::CommitCursorResponse>, Status> {
+        let request = request.into_inner();
+        let info = self
+            .log
+            .commit_cursor(&request.stream, &request.consumer, request.next_offset)
+            .await?;
+        Ok(Response::new(pb::CommitCursorResponse {
+            consumer: Some(consumer_info_to_proto(info)),
+        }))
+    }
+
+    async fn get_consumer(
+        &self,
+        request: Request<pb::GetConsumerRequest>,
+    ) -> Result<Response<pb::GetConsumerResponse>, Status> {
+        let request = request.into_inner();
+        let info = self.log.consumer_info(&request.stream, &request.consumer)?;
+        Ok(Response::new(pb::GetConsumerResponse {
+            consumer: Some(consumer_info_to_proto(info)),
+        }))
+    }
+
+    async fn list_consumers(
+        &self,
+        request: Request<pb::ListConsumersRequest>,
+    ) -> Result<Response<pb::ListConsumersResponse>, Status> {
+        let consumers = self.log.list_consumers(&request.into_inner().stream)?;
+        Ok(Response::new(pb::ListConsumersResponse {
+            consumers: consumers.into_iter().map(consumer_info_to_proto).collect(),
+        }))
+    }
+
+    async fn delete_consumer(
+        &self,
+        request: Request<pb::DeleteConsumerRequest>,
+    ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
+        let request = request.into_inner();
+        self.log
+            .delete_consumer(&request.stream, &request.consumer)
+            .await?;
+        Ok(Response::new(pb::DeleteConsumerResponse {}))
+    }
+}
+
+/// What one subscription delivers, and how.
+struct Delivery {
+    subscription: Subscription,
+    /// Held while subscribed as a durable consumer.
+    lease: Option<ConsumerLease>,
+    /// The pinned payload version; empty for the default payload.
+    version: Bytes,
+    max_events: usize,
+}
+
+/// Resolves when the consumer lease is lost; never without one.
+async fn lease_lost(lease: &Option<ConsumerLease>) -> Error {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Drives one subscription: sends events as they become available, a
 /// heartbeat when idle, and ends on error, client disconnect or shutdown.
+///
+/// With a filter, a poll may examine events and deliver none: the cursor
+/// then moved without a response. Such progress goes out as a heartbeat
+/// (no events, the new `next_offset`) when the heartbeat interval passes,
+/// so a consumer of rare events keeps an up-to-date cursor.
 async fn run_subscription(
-    mut subscription: Subscription,
+    delivery: Delivery,
     tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
-    max_events: usize,
     heartbeat: Duration,
     shutdown: CancellationToken,
 ) {
+    let Delivery {
+        mut subscription,
+        lease,
+        version,
+        max_events,
+    } = delivery;
     // The first response goes out at once, events or not, so the client
     // knows its subscription is live.
     let mut send_now = true;
+    let mut last_sent = Instant::now();
     loop {
+        let before = subscription.next_offset();
         let slices = match subscription.poll(max_events, MAX_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
@@ -240,12 +348,17 @@ async fn run_subscription(
                 return;
             }
         };
+        let moved = subscription.next_offset() != before;
+        if moved && slices.is_empty() && last_sent.elapsed() >= heartbeat {
+            send_now = true;
+        }
         if !slices.is_empty() || send_now {
             send_now = false;
+            last_sent = Instant::now();
             let head = subscription.head();
             let response = pb::SubscribeResponse {
                 events: Vec::new(),
-                encoded_events: encode_events(subscription.stream_name(), &slices),
+                encoded_events: encode_events(subscription.stream_name(), &slices, &version),
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
                 caught_up: subscription.next_offset() >= head.next_offset,
@@ -257,12 +370,20 @@ async fn run_subscription(
                     let _ = tx.try_send(Err(Error::ShuttingDown.into()));
                     return;
                 }
+                error = lease_lost(&lease) => {
+                    let _ = tx.try_send(Err(error.into()));
+                    return;
+                }
             }
             if !slices.is_empty() {
                 continue;
             }
         }
-        let idle_until = Instant::now() + heartbeat;
+        if moved {
+            // More to examine right away.
+            continue;
+        }
+        let idle_until = last_sent + heartbeat;
         tokio::select! {
             _ = subscription.changed() => {}
             _ = tokio::time::sleep_until(idle_until) => send_now = true,
@@ -271,7 +392,62 @@ async fn run_subscription(
                 let _ = tx.send(Err(Error::ShuttingDown.into())).await;
                 return;
             }
+            error = lease_lost(&lease) => {
+                let _ = tx.send(Err(error.into())).await;
+                return;
+            }
         }
+    }
+}
+
+/// A filter from the request; `None` when absent or empty.
+fn filter_from_proto(filter: Option<pb::EventFilter>) -> Result<Option<EventFilter>, Status> {
+    match filter {
+        Some(f) if !f.types.is_empty() || !f.keys.is_empty() => {
+            Ok(Some(EventFilter::new(f.types, f.keys)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A payload version pin from the request; `None` when empty.
+fn version_from_proto(version: String) -> Result<Option<String>, Status> {
+    if version.is_empty() {
+        return Ok(None);
+    }
+    log::validate_version_label(&version)?;
+    Ok(Some(version))
+}
+
+/// Nanoseconds since the Unix epoch from a protobuf timestamp.
+fn unix_nanos(t: &Timestamp) -> Result<i64, Status> {
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(Status::invalid_argument(format!(
+            "invalid start time: nanos {} must be within 0..1e9",
+            t.nanos
+        )));
+    }
+    Ok(t.seconds
+        .saturating_mul(1_000_000_000)
+        .saturating_add(i64::from(t.nanos)))
+}
+
+fn consumer_info_to_proto(info: log::ConsumerInfo) -> pb::ConsumerInfo {
+    let filter = (!info.types.is_empty() || !info.keys.is_empty()).then(|| pb::EventFilter {
+        types: info.types,
+        keys: info.keys,
+    });
+    pb::ConsumerInfo {
+        stream: info.stream,
+        name: info.name,
+        next_offset: info.next_offset,
+        lag: info.lag,
+        last_commit_time: (info.last_commit_unix_nanos != 0)
+            .then(|| timestamp(info.last_commit_unix_nanos)),
+        created_time: Some(timestamp(info.created_unix_nanos)),
+        filter,
+        version: info.version,
+        active: info.active,
     }
 }
 
@@ -293,22 +469,40 @@ fn record_from_proto(event: pb::NewEvent) -> EventRecord {
         .map(|(k, v)| (k.into(), v.into()))
         .collect();
     metadata.sort_unstable();
+    let mut renderings: Vec<Rendering> = event
+        .versions
+        .into_iter()
+        .map(|(label, v)| Rendering {
+            label: label.into(),
+            content_type: v.content_type.into(),
+            data: v.data.into(),
+        })
+        .collect();
+    renderings.sort_unstable();
     EventRecord {
         event_type: event.r#type.into(),
         key: event.key.into(),
         content_type: event.content_type.into(),
         data: event.data.into(),
         metadata,
+        renderings,
     }
 }
 
 /// Encodes events as `events` entries (field 1) of a response, straight
-/// from stored records: no `Event` struct, no per-event strings.
-fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
+/// from stored records: no `Event` struct, no per-event strings. With a
+/// `version` pin, each event carries its rendering for that version.
+fn encode_events(stream: &str, slices: &[EventSlice], version: &[u8]) -> Bytes {
     let mut buf = BytesMut::new();
     for slice in slices {
         let time = timestamp(slice.chunk.time_unix_nanos);
         for (offset, record) in slice.events() {
+            let (data, content_type, label): (&[u8], &[u8], &[u8]) =
+                match record.rendering_for(version) {
+                    Some(r) if !r.content_type.is_empty() => (&r.data, &r.content_type, &r.label),
+                    Some(r) => (&r.data, &record.content_type, &r.label),
+                    None => (&record.data, &record.content_type, b""),
+                };
             let metadata_len: usize = record
                 .metadata
                 .iter()
@@ -325,10 +519,11 @@ fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
                 }
                 + str_len(3, &record.event_type)
                 + str_len(4, &record.key)
-                + str_len(5, &record.data)
-                + str_len(6, &record.content_type)
+                + str_len(5, data)
+                + str_len(6, content_type)
                 + metadata_len
-                + message::encoded_len(8, &time);
+                + message::encoded_len(8, &time)
+                + str_len(9, label);
             buf.reserve(key_len(1) + encoded_len_varint(body as u64) + body);
             encode_key(1, WireType::LengthDelimited, &mut buf);
             encode_varint(body as u64, &mut buf);
@@ -338,8 +533,8 @@ fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
             }
             put_str(3, &record.event_type, &mut buf);
             put_str(4, &record.key, &mut buf);
-            put_str(5, &record.data, &mut buf);
-            put_str(6, &record.content_type, &mut buf);
+            put_str(5, data, &mut buf);
+            put_str(6, content_type, &mut buf);
             for (k, v) in &record.metadata {
                 encode_key(7, WireType::LengthDelimited, &mut buf);
                 encode_varint((str_len(1, k) + str_len(2, v)) as u64, &mut buf);
@@ -347,6 +542,7 @@ fn encode_events(stream: &str, slices: &[EventSlice]) -> Bytes {
                 put_str(2, v, &mut buf);
             }
             message::encode(8, &time, &mut buf);
+            put_str(9, label, &mut buf);
         }
     }
     buf.freeze()

@@ -27,6 +27,7 @@ fn event(bytes: usize, seq: u64, stamp: u64) -> pb::NewEvent {
         data,
         content_type: "application/octet-stream".into(),
         metadata: Default::default(),
+        versions: Default::default(),
     }
 }
 
@@ -179,6 +180,7 @@ pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<O
             stream: stream.clone(),
             start: Some(Start::Offset(0)),
             max_batch_events: 1000,
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -256,6 +258,7 @@ pub(crate) async fn tail(
                 stream: stream.clone(),
                 start: Some(Start::Position(pb::StartPosition::Latest as i32)),
                 max_batch_events: 0,
+                ..Default::default()
             })
             .await?
             .into_inner();
@@ -417,6 +420,7 @@ pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<O
                         stream: stream.clone(),
                         start: Some(Start::Position(pb::StartPosition::Latest as i32)),
                         max_batch_events: 0,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner();

@@ -32,6 +32,9 @@ pub fn event(event: &pb::Event) -> Value {
         out.insert("key".into(), json!(event.key));
     }
     out.insert("time".into(), time_text(event.time.as_ref()));
+    if !event.version.is_empty() {
+        out.insert("version".into(), json!(event.version));
+    }
     if !event.content_type.is_empty() {
         out.insert("content_type".into(), json!(event.content_type));
     }

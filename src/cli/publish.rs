@@ -19,7 +19,10 @@ use crate::proto as pb;
     pullstream publish orders --type order.created --key ord_1 --data '{\"total\":42}'\n  \
     printf '%s\\n' '{\"type\":\"order.paid\",\"key\":\"ord_1\",\"data\":{\"total\":42}}' | pullstream publish orders\n\n\
     Each stdin line is an object with \"type\" (required), \"key\", \"data\" (any JSON value),\n\
-    or \"data_base64\" with \"content_type\", and \"metadata\" (string to string).")]
+    or \"data_base64\" with \"content_type\", \"metadata\" (string to string), and \"versions\":\n\
+    extra renderings of the payload by version label, each {\"data\": ...} or\n\
+    {\"data_base64\": ..., \"content_type\": ...}, e.g.\n\
+    {\"type\":\"order.paid\",\"data\":{\"total\":42},\"versions\":{\"2024-06-01\":{\"data\":{\"amount\":{\"value\":42}}}}}")]
 pub struct PublishArgs {
     #[command(flatten)]
     client: ClientArgs,
@@ -40,6 +43,14 @@ pub struct PublishArgs {
     /// Metadata as KEY=VALUE (repeatable)
     #[arg(long = "meta", value_name = "KEY=VALUE", requires = "event_type")]
     metadata: Vec<String>,
+    /// An extra rendering of the payload for consumers pinned to a version,
+    /// as LABEL=DATA (repeatable; same content type as --data)
+    #[arg(
+        long = "version-data",
+        value_name = "LABEL=DATA",
+        requires = "event_type"
+    )]
+    versions: Vec<String>,
     /// Append only if the stream's next offset is this (optimistic concurrency)
     #[arg(long)]
     expected_next_offset: Option<u64>,
@@ -64,21 +75,49 @@ struct InputEvent {
     content_type: Option<String>,
     #[serde(default)]
     metadata: HashMap<String, String>,
+    #[serde(default)]
+    versions: HashMap<String, InputPayload>,
+}
+
+/// One rendering of a payload in an NDJSON input line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputPayload {
+    data: Option<serde_json::Value>,
+    data_base64: Option<String>,
+    content_type: Option<String>,
+}
+
+/// The payload bytes and their default content type.
+fn payload(
+    data: Option<serde_json::Value>,
+    data_base64: Option<String>,
+) -> anyhow::Result<(Vec<u8>, &'static str)> {
+    Ok(match (data, data_base64) {
+        (Some(_), Some(_)) => bail!("give \"data\" or \"data_base64\", not both"),
+        (Some(value), None) => (serde_json::to_vec(&value)?, "application/json"),
+        (None, Some(b64)) => (
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .context("\"data_base64\" is not valid base64")?,
+            "",
+        ),
+        (None, None) => (Vec::new(), ""),
+    })
 }
 
 impl InputEvent {
     fn into_proto(self) -> anyhow::Result<pb::NewEvent> {
-        let (data, default_type) = match (self.data, self.data_base64) {
-            (Some(_), Some(_)) => bail!("give \"data\" or \"data_base64\", not both"),
-            (Some(value), None) => (serde_json::to_vec(&value)?, "application/json"),
-            (None, Some(b64)) => (
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .context("\"data_base64\" is not valid base64")?,
-                "",
-            ),
-            (None, None) => (Vec::new(), ""),
-        };
+        let mut versions = HashMap::new();
+        for (label, rendering) in self.versions {
+            let (data, default_type) = payload(rendering.data, rendering.data_base64)
+                .with_context(|| format!("version {label:?}"))?;
+            let content_type = rendering
+                .content_type
+                .unwrap_or_else(|| default_type.to_string());
+            versions.insert(label, pb::PayloadVersion { data, content_type });
+        }
+        let (data, default_type) = payload(self.data, self.data_base64)?;
         Ok(pb::NewEvent {
             r#type: self.event_type,
             key: self.key,
@@ -87,6 +126,7 @@ impl InputEvent {
                 .content_type
                 .unwrap_or_else(|| default_type.to_string()),
             metadata: self.metadata,
+            versions,
         })
     }
 }
@@ -114,12 +154,34 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--meta {pair:?} is not KEY=VALUE"))
         })
         .collect::<anyhow::Result<_>>()?;
+    let versions = args
+        .versions
+        .iter()
+        .map(|pair| {
+            let (label, data) = pair
+                .split_once('=')
+                .with_context(|| format!("--version-data {pair:?} is not LABEL=DATA"))?;
+            if json::is_json(&args.content_type) {
+                serde_json::from_str::<serde_json::Value>(data).with_context(|| {
+                    format!("--version-data {label}: the payload is not valid JSON")
+                })?;
+            }
+            Ok((
+                label.to_string(),
+                pb::PayloadVersion {
+                    data: data.as_bytes().to_vec(),
+                    content_type: String::new(),
+                },
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
     let event = pb::NewEvent {
         r#type: event_type,
         key: args.key.clone().unwrap_or_default(),
         data: args.data.clone().into_bytes(),
         content_type: args.content_type.clone(),
         metadata,
+        versions,
     };
     let request = pb::AppendRequest {
         stream: args.stream.clone(),

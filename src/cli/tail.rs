@@ -1,6 +1,9 @@
 //! `pullstream tail`: print a stream's events as JSON lines and follow it
 //! live. Survives server restarts: on a lost connection it reconnects with
 //! backoff and resumes from its cursor, so no event is missed or repeated.
+//! As a durable consumer (`--consumer`) the cursor lives on the server:
+//! with `--commit` it is committed after each printed batch, so the next
+//! run continues where this one stopped.
 
 use std::io::Write;
 use std::time::Duration;
@@ -12,33 +15,65 @@ use crate::proto::{self as pb, subscribe_request::Start};
 
 /// Arguments of `pullstream tail`.
 #[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  \
+    pullstream tail orders --from 2026-11-27T08:00:00Z --type 'order.>'\n  \
+    pullstream tail orders --consumer billing --commit --version 2024-06-01\n\n\
+    Type patterns: segments separated by '.'; '*' matches one segment, '>' as the\n\
+    last segment matches the rest (\"order.*\", \"order.>\", \"*.deleted\").")]
 pub struct TailArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// The stream to follow
     stream: String,
-    /// Where to start: earliest, latest, or an offset
+    /// Where to start: earliest, latest, an offset, or an RFC 3339 time
+    /// (the first event at or after it). With --consumer, only for a new consumer
     #[arg(long, default_value = "earliest", value_parser = parse_from)]
     from: Start,
     /// Stop after this many events
     #[arg(long)]
     limit: Option<u64>,
+    /// Read as this durable consumer: start at its committed cursor
+    #[arg(long)]
+    consumer: Option<String>,
+    /// Commit the consumer's cursor after each printed batch
+    #[arg(long, requires = "consumer")]
+    commit: bool,
+    /// Only events whose type matches this pattern (repeatable)
+    #[arg(long = "type", value_name = "PATTERN")]
+    types: Vec<String>,
+    /// Only events with this key (repeatable)
+    #[arg(long = "key", value_name = "KEY")]
+    keys: Vec<String>,
+    /// Deliver each event's payload rendering for this version label
+    #[arg(long, value_name = "LABEL")]
+    version: Option<String>,
 }
 
 fn parse_from(s: &str) -> Result<Start, String> {
     match s {
         "earliest" => Ok(Start::Position(pb::StartPosition::Earliest as i32)),
         "latest" => Ok(Start::Position(pb::StartPosition::Latest as i32)),
-        n => n
-            .parse()
-            .map(Start::Offset)
-            .map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
+        n => {
+            if let Ok(offset) = n.parse() {
+                return Ok(Start::Offset(offset));
+            }
+            let time = humantime::parse_rfc3339_weak(n).map_err(|_| {
+                format!("{s:?} is not earliest, latest, an offset or an RFC 3339 time (e.g. 2026-11-27T08:00:00Z)")
+            })?;
+            let since = time
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_err(|_| format!("{s:?} is before 1970"))?;
+            Ok(Start::Time(prost_types::Timestamp {
+                seconds: since.as_secs() as i64,
+                nanos: since.subsec_nanos() as i32,
+            }))
+        }
     }
 }
 
 /// Runs `pullstream tail`.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let mut start = args.from;
+    let mut start = args.from.clone();
     let mut remaining = args.limit;
     let mut backoff = Duration::from_millis(100);
     let stdout = std::io::stdout();
@@ -76,10 +111,17 @@ async fn follow(
     let mut client = connect(&args.client)
         .await
         .map_err(|e| Interruption::Retry(e.to_string()))?;
+    let filter = (!args.types.is_empty() || !args.keys.is_empty()).then(|| pb::EventFilter {
+        types: args.types.clone(),
+        keys: args.keys.clone(),
+    });
     let request = pb::SubscribeRequest {
         stream: args.stream.clone(),
-        start: Some(*start),
+        start: Some(start.clone()),
         max_batch_events: 0,
+        consumer: args.consumer.clone().unwrap_or_default(),
+        filter,
+        version: args.version.clone().unwrap_or_default(),
     };
     let mut stream = client
         .subscribe(request)
@@ -97,26 +139,49 @@ async fn follow(
             Err(status) => return Err(classify(status)),
         };
         *backoff = Duration::from_millis(100);
-        let mut out = stdout.lock();
-        for event in &response.events {
-            if remaining.is_some_and(|n| n == 0) {
-                break;
+        let mut cursor = response.next_offset;
+        {
+            // Stopping early (--limit) leaves the cursor after the last
+            // printed event.
+            let mut out = stdout.lock();
+            for event in &response.events {
+                if remaining.is_some_and(|n| n == 0) {
+                    // Stopped early: the cursor is after the last printed event.
+                    break;
+                }
+                let line = json::event(event);
+                if writeln!(out, "{line}").is_err() {
+                    // stdout closed (e.g. piped into `head`): a normal end.
+                    return Ok(());
+                }
+                cursor = event.offset + 1;
+                if let Some(n) = remaining.as_mut() {
+                    *n -= 1;
+                }
             }
-            let line = json::event(event);
-            if writeln!(out, "{line}").is_err() {
-                // stdout closed (e.g. piped into `head`): a normal end.
-                return Ok(());
+            if !remaining.is_some_and(|n| n == 0) {
+                // Every event of the response was printed: its cursor holds
+                // (with a filter it may be past the last event).
+                cursor = response.next_offset;
             }
-            *start = Start::Offset(event.offset + 1);
-            if let Some(n) = remaining.as_mut() {
-                *n -= 1;
+            let _ = out.flush();
+        }
+        if args.commit && !response.events.is_empty() {
+            if let Some(consumer) = &args.consumer {
+                client
+                    .commit_cursor(pb::CommitCursorRequest {
+                        stream: args.stream.clone(),
+                        consumer: consumer.clone(),
+                        next_offset: cursor,
+                    })
+                    .await
+                    .map_err(classify)?;
             }
         }
-        let _ = out.flush();
         if remaining.is_some_and(|n| n == 0) {
             return Ok(());
         }
-        *start = Start::Offset(response.next_offset);
+        *start = Start::Offset(cursor);
     }
 }
 

@@ -52,6 +52,8 @@ pub(crate) enum Change {
     },
     /// The stream's deletion.
     Deleted(oneshot::Sender<Result<(), Error>>),
+    /// Another change (a consumer's cursor): only its caller waits for it.
+    Other(oneshot::Sender<Result<(), Error>>),
 }
 
 impl Commit {
@@ -71,6 +73,9 @@ impl Commit {
                 self.stream.mark_deleted();
                 let _ = reply.send(Ok(()));
             }
+            Change::Other(reply) => {
+                let _ = reply.send(Ok(()));
+            }
         }
     }
 
@@ -82,7 +87,7 @@ impl Commit {
                     let _ = reply.send(Err(error()));
                 }
             }
-            Change::Deleted(reply) => {
+            Change::Deleted(reply) | Change::Other(reply) => {
                 let _ = reply.send(Err(error()));
             }
         }

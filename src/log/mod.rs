@@ -11,6 +11,8 @@
 
 mod cache;
 mod commit;
+mod consumer;
+mod filter;
 mod subscription;
 mod writer;
 
@@ -26,6 +28,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use consumer::{
+    validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease, ConsumerSettings,
+};
+pub use filter::EventFilter;
 pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
@@ -33,6 +39,7 @@ use crate::error::Error;
 use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
 use cache::TailCache;
 use commit::Committer;
+use consumer::ConsumerState;
 use writer::{AppendJob, Writer, WriterCommand};
 
 /// How many Append calls may queue for one stream's writer before callers
@@ -137,37 +144,53 @@ pub struct StreamInfo {
     pub created_unix_nanos: i64,
 }
 
-/// A run of consecutive events inside one chunk: `chunk.records[start..end]`.
+/// Events read from one chunk: `chunk.records[start..end]`, or with a
+/// filter only the `picked` ones among them.
 #[derive(Debug, Clone)]
 pub struct EventSlice {
     /// The chunk holding the events (shared with the cache: no copy).
     pub chunk: Arc<Chunk>,
-    /// Index of the first event in the chunk.
+    /// Index of the first event examined in the chunk.
     pub start: usize,
-    /// Index after the last event.
+    /// Index after the last event examined.
     pub end: usize,
+    /// With a filter: the indexes of the events that passed it.
+    pub picked: Option<Vec<u32>>,
 }
 
 impl EventSlice {
-    /// The events with their offsets.
-    pub fn events(&self) -> impl Iterator<Item = (u64, &EventRecord)> {
+    /// The delivered events with their offsets.
+    pub fn events(&self) -> Box<dyn Iterator<Item = (u64, &EventRecord)> + '_> {
         let first = self.chunk.first_offset;
-        self.chunk.records[self.start..self.end]
-            .iter()
-            .enumerate()
-            .map(move |(i, r)| (first + (self.start + i) as u64, r))
+        let records = &self.chunk.records;
+        match &self.picked {
+            None => Box::new((self.start..self.end).map(move |i| (first + i as u64, &records[i]))),
+            Some(picked) => Box::new(
+                picked
+                    .iter()
+                    .map(move |&i| (first + u64::from(i), &records[i as usize])),
+            ),
+        }
     }
 
-    /// The number of events.
+    /// The number of delivered events.
     pub fn len(&self) -> usize {
-        self.end - self.start
+        match &self.picked {
+            None => self.end - self.start,
+            Some(picked) => picked.len(),
+        }
     }
 
-    /// Whether it holds no event.
+    /// Whether it delivers no event.
     pub fn is_empty(&self) -> bool {
-        self.start == self.end
+        self.len() == 0
     }
 }
+
+/// The most events one read examines when a filter skips them, so a poll
+/// over a long stretch of non-matching events still returns promptly (with
+/// the cursor moved).
+const MAX_SCAN_EVENTS: u64 = 100_000;
 
 /// A page of events read from a stream.
 #[derive(Debug, Clone)]
@@ -188,6 +211,10 @@ pub(crate) struct StreamShared {
     cache: Mutex<TailCache>,
     /// Approximate stored bytes.
     bytes: AtomicU64,
+    /// Durable consumers by name. Changed by the writer; held briefly.
+    consumers: Mutex<BTreeMap<String, ConsumerState>>,
+    /// Numbers consumer leases.
+    leases: AtomicU64,
 }
 
 impl StreamShared {
@@ -207,6 +234,11 @@ impl StreamShared {
 
     fn mark_deleted(&self) {
         self.head_tx.send_modify(|head| head.deleted = true);
+        let mut consumers = self.consumers.lock().expect("consumers lock");
+        for state in consumers.values_mut() {
+            state.end_lease();
+        }
+        consumers.clear();
     }
 
     fn set_bytes(&self, bytes: u64) {
@@ -239,12 +271,15 @@ impl Stream {
         }
     }
 
-    /// Reads committed events from `offset` up to `end`, at most
-    /// `max_events` and about `max_bytes` (always at least one event when
-    /// any is available). Serves from `leftover` (a chunk the caller's
-    /// previous read did not finish), then the tail cache, then storage;
-    /// leaves in `leftover` the last chunk if this read did not finish it,
-    /// so a reader decodes each stored chunk once.
+    /// Reads committed events from `offset` up to `end`: at most
+    /// `max_events` passing `filter` and about `max_bytes` of them (always
+    /// at least one when any is available), examining at most
+    /// [`MAX_SCAN_EVENTS`]. Returns the slices and how many events were
+    /// examined (the cursor's advance). Serves from `leftover` (a chunk the
+    /// caller's previous read did not finish), then the tail cache, then
+    /// storage; leaves in `leftover` the last chunk if this read did not
+    /// finish it, so a reader decodes each stored chunk once.
+    #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
         store: &Store,
@@ -252,13 +287,21 @@ impl Stream {
         end: u64,
         max_events: usize,
         max_bytes: usize,
+        filter: &EventFilter,
         leftover: &mut Option<Arc<Chunk>>,
-    ) -> Result<Vec<EventSlice>, Error> {
+    ) -> Result<(Vec<EventSlice>, u64), Error> {
+        let filtered = !filter.is_empty();
         let mut slices = Vec::new();
         let mut position = offset;
         let mut events = 0;
         let mut bytes = 0;
-        while position < end && events < max_events && bytes < max_bytes {
+        let more = |position: u64, events: usize, bytes: usize| {
+            position < end
+                && events < max_events
+                && bytes < max_bytes
+                && position - offset < MAX_SCAN_EVENTS
+        };
+        while more(position, events, bytes) {
             let unfinished = leftover.take().filter(|c| c.contains(position));
             let cached = match unfinished {
                 Some(chunk) => Some(vec![chunk]),
@@ -276,8 +319,16 @@ impl Stream {
                         self.meta.id,
                         position,
                         end,
-                        max_events - events,
-                        max_bytes.saturating_sub(bytes),
+                        if filtered {
+                            usize::MAX
+                        } else {
+                            max_events - events
+                        },
+                        if filtered {
+                            MAX_SCAN_BYTES
+                        } else {
+                            max_bytes.saturating_sub(bytes)
+                        },
                     )?
                     .into_iter()
                     .map(Arc::new)
@@ -292,25 +343,38 @@ impl Stream {
                 }
                 let start = (position - chunk.first_offset) as usize;
                 let mut stop = start;
-                while stop < chunk.records.len()
-                    && position < end
-                    && events < max_events
-                    && (bytes < max_bytes)
-                {
-                    bytes += chunk.records[stop].encoded_len();
+                let mut picked = filtered.then(Vec::new);
+                while stop < chunk.records.len() && more(position, events, bytes) {
+                    let record = &chunk.records[stop];
+                    let pass = match &mut picked {
+                        None => true,
+                        Some(picked) => {
+                            let pass = filter.matches(record);
+                            if pass {
+                                picked.push(stop as u32);
+                            }
+                            pass
+                        }
+                    };
+                    if pass {
+                        bytes += record.encoded_len();
+                        events += 1;
+                    }
                     stop += 1;
                     position += 1;
-                    events += 1;
                 }
                 if stop < chunk.records.len() {
                     *leftover = Some(chunk.clone());
                 }
-                slices.push(EventSlice {
-                    chunk,
-                    start,
-                    end: stop,
-                });
-                if position >= end || events >= max_events || bytes >= max_bytes {
+                if picked.as_ref().is_none_or(|p| !p.is_empty()) {
+                    slices.push(EventSlice {
+                        chunk,
+                        start,
+                        end: stop,
+                        picked,
+                    });
+                }
+                if !more(position, events, bytes) {
                     break;
                 }
             }
@@ -323,9 +387,13 @@ impl Stream {
                 });
             }
         }
-        Ok(slices)
+        Ok((slices, position - offset))
     }
 }
+
+/// How many bytes of chunks one storage read takes when a filter is on
+/// (without one, the read stops at the events wanted).
+const MAX_SCAN_BYTES: usize = 1 << 20;
 
 /// The set of streams.
 pub struct Log {
@@ -405,6 +473,14 @@ impl Log {
             head_tx,
             cache: Mutex::new(TailCache::new(self.config.tail_cache_bytes)),
             bytes: AtomicU64::new(stored.meta.bytes),
+            consumers: Mutex::new(
+                stored
+                    .consumers
+                    .into_iter()
+                    .map(|(name, record)| (name, ConsumerState::new(record)))
+                    .collect(),
+            ),
+            leases: AtomicU64::new(0),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
@@ -465,6 +541,7 @@ impl Log {
             first_offset: 0,
             next_offset: 0,
             last_time_unix_nanos: None,
+            consumers: Vec::new(),
         })?;
         streams.insert(name.to_string(), stream.clone());
         Ok((stream, true))
@@ -522,6 +599,11 @@ impl Log {
             if event.event_type.is_empty() {
                 return invalid(format!("event {i} has an empty type: every event needs a type such as \"invoice.paid\""));
             }
+            for rendering in &event.renderings {
+                let label = std::str::from_utf8(&rendering.label).unwrap_or("");
+                validate_version_label(label)
+                    .map_err(|e| Error::InvalidArgument(format!("event {i}: {e}")))?;
+            }
             let size = event.encoded_len();
             if size > self.config.max_event_bytes {
                 return invalid(format!(
@@ -547,30 +629,59 @@ impl Log {
         offset: u64,
         max_events: usize,
         max_bytes: usize,
+        filter: &EventFilter,
     ) -> Result<ReadPage, Error> {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         check_offset(&stream.name, offset, head)?;
-        let slices = stream.read(
+        let (slices, examined) = stream.read(
             &self.store,
             offset,
             head.next_offset,
             max_events,
             max_bytes,
+            filter,
             &mut None,
         )?;
-        let read: usize = slices.iter().map(EventSlice::len).sum();
         Ok(ReadPage {
             slices,
-            next_offset: offset + read as u64,
+            next_offset: offset + examined,
             head_offset: head.next_offset,
         })
     }
 
-    /// Opens a subscription at `start`.
-    pub fn subscribe(&self, stream: &str, start: StartAt) -> Result<Subscription, Error> {
+    /// Opens a subscription at `start`, delivering the events that pass
+    /// `filter`.
+    pub fn subscribe(
+        &self,
+        stream: &str,
+        start: StartAt,
+        filter: EventFilter,
+    ) -> Result<Subscription, Error> {
+        let next_offset = self.resolve_start(stream, start)?;
         let stream = self.get(stream)?;
-        Subscription::new(self.store.clone(), stream, start)
+        Subscription::new(self.store.clone(), stream, next_offset, filter)
+    }
+
+    /// The offset a start position stands for now.
+    fn resolve_start(&self, stream: &str, start: StartAt) -> Result<u64, Error> {
+        let stream = self.get(stream)?;
+        let head = stream.shared.head();
+        check_offset(&stream.name, head.first_offset, head)?;
+        Ok(match start {
+            StartAt::Earliest => head.first_offset,
+            StartAt::Latest => head.next_offset,
+            StartAt::Offset(offset) => {
+                check_offset(&stream.name, offset, head)?;
+                offset
+            }
+            StartAt::Time(time_unix_nanos) => self.store.offset_at_time(
+                stream.meta.id,
+                head.first_offset,
+                head.next_offset,
+                time_unix_nanos,
+            )?,
+        })
     }
 
     /// Creates an empty stream; durable before it returns (the store makes

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::{check_offset, EventSlice, Head, Stream};
+use super::{check_offset, EventFilter, EventSlice, Head, Stream};
 use crate::error::Error;
 use crate::storage::{Chunk, Store};
 
@@ -25,6 +25,9 @@ pub enum StartAt {
     Latest,
     /// A given offset, between the first retained offset and the head.
     Offset(u64),
+    /// The first event appended at or after this time (nanoseconds since
+    /// the Unix epoch); the head when there is none.
+    Time(i64),
 }
 
 /// A cursor over one stream.
@@ -34,6 +37,8 @@ pub struct Subscription {
     /// The stream's committed head; waited on at the head.
     head_rx: watch::Receiver<Head>,
     next_offset: u64,
+    /// Which events to deliver; the cursor moves past the others.
+    filter: EventFilter,
     /// The last chunk read but not delivered to the end, so the next poll
     /// does not read and decode it again.
     leftover: Option<Arc<Chunk>>,
@@ -43,23 +48,17 @@ impl Subscription {
     pub(super) fn new(
         store: Arc<Store>,
         stream: Arc<Stream>,
-        start: StartAt,
+        next_offset: u64,
+        filter: EventFilter,
     ) -> Result<Subscription, Error> {
         let head_rx = stream.shared.head_tx.subscribe();
-        let head = *head_rx.borrow();
-        let next_offset = match start {
-            StartAt::Earliest => head.first_offset,
-            StartAt::Latest => head.next_offset,
-            StartAt::Offset(offset) => {
-                check_offset(&stream.name, offset, head)?;
-                offset
-            }
-        };
+        check_offset(&stream.name, next_offset, *head_rx.borrow())?;
         Ok(Subscription {
             store,
             stream,
             head_rx,
             next_offset,
+            filter,
             leftover: None,
         })
     }
@@ -79,24 +78,27 @@ impl Subscription {
         *self.head_rx.borrow()
     }
 
-    /// Takes the events available now, up to the limits, and advances the
-    /// cursor past them. Empty when the cursor is at the head. Fails when
-    /// the stream was deleted or the cursor's events are no longer retained.
+    /// Takes the events available now that pass the filter, up to the
+    /// limits, and advances the cursor past every event examined (so it
+    /// moves even when the filter passed none). Empty when the cursor is at
+    /// the head. Fails when the stream was deleted or the cursor's events
+    /// are no longer retained.
     pub fn poll(&mut self, max_events: usize, max_bytes: usize) -> Result<Vec<EventSlice>, Error> {
         let head = *self.head_rx.borrow_and_update();
         check_offset(&self.stream.name, self.next_offset, head)?;
         if self.next_offset == head.next_offset {
             return Ok(Vec::new());
         }
-        let slices = self.stream.read(
+        let (slices, examined) = self.stream.read(
             &self.store,
             self.next_offset,
             head.next_offset,
             max_events,
             max_bytes,
+            &self.filter,
             &mut self.leftover,
         )?;
-        self.next_offset += slices.iter().map(EventSlice::len).sum::<usize>() as u64;
+        self.next_offset += examined;
         Ok(slices)
     }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use super::commit::{Change, Commit, Committer, Reply};
+use super::consumer::{apply_change, ConsumerChange, ConsumerState};
 use super::{now_unix_nanos, AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
@@ -33,6 +34,12 @@ pub(crate) enum WriterCommand {
     Append(AppendJob),
     /// Delete the stream, then stop.
     Delete(oneshot::Sender<Result<(), Error>>),
+    /// Change a durable consumer; answered once durable.
+    Consumer {
+        name: String,
+        change: ConsumerChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// One Append call.
@@ -72,29 +79,119 @@ impl Writer {
                     None => return,
                 },
             };
-            let mut jobs = Vec::new();
-            let mut delete = None;
-            match command {
-                WriterCommand::Append(job) => jobs.push(job),
-                WriterCommand::Delete(reply) => delete = Some(reply),
-            }
-            let mut events: usize = jobs.iter().map(|j| j.events.len()).sum();
-            while delete.is_none() && events < MAX_GROUP_EVENTS {
-                match rx.try_recv() {
-                    Ok(WriterCommand::Append(job)) => {
-                        events += job.events.len();
-                        jobs.push(job);
+            // Appends waiting together form one group; another command
+            // ends the group and runs after it, keeping queue order.
+            let mut next = Some(command);
+            while let Some(command) = next.take() {
+                match command {
+                    WriterCommand::Append(job) => {
+                        let mut events = job.events.len();
+                        let mut jobs = vec![job];
+                        while events < MAX_GROUP_EVENTS {
+                            match rx.try_recv() {
+                                Ok(WriterCommand::Append(job)) => {
+                                    events += job.events.len();
+                                    jobs.push(job);
+                                }
+                                Ok(other) => {
+                                    next = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.write_group(jobs).await;
                     }
-                    Ok(WriterCommand::Delete(reply)) => delete = Some(reply),
-                    Err(_) => break,
+                    WriterCommand::Delete(reply) => {
+                        self.delete(reply).await;
+                        return;
+                    }
+                    WriterCommand::Consumer {
+                        name,
+                        change,
+                        reply,
+                    } => self.change_consumer(name, change, reply).await,
                 }
             }
-            if !jobs.is_empty() {
-                self.write_group(jobs).await;
-            }
-            if let Some(reply) = delete {
-                self.delete(reply).await;
+        }
+    }
+
+    /// Checks and writes a consumer change, then hands it to the
+    /// committer. The in-memory state changes at once (readers may see a
+    /// commit a moment before it is durable; if the sync fails the server
+    /// refuses all further writes).
+    async fn change_consumer(
+        &mut self,
+        name: String,
+        change: ConsumerChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        if let Some(reason) = self.committer.failure() {
+            let _ = reply.send(Err(Error::StorageFailed(reason)));
+            return;
+        }
+        if let ConsumerChange::Commit(offset) = change {
+            let head = self.shared.head();
+            if let Err(e) = super::check_offset(&self.name, offset, head) {
+                let _ = reply.send(Err(e));
                 return;
+            }
+        }
+        let written = {
+            let mut consumers = self.shared.consumers.lock().expect("consumers lock");
+            let current = consumers.get(&name);
+            if let ConsumerChange::Delete = change {
+                match current {
+                    None => Err(Error::ConsumerNotFound {
+                        stream: self.name.clone(),
+                        consumer: name.clone(),
+                    }),
+                    Some(_) => self
+                        .store
+                        .delete_consumer(self.meta.id, &name)
+                        .map_err(Error::from)
+                        .map(|record| {
+                            if let Some(mut state) = consumers.remove(&name) {
+                                state.end_lease();
+                            }
+                            Some(record)
+                        }),
+                }
+            } else {
+                match apply_change(current.map(|s| &s.record), &change) {
+                    None => Ok(None),
+                    Some(record) => self
+                        .store
+                        .put_consumer(self.meta.id, &name, &record)
+                        .map_err(Error::from)
+                        .map(|logged| {
+                            match consumers.get_mut(&name) {
+                                Some(state) => state.record = record,
+                                None => {
+                                    consumers.insert(name.clone(), ConsumerState::new(record));
+                                }
+                            }
+                            Some(logged)
+                        }),
+                }
+            }
+        };
+        match written {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            // Nothing to write.
+            Ok(None) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(Some(record)) => {
+                self.committer
+                    .commit(Commit {
+                        stream: self.shared.clone(),
+                        record,
+                        change: Change::Other(reply),
+                    })
+                    .await
             }
         }
     }

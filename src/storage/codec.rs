@@ -7,17 +7,22 @@
 //! rewriting stored data:
 //!
 //! ```text
-//! chunk   = version:u8 (=1) first_offset:u64 time_unix_nanos:i64 count:u32 record*
+//! chunk   = version:u8 (=2) first_offset:u64 time_unix_nanos:i64 count:u32 record*
 //! record  = str(type) str(key) str(content_type) bytes(data) n_meta:u32 (str str)*
+//!           n_versions:u32 (str(label) str(content_type) bytes(data))*
 //! str     = len:u32 utf8-bytes        bytes = len:u32 raw-bytes
 //! ```
+//! Version 1 chunks (written before payload versions existed) have no
+//! `n_versions` part and are still read.
 //! All integers are big-endian. Decoding never panics on bad input: it
 //! returns [`CodecError`], which storage reports as corruption.
 
 use bytes::{Buf, BufMut, Bytes};
 
-const CHUNK_VERSION: u8 = 1;
+const CHUNK_VERSION: u8 = 2;
+const CHUNK_VERSION_WITHOUT_RENDERINGS: u8 = 1;
 const META_VERSION: u8 = 1;
+const CONSUMER_VERSION: u8 = 1;
 const CHUNK_HEADER_LEN: usize = 1 + 8 + 8 + 4;
 
 /// One event as stored: everything but its offset and time, which the
@@ -38,12 +43,32 @@ pub struct EventRecord {
     pub data: Bytes,
     /// Free-form attributes, sorted by key (UTF-8).
     pub metadata: Vec<(Bytes, Bytes)>,
+    /// Extra renderings of the payload, sorted by label.
+    pub renderings: Vec<Rendering>,
+}
+
+/// One extra rendering of an event's payload, for consumers pinned to a
+/// payload version.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Rendering {
+    /// The version label, e.g. `2024-06-01` (UTF-8).
+    pub label: Bytes,
+    /// The media type of `data`; empty means the event's (UTF-8).
+    pub content_type: Bytes,
+    /// The payload in this version.
+    pub data: Bytes,
+}
+
+impl Rendering {
+    fn encoded_len(&self) -> usize {
+        12 + self.label.len() + self.content_type.len() + self.data.len()
+    }
 }
 
 impl EventRecord {
     /// The number of bytes this record takes in an encoded chunk.
     pub fn encoded_len(&self) -> usize {
-        4 * 5
+        4 * 6
             + self.event_type.len()
             + self.key.len()
             + self.content_type.len()
@@ -53,6 +78,25 @@ impl EventRecord {
                 .iter()
                 .map(|(k, v)| 8 + k.len() + v.len())
                 .sum::<usize>()
+            + self
+                .renderings
+                .iter()
+                .map(Rendering::encoded_len)
+                .sum::<usize>()
+    }
+
+    /// The rendering for a consumer pinned to `version`: the one with the
+    /// greatest label at or below it (byte order), or `None` for the
+    /// default payload (no pin, or every label is newer).
+    pub fn rendering_for(&self, version: &[u8]) -> Option<&Rendering> {
+        if version.is_empty() {
+            return None;
+        }
+        // Sorted by label: the last one not above the pin.
+        let below = self
+            .renderings
+            .partition_point(|r| r.label.as_ref() <= version);
+        below.checked_sub(1).map(|i| &self.renderings[i])
     }
 }
 
@@ -106,6 +150,12 @@ impl Chunk {
                 put_bytes(&mut out, k);
                 put_bytes(&mut out, v);
             }
+            out.put_u32(record.renderings.len() as u32);
+            for r in &record.renderings {
+                put_bytes(&mut out, &r.label);
+                put_bytes(&mut out, &r.content_type);
+                put_bytes(&mut out, &r.data);
+            }
         }
         out
     }
@@ -116,7 +166,7 @@ impl Chunk {
             return Err(CodecError::Truncated);
         }
         let version = buf.get_u8();
-        if version != CHUNK_VERSION {
+        if version != CHUNK_VERSION && version != CHUNK_VERSION_WITHOUT_RENDERINGS {
             return Err(CodecError::UnknownVersion(version));
         }
         let first_offset = buf.get_u64();
@@ -141,12 +191,28 @@ impl Chunk {
             for _ in 0..n_meta {
                 metadata.push((get_string(&mut buf)?, get_string(&mut buf)?));
             }
+            let mut renderings = Vec::new();
+            if version == CHUNK_VERSION {
+                let n = get_u32(&mut buf)? as usize;
+                if n > buf.remaining() / 12 {
+                    return Err(CodecError::Truncated);
+                }
+                renderings.reserve_exact(n);
+                for _ in 0..n {
+                    renderings.push(Rendering {
+                        label: get_string(&mut buf)?,
+                        content_type: get_string(&mut buf)?,
+                        data: get_bytes(&mut buf)?,
+                    });
+                }
+            }
             records.push(EventRecord {
                 event_type,
                 key,
                 content_type,
                 data,
                 metadata,
+                renderings,
             });
         }
         if buf.has_remaining() {
@@ -253,6 +319,85 @@ impl IdempotencyRecord {
     }
 }
 
+/// A durable consumer as stored: its cursor and settings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ConsumerRecord {
+    /// The committed cursor.
+    pub next_offset: u64,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: i64,
+    /// Last commit time, nanoseconds since the Unix epoch; 0 when never.
+    pub last_commit_unix_nanos: i64,
+    /// The saved type patterns of its filter.
+    pub types: Vec<String>,
+    /// The saved keys of its filter.
+    pub keys: Vec<String>,
+    /// The saved payload version; empty for the default rendering.
+    pub version: String,
+}
+
+impl ConsumerRecord {
+    /// Encodes the record for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.put_u8(CONSUMER_VERSION);
+        out.put_u64(self.next_offset);
+        out.put_i64(self.created_unix_nanos);
+        out.put_i64(self.last_commit_unix_nanos);
+        for list in [&self.types, &self.keys] {
+            out.put_u32(list.len() as u32);
+            for item in list {
+                put_bytes(&mut out, item.as_bytes());
+            }
+        }
+        put_bytes(&mut out, self.version.as_bytes());
+        out
+    }
+
+    /// Decodes a stored record.
+    pub fn decode(value: &[u8]) -> Result<ConsumerRecord, CodecError> {
+        let mut buf = Bytes::copy_from_slice(value);
+        if buf.remaining() < 1 + 24 {
+            return Err(CodecError::Truncated);
+        }
+        let version = buf.get_u8();
+        if version != CONSUMER_VERSION {
+            return Err(CodecError::UnknownVersion(version));
+        }
+        let next_offset = buf.get_u64();
+        let created_unix_nanos = buf.get_i64();
+        let last_commit_unix_nanos = buf.get_i64();
+        let mut lists = [Vec::new(), Vec::new()];
+        for list in &mut lists {
+            let n = get_u32(&mut buf)? as usize;
+            if n > buf.remaining() / 4 {
+                return Err(CodecError::Truncated);
+            }
+            for _ in 0..n {
+                list.push(text(get_string(&mut buf)?));
+            }
+        }
+        let version = text(get_string(&mut buf)?);
+        if buf.has_remaining() {
+            return Err(CodecError::TrailingBytes(buf.remaining()));
+        }
+        let [types, keys] = lists;
+        Ok(ConsumerRecord {
+            next_offset,
+            created_unix_nanos,
+            last_commit_unix_nanos,
+            types,
+            keys,
+            version,
+        })
+    }
+}
+
+/// A string from bytes `get_string` already checked.
+fn text(bytes: Bytes) -> String {
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Why a stored value could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -314,6 +459,18 @@ mod tests {
                     content_type: "application/json".into(),
                     data: Bytes::from_static(br#"{"amount":100}"#),
                     metadata: vec![("trace".into(), "abc".into()), ("é".into(), "".into())],
+                    renderings: vec![
+                        Rendering {
+                            label: "2023-01-01".into(),
+                            content_type: "".into(),
+                            data: Bytes::from_static(b"old"),
+                        },
+                        Rendering {
+                            label: "2024-06-01".into(),
+                            content_type: "application/xml".into(),
+                            data: Bytes::from_static(b"<new/>"),
+                        },
+                    ],
                 },
                 EventRecord {
                     event_type: "x".into(),
@@ -399,5 +556,53 @@ mod tests {
         };
         assert_eq!(IdempotencyRecord::decode(&rec.encode()), Ok(rec));
         assert!(StreamMeta::decode(&[1, 2]).is_err());
+        let consumer = ConsumerRecord {
+            next_offset: 17,
+            created_unix_nanos: 5,
+            last_commit_unix_nanos: 6,
+            types: vec!["invoice.>".into(), "*.deleted".into()],
+            keys: vec!["cus_1".into()],
+            version: "2024-06-01".into(),
+        };
+        let encoded = consumer.encode();
+        assert_eq!(ConsumerRecord::decode(&encoded), Ok(consumer));
+        for cut in 0..encoded.len() {
+            assert!(
+                ConsumerRecord::decode(&encoded[..cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_1_chunks_are_still_read() {
+        // A chunk as the first format wrote it: no renderings part.
+        let mut old = vec![1u8];
+        old.extend_from_slice(&7u64.to_be_bytes());
+        old.extend_from_slice(&9i64.to_be_bytes());
+        old.extend_from_slice(&1u32.to_be_bytes());
+        for field in [&b"a.b"[..], b"k", b"", b"data"] {
+            old.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            old.extend_from_slice(field);
+        }
+        old.extend_from_slice(&0u32.to_be_bytes());
+        let chunk = Chunk::decode(Bytes::from(old)).unwrap();
+        assert_eq!(chunk.first_offset, 7);
+        assert_eq!(chunk.records[0].event_type, "a.b");
+        assert_eq!(chunk.records[0].data, "data");
+        assert!(chunk.records[0].renderings.is_empty());
+    }
+
+    #[test]
+    fn the_pinned_version_picks_the_newest_rendering_at_or_below_it() {
+        let record = &sample().records[0];
+        let label = |v: &str| record.rendering_for(v.as_bytes()).map(|r| r.label.clone());
+        assert_eq!(label(""), None, "no pin: the default payload");
+        assert_eq!(label("2022-12-31"), None, "older than every rendering");
+        assert_eq!(label("2023-01-01"), Some("2023-01-01".into()), "exact");
+        assert_eq!(label("2024-01-01"), Some("2023-01-01".into()), "between");
+        assert_eq!(label("2024-06-01"), Some("2024-06-01".into()));
+        assert_eq!(label("2099-01-01"), Some("2024-06-01".into()), "newer pin");
+        assert_eq!(sample().records[1].rendering_for(b"2024-06-01"), None);
     }
 }

@@ -35,7 +35,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
-pub use codec::{Chunk, CodecError, EventRecord, IdempotencyRecord, StreamMeta};
+pub use codec::{
+    Chunk, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Rendering, StreamMeta,
+};
 use wal::{Op, Wal};
 
 /// sled's segment size. Fixed at creation of a data dir (sled refuses to
@@ -63,6 +65,7 @@ pub const TARGET_CHUNK_BYTES: usize = 8 << 10;
 const STREAM_PREFIX: u8 = b's';
 const CHUNK_PREFIX: u8 = b'c';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
+const CONSUMER_PREFIX: u8 = b'u';
 
 /// How the store was asked to keep data.
 #[derive(Debug, Clone)]
@@ -130,6 +133,8 @@ pub struct StoredStream {
     /// The append time of its last event, if any (appends never go back in
     /// time, even if the clock does).
     pub last_time_unix_nanos: Option<i64>,
+    /// Its durable consumers, in name order.
+    pub consumers: Vec<(String, ConsumerRecord)>,
 }
 
 /// One chunk to write, already encoded.
@@ -322,6 +327,7 @@ impl Store {
                 first_offset,
                 next_offset,
                 last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
+                consumers: self.load_consumers(meta.id)?,
             });
         }
         Ok(streams)
@@ -448,6 +454,89 @@ impl Store {
         Ok(chunks)
     }
 
+    /// The offset of the first event appended at or after `time_unix_nanos`,
+    /// among the stream's offsets `[first, end)`; `end` when there is none.
+    /// A binary search over chunks (every event of a chunk has the chunk's
+    /// time, and times never decrease along a stream): O(log n) lookups.
+    pub fn offset_at_time(
+        &self,
+        stream_id: u64,
+        first: u64,
+        end: u64,
+        time_unix_nanos: i64,
+    ) -> Result<u64, StorageError> {
+        let (mut low, mut high) = (first, end);
+        // Invariant: every event below `low` is older than the time, and
+        // the answer is at most `high`.
+        while low < high {
+            let middle = low + (high - low) / 2;
+            let Some(chunk) = self.chunk_holding(stream_id, middle)? else {
+                // Nothing stored there (trimmed under us): search above.
+                low = middle + 1;
+                continue;
+            };
+            if chunk.time_unix_nanos >= time_unix_nanos {
+                high = chunk.first_offset.max(low);
+            } else {
+                low = chunk.end_offset();
+            }
+        }
+        Ok(low.min(end))
+    }
+
+    /// The chunk holding `offset`, if stored.
+    fn chunk_holding(&self, stream_id: u64, offset: u64) -> Result<Option<Chunk>, StorageError> {
+        match self.tree.get_lt(chunk_key(stream_id, offset + 1))? {
+            Some((key, value)) if key[..9] == chunk_key(stream_id, 0)[..9] => {
+                let chunk = self.decode_chunk(stream_id, &key, &value)?;
+                Ok(chunk.contains(offset).then_some(chunk))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Saves a durable consumer. Returns the write-ahead log record, when
+    /// the log is on; the write is durable only once the record is logged.
+    pub fn put_consumer(
+        &self,
+        stream_id: u64,
+        name: &str,
+        record: &ConsumerRecord,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.apply(vec![Op::Insert(
+            consumer_key(stream_id, name),
+            record.encode(),
+        )])
+    }
+
+    /// Removes a durable consumer; returns the write-ahead log record.
+    pub fn delete_consumer(
+        &self,
+        stream_id: u64,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.apply(vec![Op::Remove(consumer_key(stream_id, name))])
+    }
+
+    fn load_consumers(
+        &self,
+        stream_id: u64,
+    ) -> Result<Vec<(String, ConsumerRecord)>, StorageError> {
+        let mut consumers = Vec::new();
+        let prefix = consumer_key(stream_id, "");
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let record =
+                ConsumerRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                    what: format!("consumer {name} of stream id {stream_id}"),
+                    source,
+                })?;
+            consumers.push((name, record));
+        }
+        Ok(consumers)
+    }
+
     /// Looks up a remembered idempotency key.
     pub fn get_idempotency(
         &self,
@@ -491,7 +580,7 @@ impl Store {
         // The metadata goes first: a deletion cut short by a crash leaves
         // unreachable chunks (keyed by the old id), never a stream with holes.
         let mut ops = vec![Op::Remove(stream_key(name))];
-        for prefix in [CHUNK_PREFIX, IDEMPOTENCY_PREFIX] {
+        for prefix in [CHUNK_PREFIX, IDEMPOTENCY_PREFIX, CONSUMER_PREFIX] {
             let mut start = vec![prefix];
             start.extend_from_slice(&stream_id.to_be_bytes());
             for key in self.tree.scan_prefix(&start).keys() {
@@ -577,6 +666,14 @@ fn offset_of_chunk_key(key: &[u8]) -> u64 {
     let mut offset = [0u8; 8];
     offset.copy_from_slice(&key[9..17]);
     u64::from_be_bytes(offset)
+}
+
+fn consumer_key(stream_id: u64, name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + name.len());
+    key.push(CONSUMER_PREFIX);
+    key.extend_from_slice(&stream_id.to_be_bytes());
+    key.extend_from_slice(name.as_bytes());
+    key
 }
 
 fn idempotency_prefix(stream_id: u64) -> [u8; 9] {

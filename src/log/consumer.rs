@@ -1,0 +1,345 @@
+//! Durable consumers: named, server-side cursors on a stream.
+//!
+//! A consumer's cursor moves only when the client commits it (after
+//! handling events), which gives at-least-once processing without the
+//! client storing anything. Cursor writes go through the stream's writer,
+//! like appends, so they are ordered with the stream's deletion and share
+//! its group commits: many consumers committing at once cost one sync.
+//!
+//! At most one subscription per consumer runs at a time. Each one holds a
+//! [`ConsumerLease`]; a newer subscription cancels the older lease, whose
+//! subscription then ends with ABORTED, so a restarted worker never runs
+//! side by side with its stale twin. Leases live in memory only: after a
+//! restart no subscription is open anyway.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::filter::EventFilter;
+use super::writer::WriterCommand;
+use super::{now_unix_nanos, Log, StartAt, StreamShared};
+use crate::error::Error;
+use crate::storage::ConsumerRecord;
+
+/// The longest consumer name.
+pub const MAX_CONSUMER_NAME_LEN: usize = 200;
+/// The longest payload version label.
+pub const MAX_VERSION_LABEL_LEN: usize = 64;
+
+/// A durable consumer as the API describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerInfo {
+    /// The stream.
+    pub stream: String,
+    /// The consumer's name.
+    pub name: String,
+    /// The committed cursor.
+    pub next_offset: u64,
+    /// The stream's head minus the cursor.
+    pub lag: u64,
+    /// Last commit time (nanoseconds since the Unix epoch); 0 when never.
+    pub last_commit_unix_nanos: i64,
+    /// Creation time.
+    pub created_unix_nanos: i64,
+    /// The saved filter's type patterns.
+    pub types: Vec<String>,
+    /// The saved filter's keys.
+    pub keys: Vec<String>,
+    /// The saved payload version.
+    pub version: String,
+    /// Whether a subscription of it is open.
+    pub active: bool,
+}
+
+/// What a subscription asks of its consumer.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerSettings {
+    /// A filter to save; `None` keeps the saved one.
+    pub filter: Option<EventFilter>,
+    /// A payload version to save; `None` keeps the saved one.
+    pub version: Option<String>,
+}
+
+/// A consumer in memory: its stored record and its open subscription.
+pub(crate) struct ConsumerState {
+    pub(crate) record: ConsumerRecord,
+    /// The lease of the open subscription, if any: its id and its token.
+    lease: Option<(u64, CancellationToken)>,
+}
+
+impl ConsumerState {
+    pub(crate) fn new(record: ConsumerRecord) -> ConsumerState {
+        ConsumerState {
+            record,
+            lease: None,
+        }
+    }
+
+    /// Ends the open subscription, if any (it sees its token cancelled).
+    pub(crate) fn end_lease(&mut self) {
+        if let Some((_, token)) = self.lease.take() {
+            token.cancel();
+        }
+    }
+}
+
+/// A change to a consumer, carried out by the stream's writer.
+pub(crate) enum ConsumerChange {
+    /// Move the cursor (creating the consumer when missing).
+    Commit(u64),
+    /// Create the consumer at `start` when missing; save the settings given.
+    Open {
+        start: u64,
+        settings: ConsumerSettings,
+    },
+    /// Remove the consumer.
+    Delete,
+}
+
+/// Held by a consumer's open subscription. Cancelled when a newer
+/// subscription of the consumer takes over or the consumer is deleted;
+/// gives the consumer free again when dropped.
+pub struct ConsumerLease {
+    shared: Arc<StreamShared>,
+    stream: String,
+    name: String,
+    id: u64,
+    token: CancellationToken,
+}
+
+impl ConsumerLease {
+    /// Resolves when the lease is lost, with the error to end the
+    /// subscription with.
+    pub async fn lost(&self) -> Error {
+        self.token.cancelled().await;
+        let deleted = !self
+            .shared
+            .consumers
+            .lock()
+            .expect("consumers lock")
+            .contains_key(&self.name);
+        Error::ConsumerSessionEnded {
+            stream: self.stream.clone(),
+            consumer: self.name.clone(),
+            reason: if deleted {
+                "was deleted"
+            } else {
+                "was taken over by a newer subscription"
+            },
+        }
+    }
+}
+
+impl Drop for ConsumerLease {
+    fn drop(&mut self) {
+        let mut consumers = self.shared.consumers.lock().expect("consumers lock");
+        if let Some(state) = consumers.get_mut(&self.name) {
+            if state.lease.as_ref().is_some_and(|(id, _)| *id == self.id) {
+                state.lease = None;
+            }
+        }
+    }
+}
+
+/// Checks a consumer name: 1 to 200 characters of `A-Z a-z 0-9 . _ -`.
+pub fn validate_consumer_name(name: &str) -> Result<(), Error> {
+    check_label("consumer name", name, MAX_CONSUMER_NAME_LEN)
+}
+
+/// Checks a payload version label: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
+pub fn validate_version_label(label: &str) -> Result<(), Error> {
+    check_label("payload version label", label, MAX_VERSION_LABEL_LEN)
+}
+
+fn check_label(what: &str, value: &str, max: usize) -> Result<(), Error> {
+    let reason = if value.is_empty() {
+        "it is empty".to_string()
+    } else if value.len() > max {
+        format!("it is longer than {max} characters")
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        "only letters, digits, '.', '_' and '-' are allowed".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidArgument(format!(
+        "invalid {what} {value:?}: {reason}"
+    )))
+}
+
+fn info(stream: &str, name: &str, state: &ConsumerState, head: u64) -> ConsumerInfo {
+    let r = &state.record;
+    ConsumerInfo {
+        stream: stream.to_string(),
+        name: name.to_string(),
+        next_offset: r.next_offset,
+        lag: head.saturating_sub(r.next_offset),
+        last_commit_unix_nanos: r.last_commit_unix_nanos,
+        created_unix_nanos: r.created_unix_nanos,
+        types: r.types.clone(),
+        keys: r.keys.clone(),
+        version: r.version.clone(),
+        active: state.lease.is_some(),
+    }
+}
+
+/// Applies a consumer change to a stored record (`None`: no consumer yet).
+/// Returns the record to store, or `None` when nothing changes.
+pub(crate) fn apply_change(
+    current: Option<&ConsumerRecord>,
+    change: &ConsumerChange,
+) -> Option<ConsumerRecord> {
+    let now = now_unix_nanos();
+    match change {
+        ConsumerChange::Commit(offset) => {
+            let mut record = current.cloned().unwrap_or(ConsumerRecord {
+                created_unix_nanos: now,
+                ..Default::default()
+            });
+            record.next_offset = *offset;
+            record.last_commit_unix_nanos = now;
+            Some(record)
+        }
+        ConsumerChange::Open { start, settings } => {
+            let mut record = match current {
+                Some(_) if settings.filter.is_none() && settings.version.is_none() => return None,
+                Some(record) => record.clone(),
+                None => ConsumerRecord {
+                    next_offset: *start,
+                    created_unix_nanos: now,
+                    ..Default::default()
+                },
+            };
+            if let Some(filter) = &settings.filter {
+                record.types = filter.types().to_vec();
+                record.keys = filter.keys();
+            }
+            if let Some(version) = &settings.version {
+                record.version = version.clone();
+            }
+            Some(record)
+        }
+        ConsumerChange::Delete => None,
+    }
+}
+
+impl Log {
+    async fn change_consumer(
+        &self,
+        stream: &str,
+        name: &str,
+        change: ConsumerChange,
+    ) -> Result<(), Error> {
+        validate_consumer_name(name)?;
+        let stream = self.get(stream)?;
+        let (reply, reply_rx) = oneshot::channel();
+        let gone = || {
+            if self.closing.is_cancelled() {
+                Error::ShuttingDown
+            } else {
+                Error::StreamNotFound(stream.name.clone())
+            }
+        };
+        stream
+            .writer_tx
+            .send(WriterCommand::Consumer {
+                name: name.to_string(),
+                change,
+                reply,
+            })
+            .await
+            .map_err(|_| gone())?;
+        reply_rx.await.map_err(|_| gone())?
+    }
+
+    /// Saves a consumer's cursor (creating the consumer when missing);
+    /// returns once durable.
+    pub async fn commit_cursor(
+        &self,
+        stream: &str,
+        name: &str,
+        next_offset: u64,
+    ) -> Result<ConsumerInfo, Error> {
+        self.change_consumer(stream, name, ConsumerChange::Commit(next_offset))
+            .await?;
+        self.consumer_info(stream, name)
+    }
+
+    /// Describes a consumer.
+    pub fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerInfo, Error> {
+        validate_consumer_name(name)?;
+        let stream = self.get(stream)?;
+        let head = stream.shared.head().next_offset;
+        let consumers = stream.shared.consumers.lock().expect("consumers lock");
+        let state = consumers.get(name).ok_or_else(|| Error::ConsumerNotFound {
+            stream: stream.name.clone(),
+            consumer: name.to_string(),
+        })?;
+        Ok(info(&stream.name, name, state, head))
+    }
+
+    /// Lists a stream's consumers in name order.
+    pub fn list_consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, Error> {
+        let stream = self.get(stream)?;
+        let head = stream.shared.head().next_offset;
+        let consumers = stream.shared.consumers.lock().expect("consumers lock");
+        Ok(consumers
+            .iter()
+            .map(|(name, state)| info(&stream.name, name, state, head))
+            .collect())
+    }
+
+    /// Deletes a consumer; its open subscription ends.
+    pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), Error> {
+        self.change_consumer(stream, name, ConsumerChange::Delete)
+            .await
+    }
+
+    /// Opens a subscription's hold on a consumer: creates the consumer at
+    /// `start` when missing, saves the settings given, and takes over
+    /// from any open subscription of it. Returns the lease, the cursor to
+    /// start at, and the consumer's filter and version.
+    pub async fn open_consumer(
+        &self,
+        stream_name: &str,
+        name: &str,
+        start: StartAt,
+        settings: ConsumerSettings,
+    ) -> Result<(ConsumerLease, u64, EventFilter, String), Error> {
+        let start = self.resolve_start(stream_name, start)?;
+        self.change_consumer(stream_name, name, ConsumerChange::Open { start, settings })
+            .await?;
+        let stream = self.get(stream_name)?;
+        let mut consumers = stream.shared.consumers.lock().expect("consumers lock");
+        let state = consumers
+            .get_mut(name)
+            .ok_or_else(|| Error::ConsumerNotFound {
+                stream: stream.name.clone(),
+                consumer: name.to_string(),
+            })?;
+        state.end_lease();
+        let id = stream.shared.leases.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        state.lease = Some((id, token.clone()));
+        let record = state.record.clone();
+        drop(consumers);
+        let filter = EventFilter::new(record.types, record.keys)?;
+        Ok((
+            ConsumerLease {
+                shared: stream.shared.clone(),
+                stream: stream.name.clone(),
+                name: name.to_string(),
+                id,
+                token,
+            },
+            record.next_offset,
+            filter,
+            record.version,
+        ))
+    }
+}
