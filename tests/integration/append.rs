@@ -122,6 +122,7 @@ async fn every_field_round_trips() {
             ("b".into(), "".into()),
         ]
         .into(),
+        ..Default::default()
     };
     append(&mut client, "s", vec![sent.clone()]).await;
     let got = &read_all(&mut client, "s").await[0];

@@ -111,6 +111,7 @@ async fn unknown_streams_are_not_found() {
             stream: "nope".into(),
             offset: 0,
             limit: 1,
+            ..Default::default()
         })
         .await;
     assert_status(read, Code::NotFound, "nope");
@@ -139,6 +140,7 @@ async fn offsets_past_the_head_are_out_of_range_naming_the_head() {
             stream: "s".into(),
             offset: 3,
             limit: 1,
+            ..Default::default()
         })
         .await;
     assert_status(read, Code::OutOfRange, "next offset is 2");
@@ -147,6 +149,7 @@ async fn offsets_past_the_head_are_out_of_range_naming_the_head() {
             stream: "s".into(),
             start: Some(Start::Offset(99)),
             max_batch_events: 0,
+            ..Default::default()
         })
         .await;
     assert_status(sub.map(|_| ()), Code::OutOfRange, "next offset is 2");
@@ -162,6 +165,7 @@ async fn bad_limits_and_positions_are_invalid() {
             stream: "s".into(),
             offset: 0,
             limit: 1001,
+            ..Default::default()
         })
         .await;
     assert_status(read, Code::InvalidArgument, "limit");
@@ -177,6 +181,7 @@ async fn bad_limits_and_positions_are_invalid() {
             stream: "s".into(),
             start: Some(Start::Position(42)),
             max_batch_events: 0,
+            ..Default::default()
         })
         .await;
     assert_status(sub.map(|_| ()), Code::InvalidArgument, "start position");

@@ -106,6 +106,7 @@ pub fn event(event_type: &str, data: &str) -> pb::NewEvent {
         data: data.as_bytes().to_vec(),
         content_type: "application/json".to_string(),
         metadata: Default::default(),
+        versions: Default::default(),
     }
 }
 
@@ -136,6 +137,7 @@ pub async fn read_all(client: &mut Client, stream: &str) -> Vec<pb::Event> {
                 stream: stream.to_string(),
                 offset,
                 limit: 1000,
+                ..Default::default()
             })
             .await
             .expect("read")
@@ -159,6 +161,7 @@ pub async fn subscribe(
             stream: stream.to_string(),
             start,
             max_batch_events: 0,
+            ..Default::default()
         })
         .await
         .expect("subscribe")

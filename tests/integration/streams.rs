@@ -91,6 +91,7 @@ async fn create_get_list_delete() {
                 stream: "c".into(),
                 offset: 0,
                 limit: 1,
+                ..Default::default()
             })
             .await
             .map(|_| ()),
@@ -121,6 +122,7 @@ async fn read_pages_follow_next_offset() {
             stream: "s".into(),
             offset: 0,
             limit: 0,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -132,6 +134,7 @@ async fn read_pages_follow_next_offset() {
             stream: "s".into(),
             offset: 240,
             limit: 1000,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -144,6 +147,7 @@ async fn read_pages_follow_next_offset() {
             stream: "s".into(),
             offset: 250,
             limit: 10,
+            ..Default::default()
         })
         .await
         .unwrap()

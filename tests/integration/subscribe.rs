@@ -72,6 +72,7 @@ async fn resume_from_next_offset_after_dropping_a_subscription() {
             stream: "s".into(),
             start: earliest(),
             max_batch_events: 7,
+            ..Default::default()
         })
         .await
         .unwrap()
