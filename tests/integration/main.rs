@@ -6,6 +6,8 @@ mod common;
 
 mod append;
 mod bad_input;
+mod consumers;
 mod process;
+mod selection;
 mod streams;
 mod subscribe;

@@ -1,0 +1,315 @@
+//! Durable consumers: server-side cursors, at-least-once resume, takeover,
+//! commit bounds, lag, and deletion.
+
+use pullstream::proto::{self as pb, subscribe_request::Start};
+use tonic::Code;
+use tonic::Streaming;
+
+use crate::common::*;
+
+fn events(n: usize, prefix: &str) -> Vec<pb::NewEvent> {
+    (0..n)
+        .map(|i| event("order.created", &format!("{{\"{prefix}\":{i}}}")))
+        .collect()
+}
+
+async fn subscribe_as(
+    client: &mut Client,
+    stream: &str,
+    consumer: &str,
+    start: Option<Start>,
+) -> Result<Streaming<pb::SubscribeResponse>, tonic::Status> {
+    client
+        .subscribe(pb::SubscribeRequest {
+            stream: stream.into(),
+            consumer: consumer.into(),
+            start,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn commit(
+    client: &mut Client,
+    stream: &str,
+    consumer: &str,
+    next_offset: u64,
+) -> Result<pb::ConsumerInfo, tonic::Status> {
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: stream.into(),
+            consumer: consumer.into(),
+            next_offset,
+        })
+        .await
+        .map(|r| r.into_inner().consumer.expect("consumer info"))
+}
+
+async fn get_consumer(
+    client: &mut Client,
+    stream: &str,
+    consumer: &str,
+) -> Result<pb::ConsumerInfo, tonic::Status> {
+    client
+        .get_consumer(pb::GetConsumerRequest {
+            stream: stream.into(),
+            consumer: consumer.into(),
+        })
+        .await
+        .map(|r| r.into_inner().consumer.expect("consumer info"))
+}
+
+#[tokio::test]
+async fn a_consumer_resumes_from_its_committed_cursor_across_restarts() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "orders", events(10, "a")).await;
+
+        // A new consumer starts at the requested start position (offset 3).
+        let mut sub = subscribe_as(&mut client, "orders", "billing", Some(Start::Offset(3)))
+            .await
+            .unwrap();
+        let got = collect(&mut sub, 7).await;
+        assert_eq!(got[0].offset, 3);
+        // Handle the first four, commit after them, then "crash".
+        commit(&mut client, "orders", "billing", 7).await.unwrap();
+        drop(sub);
+
+        let server = server.restart().await;
+        let mut client = server.client().await;
+        append(&mut client, "orders", events(2, "b")).await;
+        // The start position is ignored for an existing consumer: it
+        // resumes at its cursor, and the uncommitted 7..10 come again.
+        let mut sub = subscribe_as(&mut client, "orders", "billing", Some(Start::Offset(0)))
+            .await
+            .unwrap();
+        let got = collect(&mut sub, 5).await;
+        let offsets: Vec<u64> = got.iter().map(|e| e.offset).collect();
+        assert_eq!(offsets, vec![7, 8, 9, 10, 11]);
+
+        let info = get_consumer(&mut client, "orders", "billing")
+            .await
+            .unwrap();
+        assert_eq!(info.next_offset, 7);
+        assert_eq!(info.lag, 5);
+        assert!(info.active, "a subscription is open");
+        assert!(info.last_commit_time.is_some());
+        drop(sub);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_new_subscription_of_the_same_consumer_takes_over() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(3, "x")).await;
+        let mut old = subscribe_as(&mut client, "s", "worker", None)
+            .await
+            .unwrap();
+        collect(&mut old, 3).await;
+        let mut new = subscribe_as(&mut client, "s", "worker", None)
+            .await
+            .unwrap();
+        collect(&mut new, 3).await;
+        // The older one ends with ABORTED (after any message in flight).
+        let status = loop {
+            match next(&mut old).await {
+                Ok(_) => continue,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+        assert!(
+            status.message().contains("taken over"),
+            "{}",
+            status.message()
+        );
+        // The newer one keeps working.
+        append(&mut client, "s", events(1, "y")).await;
+        let got = collect(&mut new, 1).await;
+        assert_eq!(got[0].offset, 3);
+        // Another consumer on the same stream is unaffected by both.
+        let mut other = subscribe_as(&mut client, "s", "other", None).await.unwrap();
+        assert_eq!(collect(&mut other, 4).await.len(), 4);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn commits_may_rewind_but_not_leave_the_retained_range() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(5, "x")).await;
+        assert_eq!(commit(&mut client, "s", "c", 5).await.unwrap().lag, 0);
+        // A deliberate rewind.
+        let info = commit(&mut client, "s", "c", 1).await.unwrap();
+        assert_eq!((info.next_offset, info.lag), (1, 4));
+        // Past the head: OUT_OF_RANGE, and nothing changes.
+        let status = commit(&mut client, "s", "c", 6).await.unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange);
+        assert!(
+            status.message().contains("next offset is 5"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(
+            get_consumer(&mut client, "s", "c")
+                .await
+                .unwrap()
+                .next_offset,
+            1
+        );
+        // Bad names and unknown streams.
+        let status = commit(&mut client, "s", "bad name!", 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let status = commit(&mut client, "s", &"x".repeat(201), 0)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let status = commit(&mut client, "nope", "c", 0).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let status = get_consumer(&mut client, "s", "missing").await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn list_consumers_reports_cursors_and_lag_and_delete_ends_the_subscription() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(10, "x")).await;
+        commit(&mut client, "s", "b", 4).await.unwrap();
+        commit(&mut client, "s", "a", 10).await.unwrap();
+        let mut sub = subscribe_as(&mut client, "s", "b", None).await.unwrap();
+        collect(&mut sub, 6).await;
+
+        let list = client
+            .list_consumers(pb::ListConsumersRequest { stream: "s".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .consumers;
+        let summary: Vec<(String, u64, u64)> = list
+            .iter()
+            .map(|c| (c.name.clone(), c.next_offset, c.lag))
+            .collect();
+        assert_eq!(summary, vec![("a".into(), 10, 0), ("b".into(), 4, 6)]);
+
+        client
+            .delete_consumer(pb::DeleteConsumerRequest {
+                stream: "s".into(),
+                consumer: "b".into(),
+            })
+            .await
+            .unwrap();
+        let status = loop {
+            match next(&mut sub).await {
+                Ok(_) => continue,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::Aborted);
+        assert!(status.message().contains("deleted"), "{}", status.message());
+        let status = client
+            .delete_consumer(pb::DeleteConsumerRequest {
+                stream: "s".into(),
+                consumer: "b".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+
+        // Consumers survive a restart; deleting the stream removes them.
+        let server = server.restart().await;
+        let mut client = server.client().await;
+        assert_eq!(
+            get_consumer(&mut client, "s", "a")
+                .await
+                .unwrap()
+                .next_offset,
+            10
+        );
+        client
+            .delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
+            .await
+            .unwrap();
+        append(&mut client, "s", events(1, "new")).await;
+        let status = get_consumer(&mut client, "s", "a").await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_commits_all_land_and_the_last_one_wins() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(100, "x")).await;
+        let mut tasks = Vec::new();
+        for c in 0..20 {
+            let mut client = server.client().await;
+            tasks.push(tokio::spawn(async move {
+                for offset in 0..=50u64 {
+                    commit(&mut client, "s", &format!("c{c}"), offset * 2)
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let server = server.restart().await;
+        let mut client = server.client().await;
+        let list = client
+            .list_consumers(pb::ListConsumersRequest { stream: "s".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .consumers;
+        assert_eq!(list.len(), 20);
+        assert!(list.iter().all(|c| c.next_offset == 100 && c.lag == 0));
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_start_creates_no_consumer() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(3, "x")).await;
+        let status = subscribe_as(&mut client, "s", "c", Some(Start::Offset(4)))
+            .await
+            .err()
+            .expect("a start past the head is refused");
+        assert_eq!(status.code(), Code::OutOfRange);
+        let status = client
+            .get_consumer(pb::GetConsumerRequest {
+                stream: "s".into(),
+                consumer: "c".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::NotFound,
+            "a refused start creates nothing"
+        );
+        server.stop().await;
+    })
+    .await;
+}
