@@ -433,7 +433,7 @@ fn unix_nanos(t: &Timestamp) -> Result<i64, Status> {
 }
 
 fn consumer_info_to_proto(info: log::ConsumerInfo) -> pb::ConsumerInfo {
-    let filter = (!info.types.is_empty() || !info.keys.is_empty()).then(|| pb::EventFilter {
+    let filter = (!info.types.is_empty() || !info.keys.is_empty()).then_some(pb::EventFilter {
         types: info.types,
         keys: info.keys,
     });

@@ -73,7 +73,7 @@ fn parse_from(s: &str) -> Result<Start, String> {
 
 /// Runs `pullstream tail`.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
-    let mut start = args.from.clone();
+    let mut start = args.from;
     let mut remaining = args.limit;
     let mut backoff = Duration::from_millis(100);
     let stdout = std::io::stdout();
@@ -117,7 +117,7 @@ async fn follow(
     });
     let request = pb::SubscribeRequest {
         stream: args.stream.clone(),
-        start: Some(start.clone()),
+        start: Some(*start),
         max_batch_events: 0,
         consumer: args.consumer.clone().unwrap_or_default(),
         filter,

@@ -156,7 +156,7 @@ impl EventFilter {
     /// Whether an event passes.
     pub fn matches(&self, record: &EventRecord) -> bool {
         (self.types.is_empty() || self.types.iter().any(|p| p.matches(&record.event_type)))
-            && (self.keys.is_empty() || self.keys.iter().any(|k| *k == record.key))
+            && (self.keys.is_empty() || self.keys.contains(&record.key))
     }
 
     /// The type patterns as given.

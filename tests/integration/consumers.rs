@@ -294,8 +294,7 @@ async fn a_refused_start_creates_no_consumer() {
         append(&mut client, "s", events(3, "x")).await;
         let status = subscribe_as(&mut client, "s", "c", Some(Start::Offset(4)))
             .await
-            .err()
-            .expect("a start past the head is refused");
+            .expect_err("a start past the head is refused");
         assert_eq!(status.code(), Code::OutOfRange);
         let status = client
             .get_consumer(pb::GetConsumerRequest {

@@ -119,8 +119,7 @@ async fn malformed_filters_are_invalid_argument() {
                 },
             )
             .await
-            .err()
-            .expect("refused");
+            .expect_err("refused");
             assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
             let status = client
                 .read(pb::ReadRequest {
@@ -233,7 +232,7 @@ async fn from_time_starts_at_the_first_event_at_or_after_it() {
                 &mut client,
                 pb::SubscribeRequest {
                     stream: "s".into(),
-                    start: Some(Start::Time(time.clone())),
+                    start: Some(Start::Time(*time)),
                     ..Default::default()
                 },
             )
@@ -243,7 +242,7 @@ async fn from_time_starts_at_the_first_event_at_or_after_it() {
             assert_eq!(first.offset, offset, "time {time:?}");
             assert_eq!(first.time.as_ref(), Some(time));
             // One nanosecond later: the next batch.
-            let mut later = time.clone();
+            let mut later = *time;
             later.nanos += 1;
             if later.nanos == 1_000_000_000 {
                 later.nanos = 0;
@@ -381,8 +380,7 @@ async fn a_pinned_version_gets_the_newest_rendering_at_or_below_it() {
             },
         )
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
         assert_eq!(status.code(), Code::InvalidArgument);
         let bad = pb::NewEvent {
             versions: [("bad label".to_string(), rendering("{}"))].into(),
