@@ -380,7 +380,9 @@ async fn run_subscription(
             }
         }
         if moved {
-            // More to examine right away.
+            // More to examine right away; let other tasks run between
+            // polls of a long filtered scan.
+            tokio::task::yield_now().await;
             continue;
         }
         let idle_until = last_sent + heartbeat;

@@ -80,3 +80,23 @@ pub fn stream_info(info: &pb::StreamInfo) -> Value {
         "created_time": time_text(info.created_time.as_ref()),
     })
 }
+
+/// A durable consumer description as one JSON object.
+pub fn consumer_info(info: &pb::ConsumerInfo) -> Value {
+    let mut out = json!({
+        "stream": info.stream,
+        "name": info.name,
+        "next_offset": info.next_offset,
+        "lag": info.lag,
+        "last_commit_time": time_text(info.last_commit_time.as_ref()),
+        "created_time": time_text(info.created_time.as_ref()),
+        "active": info.active,
+    });
+    if let Some(filter) = &info.filter {
+        out["filter"] = json!({ "types": filter.types, "keys": filter.keys });
+    }
+    if !info.version.is_empty() {
+        out["version"] = json!(info.version);
+    }
+    out
+}

@@ -1,7 +1,8 @@
 //! The `pullstream` command line: the server (`serve`) and the client
-//! commands (`publish`, `tail`, `streams`) in one binary. Client commands
+//! commands (`publish`, `tail`, `streams`, `consumers`) in one binary. Client commands
 //! talk to a server over gRPC with the same generated client an SDK uses.
 
+mod consumers;
 mod json;
 mod publish;
 mod streams;
@@ -54,6 +55,8 @@ enum Command {
     Tail(tail::TailArgs),
     /// List, inspect, create and delete streams
     Streams(streams::StreamsArgs),
+    /// List, inspect, commit and delete a stream's durable consumers
+    Consumers(consumers::ConsumersArgs),
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
 }
@@ -66,6 +69,7 @@ impl Cli {
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Streams(args) => streams::run(args).await,
+            Command::Consumers(args) => consumers::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         };
         match result {

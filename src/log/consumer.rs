@@ -311,7 +311,14 @@ impl Log {
         start: StartAt,
         settings: ConsumerSettings,
     ) -> Result<(ConsumerLease, u64, EventFilter, String), Error> {
-        let start = self.resolve_start(stream_name, start)?;
+        // The start position matters only to a consumer that does not
+        // exist yet (an existing one resumes at its cursor).
+        let exists = self.consumer_info(stream_name, name).is_ok();
+        let start = match self.resolve_start(stream_name, start) {
+            Ok(start) => start,
+            Err(_) if exists => 0,
+            Err(e) => return Err(e),
+        };
         self.change_consumer(stream_name, name, ConsumerChange::Open { start, settings })
             .await?;
         let stream = self.get(stream_name)?;

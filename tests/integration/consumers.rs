@@ -80,9 +80,10 @@ async fn a_consumer_resumes_from_its_committed_cursor_across_restarts() {
         let server = server.restart().await;
         let mut client = server.client().await;
         append(&mut client, "orders", events(2, "b")).await;
-        // The start position is ignored for an existing consumer: it
-        // resumes at its cursor, and the uncommitted 7..10 come again.
-        let mut sub = subscribe_as(&mut client, "orders", "billing", Some(Start::Offset(0)))
+        // The start position is ignored for an existing consumer (even one
+        // past the head): it resumes at its cursor, and the uncommitted
+        // 7..10 come again.
+        let mut sub = subscribe_as(&mut client, "orders", "billing", Some(Start::Offset(999)))
             .await
             .unwrap();
         let got = collect(&mut sub, 5).await;

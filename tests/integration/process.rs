@@ -430,3 +430,160 @@ fn bench_runs_every_workload_and_reports_json() {
     );
     assert!(stdout.contains("events/s"));
 }
+
+/// Runs a client command against `url` with `stdin`, returning its output.
+fn run_cli(url: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("PULLSTREAM_SERVER", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    out
+}
+
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn the_cli_drives_durable_consumers_filters_times_and_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str], stdin: Option<&str>| run_cli(&url, args, stdin);
+
+    let ndjson = concat!(
+        "{\"type\":\"order.created\",\"key\":\"o1\",\"data\":{\"n\":0}}\n",
+        "{\"type\":\"noise\",\"data\":{}}\n",
+        "{\"type\":\"order.paid\",\"key\":\"o1\",\"data\":{\"total\":42},",
+        "\"versions\":{\"2024-06-01\":{\"data\":{\"amount\":{\"value\":42}}}}}\n",
+    );
+    json_lines(&cli(&["publish", "orders"], Some(ndjson)));
+    let acks = json_lines(&cli(
+        &[
+            "publish",
+            "orders",
+            "--type",
+            "order.shipped",
+            "--version-data",
+            "2024-06-01={\"shipped\":true}",
+        ],
+        None,
+    ));
+    let shipped_time = acks[0]["time"].as_str().unwrap().to_string();
+
+    // A consumer with a filter, committing as it prints, stopped by --limit.
+    let tail_as_billing = |limit: &str| {
+        json_lines(&cli(
+            &[
+                "tail",
+                "orders",
+                "--consumer",
+                "billing",
+                "--commit",
+                "--type",
+                "order.>",
+                "--limit",
+                limit,
+            ],
+            None,
+        ))
+    };
+    let first = tail_as_billing("2");
+    let offsets: Vec<u64> = first
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![0, 2], "the filter skipped offset 1");
+    let next = tail_as_billing("1");
+    assert_eq!(next[0]["offset"], 3, "resumed after the committed cursor");
+
+    let out = cli(&["consumers", "list", "orders"], None);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("billing") && table.contains("LAG"),
+        "{table}"
+    );
+    let info: serde_json::Value =
+        serde_json::from_slice(&cli(&["consumers", "info", "orders", "billing"], None).stdout)
+            .unwrap();
+    assert_eq!(
+        (info["next_offset"].as_u64(), info["lag"].as_u64()),
+        (Some(4), Some(0))
+    );
+    assert_eq!(info["filter"]["types"][0], "order.>");
+
+    // Rewind, then delete.
+    let rewound: serde_json::Value = serde_json::from_slice(
+        &cli(&["consumers", "commit", "orders", "billing", "1"], None).stdout,
+    )
+    .unwrap();
+    assert_eq!(rewound["lag"], 3);
+    assert!(cli(&["consumers", "delete", "orders", "billing"], None)
+        .status
+        .success());
+    let out = cli(&["consumers", "info", "orders", "billing"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
+    // From a time, with a pinned version.
+    let lines = json_lines(&cli(
+        &[
+            "tail",
+            "orders",
+            "--from",
+            &shipped_time,
+            "--version",
+            "2024-06-01",
+            "--limit",
+            "1",
+        ],
+        None,
+    ));
+    assert_eq!(lines[0]["offset"], 3);
+    assert_eq!(lines[0]["version"], "2024-06-01");
+    assert_eq!(lines[0]["data"]["shipped"], true);
+    let lines = json_lines(&cli(
+        &[
+            "tail",
+            "orders",
+            "--from",
+            "2",
+            "--version",
+            "2024-06-01",
+            "--limit",
+            "1",
+        ],
+        None,
+    ));
+    assert_eq!(lines[0]["data"]["amount"]["value"], 42);
+
+    // Bad input gets a message that says what to do.
+    let out = cli(&["tail", "orders", "--from", "yesterday"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RFC 3339"));
+    let out = cli(&["tail", "orders", "--type", "a..b", "--limit", "1"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("malformed"));
+    let out = cli(&["tail", "orders", "--commit"], None);
+    assert!(!out.status.success(), "--commit needs --consumer");
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
