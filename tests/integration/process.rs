@@ -446,8 +446,7 @@ fn run_cli(url: &str, args: &[&str], stdin: Option<&str>) -> std::process::Outpu
         input.write_all(text.as_bytes()).unwrap();
     }
     drop(input);
-    let out = child.wait_with_output().unwrap();
-    out
+    child.wait_with_output().unwrap()
 }
 
 fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
