@@ -321,8 +321,10 @@ async fn lease_lost(lease: &Option<ConsumerLease>) -> Error {
 ///
 /// With a filter, a poll may examine events and deliver none: the cursor
 /// then moved without a response. Such progress goes out as a heartbeat
-/// (no events, the new `next_offset`) when the heartbeat interval passes,
-/// so a consumer of rare events keeps an up-to-date cursor.
+/// (no events, the new `next_offset`) when the cursor first reaches the
+/// head (so a catching-up client learns at once that it has caught up) and
+/// otherwise when the heartbeat interval passes, so a consumer of rare
+/// events keeps an up-to-date cursor without a message per skipped event.
 async fn run_subscription(
     delivery: Delivery,
     tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
@@ -339,6 +341,8 @@ async fn run_subscription(
     // knows its subscription is live.
     let mut send_now = true;
     let mut last_sent = Instant::now();
+    // Whether the last response sent said "caught up".
+    let mut sent_caught_up = false;
     loop {
         let before = subscription.next_offset();
         let slices = match subscription.poll(max_events, MAX_RESPONSE_BYTES) {
@@ -349,19 +353,24 @@ async fn run_subscription(
             }
         };
         let moved = subscription.next_offset() != before;
-        if moved && slices.is_empty() && last_sent.elapsed() >= heartbeat {
+        let at_head = subscription.next_offset() >= subscription.head().next_offset;
+        if moved
+            && slices.is_empty()
+            && (last_sent.elapsed() >= heartbeat || at_head && !sent_caught_up)
+        {
             send_now = true;
         }
         if !slices.is_empty() || send_now {
             send_now = false;
             last_sent = Instant::now();
             let head = subscription.head();
+            sent_caught_up = subscription.next_offset() >= head.next_offset;
             let response = pb::SubscribeResponse {
                 events: Vec::new(),
                 encoded_events: encode_events(subscription.stream_name(), &slices, &version),
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
-                caught_up: subscription.next_offset() >= head.next_offset,
+                caught_up: sent_caught_up,
                 server_time: Some(timestamp(log::now_unix_nanos())),
             };
             tokio::select! {

@@ -39,6 +39,10 @@ pub enum Workload {
     Tail,
     /// Many idle subscriptions held open: server memory per subscription
     Fanout,
+    /// Catch-up through a filter selecting 1% of the events: server scan rate
+    Filtered,
+    /// Catch-up as a durable consumer committing after every batch, against a plain one
+    Committing,
 }
 
 /// Arguments of `pullstream bench`.
@@ -70,7 +74,7 @@ pub struct BenchArgs {
     /// append and tail: how long each run lasts
     #[arg(long, default_value = "5s")]
     duration: HumanDuration,
-    /// catchup: events stored, then read
+    /// catchup, filtered, committing: events stored, then read
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
     /// tail: live subscribers
@@ -94,6 +98,8 @@ enum Scenario {
     Catchup,
     Tail,
     Fanout,
+    Filtered,
+    Committing,
 }
 
 /// One measured run.
@@ -133,6 +139,28 @@ impl BenchContext {
         self.embedded.as_ref().and_then(EmbeddedServer::rss_bytes)
     }
 
+    /// Waits until the server has been idle (under 5% of a core) for half
+    /// a second, at most 30 s, so a read measured after a bulk load does
+    /// not share the machine with the load's background checkpoint. An
+    /// external server gets a fixed 2 s.
+    async fn settle(&self) {
+        let Some(server) = &self.embedded else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = server.cpu_time();
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = server.cpu_time();
+            match (last, now) {
+                (Some(a), Some(b)) if b.saturating_sub(a) < Duration::from_millis(25) => return,
+                (None, _) | (_, None) => return,
+                _ => last = now,
+            }
+        }
+    }
+
     /// The size of the server's data dir, when it is ours.
     fn data_dir_bytes(&self) -> Option<u64> {
         self.embedded.as_ref().map(EmbeddedServer::data_dir_bytes)
@@ -150,6 +178,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Catchup,
             Workload::Tail,
             Workload::Fanout,
+            Workload::Filtered,
+            Workload::Committing,
         ]
     } else {
         args.workloads.clone()
@@ -167,6 +197,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Catchup => scenarios.push(Scenario::Catchup),
             Workload::Tail => scenarios.push(Scenario::Tail),
             Workload::Fanout => scenarios.push(Scenario::Fanout),
+            Workload::Filtered => scenarios.push(Scenario::Filtered),
+            Workload::Committing => scenarios.push(Scenario::Committing),
         }
     }
     match &args.server {
@@ -206,6 +238,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?
             }
             Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
+            Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
+            Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
         };
         eprintln!("  {}", outcome.summary.trim_start());
         outcomes.push(outcome);

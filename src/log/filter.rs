@@ -38,6 +38,17 @@ enum Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypePattern {
     segments: Vec<Segment>,
+    /// The common shapes, matched with one comparison: a pattern without
+    /// wildcards (`Exact`), or literals followed by `>` (`Prefix`, holding
+    /// the literals and the trailing dot).
+    shape: Shape,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Shape {
+    Exact(Vec<u8>),
+    Prefix(Vec<u8>),
+    General,
 }
 
 impl TypePattern {
@@ -72,11 +83,30 @@ impl TypePattern {
             };
             segments.push(segment);
         }
-        Ok(TypePattern { segments })
+        let literals = segments
+            .iter()
+            .take_while(|s| matches!(s, Segment::Literal(_)))
+            .count();
+        let shape = if literals == segments.len() {
+            Shape::Exact(pattern.as_bytes().to_vec())
+        } else if literals + 1 == segments.len() && segments[literals] == Segment::Rest {
+            // "a.b.>" -> "a.b."; a lone ">" -> "" (any type).
+            Shape::Prefix(pattern.as_bytes()[..pattern.len() - 1].to_vec())
+        } else {
+            Shape::General
+        };
+        Ok(TypePattern { segments, shape })
     }
 
     /// Whether an event type matches.
     pub fn matches(&self, event_type: &[u8]) -> bool {
+        match &self.shape {
+            Shape::Exact(exact) => return event_type == exact.as_slice(),
+            Shape::Prefix(prefix) => {
+                return event_type.len() > prefix.len() && event_type.starts_with(prefix)
+            }
+            Shape::General => {}
+        }
         // The part of the type after the segments matched so far.
         let mut rest = event_type;
         for (i, segment) in self.segments.iter().enumerate() {
