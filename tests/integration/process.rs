@@ -405,7 +405,10 @@ fn bench_runs_every_workload_and_reports_json() {
         .iter()
         .map(|r| r["figures"]["workload"].as_str().unwrap())
         .collect();
-    assert_eq!(workloads, ["append", "catchup", "tail", "fanout"]);
+    assert_eq!(
+        workloads,
+        ["append", "catchup", "tail", "fanout", "filtered", "committing"]
+    );
     for result in results {
         assert!(
             result["failures"].as_array().unwrap().is_empty(),
@@ -428,6 +431,9 @@ fn bench_runs_every_workload_and_reports_json() {
             .unwrap()
             > 0
     );
+    assert_eq!(results[4]["figures"]["delivered"], 30, "1% of 3,000 events");
+    assert_eq!(results[5]["figures"]["events"], 3000);
+    assert!(results[5]["figures"]["commits"].as_u64().unwrap() > 0);
     assert!(stdout.contains("events/s"));
 }
 
