@@ -185,8 +185,13 @@ impl EventFilter {
 
     /// Whether an event passes.
     pub fn matches(&self, record: &EventRecord) -> bool {
-        (self.types.is_empty() || self.types.iter().any(|p| p.matches(&record.event_type)))
-            && (self.keys.is_empty() || self.keys.contains(&record.key))
+        self.matches_parts(&record.event_type, &record.key)
+    }
+
+    /// Whether an event with this type and key passes.
+    pub fn matches_parts(&self, event_type: &[u8], key: &[u8]) -> bool {
+        (self.types.is_empty() || self.types.iter().any(|p| p.matches(event_type)))
+            && (self.keys.is_empty() || self.keys.iter().any(|k| k.as_ref() == key))
     }
 
     /// The type patterns as given.

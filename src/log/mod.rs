@@ -291,6 +291,8 @@ impl Stream {
         leftover: &mut Option<Arc<Chunk>>,
     ) -> Result<(Vec<EventSlice>, u64), Error> {
         let filtered = !filter.is_empty();
+        let matches = |t: &[u8], k: &[u8]| filter.matches_parts(t, k);
+        let keep: crate::storage::Keep<'_> = &matches;
         let mut slices = Vec::new();
         let mut position = offset;
         let mut events = 0;
@@ -329,6 +331,8 @@ impl Stream {
                         } else {
                             max_bytes.saturating_sub(bytes)
                         },
+                        // Decode only what the filter passes.
+                        filtered.then_some(keep),
                     )?
                     .into_iter()
                     .map(Arc::new)

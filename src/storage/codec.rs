@@ -161,7 +161,16 @@ impl Chunk {
     }
 
     /// Decodes a chunk. Payloads are slices of `buf`, not copies.
-    pub fn decode(mut buf: Bytes) -> Result<Chunk, CodecError> {
+    pub fn decode(buf: Bytes) -> Result<Chunk, CodecError> {
+        Chunk::decode_where(buf, None)
+    }
+
+    /// Decodes a chunk, but only the records for which `keep(type, key)`
+    /// holds; the others become empty placeholders (`EventRecord::default()`,
+    /// which has no type) at their positions. Their layout is still
+    /// checked, but not their text, and they cost no copy or reference
+    /// count: a filtered scan over many non-matching events stays cheap.
+    pub fn decode_where(mut buf: Bytes, keep: Option<Keep<'_>>) -> Result<Chunk, CodecError> {
         if buf.remaining() < CHUNK_HEADER_LEN {
             return Err(CodecError::Truncated);
         }
@@ -179,6 +188,14 @@ impl Chunk {
         }
         let mut records = Vec::with_capacity(count);
         for _ in 0..count {
+            if let Some(keep) = keep {
+                let (event_type, key) = peek_type_and_key(&buf)?;
+                if !keep(event_type, key) {
+                    skip_record(&mut buf, version == CHUNK_VERSION)?;
+                    records.push(EventRecord::default());
+                    continue;
+                }
+            }
             let event_type = get_string(&mut buf)?;
             let key = get_string(&mut buf)?;
             let content_type = get_string(&mut buf)?;
@@ -418,6 +435,48 @@ pub enum CodecError {
     Inconsistent(String),
 }
 
+/// A record selector for [`Chunk::decode_where`]: `(type, key) -> keep?`.
+pub type Keep<'a> = &'a dyn Fn(&[u8], &[u8]) -> bool;
+
+/// The type and key of the record at the start of `buf`, without consuming.
+fn peek_type_and_key(buf: &[u8]) -> Result<(&[u8], &[u8]), CodecError> {
+    let field = |at: usize| -> Result<(&[u8], usize), CodecError> {
+        let len_bytes = buf.get(at..at + 4).ok_or(CodecError::Truncated)?;
+        let len = u32::from_be_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+        let value = buf.get(at + 4..at + 4 + len).ok_or(CodecError::Truncated)?;
+        Ok((value, at + 4 + len))
+    };
+    let (event_type, next) = field(0)?;
+    let (key, _) = field(next)?;
+    Ok((event_type, key))
+}
+
+/// Moves `buf` past one record, checking only that its lengths fit.
+fn skip_record(buf: &mut Bytes, with_renderings: bool) -> Result<(), CodecError> {
+    let skip_field = |buf: &mut Bytes| -> Result<(), CodecError> {
+        let len = get_u32(buf)? as usize;
+        if buf.remaining() < len {
+            return Err(CodecError::Truncated);
+        }
+        buf.advance(len);
+        Ok(())
+    };
+    for _ in 0..4 {
+        skip_field(buf)?;
+    }
+    let n_meta = get_u32(buf)? as usize;
+    for _ in 0..n_meta * 2 {
+        skip_field(buf)?;
+    }
+    if with_renderings {
+        let n = get_u32(buf)? as usize;
+        for _ in 0..n * 3 {
+            skip_field(buf)?;
+        }
+    }
+    Ok(())
+}
+
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.put_u32(bytes.len() as u32);
     out.put_slice(bytes);
@@ -569,6 +628,28 @@ mod tests {
         for cut in 0..encoded.len() {
             assert!(
                 ConsumerRecord::decode(&encoded[..cut]).is_err(),
+                "cut {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_selective_decode_keeps_positions_and_checks_layout() {
+        let chunk = sample();
+        let encoded = Bytes::from(chunk.encode());
+        let keep_x: Keep = &|t, _| t == b"x";
+        let partial = Chunk::decode_where(encoded.clone(), Some(keep_x)).unwrap();
+        assert_eq!(partial.records.len(), 2);
+        assert_eq!(partial.records[0], EventRecord::default(), "skipped");
+        assert_eq!(partial.records[1], chunk.records[1], "kept");
+        let keep_all: Keep = &|_, _| true;
+        assert_eq!(
+            Chunk::decode_where(encoded.clone(), Some(keep_all)).unwrap(),
+            chunk
+        );
+        for cut in 0..encoded.len() {
+            assert!(
+                Chunk::decode_where(encoded.slice(..cut), Some(keep_x)).is_err(),
                 "cut {cut}"
             );
         }

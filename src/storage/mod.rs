@@ -36,7 +36,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 pub use codec::{
-    Chunk, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Rendering, StreamMeta,
+    Chunk, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep, Rendering, StreamMeta,
 };
 use wal::{Op, Wal};
 
@@ -409,7 +409,8 @@ impl Store {
     /// Reads chunks of a stream in order, starting with the one holding
     /// `offset`, until `end` (exclusive), until they hold `max_events`
     /// events from `offset` on, or until about `max_bytes` have been read
-    /// (at least one chunk).
+    /// (at least one chunk). With `keep`, only the records it selects are
+    /// decoded (see [`Chunk::decode_where`]).
     pub fn read_chunks(
         &self,
         stream_id: u64,
@@ -417,6 +418,7 @@ impl Store {
         end: u64,
         max_events: usize,
         max_bytes: usize,
+        keep: Option<Keep<'_>>,
     ) -> Result<Vec<Chunk>, StorageError> {
         let mut chunks = Vec::new();
         if offset >= end {
@@ -443,7 +445,7 @@ impl Store {
             // For the page cache's accounting only (see above).
             let _ = self.tree.get(&key)?;
             bytes += value.len();
-            let chunk = self.decode_chunk(stream_id, &key, &value)?;
+            let chunk = self.decode_chunk(stream_id, &key, &value, keep)?;
             if chunk.end_offset() > offset {
                 let covered = chunk.end_offset() - offset;
                 chunks.push(chunk);
@@ -489,7 +491,7 @@ impl Store {
     fn chunk_holding(&self, stream_id: u64, offset: u64) -> Result<Option<Chunk>, StorageError> {
         match self.tree.get_lt(chunk_key(stream_id, offset + 1))? {
             Some((key, value)) if key[..9] == chunk_key(stream_id, 0)[..9] => {
-                let chunk = self.decode_chunk(stream_id, &key, &value)?;
+                let chunk = self.decode_chunk(stream_id, &key, &value, None)?;
                 Ok(chunk.contains(offset).then_some(chunk))
             }
             _ => Ok(None),
@@ -621,7 +623,7 @@ impl Store {
             None => Ok(None),
             Some(item) => {
                 let (key, value) = item?;
-                self.decode_chunk(stream_id, &key, &value).map(Some)
+                self.decode_chunk(stream_id, &key, &value, None).map(Some)
             }
         }
     }
@@ -631,6 +633,7 @@ impl Store {
         stream_id: u64,
         key: &[u8],
         value: &sled::IVec,
+        keep: Option<Keep<'_>>,
     ) -> Result<Chunk, StorageError> {
         let corrupt = |source| StorageError::Corrupt {
             what: format!(
@@ -640,7 +643,7 @@ impl Store {
             source,
         };
         // Payloads stay slices of sled's buffer: no copy.
-        let chunk = Chunk::decode(Bytes::from_owner(value.clone())).map_err(corrupt)?;
+        let chunk = Chunk::decode_where(Bytes::from_owner(value.clone()), keep).map_err(corrupt)?;
         if chunk.first_offset != offset_of_chunk_key(key) || chunk.records.is_empty() {
             return Err(corrupt(CodecError::Truncated));
         }
@@ -750,7 +753,7 @@ mod tests {
 
         for offset in 0..10u64 {
             let chunks = store
-                .read_chunks(5, offset, 10, usize::MAX, usize::MAX)
+                .read_chunks(5, offset, 10, usize::MAX, usize::MAX, None)
                 .unwrap();
             assert!(chunks[0].contains(offset), "offset {offset}");
             assert_eq!(chunks.last().unwrap().end_offset(), 10);
@@ -758,17 +761,35 @@ mod tests {
         // `end` bounds the read; `max_bytes` stops after at least one chunk.
         assert_eq!(
             store
-                .read_chunks(5, 0, 4, usize::MAX, usize::MAX)
+                .read_chunks(5, 0, 4, usize::MAX, usize::MAX, None)
                 .unwrap()
                 .len(),
             2
         );
-        assert_eq!(store.read_chunks(5, 0, 10, usize::MAX, 1).unwrap().len(), 1);
+        assert_eq!(
+            store
+                .read_chunks(5, 0, 10, usize::MAX, 1, None)
+                .unwrap()
+                .len(),
+            1
+        );
         // Enough chunks to cover max_events, no more.
-        assert_eq!(store.read_chunks(5, 1, 10, 2, usize::MAX).unwrap().len(), 1);
-        assert_eq!(store.read_chunks(5, 1, 10, 3, usize::MAX).unwrap().len(), 2);
+        assert_eq!(
+            store
+                .read_chunks(5, 1, 10, 2, usize::MAX, None)
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            store
+                .read_chunks(5, 1, 10, 3, usize::MAX, None)
+                .unwrap()
+                .len(),
+            2
+        );
         assert!(store
-            .read_chunks(5, 10, 10, usize::MAX, usize::MAX)
+            .read_chunks(5, 10, 10, usize::MAX, usize::MAX, None)
             .unwrap()
             .is_empty());
 
@@ -799,12 +820,14 @@ mod tests {
         store
             .write_group("high", &meta(6, 2), vec![chunk(0, 2)], &[])
             .unwrap();
-        let chunks = store.read_chunks(5, 2, 9, usize::MAX, usize::MAX).unwrap();
+        let chunks = store
+            .read_chunks(5, 2, 9, usize::MAX, usize::MAX, None)
+            .unwrap();
         assert_eq!(chunks.len(), 1);
         assert_eq!((chunks[0].first_offset, chunks[0].end_offset()), (6, 9));
         // A stream with no chunks at all reads nothing, not its neighbour's.
         assert!(store
-            .read_chunks(7, 0, 5, usize::MAX, usize::MAX)
+            .read_chunks(7, 0, 5, usize::MAX, usize::MAX, None)
             .unwrap()
             .is_empty());
     }
@@ -845,7 +868,7 @@ mod tests {
         let streams = store.load_streams().unwrap();
         assert_eq!((streams[0].first_offset, streams[0].next_offset), (0, 2));
         assert!(store
-            .read_chunks(3, 2, 10, usize::MAX, usize::MAX)
+            .read_chunks(3, 2, 10, usize::MAX, usize::MAX, None)
             .unwrap()
             .is_empty());
         assert_eq!(store.get_idempotency(3, "kept").unwrap(), Some(rec(0)));
@@ -878,7 +901,7 @@ mod tests {
             .unwrap();
         store.delete_stream("a", 1).unwrap();
         assert!(store
-            .read_chunks(1, 0, 1, usize::MAX, usize::MAX)
+            .read_chunks(1, 0, 1, usize::MAX, usize::MAX, None)
             .unwrap()
             .is_empty());
         assert_eq!(store.get_idempotency(1, "k").unwrap(), None);
@@ -991,94 +1014,5 @@ mod tests {
         }
         let store = open(dir.path());
         assert_eq!(store.load_streams().unwrap()[0].next_offset, 4);
-    }
-}
-
-#[cfg(test)]
-mod scan_timing {
-    use super::*;
-
-    /// Not a test: prints how long a full scan takes, by part. Run with
-    /// `cargo test --release scan_timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn time_a_full_scan() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreOptions {
-            path: dir.path().to_path_buf(),
-            cache_bytes: 64 << 20,
-            background_flush_ms: None,
-            write_ahead_log: false,
-            checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
-        })
-        .unwrap();
-        let n = 1_000_000u64;
-        let record = EventRecord {
-            event_type: "bench.event".into(),
-            key: "k12".into(),
-            content_type: "application/octet-stream".into(),
-            data: vec![b'x'; 256].into(),
-            ..Default::default()
-        };
-        let per_chunk = 28u64;
-        let mut first = 0;
-        let mut meta = StreamMeta {
-            id: 1,
-            created_unix_nanos: 0,
-            offset_floor: 0,
-            next_offset: 0,
-            bytes: 0,
-        };
-        while first < n {
-            let chunk = Chunk {
-                first_offset: first,
-                time_unix_nanos: 1,
-                records: vec![record.clone(); per_chunk as usize],
-            };
-            meta.next_offset = first + per_chunk;
-            store
-                .write_group(
-                    "s",
-                    &meta,
-                    vec![EncodedChunk {
-                        first_offset: first,
-                        value: chunk.encode(),
-                    }],
-                    &[],
-                )
-                .unwrap();
-            first += per_chunk;
-        }
-        let started = std::time::Instant::now();
-        let mut offset = 0;
-        let mut chunks = 0;
-        let mut raw = Vec::new();
-        while offset < meta.next_offset {
-            let read = store
-                .read_chunks(1, offset, meta.next_offset, usize::MAX, 1 << 20)
-                .unwrap();
-            chunks += read.len();
-            offset = read.last().unwrap().end_offset();
-            if raw.len() < 1000 {
-                raw.extend(read.iter().map(|c| c.encode()));
-            }
-        }
-        let full = started.elapsed();
-        let started = std::time::Instant::now();
-        let mut decoded = 0;
-        for _ in 0..(chunks / raw.len()) {
-            for value in &raw {
-                decoded += Chunk::decode(Bytes::from(value.clone()))
-                    .unwrap()
-                    .records
-                    .len();
-            }
-        }
-        let decode = started.elapsed();
-        eprintln!(
-            "{n} events in {chunks} chunks: read+decode {full:?} ({:.0} ns/event); decode alone {decode:?} for {decoded} ({:.0} ns/event)",
-            full.as_nanos() as f64 / n as f64,
-            decode.as_nanos() as f64 / decoded as f64
-        );
     }
 }

@@ -407,7 +407,14 @@ fn bench_runs_every_workload_and_reports_json() {
         .collect();
     assert_eq!(
         workloads,
-        ["append", "catchup", "tail", "fanout", "filtered", "committing"]
+        [
+            "append",
+            "catchup",
+            "tail",
+            "fanout",
+            "filtered",
+            "committing"
+        ]
     );
     for result in results {
         assert!(
