@@ -7,7 +7,8 @@
 //!   the write-ahead log that makes `fsync` appends durable with one
 //!   `fdatasync`, checkpoints.
 //! - [`log`]: streams on top of storage: one writer per stream, group
-//!   commit, committed-head watch, tail cache, subscriptions.
+//!   commit, committed-head watch, tail cache, subscriptions, durable
+//!   consumers (cursors and takeover leases) and event filters.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
 //!   status codes in one place.
 //! - [`server`]: opens the log, serves gRPC, shuts down gracefully.
@@ -16,7 +17,9 @@
 //!
 //! # Architecture invariants
 //! - Only `storage` knows sled; only `service`, `server` and `cli` know tonic.
-//! - Only a stream's writer assigns offsets, so offsets are dense and ordered.
+//! - Only a stream's writer assigns offsets, so offsets are dense and ordered;
+//!   it also writes the stream's consumer cursors, so they are ordered with
+//!   the stream's deletion.
 //! - Readers never read past the committed head: an event is visible only
 //!   once it is durable under the durability mode, so an offset a consumer
 //!   saw is never reused, even after a crash.
