@@ -238,23 +238,12 @@ impl Log {
         validate_consumer_name(name)?;
         let stream = self.get(stream)?;
         let (reply, reply_rx) = oneshot::channel();
-        let gone = || {
-            if self.closing.is_cancelled() {
-                Error::ShuttingDown
-            } else {
-                Error::StreamNotFound(stream.name.clone())
-            }
+        let command = WriterCommand::Consumer {
+            name: name.to_string(),
+            change,
+            reply,
         };
-        stream
-            .writer_tx
-            .send(WriterCommand::Consumer {
-                name: name.to_string(),
-                change,
-                reply,
-            })
-            .await
-            .map_err(|_| gone())?;
-        reply_rx.await.map_err(|_| gone())?
+        self.ask_writer(&stream, command, reply_rx).await
     }
 
     /// Saves a consumer's cursor (creating the consumer when missing);

@@ -234,11 +234,10 @@ impl StreamShared {
 
     fn mark_deleted(&self) {
         self.head_tx.send_modify(|head| head.deleted = true);
-        let mut consumers = self.consumers.lock().expect("consumers lock");
-        for state in consumers.values_mut() {
-            state.end_lease();
-        }
-        consumers.clear();
+        // The consumers go with the stream. Their subscriptions end through
+        // the head (NOT_FOUND, as for any subscriber), not through their
+        // leases (which would say ABORTED).
+        self.consumers.lock().expect("consumers lock").clear();
     }
 
     fn set_bytes(&self, bytes: u64) {
@@ -565,6 +564,19 @@ impl Log {
             idempotency,
             reply,
         };
+        self.ask_writer(&stream, WriterCommand::Append(job), reply_rx)
+            .await
+    }
+
+    /// Sends a command to a stream's writer and waits for its answer. A
+    /// writer that is gone means the log is closing or the stream was
+    /// deleted.
+    async fn ask_writer<T>(
+        &self,
+        stream: &Stream,
+        command: WriterCommand,
+        answer: oneshot::Receiver<Result<T, Error>>,
+    ) -> Result<T, Error> {
         let gone = || {
             if self.closing.is_cancelled() {
                 Error::ShuttingDown
@@ -572,12 +584,8 @@ impl Log {
                 Error::StreamNotFound(stream.name.clone())
             }
         };
-        stream
-            .writer_tx
-            .send(WriterCommand::Append(job))
-            .await
-            .map_err(|_| gone())?;
-        reply_rx.await.map_err(|_| gone())?
+        stream.writer_tx.send(command).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
     }
 
     fn validate_batch(&self, batch: &AppendBatch) -> Result<(), Error> {

@@ -46,6 +46,26 @@ async fn commit(
         .map(|r| r.into_inner().consumer.expect("consumer info"))
 }
 
+/// Reads a subscription to its end and returns the status it ended with.
+async fn end_status(sub: &mut Streaming<pb::SubscribeResponse>) -> tonic::Status {
+    loop {
+        if let Err(status) = next(sub).await {
+            return status;
+        }
+    }
+}
+
+async fn list_consumers(client: &mut Client, stream: &str) -> Vec<pb::ConsumerInfo> {
+    client
+        .list_consumers(pb::ListConsumersRequest {
+            stream: stream.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .consumers
+}
+
 async fn get_consumer(
     client: &mut Client,
     stream: &str,
@@ -118,12 +138,7 @@ async fn a_new_subscription_of_the_same_consumer_takes_over() {
             .unwrap();
         collect(&mut new, 3).await;
         // The older one ends with ABORTED (after any message in flight).
-        let status = loop {
-            match next(&mut old).await {
-                Ok(_) => continue,
-                Err(status) => break status,
-            }
-        };
+        let status = end_status(&mut old).await;
         assert_eq!(status.code(), Code::Aborted, "{status:?}");
         assert!(
             status.message().contains("taken over"),
@@ -194,12 +209,7 @@ async fn list_consumers_reports_cursors_and_lag_and_delete_ends_the_subscription
         let mut sub = subscribe_as(&mut client, "s", "b", None).await.unwrap();
         collect(&mut sub, 6).await;
 
-        let list = client
-            .list_consumers(pb::ListConsumersRequest { stream: "s".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .consumers;
+        let list = list_consumers(&mut client, "s").await;
         let summary: Vec<(String, u64, u64)> = list
             .iter()
             .map(|c| (c.name.clone(), c.next_offset, c.lag))
@@ -213,12 +223,7 @@ async fn list_consumers_reports_cursors_and_lag_and_delete_ends_the_subscription
             })
             .await
             .unwrap();
-        let status = loop {
-            match next(&mut sub).await {
-                Ok(_) => continue,
-                Err(status) => break status,
-            }
-        };
+        let status = end_status(&mut sub).await;
         assert_eq!(status.code(), Code::Aborted);
         assert!(status.message().contains("deleted"), "{}", status.message());
         let status = client
@@ -274,12 +279,7 @@ async fn concurrent_commits_all_land_and_the_last_one_wins() {
         }
         let server = server.restart().await;
         let mut client = server.client().await;
-        let list = client
-            .list_consumers(pb::ListConsumersRequest { stream: "s".into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .consumers;
+        let list = list_consumers(&mut client, "s").await;
         assert_eq!(list.len(), 20);
         assert!(list.iter().all(|c| c.next_offset == 100 && c.lag == 0));
         server.stop().await;

@@ -199,22 +199,7 @@ fn unusable_data_dir_and_bad_settings_exit_nonzero_with_a_message() {
 fn the_cli_publishes_tails_and_lists_as_the_readme_shows() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, url) = spawn_server(dir.path(), &[]);
-    let cli = |args: &[&str], stdin: Option<&str>| {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("PULLSTREAM_SERVER", &url)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = child.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            input.write_all(text.as_bytes()).unwrap();
-        }
-        drop(input);
-        child.wait_with_output().unwrap()
-    };
+    let cli = |args: &[&str], stdin: Option<&str>| run_cli(&url, args, stdin);
     let out = cli(
         &[
             "publish",
