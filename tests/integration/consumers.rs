@@ -245,10 +245,14 @@ async fn list_consumers_reports_cursors_and_lag_and_delete_ends_the_subscription
                 .next_offset,
             10
         );
+        let mut sub = subscribe_as(&mut client, "s", "a", None).await.unwrap();
+        next(&mut sub).await.unwrap();
         client
             .delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
             .await
             .unwrap();
+        // Its subscriptions end as any subscriber's do: NOT_FOUND.
+        assert_eq!(end_status(&mut sub).await.code(), Code::NotFound);
         append(&mut client, "s", events(1, "new")).await;
         let status = get_consumer(&mut client, "s", "a").await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound);
