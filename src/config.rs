@@ -105,6 +105,10 @@ pub struct ServeSettings {
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
     #[arg(long, env = "PULLSTREAM_CHECKPOINT_BYTES")]
     pub checkpoint_bytes: Option<u64>,
+    /// Serve without API keys on a non-loopback address (anyone who can
+    /// reach the port can read and write everything) [default: false]
+    #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
 }
 
 impl ServeSettings {
@@ -139,6 +143,7 @@ impl ServeSettings {
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
+            insecure: self.insecure.or(fallback.insecure),
         }
     }
 }
@@ -180,6 +185,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Write-ahead log bytes between checkpoints.
     pub checkpoint_bytes: u64,
+    /// Whether to serve without keys on a non-loopback address.
+    pub insecure: bool,
 }
 
 impl ServerConfig {
@@ -226,6 +233,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             checkpoint_bytes: s
                 .checkpoint_bytes
                 .unwrap_or(crate::storage::wal::DEFAULT_CHECKPOINT_BYTES),
+            insecure: s.insecure.unwrap_or(false),
         };
         let invalid =
             |setting: &'static str, message: String| Err(ConfigError::Invalid { setting, message });

@@ -81,6 +81,15 @@ pub enum Error {
         /// The key.
         key: String,
     },
+    /// No usable API key: missing, malformed, unknown, expired or revoked.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid key without the right to this call.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// An API key id that does not exist (for the caller's tenant).
+    #[error("API key {0:?} not found")]
+    KeyNotFound(String),
     /// The server is shutting down.
     #[error("server shutting down: reconnect and resume from your cursor")]
     ShuttingDown,

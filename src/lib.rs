@@ -9,6 +9,8 @@
 //! - [`log`]: streams on top of storage: one writer per stream, group
 //!   commit, committed-head watch, tail cache, subscriptions, durable
 //!   consumers (cursors and takeover leases) and event filters.
+//! - [`auth`]: API keys, tenants, scopes: who may call what, on which
+//!   streams.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
 //!   status codes in one place.
 //! - [`server`]: opens the log, serves gRPC, shuts down gracefully.
@@ -29,6 +31,7 @@
 //!   record is synced; every sled write is also in the log, in order, until
 //!   a checkpoint has made sled durable.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
+use crate::auth::KeyRing;
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::log::{Log, LogConfig};
@@ -29,6 +30,7 @@ const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
 pub struct Server {
     config: ServerConfig,
     log: Arc<Log>,
+    keys: Arc<KeyRing>,
 }
 
 impl Server {
@@ -36,7 +38,13 @@ impl Server {
     /// locked by another process, unreadable or corrupt.
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
         let log = Log::open(LogConfig::from(&config)).await?;
-        Ok(Server { config, log })
+        let keys = Arc::new(KeyRing::load(log.store().clone())?);
+        Ok(Server { config, log, keys })
+    }
+
+    /// The API keys, for embedding and tests.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
     }
 
     /// The log, for embedding (e.g. the benchmark).
@@ -52,10 +60,18 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
         let config = &self.config;
+        let address = listener.local_addr().map_err(ServeError::Io)?;
+        if self.keys.is_open() && !address.ip().is_loopback() {
+            if !config.insecure {
+                return Err(ServeError::Insecure(address));
+            }
+            warn!(%address, "SERVING WITHOUT AUTHENTICATION on a non-loopback address (--insecure): anyone who can reach this port can read, write and delete every stream");
+        }
         let cancel = CancellationToken::new();
         let subscriptions = TaskTracker::new();
         let service = EventLogService::new(
             self.log.clone(),
+            self.keys.clone(),
             ServiceConfig {
                 heartbeat_interval: config.heartbeat_interval,
             },
@@ -67,7 +83,6 @@ impl Server {
             .max_encoding_message_size(
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
             );
-        let address = listener.local_addr().map_err(ServeError::Io)?;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         info!(%address, durability = %config.durability, "serving gRPC");
 
@@ -116,6 +131,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("gRPC transport error: {0}")]
     Transport(tonic::transport::Error),
+    /// Open mode (no API keys) on an address others can reach.
+    #[error("refusing to serve without API keys on {0}, which is not a loopback address: create a key first (`pullstream keys create --data-dir DIR --tenant T --scope admin`), listen on 127.0.0.1, or pass --insecure")]
+    Insecure(std::net::SocketAddr),
     /// Storage could not be closed cleanly.
     #[error("closing storage failed: {0}")]
     Close(Error),

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{key_lost, KeyRing, Principal, Scope};
 use crate::error::Error;
 use crate::log::{
     self, AppendBatch, ConsumerLease, ConsumerSettings, EventFilter, EventSlice, Log, StartAt,
@@ -45,6 +46,9 @@ impl From<Error> for Status {
             }
             Error::StreamNotFound(_) | Error::ConsumerNotFound { .. } => Status::not_found(message),
             Error::ConsumerSessionEnded { .. } => Status::aborted(message),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
+            Error::KeyNotFound(_) => Status::not_found(message),
             Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
                 Status::already_exists(message)
             }
@@ -68,6 +72,7 @@ pub struct ServiceConfig {
 /// The `EventLog` implementation.
 pub struct EventLogService {
     log: Arc<Log>,
+    keys: Arc<KeyRing>,
     config: ServiceConfig,
     /// Cancelled when the server shuts down: subscriptions end with UNAVAILABLE.
     shutdown: CancellationToken,
@@ -79,18 +84,44 @@ impl EventLogService {
     /// A service over `log`.
     pub fn new(
         log: Arc<Log>,
+        keys: Arc<KeyRing>,
         config: ServiceConfig,
         shutdown: CancellationToken,
         subscriptions: TaskTracker,
     ) -> EventLogService {
         EventLogService {
             log,
+            keys,
             config,
             shutdown,
             subscriptions,
         }
     }
+
+    /// Who is calling (from the `authorization` metadata), if the key has
+    /// one of `scopes`.
+    fn caller<T>(&self, request: &Request<T>, scopes: &[Scope]) -> Result<Principal, Status> {
+        caller(&self.keys, request, scopes)
+    }
 }
+
+/// Authenticates a request and checks its key has one of `scopes`.
+pub fn caller<T>(
+    keys: &KeyRing,
+    request: &Request<T>,
+    scopes: &[Scope],
+) -> Result<Principal, Status> {
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let principal = keys.authenticate(authorization)?;
+    principal.require(scopes)?;
+    Ok(principal)
+}
+
+/// Any scope: describing streams needs only a valid key.
+const ANY_SCOPE: &[Scope] = &[Scope::Publish, Scope::Subscribe, Scope::Admin];
 
 type SubscribeStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
@@ -101,13 +132,15 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::AppendRequest>,
     ) -> Result<Response<pb::AppendResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Publish])?;
         let request = request.into_inner();
+        let stream = caller.stream(&request.stream)?;
         let batch = AppendBatch {
             events: request.events.into_iter().map(record_from_proto).collect(),
             expected_next_offset: request.expected_next_offset,
             idempotency_key: request.idempotency_key,
         };
-        let outcome = self.log.append(&request.stream, batch).await?;
+        let outcome = self.log.append(&stream, batch).await?;
         Ok(Response::new(pb::AppendResponse {
             stream: request.stream,
             first_offset: outcome.first_offset,
@@ -121,17 +154,15 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<pb::ReadResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
         let request = request.into_inner();
+        let stream = caller.stream(&request.stream)?;
         let limit = page_size(request.limit, "limit")?;
         let filter = filter_from_proto(request.filter)?.unwrap_or_default();
         let version = version_from_proto(request.version)?.unwrap_or_default();
-        let page = self.log.read(
-            &request.stream,
-            request.offset,
-            limit,
-            MAX_RESPONSE_BYTES,
-            &filter,
-        )?;
+        let page = self
+            .log
+            .read(&stream, request.offset, limit, MAX_RESPONSE_BYTES, &filter)?;
         Ok(Response::new(pb::ReadResponse {
             events: Vec::new(),
             encoded_events: encode_events(&request.stream, &page.slices, version.as_bytes()),
@@ -146,7 +177,9 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<SubscribeStream>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
         let request = request.into_inner();
+        let stream = caller.stream(&request.stream)?;
         let start = match request.start {
             None => StartAt::Earliest,
             Some(subscribe_request::Start::Offset(offset)) => StartAt::Offset(offset),
@@ -171,26 +204,28 @@ impl EventLog for EventLogService {
         let filter = filter_from_proto(request.filter)?;
         let version = version_from_proto(request.version)?;
         let (subscription, lease, version) = if request.consumer.is_empty() {
-            let subscription =
-                self.log
-                    .subscribe(&request.stream, start, filter.unwrap_or_default())?;
+            let subscription = self
+                .log
+                .subscribe(&stream, start, filter.unwrap_or_default())?;
             (subscription, None, version.unwrap_or_default())
         } else {
             let settings = ConsumerSettings { filter, version };
             let (lease, cursor, filter, version) = self
                 .log
-                .open_consumer(&request.stream, &request.consumer, start, settings)
+                .open_consumer(&stream, &request.consumer, start, settings)
                 .await?;
-            let subscription =
-                self.log
-                    .subscribe(&request.stream, StartAt::Offset(cursor), filter)?;
+            let subscription = self
+                .log
+                .subscribe(&stream, StartAt::Offset(cursor), filter)?;
             (subscription, Some(lease), version)
         };
         let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         self.subscriptions.spawn(run_subscription(
             Delivery {
+                stream: request.stream,
                 subscription,
                 lease,
+                key: (self.keys.clone(), caller),
                 version: Bytes::from(version),
                 max_events,
             },
@@ -205,9 +240,11 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::CreateStreamResponse>, Status> {
-        let info = self.log.create_stream(&request.into_inner().stream).await?;
+        let caller = self.caller(&request, &[Scope::Publish, Scope::Admin])?;
+        let name = request.into_inner().stream;
+        let info = self.log.create_stream(&caller.stream(&name)?).await?;
         Ok(Response::new(pb::CreateStreamResponse {
-            stream: Some(stream_info_to_proto(info)),
+            stream: Some(stream_info_to_proto(info, name)),
         }))
     }
 
@@ -215,10 +252,11 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::GetStreamRequest>,
     ) -> Result<Response<pb::GetStreamResponse>, Status> {
+        let caller = self.caller(&request, ANY_SCOPE)?;
         let name = request.into_inner().stream;
-        let info = self.log.stream_info(&name)?;
+        let info = self.log.stream_info(&caller.stream(&name)?)?;
         Ok(Response::new(pb::GetStreamResponse {
-            stream: Some(stream_info_to_proto(info)),
+            stream: Some(stream_info_to_proto(info, name)),
         }))
     }
 
@@ -226,18 +264,33 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::ListStreamsRequest>,
     ) -> Result<Response<pb::ListStreamsResponse>, Status> {
+        let caller = self.caller(&request, ANY_SCOPE)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size, "page_size")?;
-        // One more than asked tells whether another page exists.
-        let mut streams = self.log.list_streams(&request.page_token, limit + 1);
-        let next_page_token = if streams.len() > limit {
-            streams.truncate(limit);
-            streams.last().map(|s| s.name.clone()).unwrap_or_default()
+        let after = if request.page_token.is_empty() {
+            crate::auth::stored_stream_name(&caller.tenant, "")
         } else {
-            String::new()
+            crate::auth::stored_stream_name(&caller.tenant, &request.page_token)
+        };
+        // Only the caller's tenant's streams its key may use. One more than
+        // asked tells whether another page exists.
+        let visible = |stored: &str| caller.own_name(stored).is_some_and(|n| caller.may_use(n));
+        let mut streams = self.log.list_streams(&after, limit + 1, &visible);
+        let more = streams.len() > limit;
+        streams.truncate(limit);
+        let streams: Vec<pb::StreamInfo> = streams
+            .into_iter()
+            .map(|info| {
+                let name = caller.own_name(&info.name).unwrap_or_default().to_string();
+                stream_info_to_proto(info, name)
+            })
+            .collect();
+        let next_page_token = match streams.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
         };
         Ok(Response::new(pb::ListStreamsResponse {
-            streams: streams.into_iter().map(stream_info_to_proto).collect(),
+            streams,
             next_page_token,
         }))
     }
@@ -246,8 +299,9 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::DeleteStreamRequest>,
     ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Admin])?;
         let name = request.into_inner().stream;
-        self.log.delete_stream(&name).await?;
+        self.log.delete_stream(&caller.stream(&name)?).await?;
         Ok(Response::new(pb::DeleteStreamResponse {}))
     }
 
@@ -255,13 +309,18 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::CommitCursorRequest>,
     ) -> Result<Response<pb::CommitCursorResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
         let request = request.into_inner();
         let info = self
             .log
-            .commit_cursor(&request.stream, &request.consumer, request.next_offset)
+            .commit_cursor(
+                &caller.stream(&request.stream)?,
+                &request.consumer,
+                request.next_offset,
+            )
             .await?;
         Ok(Response::new(pb::CommitCursorResponse {
-            consumer: Some(consumer_info_to_proto(info)),
+            consumer: Some(consumer_info_to_proto(info, request.stream)),
         }))
     }
 
@@ -269,10 +328,13 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::GetConsumerRequest>,
     ) -> Result<Response<pb::GetConsumerResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
         let request = request.into_inner();
-        let info = self.log.consumer_info(&request.stream, &request.consumer)?;
+        let info = self
+            .log
+            .consumer_info(&caller.stream(&request.stream)?, &request.consumer)?;
         Ok(Response::new(pb::GetConsumerResponse {
-            consumer: Some(consumer_info_to_proto(info)),
+            consumer: Some(consumer_info_to_proto(info, request.stream)),
         }))
     }
 
@@ -280,9 +342,14 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::ListConsumersRequest>,
     ) -> Result<Response<pb::ListConsumersResponse>, Status> {
-        let consumers = self.log.list_consumers(&request.into_inner().stream)?;
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
+        let name = request.into_inner().stream;
+        let consumers = self.log.list_consumers(&caller.stream(&name)?)?;
         Ok(Response::new(pb::ListConsumersResponse {
-            consumers: consumers.into_iter().map(consumer_info_to_proto).collect(),
+            consumers: consumers
+                .into_iter()
+                .map(|c| consumer_info_to_proto(c, name.clone()))
+                .collect(),
         }))
     }
 
@@ -290,9 +357,10 @@ impl EventLog for EventLogService {
         &self,
         request: Request<pb::DeleteConsumerRequest>,
     ) -> Result<Response<pb::DeleteConsumerResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Admin])?;
         let request = request.into_inner();
         self.log
-            .delete_consumer(&request.stream, &request.consumer)
+            .delete_consumer(&caller.stream(&request.stream)?, &request.consumer)
             .await?;
         Ok(Response::new(pb::DeleteConsumerResponse {}))
     }
@@ -300,7 +368,12 @@ impl EventLog for EventLogService {
 
 /// What one subscription delivers, and how.
 struct Delivery {
+    /// The stream as the caller names it (events carry this name).
+    stream: String,
     subscription: Subscription,
+    /// The key the subscription was opened with: it ends if the key is
+    /// revoked or expires.
+    key: (Arc<KeyRing>, Principal),
     /// Held while subscribed as a durable consumer.
     lease: Option<ConsumerLease>,
     /// The pinned payload version; empty for the default payload.
@@ -332,7 +405,9 @@ async fn run_subscription(
     shutdown: CancellationToken,
 ) {
     let Delivery {
+        stream,
         mut subscription,
+        key: (keys, principal),
         lease,
         version,
         max_events,
@@ -367,7 +442,7 @@ async fn run_subscription(
             sent_caught_up = subscription.next_offset() >= head.next_offset;
             let response = pb::SubscribeResponse {
                 events: Vec::new(),
-                encoded_events: encode_events(subscription.stream_name(), &slices, &version),
+                encoded_events: encode_events(&stream, &slices, &version),
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
                 caught_up: sent_caught_up,
@@ -380,6 +455,10 @@ async fn run_subscription(
                     return;
                 }
                 error = lease_lost(&lease) => {
+                    let _ = tx.try_send(Err(error.into()));
+                    return;
+                }
+                error = key_lost(&keys, &principal) => {
                     let _ = tx.try_send(Err(error.into()));
                     return;
                 }
@@ -404,6 +483,10 @@ async fn run_subscription(
                 return;
             }
             error = lease_lost(&lease) => {
+                let _ = tx.send(Err(error.into())).await;
+                return;
+            }
+            error = key_lost(&keys, &principal) => {
                 let _ = tx.send(Err(error.into())).await;
                 return;
             }
@@ -443,13 +526,13 @@ fn unix_nanos(t: &Timestamp) -> Result<i64, Status> {
         .saturating_add(i64::from(t.nanos)))
 }
 
-fn consumer_info_to_proto(info: log::ConsumerInfo) -> pb::ConsumerInfo {
+fn consumer_info_to_proto(info: log::ConsumerInfo, stream: String) -> pb::ConsumerInfo {
     let filter = (!info.types.is_empty() || !info.keys.is_empty()).then_some(pb::EventFilter {
         types: info.types,
         keys: info.keys,
     });
     pb::ConsumerInfo {
-        stream: info.stream,
+        stream,
         name: info.name,
         next_offset: info.next_offset,
         lag: info.lag,
@@ -578,10 +661,11 @@ fn put_str(tag: u32, value: impl AsRef<[u8]>, buf: &mut BytesMut) {
     }
 }
 
-fn stream_info_to_proto(info: log::StreamInfo) -> pb::StreamInfo {
+/// A stream description, under the caller's name for the stream.
+fn stream_info_to_proto(info: log::StreamInfo, name: String) -> pb::StreamInfo {
     pb::StreamInfo {
         event_count: info.next_offset - info.first_offset,
-        name: info.name,
+        name,
         first_offset: info.first_offset,
         next_offset: info.next_offset,
         approximate_bytes: info.approximate_bytes,

@@ -37,6 +37,8 @@ enum Segment {
 /// A parsed type pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TypePattern {
+    /// The pattern as given.
+    source: String,
     segments: Vec<Segment>,
     /// The common shapes, matched with one comparison: a pattern without
     /// wildcards (`Exact`), or literals followed by `>` (`Prefix`, holding
@@ -95,7 +97,16 @@ impl TypePattern {
         } else {
             Shape::General
         };
-        Ok(TypePattern { segments, shape })
+        Ok(TypePattern {
+            source: pattern.to_string(),
+            segments,
+            shape,
+        })
+    }
+
+    /// The pattern as given.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Whether an event type matches.

@@ -31,7 +31,7 @@ use tracing::{info, warn};
 pub use consumer::{
     validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease, ConsumerSettings,
 };
-pub use filter::EventFilter;
+pub use filter::{EventFilter, TypePattern};
 pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
@@ -507,7 +507,7 @@ impl Log {
     }
 
     fn get(&self, name: &str) -> Result<Arc<Stream>, Error> {
-        validate_stream_name(name)?;
+        validate_stored_name(name)?;
         self.streams
             .read()
             .expect("registry lock")
@@ -519,7 +519,7 @@ impl Log {
     /// Returns the stream, creating it when `create` is set and it is missing.
     /// The second value says whether it was created.
     fn get_or_create(&self, name: &str, create: bool) -> Result<(Arc<Stream>, bool), Error> {
-        validate_stream_name(name)?;
+        validate_stored_name(name)?;
         if let Ok(stream) = self.get(name) {
             return Ok((stream, false));
         }
@@ -706,13 +706,24 @@ impl Log {
         Ok(stream.info())
     }
 
+    /// The store (for other owners of data in the data dir, e.g. API keys).
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
     /// Describes a stream.
     pub fn stream_info(&self, name: &str) -> Result<StreamInfo, Error> {
         Ok(self.get(name)?.info())
     }
 
-    /// Lists up to `limit` streams whose names sort after `after`.
-    pub fn list_streams(&self, after: &str, limit: usize) -> Vec<StreamInfo> {
+    /// Lists up to `limit` streams whose names sort after `after` and
+    /// pass `visible`.
+    pub fn list_streams(
+        &self,
+        after: &str,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> Vec<StreamInfo> {
         let streams = self.streams.read().expect("registry lock");
         let lower = if after.is_empty() {
             Bound::Unbounded
@@ -721,6 +732,7 @@ impl Log {
         };
         streams
             .range::<str, _>((lower, Bound::Unbounded))
+            .filter(|(name, _)| visible(name))
             .take(limit)
             .map(|(_, s)| s.info())
             .collect()
@@ -799,6 +811,17 @@ fn check_offset(stream: &str, offset: u64, head: Head) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+/// Checks a stored stream name: a stream name, optionally after a tenant
+/// and `/` (see `auth`).
+fn validate_stored_name(name: &str) -> Result<(), Error> {
+    match name.split_once('/') {
+        Some((tenant, stream)) if !tenant.is_empty() && !tenant.contains('/') => {
+            validate_stream_name(stream)
+        }
+        _ => validate_stream_name(name),
+    }
 }
 
 /// Checks a stream name: 1 to 200 characters of `A-Z a-z 0-9 . _ -`.

@@ -66,6 +66,7 @@ const STREAM_PREFIX: u8 = b's';
 const CHUNK_PREFIX: u8 = b'c';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
 const CONSUMER_PREFIX: u8 = b'u';
+const API_KEY_PREFIX: u8 = b'a';
 
 /// How the store was asked to keep data.
 #[derive(Debug, Clone)]
@@ -378,6 +379,33 @@ impl Store {
             None => self.sync()?,
         }
         Ok(())
+    }
+
+    /// Saves an API key record (opaque to storage: the auth module encodes
+    /// it). Durable when it returns, like [`Store::put_stream`].
+    pub fn put_api_key(&self, id: &str, record: Vec<u8>) -> Result<(), StorageError> {
+        let mut key = vec![API_KEY_PREFIX];
+        key.extend_from_slice(id.as_bytes());
+        match self.apply(vec![Op::Insert(key, record)])? {
+            Some(logged) => {
+                self.log_records(&logged)?;
+            }
+            None => self.sync()?,
+        }
+        Ok(())
+    }
+
+    /// Every stored API key record, by id.
+    pub fn api_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
+        let mut keys = Vec::new();
+        for item in self.tree.scan_prefix([API_KEY_PREFIX]) {
+            let (key, value) = item?;
+            keys.push((
+                String::from_utf8_lossy(&key[1..]).into_owned(),
+                value.to_vec(),
+            ));
+        }
+        Ok(keys)
     }
 
     /// Writes chunks, idempotency records and then the stream's updated
