@@ -20,8 +20,9 @@ use crate::auth::KeyRing;
 use crate::config::ServerConfig;
 use crate::error::Error;
 use crate::log::{Log, LogConfig};
+use crate::proto::api_keys_server::ApiKeysServer;
 use crate::proto::event_log_server::EventLogServer;
-use crate::service::{EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
+use crate::service::{ApiKeysService, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 
 /// Room above the largest batch for the request's own framing.
 const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
@@ -91,6 +92,7 @@ impl Server {
             .http2_keepalive_interval(config.keepalive_interval)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .add_service(service)
+            .add_service(ApiKeysServer::new(ApiKeysService::new(self.keys.clone())))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 info!("shutting down: ending subscriptions, finishing open calls");

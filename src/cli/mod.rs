@@ -4,6 +4,7 @@
 
 mod consumers;
 mod json;
+mod keys;
 mod publish;
 mod streams;
 mod tail;
@@ -13,9 +14,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{ServeSettings, ServerConfig};
+use crate::proto::api_keys_client::ApiKeysClient;
 use crate::proto::event_log_client::EventLogClient;
 use crate::server::{shutdown_signal, Server};
 
@@ -33,11 +38,41 @@ pub struct ClientArgs {
     /// Server URL
     #[arg(
         long,
+        global = true,
         env = "PULLSTREAM_SERVER",
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// API key (`ps_...`), needed once the server has keys
+    #[arg(
+        long,
+        global = true,
+        env = "PULLSTREAM_API_KEY",
+        hide_env_values = true
+    )]
+    api_key: Option<String>,
 }
+
+/// Adds `authorization: Bearer <key>` to every call, when a key is given.
+#[derive(Clone)]
+pub struct ApiKeyHeader(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for ApiKeyHeader {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The client the commands use.
+pub type Client = EventLogClient<InterceptedService<Channel, ApiKeyHeader>>;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -57,6 +92,8 @@ enum Command {
     Streams(streams::StreamsArgs),
     /// List, inspect, commit and delete a stream's durable consumers
     Consumers(consumers::ConsumersArgs),
+    /// Create, list and revoke API keys (offline on a data dir, or over gRPC)
+    Keys(keys::KeysArgs),
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
 }
@@ -70,6 +107,7 @@ impl Cli {
             Command::Tail(args) => tail::run(args).await,
             Command::Streams(args) => streams::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
+            Command::Keys(args) => keys::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         };
         match result {
@@ -127,7 +165,26 @@ async fn serve(config_file: Option<PathBuf>, settings: ServeSettings) -> ExitCod
 }
 
 /// Connects to the server, with an error that says what to check.
-async fn connect(args: &ClientArgs) -> anyhow::Result<EventLogClient<Channel>> {
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let (channel, header) = connect_channel(args).await?;
+    Ok(EventLogClient::with_interceptor(channel, header).max_decoding_message_size(usize::MAX))
+}
+
+/// Connects to the server's `ApiKeys` service.
+async fn connect_keys(
+    args: &ClientArgs,
+) -> anyhow::Result<ApiKeysClient<InterceptedService<Channel, ApiKeyHeader>>> {
+    let (channel, header) = connect_channel(args).await?;
+    Ok(ApiKeysClient::with_interceptor(channel, header))
+}
+
+async fn connect_channel(args: &ClientArgs) -> anyhow::Result<(Channel, ApiKeyHeader)> {
+    let header = match &args.api_key {
+        None => ApiKeyHeader(None),
+        Some(key) => ApiKeyHeader(Some(format!("Bearer {}", key.trim()).parse().map_err(
+            |_| anyhow::anyhow!("the API key has characters a header cannot carry"),
+        )?)),
+    };
     let endpoint = Endpoint::from_shared(args.server.clone())
         .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", args.server))?
         .connect_timeout(Duration::from_secs(5));
@@ -137,7 +194,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<EventLogClient<Channel>> {
             args.server
         )
     })?;
-    Ok(EventLogClient::new(channel).max_decoding_message_size(usize::MAX))
+    Ok((channel, header))
 }
 
 /// Describes a gRPC error for a person: the code and the server's message.

@@ -194,10 +194,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish_stdin(
-    client: &mut crate::proto::event_log_client::EventLogClient<tonic::transport::Channel>,
-    args: &PublishArgs,
-) -> anyhow::Result<()> {
+async fn publish_stdin(client: &mut super::Client, args: &PublishArgs) -> anyhow::Result<()> {
     if std::io::stdin().is_terminal() {
         eprintln!("reading NDJSON events from stdin (one per line; Ctrl-D to finish; --help for the format)");
     }

@@ -5,6 +5,7 @@
 mod common;
 
 mod append;
+mod auth;
 mod bad_input;
 mod consumers;
 mod process;

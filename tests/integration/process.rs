@@ -584,3 +584,134 @@ fn the_cli_drives_durable_consumers_filters_times_and_versions() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn open_mode_is_refused_on_a_non_loopback_address_unless_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve without API keys") && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+
+    // --insecure starts, with a loud warning.
+    let (mut server, _) = spawn_server_logging(
+        dir.path(),
+        "0.0.0.0:0",
+        &["--insecure"],
+        "WITHOUT AUTHENTICATION",
+    );
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // With a key, a non-loopback address is fine and the key is needed.
+    let created = Command::new(BIN)
+        .args([
+            "keys",
+            "create",
+            "--scope",
+            "admin",
+            "--scope",
+            "publish",
+            "--scope",
+            "subscribe",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let (mut server, url) = spawn_server_logging(dir.path(), "0.0.0.0:0", &[], "serving gRPC");
+    let url = url.replace("0.0.0.0", "127.0.0.1");
+    let out = run_cli(&url, &["publish", "s", "--type", "t"], None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+    let with_key = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-key", key.as_str()]);
+        run_cli(&url, &all, None)
+    };
+    assert!(json_lines(&with_key(&["publish", "s", "--type", "t"])).len() == 1);
+    let listed = json_lines(&with_key(&["keys", "list"]));
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], created["id"]);
+    assert!(
+        listed[0].get("key").is_none(),
+        "a listing never shows the secret"
+    );
+    let minted = json_lines(&with_key(&["keys", "create", "--scope", "subscribe"]));
+    let id = minted[0]["id"].as_str().unwrap().to_string();
+    let reader = minted[0]["key"].as_str().unwrap().to_string();
+    let out = run_cli(
+        &url,
+        &["tail", "s", "--limit", "1", "--api-key", &reader],
+        None,
+    );
+    assert_eq!(json_lines(&out)[0]["type"], "t");
+    json_lines(&with_key(&["keys", "revoke", &id]));
+    let out = run_cli(
+        &url,
+        &["tail", "s", "--limit", "1", "--api-key", &reader],
+        None,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("revoked"));
+
+    // Offline key commands need the server stopped, and say so.
+    let out = Command::new(BIN)
+        .args(["keys", "list", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop the server"));
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Starts `pullstream serve` on `listen` and waits for a log line
+/// containing `wait_for`; returns it with the address it logged.
+fn spawn_server_logging(
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+    wait_for: &str,
+) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", listen, "--data-dir"])
+        .arg(dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn server");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut address = None;
+    let mut seen = false;
+    while address.is_none() || !seen {
+        let line = lines
+            .next()
+            .expect("the server logged what was expected before exiting")
+            .unwrap();
+        seen |= line.contains(wait_for);
+        if let Some(rest) = line.split("address=").nth(1) {
+            address = Some(rest.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    (child, format!("http://{}", address.unwrap()))
+}

@@ -27,6 +27,13 @@ use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
 use crate::storage::{EventRecord, Rendering};
 
+mod keys;
+pub use keys::ApiKeysService;
+/// Proto conversions for API keys (shared with the CLI).
+pub mod keys_proto {
+    pub use super::keys::{key_to_proto, scope_to_proto};
+}
+
 /// Default and largest page for Read, and default batch for Subscribe.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;

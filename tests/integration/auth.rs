@@ -1,0 +1,476 @@
+//! API keys, tenants and scopes, through the real server and client.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pullstream::auth::{KeyRing, NewKey, Scope};
+use pullstream::config::ServerConfig;
+use pullstream::proto::api_keys_client::ApiKeysClient;
+use pullstream::proto::event_log_client::EventLogClient;
+use pullstream::proto::{self as pb};
+use pullstream::storage::{Store, StoreOptions};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::common::*;
+
+/// Sends a fixed `authorization` value (or none).
+#[derive(Clone)]
+struct Bearer(Option<String>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        Ok(request)
+    }
+}
+
+type Keyed = EventLogClient<InterceptedService<Channel, Bearer>>;
+
+async fn channel(server: &TestServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn client_with(server: &TestServer, key: &str) -> Keyed {
+    EventLogClient::with_interceptor(channel(server).await, Bearer(Some(format!("Bearer {key}"))))
+}
+
+async fn admin_api(
+    server: &TestServer,
+    key: &str,
+) -> ApiKeysClient<InterceptedService<Channel, Bearer>> {
+    ApiKeysClient::with_interceptor(channel(server).await, Bearer(Some(format!("Bearer {key}"))))
+}
+
+/// Creates keys offline on the data dir (as `pullstream keys create
+/// --data-dir` does), before the server starts. Returns the key strings.
+fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> Vec<String> {
+    let store = Store::open(&StoreOptions {
+        path: dir.to_path_buf(),
+        cache_bytes: 8 << 20,
+        background_flush_ms: None,
+        write_ahead_log: true,
+        checkpoint_bytes: 64 << 20,
+    })
+    .unwrap();
+    let ring = KeyRing::load(Arc::new(store)).unwrap();
+    keys.iter()
+        .map(|(tenant, scopes)| {
+            ring.create(NewKey {
+                tenant: tenant.to_string(),
+                scopes: scopes.to_vec(),
+                streams: Vec::new(),
+                ttl: None,
+            })
+            .unwrap()
+            .1
+        })
+        .collect()
+}
+
+/// A server whose data dir already holds keys.
+async fn server_with_keys(keys: &[(&str, &[Scope])]) -> (TestServer, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = offline_keys(dir.path(), keys);
+    let config = ServerConfig::for_tests(dir.path());
+    (TestServer::start_in(dir, config).await, secrets)
+}
+
+async fn create_key(
+    server: &TestServer,
+    admin: &str,
+    scopes: &[pb::Scope],
+    streams: &[&str],
+    ttl_seconds: u64,
+) -> (String, String) {
+    let response = admin_api(server, admin)
+        .await
+        .create_api_key(pb::CreateApiKeyRequest {
+            scopes: scopes.iter().map(|&s| s as i32).collect(),
+            streams: streams.iter().map(|s| s.to_string()).collect(),
+            ttl_seconds,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (response.key.unwrap().id, response.secret)
+}
+
+fn ev() -> Vec<pb::NewEvent> {
+    vec![event("order.created", "{}")]
+}
+
+async fn append_as(client: &mut Keyed, stream: &str) -> Result<u64, tonic::Status> {
+    client
+        .append(pb::AppendRequest {
+            stream: stream.into(),
+            events: ev(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().first_offset)
+}
+
+async fn read_as(client: &mut Keyed, stream: &str) -> Result<Vec<pb::Event>, tonic::Status> {
+    client
+        .read(pb::ReadRequest {
+            stream: stream.into(),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().events)
+}
+
+async fn list_as(client: &mut Keyed) -> Vec<String> {
+    client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .streams
+        .into_iter()
+        .map(|s| s.name)
+        .collect()
+}
+
+#[tokio::test]
+async fn tenants_cannot_see_or_touch_each_others_streams_or_consumers() {
+    within(async {
+        let all: &[Scope] = &[Scope::Publish, Scope::Subscribe, Scope::Admin];
+        let (server, keys) = server_with_keys(&[("acme", all), ("globex", all)]).await;
+        let mut a = client_with(&server, &keys[0]).await;
+        let mut b = client_with(&server, &keys[1]).await;
+
+        // The same name in two tenants: two streams.
+        assert_eq!(append_as(&mut a, "orders").await.unwrap(), 0);
+        assert_eq!(append_as(&mut a, "orders").await.unwrap(), 1);
+        assert_eq!(append_as(&mut b, "orders").await.unwrap(), 0);
+        append_as(&mut a, "only-acme").await.unwrap();
+        assert_eq!(list_as(&mut a).await, vec!["only-acme", "orders"]);
+        assert_eq!(list_as(&mut b).await, vec!["orders"]);
+        let events = read_as(&mut a, "orders").await.unwrap();
+        assert_eq!(events.len(), 2);
+        assert_eq!(
+            events[0].stream, "orders",
+            "events carry the tenant's own name"
+        );
+        assert_eq!(read_as(&mut b, "orders").await.unwrap().len(), 1);
+
+        // Another tenant's stream is exactly a stream that does not exist.
+        let status = read_as(&mut b, "only-acme").await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let status = b
+            .get_stream(pb::GetStreamRequest {
+                stream: "only-acme".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let status = b
+            .subscribe(pb::SubscribeRequest {
+                stream: "only-acme".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let info = a
+            .get_stream(pb::GetStreamRequest {
+                stream: "orders".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .stream
+            .unwrap();
+        assert_eq!((info.name.as_str(), info.next_offset), ("orders", 2));
+
+        // Consumers are per tenant too.
+        a.commit_cursor(pb::CommitCursorRequest {
+            stream: "orders".into(),
+            consumer: "billing".into(),
+            next_offset: 2,
+        })
+        .await
+        .unwrap();
+        let status = b
+            .get_consumer(pb::GetConsumerRequest {
+                stream: "orders".into(),
+                consumer: "billing".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        let listed = b
+            .list_consumers(pb::ListConsumersRequest {
+                stream: "orders".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .consumers;
+        assert!(listed.is_empty());
+
+        // Deleting B's "orders" leaves A's alone.
+        b.delete_stream(pb::DeleteStreamRequest {
+            stream: "orders".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(read_as(&mut a, "orders").await.unwrap().len(), 2);
+
+        // Keys are per tenant: B's admin cannot see or revoke A's keys.
+        let a_keys = admin_api(&server, &keys[0])
+            .await
+            .list_api_keys(pb::ListApiKeysRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        assert_eq!(a_keys.len(), 1);
+        assert_eq!(a_keys[0].tenant, "acme");
+        let status = admin_api(&server, &keys[1])
+            .await
+            .revoke_api_key(pb::RevokeApiKeyRequest {
+                id: a_keys[0].id.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn each_scope_allows_its_calls_and_denies_the_others() {
+    within(async {
+        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let admin = &keys[0];
+        let (_, publisher) = create_key(&server, admin, &[pb::Scope::Publish], &[], 0).await;
+        let (_, reader) = create_key(&server, admin, &[pb::Scope::Subscribe], &[], 0).await;
+        let mut p = client_with(&server, &publisher).await;
+        let mut r = client_with(&server, &reader).await;
+        let mut a = client_with(&server, admin).await;
+
+        append_as(&mut p, "s").await.unwrap();
+        assert_eq!(
+            read_as(&mut p, "s").await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        let status = p
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(
+            status.message().contains("subscribe"),
+            "{}",
+            status.message()
+        );
+
+        assert_eq!(read_as(&mut r, "s").await.unwrap().len(), 1);
+        assert_eq!(
+            append_as(&mut r, "s").await.unwrap_err().code(),
+            Code::PermissionDenied
+        );
+        // Both may describe streams.
+        assert_eq!(list_as(&mut p).await, vec!["s"]);
+        assert_eq!(list_as(&mut r).await, vec!["s"]);
+
+        // Deleting needs admin; so does managing keys.
+        for client in [&mut p, &mut r] {
+            let status = client
+                .delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::PermissionDenied);
+        }
+        let status = admin_api(&server, &publisher)
+            .await
+            .list_api_keys(pb::ListApiKeysRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        a.delete_stream(pb::DeleteStreamRequest { stream: "s".into() })
+            .await
+            .unwrap();
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stream_patterns_limit_a_key() {
+    within(async {
+        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (_, limited) = create_key(
+            &server,
+            &keys[0],
+            &[pb::Scope::Publish, pb::Scope::Subscribe],
+            &["orders.>"],
+            0,
+        )
+        .await;
+        let mut c = client_with(&server, &limited).await;
+        append_as(&mut c, "orders.eu").await.unwrap();
+        let status = append_as(&mut c, "billing").await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        assert!(
+            status.message().contains("orders.>"),
+            "{}",
+            status.message()
+        );
+        // A stream outside the pattern: the limited key does not list it.
+        let mut full = client_with(&server, &keys[0]).await;
+        full.create_stream(pb::CreateStreamRequest {
+            stream: "audit".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(list_as(&mut c).await, vec!["orders.eu"]);
+        // Bad patterns are refused at creation.
+        let status = admin_api(&server, &keys[0])
+            .await
+            .create_api_key(pb::CreateApiKeyRequest {
+                scopes: vec![pb::Scope::Publish as i32],
+                streams: vec!["a..b".into()],
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
+    within(async {
+        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let admin = &keys[0];
+        let mut anonymous = EventLogClient::with_interceptor(channel(&server).await, Bearer(None));
+        let status = anonymous
+            .list_streams(pb::ListStreamsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(status.message().contains("Bearer"), "says what to send");
+        for bad in [
+            "Bearer nonsense",
+            "Basic abc",
+            "Bearer ps_0000000000000000_00",
+        ] {
+            let mut c = EventLogClient::with_interceptor(
+                channel(&server).await,
+                Bearer(Some(bad.to_string())),
+            );
+            let status = c
+                .list_streams(pb::ListStreamsRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{bad}");
+        }
+
+        // Expiry (one second).
+        let (_, short) = create_key(&server, admin, &[pb::Scope::Subscribe], &[], 1).await;
+        let mut c = client_with(&server, &short).await;
+        assert!(c
+            .list_streams(pb::ListStreamsRequest::default())
+            .await
+            .is_ok());
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let status = c
+            .list_streams(pb::ListStreamsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(status.message().contains("expired"), "{}", status.message());
+
+        // Revocation ends a live subscription.
+        let (id, reader) = create_key(&server, admin, &[pb::Scope::Subscribe], &[], 0).await;
+        let mut publisher = client_with(&server, admin).await;
+        publisher
+            .create_stream(pb::CreateStreamRequest {
+                stream: "live".into(),
+            })
+            .await
+            .unwrap();
+        let mut c = client_with(&server, &reader).await;
+        let mut sub = c
+            .subscribe(pb::SubscribeRequest {
+                stream: "live".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut sub).await.unwrap();
+        admin_api(&server, admin)
+            .await
+            .revoke_api_key(pb::RevokeApiKeyRequest { id })
+            .await
+            .unwrap();
+        let status = loop {
+            match next(&mut sub).await {
+                Ok(_) => continue,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::Unauthenticated);
+        let status = c
+            .list_streams(pb::ListStreamsRequest::default())
+            .await
+            .unwrap_err();
+        assert!(status.message().contains("revoked"), "{}", status.message());
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_secret_is_written_to_the_data_dir() {
+    within(async {
+        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (_, created) = create_key(&server, &keys[0], &[pb::Scope::Publish], &[], 0).await;
+        let (dir, _) = server.stop().await;
+        let mut files = vec![dir.path().to_path_buf()];
+        let mut checked = 0;
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            for key in [&keys[0], &created] {
+                let secret = key.splitn(3, '_').nth(2).unwrap();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                    "{} holds a key secret",
+                    path.display()
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked > 0);
+    })
+    .await;
+}
