@@ -109,6 +109,15 @@ pub struct ServeSettings {
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
+    /// Serve TLS with this PEM certificate chain (with --tls-key)
+    #[arg(long, env = "PULLSTREAM_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert
+    #[arg(long, env = "PULLSTREAM_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this PEM CA (mutual TLS)
+    #[arg(long, env = "PULLSTREAM_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl ServeSettings {
@@ -144,6 +153,9 @@ impl ServeSettings {
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
             insecure: self.insecure.or(fallback.insecure),
+            tls_cert: self.tls_cert.or(fallback.tls_cert),
+            tls_key: self.tls_key.or(fallback.tls_key),
+            tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
         }
     }
 }
@@ -187,6 +199,19 @@ pub struct ServerConfig {
     pub checkpoint_bytes: u64,
     /// Whether to serve without keys on a non-loopback address.
     pub insecure: bool,
+    /// TLS, when set.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of the server's TLS.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+    /// CA that client certificates must be signed by (mutual TLS), if any.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl ServerConfig {
@@ -234,6 +259,20 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .checkpoint_bytes
                 .unwrap_or(crate::storage::wal::DEFAULT_CHECKPOINT_BYTES),
             insecure: s.insecure.unwrap_or(false),
+            tls: match (s.tls_cert, s.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca: s.tls_client_ca,
+                }),
+                (None, None) if s.tls_client_ca.is_none() => None,
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        setting: "tls-cert",
+                        message: "give --tls-cert and --tls-key together (and --tls-client-ca only with them)".into(),
+                    })
+                }
+            },
         };
         let invalid =
             |setting: &'static str, message: String| Err(ConfigError::Invalid { setting, message });

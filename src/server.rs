@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::auth::KeyRing;
@@ -32,15 +33,46 @@ pub struct Server {
     config: ServerConfig,
     log: Arc<Log>,
     keys: Arc<KeyRing>,
+    tls: Option<ServerTlsConfig>,
+}
+
+/// How long a client has to finish the TLS handshake before its connection
+/// is closed.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads the TLS files into tonic's config.
+fn tls_config(files: &crate::config::TlsFiles) -> Result<ServerTlsConfig, Error> {
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("cannot read {flag} {}: {e}", path.display()))
+        })
+    };
+    let identity = Identity::from_pem(
+        read("--tls-cert", &files.cert)?,
+        read("--tls-key", &files.key)?,
+    );
+    let mut tls = ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
+    }
+    Ok(tls)
 }
 
 impl Server {
     /// Opens storage. Fails with a clear message when the data dir is
     /// locked by another process, unreadable or corrupt.
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
+        let tls = config.tls.as_ref().map(tls_config).transpose()?;
         let log = Log::open(LogConfig::from(&config)).await?;
         let keys = Arc::new(KeyRing::load(log.store().clone())?);
-        Ok(Server { config, log, keys })
+        Ok(Server {
+            config,
+            log,
+            keys,
+            tls,
+        })
     }
 
     /// The API keys, for embedding and tests.
@@ -85,10 +117,14 @@ impl Server {
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
             );
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        info!(%address, durability = %config.durability, "serving gRPC");
+        info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
         let signalled = cancel.clone();
-        let serving = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = self.tls.clone() {
+            builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
+        }
+        let serving = builder
             .http2_keepalive_interval(config.keepalive_interval)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .add_service(service)

@@ -51,6 +51,15 @@ pub struct ClientArgs {
         hide_env_values = true
     )]
     api_key: Option<String>,
+    /// PEM CA to verify the server's TLS certificate with (https:// URLs)
+    #[arg(long, global = true, env = "PULLSTREAM_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS (with --tls-key)
+    #[arg(long, global = true, env = "PULLSTREAM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, global = true, env = "PULLSTREAM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer <key>` to every call, when a key is given.
@@ -165,6 +174,12 @@ async fn serve(config_file: Option<PathBuf>, settings: ServeSettings) -> ExitCod
 }
 
 /// Connects to the server, with an error that says what to check.
+/// Checks the client settings without connecting (for commands that
+/// retry connections and must not retry a mistake).
+fn check_client_args(args: &ClientArgs) -> anyhow::Result<()> {
+    endpoint(args).map(|_| ())
+}
+
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let (channel, header) = connect_channel(args).await?;
     Ok(EventLogClient::with_interceptor(channel, header).max_decoding_message_size(usize::MAX))
@@ -178,6 +193,27 @@ async fn connect_keys(
     Ok(ApiKeysClient::with_interceptor(channel, header))
 }
 
+/// The client's TLS settings from --tls-ca, --tls-cert and --tls-key.
+fn client_tls(args: &ClientArgs) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use anyhow::Context;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
+    };
+    let Some(ca) = &args.tls_ca else {
+        anyhow::bail!("an https:// server needs --tls-ca (the PEM CA that signed its certificate)");
+    };
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    Ok(tls)
+}
+
 async fn connect_channel(args: &ClientArgs) -> anyhow::Result<(Channel, ApiKeyHeader)> {
     let header = match &args.api_key {
         None => ApiKeyHeader(None),
@@ -185,16 +221,29 @@ async fn connect_channel(args: &ClientArgs) -> anyhow::Result<(Channel, ApiKeyHe
             |_| anyhow::anyhow!("the API key has characters a header cannot carry"),
         )?)),
     };
-    let endpoint = Endpoint::from_shared(args.server.clone())
-        .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", args.server))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
+    let channel = endpoint(args)?.connect().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the server at {}: {e} (is `pullstream serve` running? set --server or PULLSTREAM_SERVER)",
             args.server
         )
     })?;
     Ok((channel, header))
+}
+
+/// The endpoint the client settings describe; fails on settings that no
+/// retry can fix (a bad URL, missing or unreadable TLS files).
+fn endpoint(args: &ClientArgs) -> anyhow::Result<Endpoint> {
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
+        .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", args.server))?
+        .connect_timeout(Duration::from_secs(5));
+    if args.server.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(client_tls(args)?)
+            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
+    } else if args.tls_ca.is_some() || args.tls_cert.is_some() {
+        anyhow::bail!("--tls-ca/--tls-cert need an https:// server URL");
+    }
+    Ok(endpoint)
 }
 
 /// Describes a gRPC error for a person: the code and the server's message.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tonic::Code;
 
-use super::{connect, json, status_error, ClientArgs};
+use super::{check_client_args, connect, json, status_error, ClientArgs};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// Arguments of `pullstream tail`.
@@ -73,6 +73,8 @@ fn parse_from(s: &str) -> Result<Start, String> {
 
 /// Runs `pullstream tail`.
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
+    // Settings no reconnect can fix fail now, not in the retry loop.
+    check_client_args(&args.client)?;
     let mut start = args.from;
     let mut remaining = args.limit;
     let mut backoff = Duration::from_millis(100);

@@ -12,3 +12,4 @@ mod process;
 mod selection;
 mod streams;
 mod subscribe;
+mod tls;

@@ -430,7 +430,7 @@ fn bench_runs_every_workload_and_reports_json() {
 }
 
 /// Runs a client command against `url` with `stdin`, returning its output.
-fn run_cli(url: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+pub fn run_cli(url: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let mut child = Command::new(BIN)
         .args(args)
         .env("PULLSTREAM_SERVER", url)
