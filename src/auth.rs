@@ -19,8 +19,9 @@
 //! are stored as `tenant/name`, and `/` cannot appear in a stream name, so
 //! tenants can neither collide nor name each other's streams.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -223,6 +224,39 @@ pub struct KeyRing {
     keys: RwLock<BTreeMap<String, StoredKey>>,
     /// Bumped on every change, so open subscriptions re-check their key.
     revision: watch::Sender<u64>,
+    limits: Limits,
+}
+
+/// Per-key limits that keep one misbehaving client from hurting others.
+/// They apply to keys only (open mode has none).
+#[derive(Default)]
+struct Limits {
+    /// Most subscriptions open at once per key (0: no limit).
+    max_subscriptions: usize,
+    /// Open subscriptions per key id.
+    subscriptions: Arc<Mutex<HashMap<String, usize>>>,
+    /// Calls per second per key (a token bucket, `governor`'s GCRA).
+    rate: Option<governor::DefaultKeyedRateLimiter<String>>,
+}
+
+/// Holds one of a key's subscription slots; gives it back when dropped.
+pub struct SubscriptionSlot {
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    key_id: Option<String>,
+}
+
+impl Drop for SubscriptionSlot {
+    fn drop(&mut self) {
+        if let Some(id) = &self.key_id {
+            let mut counts = self.counts.lock().expect("subscription counts lock");
+            if let Some(n) = counts.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(id);
+                }
+            }
+        }
+    }
 }
 
 impl KeyRing {
@@ -239,6 +273,55 @@ impl KeyRing {
             store,
             keys: RwLock::new(keys),
             revision: watch::channel(0).0,
+            limits: Limits::default(),
+        })
+    }
+
+    /// Sets the per-key limits: subscriptions open at once (0: none) and
+    /// calls per second (0: none; bursts up to one second's worth).
+    pub fn with_limits(mut self, max_subscriptions: usize, calls_per_second: u32) -> KeyRing {
+        self.limits.max_subscriptions = max_subscriptions;
+        self.limits.rate = NonZeroU32::new(calls_per_second)
+            .map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
+        self
+    }
+
+    /// Counts a call against the key's rate limit: RESOURCE_EXHAUSTED when
+    /// it is spent.
+    pub fn admit(&self, principal: &Principal) -> Result<(), Error> {
+        if let (Some(id), Some(rate)) = (&principal.key_id, &self.limits.rate) {
+            if rate.check_key(id).is_err() {
+                return Err(Error::ResourceExhausted(format!(
+                    "API key {id} is over its request rate limit: slow down and retry"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes one of the key's subscription slots: RESOURCE_EXHAUSTED when
+    /// it already has the most allowed open.
+    pub fn subscription_slot(&self, principal: &Principal) -> Result<SubscriptionSlot, Error> {
+        let counts = self.limits.subscriptions.clone();
+        let Some(id) = &principal.key_id else {
+            return Ok(SubscriptionSlot {
+                counts,
+                key_id: None,
+            });
+        };
+        let mut guard = counts.lock().expect("subscription counts lock");
+        let open = guard.entry(id.clone()).or_insert(0);
+        if self.limits.max_subscriptions > 0 && *open >= self.limits.max_subscriptions {
+            return Err(Error::ResourceExhausted(format!(
+                "API key {id} already has {} subscriptions open, the most allowed: close one first",
+                self.limits.max_subscriptions
+            )));
+        }
+        *open += 1;
+        drop(guard);
+        Ok(SubscriptionSlot {
+            counts,
+            key_id: Some(id.clone()),
         })
     }
 

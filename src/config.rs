@@ -118,6 +118,12 @@ pub struct ServeSettings {
     /// Require client certificates signed by this PEM CA (mutual TLS)
     #[arg(long, env = "PULLSTREAM_TLS_CLIENT_CA")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Most subscriptions one API key may have open at once; 0 for no limit [default: 64]
+    #[arg(long, env = "PULLSTREAM_MAX_SUBSCRIPTIONS_PER_KEY")]
+    pub max_subscriptions_per_key: Option<usize>,
+    /// Calls per second one API key may make (token bucket, bursts of one second's worth); 0 for no limit [default: 1000]
+    #[arg(long, env = "PULLSTREAM_KEY_RATE_LIMIT")]
+    pub key_rate_limit: Option<u32>,
 }
 
 impl ServeSettings {
@@ -156,6 +162,10 @@ impl ServeSettings {
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
+            max_subscriptions_per_key: self
+                .max_subscriptions_per_key
+                .or(fallback.max_subscriptions_per_key),
+            key_rate_limit: self.key_rate_limit.or(fallback.key_rate_limit),
         }
     }
 }
@@ -201,6 +211,10 @@ pub struct ServerConfig {
     pub insecure: bool,
     /// TLS, when set.
     pub tls: Option<TlsFiles>,
+    /// Most open subscriptions per API key (0: no limit).
+    pub max_subscriptions_per_key: usize,
+    /// Calls per second per API key (0: no limit).
+    pub key_rate_limit: u32,
 }
 
 /// The PEM files of the server's TLS.
@@ -259,6 +273,8 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .checkpoint_bytes
                 .unwrap_or(crate::storage::wal::DEFAULT_CHECKPOINT_BYTES),
             insecure: s.insecure.unwrap_or(false),
+            max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),
+            key_rate_limit: s.key_rate_limit.unwrap_or(1000),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,

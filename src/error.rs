@@ -87,6 +87,9 @@ pub enum Error {
     /// A valid key without the right to this call.
     #[error("{0}")]
     PermissionDenied(String),
+    /// A per-key limit was reached (rate or concurrent subscriptions).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// An API key id that does not exist (for the caller's tenant).
     #[error("API key {0:?} not found")]
     KeyNotFound(String),

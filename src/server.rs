@@ -66,7 +66,10 @@ impl Server {
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
         let tls = config.tls.as_ref().map(tls_config).transpose()?;
         let log = Log::open(LogConfig::from(&config)).await?;
-        let keys = Arc::new(KeyRing::load(log.store().clone())?);
+        let keys = Arc::new(
+            KeyRing::load(log.store().clone())?
+                .with_limits(config.max_subscriptions_per_key, config.key_rate_limit),
+        );
         Ok(Server {
             config,
             log,

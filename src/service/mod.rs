@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{key_lost, KeyRing, Principal, Scope};
+use crate::auth::{key_lost, KeyRing, Principal, Scope, SubscriptionSlot};
 use crate::error::Error;
 use crate::log::{
     self, AppendBatch, ConsumerLease, ConsumerSettings, EventFilter, EventSlice, Log, StartAt,
@@ -56,6 +56,7 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::KeyNotFound(_) => Status::not_found(message),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
                 Status::already_exists(message)
             }
@@ -124,6 +125,7 @@ pub fn caller<T>(
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let principal = keys.authenticate(authorization)?;
     principal.require(scopes)?;
+    keys.admit(&principal)?;
     Ok(principal)
 }
 
@@ -185,6 +187,7 @@ impl EventLog for EventLogService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<SubscribeStream>, Status> {
         let caller = self.caller(&request, &[Scope::Subscribe])?;
+        let slot = self.keys.subscription_slot(&caller)?;
         let request = request.into_inner();
         let stream = caller.stream(&request.stream)?;
         let start = match request.start {
@@ -232,7 +235,7 @@ impl EventLog for EventLogService {
                 stream: request.stream,
                 subscription,
                 lease,
-                key: (self.keys.clone(), caller),
+                key: (self.keys.clone(), caller, slot),
                 version: Bytes::from(version),
                 max_events,
             },
@@ -378,9 +381,9 @@ struct Delivery {
     /// The stream as the caller names it (events carry this name).
     stream: String,
     subscription: Subscription,
-    /// The key the subscription was opened with: it ends if the key is
-    /// revoked or expires.
-    key: (Arc<KeyRing>, Principal),
+    /// The key the subscription was opened with (it ends if the key is
+    /// revoked or expires), and the key's subscription slot it holds.
+    key: (Arc<KeyRing>, Principal, SubscriptionSlot),
     /// Held while subscribed as a durable consumer.
     lease: Option<ConsumerLease>,
     /// The pinned payload version; empty for the default payload.
@@ -414,7 +417,7 @@ async fn run_subscription(
     let Delivery {
         stream,
         mut subscription,
-        key: (keys, principal),
+        key: (keys, principal, _slot),
         lease,
         version,
         max_events,

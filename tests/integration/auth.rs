@@ -83,9 +83,18 @@ fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> Vec<String>
 
 /// A server whose data dir already holds keys.
 async fn server_with_keys(keys: &[(&str, &[Scope])]) -> (TestServer, Vec<String>) {
+    server_with_keys_and(keys, |_| {}).await
+}
+
+/// The same, with `tweak` applied to the config.
+async fn server_with_keys_and(
+    keys: &[(&str, &[Scope])],
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> (TestServer, Vec<String>) {
     let dir = tempfile::tempdir().unwrap();
     let secrets = offline_keys(dir.path(), keys);
-    let config = ServerConfig::for_tests(dir.path());
+    let mut config = ServerConfig::for_tests(dir.path());
+    tweak(&mut config);
     (TestServer::start_in(dir, config).await, secrets)
 }
 
@@ -471,6 +480,86 @@ async fn no_secret_is_written_to_the_data_dir() {
             checked += 1;
         }
         assert!(checked > 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn per_key_limits_answer_resource_exhausted_and_spare_other_keys() {
+    within(async {
+        let both: &[Scope] = &[Scope::Publish, Scope::Subscribe];
+        let (server, keys) = server_with_keys_and(&[("t", both), ("t", both)], |c| {
+            c.max_subscriptions_per_key = 2;
+            c.key_rate_limit = 5;
+        })
+        .await;
+        let mut a = client_with(&server, &keys[0]).await;
+        let mut b = client_with(&server, &keys[1]).await;
+        a.create_stream(pb::CreateStreamRequest { stream: "s".into() })
+            .await
+            .unwrap();
+        let subscribe = |client: &mut Keyed| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .subscribe(pb::SubscribeRequest {
+                        stream: "s".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        };
+
+        // Subscriptions: two per key.
+        let first = subscribe(&mut a).await.unwrap();
+        let _second = subscribe(&mut a).await.unwrap();
+        let status = subscribe(&mut a).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("2 subscriptions"),
+            "{}",
+            status.message()
+        );
+        let _other = subscribe(&mut b)
+            .await
+            .expect("another key is not affected");
+        // Closing one frees its slot (once the server sees it closed).
+        drop(first);
+        let mut reopened = None;
+        for _ in 0..100 {
+            match subscribe(&mut a).await {
+                Ok(s) => {
+                    reopened = Some(s);
+                    break;
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        assert!(reopened.is_some(), "the slot came back");
+
+        // Rate: 5 calls a second; a burst of 60 runs out, others still work.
+        let mut refused = 0;
+        for _ in 0..60 {
+            match a
+                .get_stream(pb::GetStreamRequest { stream: "s".into() })
+                .await
+            {
+                Ok(_) => {}
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted);
+                    refused += 1;
+                }
+            }
+        }
+        assert!(refused > 0, "60 calls at once must exceed 5 per second");
+        b.get_stream(pb::GetStreamRequest { stream: "s".into() })
+            .await
+            .expect("another key keeps its own budget");
+        server.stop().await;
     })
     .await;
 }
