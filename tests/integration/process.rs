@@ -15,29 +15,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
 /// Starts `pullstream serve` on an ephemeral port and returns it with the
 /// address it logged.
 fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn server");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .expect("server printed its address before exiting")
-            .unwrap();
-        if let Some(rest) = line.split("address=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{address}"))
+    spawn_server_logging(dir, "127.0.0.1:0", extra, "serving gRPC")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
