@@ -492,7 +492,14 @@ pub async fn key_lost(ring: &KeyRing, principal: &Principal) -> Error {
     let Some(id) = &principal.key_id else {
         return std::future::pending().await;
     };
+    let lost = || Error::Unauthenticated(format!("API key {id} was revoked or has expired"));
+    // Subscribe to changes before checking, so a revocation between the
+    // check and the wait is not missed (callers build this future anew on
+    // every turn of their loop).
     let mut changes = ring.changes();
+    if !ring.is_valid(id) {
+        return lost();
+    }
     let expiry = principal.expires_unix_nanos.map(|e| {
         let left = e.saturating_sub(now_unix_nanos()).max(0) as u64;
         tokio::time::Instant::now() + Duration::from_nanos(left)
@@ -513,7 +520,7 @@ pub async fn key_lost(ring: &KeyRing, principal: &Principal) -> Error {
             _ = expired => {}
         }
         if !ring.is_valid(id) {
-            return Error::Unauthenticated(format!("API key {id} was revoked or has expired"));
+            return lost();
         }
     }
 }
