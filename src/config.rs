@@ -121,6 +121,9 @@ pub struct ServeSettings {
     /// Most subscriptions one API key may have open at once; 0 for no limit [default: 64]
     #[arg(long, env = "PULLSTREAM_MAX_SUBSCRIPTIONS_PER_KEY")]
     pub max_subscriptions_per_key: Option<usize>,
+    /// Close a connection whose client has not started HTTP/2 (or TLS) within this long [default: 10s]
+    #[arg(long, env = "PULLSTREAM_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<HumanDuration>,
     /// Calls per second one API key may make (token bucket, bursts of one second's worth); 0 for no limit [default: 1000]
     #[arg(long, env = "PULLSTREAM_KEY_RATE_LIMIT")]
     pub key_rate_limit: Option<u32>,
@@ -166,6 +169,7 @@ impl ServeSettings {
                 .max_subscriptions_per_key
                 .or(fallback.max_subscriptions_per_key),
             key_rate_limit: self.key_rate_limit.or(fallback.key_rate_limit),
+            handshake_timeout: self.handshake_timeout.or(fallback.handshake_timeout),
         }
     }
 }
@@ -215,6 +219,8 @@ pub struct ServerConfig {
     pub max_subscriptions_per_key: usize,
     /// Calls per second per API key (0: no limit).
     pub key_rate_limit: u32,
+    /// How long a new connection may take to start HTTP/2 (or TLS).
+    pub handshake_timeout: Duration,
 }
 
 /// The PEM files of the server's TLS.
@@ -275,6 +281,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),
             key_rate_limit: s.key_rate_limit.unwrap_or(1000),
+            handshake_timeout: secs(s.handshake_timeout, 10),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,

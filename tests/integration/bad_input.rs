@@ -235,3 +235,35 @@ async fn a_huge_request_is_refused_by_the_transport() {
         .unwrap();
     assert!(listed.into_inner().streams.is_empty());
 }
+
+#[tokio::test]
+async fn a_connection_that_never_starts_http2_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within(async {
+        let server =
+            TestServer::start_with(|c| c.handshake_timeout = std::time::Duration::from_millis(300))
+                .await;
+        // Silent, and a few bytes short of the HTTP/2 preface: both closed.
+        for sent in [&b""[..], b"PRI * HTTP"] {
+            let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+            socket.write_all(sent).await.unwrap();
+            let mut buf = [0u8; 64];
+            // The server closes: end of stream or a reset, not a hang.
+            let closed = loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break true,
+                    Ok(_) => continue,
+                }
+            };
+            assert!(closed);
+        }
+        // A real client is unaffected.
+        let mut client = server.client().await;
+        client
+            .list_streams(pb::ListStreamsRequest::default())
+            .await
+            .unwrap();
+        server.stop().await;
+    })
+    .await;
+}

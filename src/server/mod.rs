@@ -7,6 +7,8 @@
 //! let in-flight calls finish for up to the grace period; stop the writers;
 //! sync storage.
 
+mod handshake;
+
 use std::future::Future;
 use std::sync::Arc;
 
@@ -119,7 +121,11 @@ impl Server {
             .max_encoding_message_size(
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
             );
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let handshake_timeout = config.handshake_timeout;
+        let incoming = tokio_stream::StreamExt::map(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            move |conn| conn.map(|tcp| handshake::HandshakeDeadline::new(tcp, handshake_timeout)),
+        );
         info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
         let signalled = cancel.clone();
