@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::config::{Durability, HumanDuration};
 use crate::proto::event_log_client::EventLogClient;
@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// Benchmark this server instead of starting one
     #[arg(long, env = "PULLSTREAM_SERVER")]
     server: Option<String>,
+    /// With --server: the API key to send (publish and subscribe scopes; ignored for the embedded server)
+    #[arg(long, env = "PULLSTREAM_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Durability mode of the embedded server
     #[arg(long, default_value = "fsync")]
     durability: Durability,
@@ -118,20 +121,23 @@ pub(crate) struct Outcome {
 /// What every workload needs.
 pub(crate) struct BenchContext {
     url: String,
+    /// For `--server`: the API key to send, if the server needs one.
+    api_key: Option<String>,
     embedded: Option<EmbeddedServer>,
     event_bytes: usize,
 }
 
 impl BenchContext {
     /// A new connection (each producer gets its own, as separate clients would).
-    async fn client(&self) -> anyhow::Result<EventLogClient<Channel>> {
+    async fn client(&self) -> anyhow::Result<crate::cli::Client> {
         let channel = Endpoint::from_shared(self.url.clone())?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .connect()
             .await
             .with_context(|| format!("cannot reach the server at {}", self.url))?;
-        Ok(EventLogClient::new(channel).max_decoding_message_size(usize::MAX))
+        let header = crate::cli::ApiKeyHeader::new(self.api_key.as_deref())?;
+        Ok(EventLogClient::with_interceptor(channel, header).max_decoding_message_size(usize::MAX))
     }
 
     /// The server's resident memory, when it is our child.
@@ -226,6 +232,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let ctx = BenchContext {
             url,
+            api_key: args.api_key.clone(),
             embedded,
             event_bytes: args.event_bytes,
         };

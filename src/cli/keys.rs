@@ -79,7 +79,10 @@ pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
 }
 
 fn offline(dir: &std::path::Path, command: KeysCommand) -> anyhow::Result<()> {
-    if !dir.join("sled").exists() {
+    // A new (missing or empty) dir is fine: the first key can be made
+    // before the server's first start. Anything else must be a data dir.
+    let fresh = std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
+    if !fresh && !dir.join("sled").exists() {
         anyhow::bail!(
             "{} is not a Pullstream data dir (no sled/ inside): pass the server's --data-dir",
             dir.display()

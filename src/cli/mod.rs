@@ -80,6 +80,18 @@ impl Interceptor for ApiKeyHeader {
     }
 }
 
+impl ApiKeyHeader {
+    /// The header for `key` (none when `None`).
+    pub fn new(key: Option<&str>) -> anyhow::Result<ApiKeyHeader> {
+        Ok(ApiKeyHeader(match key {
+            None => None,
+            Some(key) => Some(format!("Bearer {}", key.trim()).parse().map_err(|_| {
+                anyhow::anyhow!("the API key has characters a header cannot carry")
+            })?),
+        }))
+    }
+}
+
 /// The client the commands use.
 pub type Client = EventLogClient<InterceptedService<Channel, ApiKeyHeader>>;
 
@@ -215,12 +227,7 @@ fn client_tls(args: &ClientArgs) -> anyhow::Result<tonic::transport::ClientTlsCo
 }
 
 async fn connect_channel(args: &ClientArgs) -> anyhow::Result<(Channel, ApiKeyHeader)> {
-    let header = match &args.api_key {
-        None => ApiKeyHeader(None),
-        Some(key) => ApiKeyHeader(Some(format!("Bearer {}", key.trim()).parse().map_err(
-            |_| anyhow::anyhow!("the API key has characters a header cannot carry"),
-        )?)),
-    };
+    let header = ApiKeyHeader::new(args.api_key.as_deref())?;
     let channel = endpoint(args)?.connect().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the server at {}: {e} (is `pullstream serve` running? set --server or PULLSTREAM_SERVER)",
