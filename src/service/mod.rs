@@ -277,11 +277,8 @@ impl EventLog for EventLogService {
         let caller = self.caller(&request, ANY_SCOPE)?;
         let request = request.into_inner();
         let limit = page_size(request.page_size, "page_size")?;
-        let after = if request.page_token.is_empty() {
-            crate::auth::stored_stream_name(&caller.tenant, "")
-        } else {
-            crate::auth::stored_stream_name(&caller.tenant, &request.page_token)
-        };
+        // An empty token gives the tenant's prefix: its first page.
+        let after = crate::auth::stored_stream_name(&caller.tenant, &request.page_token);
         // Only the caller's tenant's streams its key may use. One more than
         // asked tells whether another page exists.
         let visible = |stored: &str| caller.own_name(stored).is_some_and(|n| caller.may_use(n));
