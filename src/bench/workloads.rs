@@ -42,6 +42,7 @@ async fn create_stream(ctx: &BenchContext, stream: &str) -> anyhow::Result<()> {
         .await?
         .create_stream(pb::CreateStreamRequest {
             stream: stream.to_string(),
+            retention: None,
         })
         .await?;
     Ok(())

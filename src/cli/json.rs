@@ -78,7 +78,39 @@ pub fn stream_info(info: &pb::StreamInfo) -> Value {
         "event_count": info.event_count,
         "approximate_bytes": info.approximate_bytes,
         "created_time": time_text(info.created_time.as_ref()),
+        "retention": info.retention.as_ref().map(retention),
     })
+}
+
+/// A retention policy as one JSON object (absent limits left out).
+pub fn retention(policy: &pb::RetentionPolicy) -> Value {
+    let mut out = Map::new();
+    if let Some(age) = &policy.max_age {
+        out.insert("max_age_seconds".into(), json!(age.seconds));
+    }
+    if policy.max_events > 0 {
+        out.insert("max_events".into(), json!(policy.max_events));
+    }
+    if policy.max_bytes > 0 {
+        out.insert("max_bytes".into(), json!(policy.max_bytes));
+    }
+    Value::Object(out)
+}
+
+/// A retention policy in a few words, e.g. `max age 7days, max events 1000`.
+pub fn retention_text(policy: &pb::RetentionPolicy) -> String {
+    let mut parts = Vec::new();
+    if let Some(age) = &policy.max_age {
+        let age = Duration::new(age.seconds.max(0) as u64, age.nanos.max(0) as u32);
+        parts.push(format!("max age {}", humantime::format_duration(age)));
+    }
+    if policy.max_events > 0 {
+        parts.push(format!("max events {}", policy.max_events));
+    }
+    if policy.max_bytes > 0 {
+        parts.push(format!("max bytes {}", policy.max_bytes));
+    }
+    parts.join(", ")
 }
 
 /// A durable consumer description as one JSON object.
@@ -91,6 +123,7 @@ pub fn consumer_info(info: &pb::ConsumerInfo) -> Value {
         "last_commit_time": time_text(info.last_commit_time.as_ref()),
         "created_time": time_text(info.created_time.as_ref()),
         "active": info.active,
+        "cursor_trimmed": info.cursor_trimmed,
     });
     if let Some(filter) = &info.filter {
         out["filter"] = json!({ "types": filter.types, "keys": filter.keys });

@@ -1,4 +1,6 @@
-//! `pullstream streams`: list, inspect, create and delete streams.
+//! `pullstream streams`: list, inspect, create, update and delete streams.
+
+use std::time::Duration;
 
 use super::{connect, json, status_error, ClientArgs};
 use crate::proto as pb;
@@ -25,10 +27,19 @@ enum StreamsCommand {
         /// The stream
         stream: String,
     },
-    /// Create an empty stream
+    /// Create an empty stream, optionally with a retention policy
     Create {
         /// The stream
         stream: String,
+        #[command(flatten)]
+        retention: RetentionArgs,
+    },
+    /// Change a stream's retention policy (limits not given stay as they are)
+    Update {
+        /// The stream
+        stream: String,
+        #[command(flatten)]
+        retention: RetentionArgs,
     },
     /// Delete a stream and all its events
     Delete {
@@ -74,9 +85,35 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .into_inner();
             print_info(info.stream)?;
         }
-        StreamsCommand::Create { stream } => {
+        StreamsCommand::Create { stream, retention } => {
+            let retention = retention.apply(None);
             let info = client
-                .create_stream(pb::CreateStreamRequest { stream })
+                .create_stream(pb::CreateStreamRequest { stream, retention })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            print_info(info.stream)?;
+        }
+        StreamsCommand::Update { stream, retention } => {
+            if retention.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: give --max-age, --max-events or --max-bytes (`none` removes a limit)"
+                );
+            }
+            let current = client
+                .get_stream(pb::GetStreamRequest {
+                    stream: stream.clone(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .stream
+                .and_then(|s| s.retention);
+            let info = client
+                .update_stream(pb::UpdateStreamRequest {
+                    stream,
+                    retention: retention.apply(current),
+                })
                 .await
                 .map_err(status_error)?
                 .into_inner();
@@ -93,6 +130,83 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Retention limits on the command line. `none` (or 0) removes a limit.
+#[derive(Debug, clap::Args)]
+struct RetentionArgs {
+    /// Trim events older than this, e.g. `7d`, `12h`, `90s` (`none`: no age limit)
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    max_age: Option<Duration>,
+    /// Keep (at least) this many newest events (`none`: no count limit)
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    max_events: Option<u64>,
+    /// Keep (at least) this many bytes of newest events, e.g. `500MiB`,
+    /// `10GiB` (`none`: no size limit; at least 1MiB)
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_bytes: Option<u64>,
+}
+
+impl RetentionArgs {
+    fn is_empty(&self) -> bool {
+        self.max_age.is_none() && self.max_events.is_none() && self.max_bytes.is_none()
+    }
+
+    /// The policy `current` becomes with the limits given here.
+    fn apply(&self, current: Option<pb::RetentionPolicy>) -> Option<pb::RetentionPolicy> {
+        let mut policy = current.unwrap_or_default();
+        if let Some(age) = self.max_age {
+            policy.max_age = (!age.is_zero()).then(|| age.try_into().ok()).flatten();
+        }
+        if let Some(n) = self.max_events {
+            policy.max_events = n;
+        }
+        if let Some(n) = self.max_bytes {
+            policy.max_bytes = n;
+        }
+        (policy != pb::RetentionPolicy::default()).then_some(policy)
+    }
+}
+
+fn is_none(s: &str) -> bool {
+    s.eq_ignore_ascii_case("none") || s == "0"
+}
+
+fn parse_age(s: &str) -> Result<Duration, String> {
+    if is_none(s) {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{e}: write an age such as 7d, 12h or 90s"))
+}
+
+fn parse_count(s: &str) -> Result<u64, String> {
+    if is_none(s) {
+        return Ok(0);
+    }
+    s.replace('_', "")
+        .parse()
+        .map_err(|_| format!("{s:?} is not a count: write a whole number such as 1000000"))
+}
+
+/// A size in bytes: a whole number with an optional binary suffix
+/// (`KiB`, `MiB`, `GiB`, `TiB`; `K`, `M`, `G`, `T` mean the same).
+fn parse_size(s: &str) -> Result<u64, String> {
+    if is_none(s) {
+        return Ok(0);
+    }
+    let bad = || format!("{s:?} is not a size: write e.g. 1048576, 500MiB or 10GiB");
+    let digits = s.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &s[digits.len()..];
+    let shift = match unit.to_ascii_lowercase().trim_end_matches('b') {
+        "" => 0,
+        "k" | "ki" => 10,
+        "m" | "mi" => 20,
+        "g" | "gi" => 30,
+        "t" | "ti" => 40,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.trim().parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 fn print_info(info: Option<pb::StreamInfo>) -> anyhow::Result<()> {
@@ -121,6 +235,14 @@ fn print_table(streams: &[pb::StreamInfo]) {
     );
     for s in streams {
         let created = json::time_text(s.created_time.as_ref());
+        let created = match (&created, s.retention.as_ref()) {
+            (_, Some(r)) => format!(
+                "{}  (retention: {})",
+                created.as_str().unwrap_or("-"),
+                json::retention_text(r)
+            ),
+            _ => created.as_str().unwrap_or("-").to_string(),
+        };
         println!(
             "{:<width$}  {:>12}  {:>12}  {:>12}  {:>12}  {}",
             s.name,
@@ -128,7 +250,55 @@ fn print_table(streams: &[pb::StreamInfo]) {
             s.next_offset,
             s.event_count,
             s.approximate_bytes,
-            created.as_str().unwrap_or("-")
+            created
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_ages_and_counts_parse() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("2kb"), Ok(2048));
+        assert_eq!(parse_size("none"), Ok(0));
+        assert!(parse_size("10 parsecs").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_age("none"), Ok(Duration::ZERO));
+        assert!(parse_age("soon").is_err());
+        assert_eq!(parse_count("1_000_000"), Ok(1_000_000));
+        assert!(parse_count("-1").is_err());
+    }
+
+    #[test]
+    fn update_changes_only_the_limits_given() {
+        let args = RetentionArgs {
+            max_age: None,
+            max_events: Some(5),
+            max_bytes: Some(0),
+        };
+        let current = pb::RetentionPolicy {
+            max_age: Some(prost_types::Duration {
+                seconds: 60,
+                nanos: 0,
+            }),
+            max_events: 1,
+            max_bytes: 1 << 30,
+        };
+        let updated = args.apply(Some(current.clone())).unwrap();
+        assert_eq!(updated.max_age, current.max_age);
+        assert_eq!(updated.max_events, 5);
+        assert_eq!(updated.max_bytes, 0);
+        let clear = RetentionArgs {
+            max_age: Some(Duration::ZERO),
+            max_events: Some(0),
+            max_bytes: None,
+        };
+        assert_eq!(clear.apply(Some(updated)), None);
     }
 }

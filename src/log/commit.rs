@@ -54,6 +54,12 @@ pub(crate) enum Change {
     Deleted(oneshot::Sender<Result<(), Error>>),
     /// Another change (a consumer's cursor): only its caller waits for it.
     Other(oneshot::Sender<Result<(), Error>>),
+    /// Retention removed the events below `first_offset`. Nobody waits for
+    /// it; readers see the new first offset once it is durable.
+    Trimmed {
+        /// The new first retained offset.
+        first_offset: u64,
+    },
 }
 
 impl Commit {
@@ -76,6 +82,7 @@ impl Commit {
             Change::Other(reply) => {
                 let _ = reply.send(Ok(()));
             }
+            Change::Trimmed { first_offset } => self.stream.trim_to(first_offset),
         }
     }
 
@@ -90,6 +97,7 @@ impl Commit {
             Change::Deleted(reply) | Change::Other(reply) => {
                 let _ = reply.send(Err(error()));
             }
+            Change::Trimmed { .. } => {}
         }
     }
 }

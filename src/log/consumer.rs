@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::filter::EventFilter;
 use super::writer::WriterCommand;
-use super::{now_unix_nanos, Log, StartAt, StreamShared};
+use super::{now_unix_nanos, Head, Log, StartAt, StreamShared};
 use crate::error::Error;
 use crate::storage::ConsumerRecord;
 
@@ -52,6 +52,8 @@ pub struct ConsumerInfo {
     pub version: String,
     /// Whether a subscription of it is open.
     pub active: bool,
+    /// Whether retention trimmed events at or past its cursor.
+    pub cursor_trimmed: bool,
 }
 
 /// What a subscription asks of its consumer.
@@ -172,19 +174,20 @@ fn check_label(what: &str, value: &str, max: usize) -> Result<(), Error> {
     )))
 }
 
-fn info(stream: &str, name: &str, state: &ConsumerState, head: u64) -> ConsumerInfo {
+fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> ConsumerInfo {
     let r = &state.record;
     ConsumerInfo {
         stream: stream.to_string(),
         name: name.to_string(),
         next_offset: r.next_offset,
-        lag: head.saturating_sub(r.next_offset),
+        lag: head.next_offset.saturating_sub(r.next_offset),
         last_commit_unix_nanos: r.last_commit_unix_nanos,
         created_unix_nanos: r.created_unix_nanos,
         types: r.types.clone(),
         keys: r.keys.clone(),
         version: r.version.clone(),
         active: state.lease.is_some(),
+        cursor_trimmed: r.next_offset < head.first_offset,
     }
 }
 
@@ -263,7 +266,7 @@ impl Log {
     pub fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerInfo, Error> {
         validate_consumer_name(name)?;
         let stream = self.get(stream)?;
-        let head = stream.shared.head().next_offset;
+        let head = stream.shared.head();
         let consumers = stream.shared.consumers.lock().expect("consumers lock");
         let state = consumers.get(name).ok_or_else(|| Error::ConsumerNotFound {
             stream: stream.name.clone(),
@@ -275,7 +278,7 @@ impl Log {
     /// Lists a stream's consumers in name order.
     pub fn list_consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, Error> {
         let stream = self.get(stream)?;
-        let head = stream.shared.head().next_offset;
+        let head = stream.shared.head();
         let consumers = stream.shared.consumers.lock().expect("consumers lock");
         Ok(consumers
             .iter()

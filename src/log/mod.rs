@@ -16,12 +16,12 @@ mod filter;
 mod subscription;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +36,7 @@ pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
 use crate::error::Error;
+pub use crate::storage::Retention;
 use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
 use cache::TailCache;
 use commit::Committer;
@@ -45,6 +46,20 @@ use writer::{AppendJob, Writer, WriterCommand};
 /// How many Append calls may queue for one stream's writer before callers
 /// wait (backpressure on producers, bounded memory).
 const WRITER_QUEUE: usize = 1024;
+
+/// How often the housekeeping task trims streams to their retention
+/// policies and samples append rates.
+const HOUSEKEEPING_PERIOD: Duration = Duration::from_secs(1);
+
+/// The window append rates are averaged over.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The shortest `max_age` a retention policy may have.
+pub const MIN_RETENTION_AGE: Duration = Duration::from_secs(1);
+
+/// The smallest `max_bytes` a retention policy may have (a stream keeps at
+/// least its newest chunk anyway).
+pub const MIN_RETENTION_BYTES: u64 = 1 << 20;
 
 /// The longest stream name.
 pub const MAX_STREAM_NAME_LEN: usize = 200;
@@ -142,6 +157,8 @@ pub struct StreamInfo {
     pub approximate_bytes: u64,
     /// Creation time, nanoseconds since the Unix epoch.
     pub created_unix_nanos: i64,
+    /// How long the stream keeps events.
+    pub retention: Retention,
 }
 
 /// Events read from one chunk: `chunk.records[start..end]`, or with a
@@ -215,6 +232,10 @@ pub(crate) struct StreamShared {
     consumers: Mutex<BTreeMap<String, ConsumerState>>,
     /// Numbers consumer leases.
     leases: AtomicU64,
+    /// The retention policy (the writer owns the durable copy).
+    retention: Mutex<Retention>,
+    /// Recent (time, head) samples, oldest first, for the append rate.
+    rate_samples: Mutex<VecDeque<(Instant, u64)>>,
 }
 
 impl StreamShared {
@@ -238,6 +259,41 @@ impl StreamShared {
         // the head (NOT_FOUND, as for any subscriber), not through their
         // leases (which would say ABORTED).
         self.consumers.lock().expect("consumers lock").clear();
+    }
+
+    /// Publishes a trim: readers below `first_offset` now get OUT_OF_RANGE.
+    fn trim_to(&self, first_offset: u64) {
+        self.head_tx.send_if_modified(|head| {
+            let moved = first_offset > head.first_offset;
+            head.first_offset = head.first_offset.max(first_offset);
+            moved
+        });
+    }
+
+    /// Records the head for the append rate, forgetting samples older than
+    /// the window.
+    fn sample_rate(&self, now: Instant) {
+        let head = self.head().next_offset;
+        let mut samples = self.rate_samples.lock().expect("rate lock");
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            samples.pop_front();
+        }
+        samples.push_back((now, head));
+    }
+
+    /// Events appended per second over the last minute (or since the
+    /// first sample).
+    fn append_rate(&self) -> f64 {
+        let samples = self.rate_samples.lock().expect("rate lock");
+        match (samples.front(), samples.back()) {
+            (Some((t0, h0)), Some((t1, h1))) if t1 > t0 => {
+                (h1 - h0) as f64 / t1.duration_since(*t0).as_secs_f64()
+            }
+            _ => 0.0,
+        }
     }
 
     fn set_bytes(&self, bytes: u64) {
@@ -267,6 +323,7 @@ impl Stream {
             next_offset: head.next_offset,
             approximate_bytes: self.shared.bytes.load(Ordering::Relaxed),
             created_unix_nanos: self.meta.created_unix_nanos,
+            retention: *self.shared.retention.lock().expect("retention lock"),
         }
     }
 
@@ -411,6 +468,8 @@ pub struct Log {
     tasks: TaskTracker,
     /// Stops housekeeping on close.
     closing: CancellationToken,
+    /// When the log opened (the server's start), for uptime.
+    opened: (Instant, i64),
 }
 
 impl Log {
@@ -447,6 +506,7 @@ impl Log {
             streams: RwLock::new(BTreeMap::new()),
             tasks,
             closing,
+            opened: (Instant::now(), now_unix_nanos()),
         });
         {
             let mut streams = log.streams.write().expect("registry lock");
@@ -456,6 +516,7 @@ impl Log {
             }
         }
         log.tasks.spawn(expire_idempotency_keys(log.clone()));
+        log.tasks.spawn(housekeeping(log.clone()));
         info!(path = %log.store.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)
     }
@@ -484,6 +545,8 @@ impl Log {
                     .collect(),
             ),
             leases: AtomicU64::new(0),
+            retention: Mutex::new(stored.meta.retention),
+            rate_samples: Mutex::new(VecDeque::new()),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
@@ -518,7 +581,12 @@ impl Log {
 
     /// Returns the stream, creating it when `create` is set and it is missing.
     /// The second value says whether it was created.
-    fn get_or_create(&self, name: &str, create: bool) -> Result<(Arc<Stream>, bool), Error> {
+    fn get_or_create(
+        &self,
+        name: &str,
+        create: bool,
+        retention: Retention,
+    ) -> Result<(Arc<Stream>, bool), Error> {
         validate_stored_name(name)?;
         if let Ok(stream) = self.get(name) {
             return Ok((stream, false));
@@ -536,6 +604,7 @@ impl Log {
             offset_floor: 0,
             next_offset: 0,
             bytes: 0,
+            retention,
         };
         self.store.put_stream(name, &meta)?;
         let stream = self.start_stream(StoredStream {
@@ -554,7 +623,8 @@ impl Log {
     /// durability mode.
     pub async fn append(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
         self.validate_batch(&batch)?;
-        let (stream, _) = self.get_or_create(stream, self.config.auto_create_streams)?;
+        let (stream, _) =
+            self.get_or_create(stream, self.config.auto_create_streams, Retention::default())?;
         let idempotency = (!batch.idempotency_key.is_empty())
             .then(|| (batch.idempotency_key.clone(), fingerprint(&batch)));
         let (reply, reply_rx) = oneshot::channel();
@@ -698,8 +768,13 @@ impl Log {
 
     /// Creates an empty stream; durable before it returns (the store makes
     /// a new stream's metadata durable as it writes it).
-    pub async fn create_stream(&self, name: &str) -> Result<StreamInfo, Error> {
-        let (stream, created) = self.get_or_create(name, true)?;
+    pub async fn create_stream(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> Result<StreamInfo, Error> {
+        validate_retention(&retention)?;
+        let (stream, created) = self.get_or_create(name, true, retention)?;
         if !created {
             return Err(Error::StreamExists(name.to_string()));
         }
@@ -736,6 +811,36 @@ impl Log {
             .take(limit)
             .map(|(_, s)| s.info())
             .collect()
+    }
+
+    /// Replaces a stream's retention policy; durable before it returns.
+    /// Trimming to a tighter policy follows within about a second.
+    pub async fn update_stream(
+        &self,
+        name: &str,
+        retention: Retention,
+    ) -> Result<StreamInfo, Error> {
+        validate_retention(&retention)?;
+        let stream = self.get(name)?;
+        let (reply, reply_rx) = oneshot::channel();
+        self.ask_writer(
+            &stream,
+            WriterCommand::SetRetention { retention, reply },
+            reply_rx,
+        )
+        .await?;
+        Ok(stream.info())
+    }
+
+    /// When the log opened (nanoseconds since the Unix epoch), and how
+    /// long ago.
+    pub fn opened(&self) -> (i64, Duration) {
+        (self.opened.1, self.opened.0.elapsed())
+    }
+
+    /// A stream's events appended per second over the last minute.
+    pub fn append_rate(&self, name: &str) -> Result<f64, Error> {
+        Ok(self.get(name)?.shared.append_rate())
     }
 
     /// Deletes a stream with all its events; its subscriptions end.
@@ -788,6 +893,53 @@ impl Log {
             let _ = tokio::task::spawn_blocking(move || committer.finish()).await;
         }
         self.sync().await
+    }
+}
+
+/// Checks a retention policy's limits.
+fn validate_retention(retention: &Retention) -> Result<(), Error> {
+    let min_age = MIN_RETENTION_AGE.as_nanos() as u64;
+    if retention.max_age_nanos > 0 && retention.max_age_nanos < min_age {
+        return Err(Error::InvalidArgument(format!(
+            "retention max_age must be at least {}s (or unset for no age limit)",
+            MIN_RETENTION_AGE.as_secs()
+        )));
+    }
+    if retention.max_bytes > 0 && retention.max_bytes < MIN_RETENTION_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "retention max_bytes must be at least {MIN_RETENTION_BYTES} (1 MiB), or 0 for no size limit"
+        )));
+    }
+    Ok(())
+}
+
+/// Every [`HOUSEKEEPING_PERIOD`]: samples each stream's head for its
+/// append rate, and asks the writer of each stream with a retention policy
+/// to trim. A writer whose queue is full is skipped this turn (appends
+/// come first; the next turn catches up).
+async fn housekeeping(log: Arc<Log>) {
+    let mut ticks = tokio::time::interval(HOUSEKEEPING_PERIOD);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = log.closing.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let streams: Vec<Arc<Stream>> = log
+            .streams
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        for stream in streams {
+            stream.shared.sample_rate(now);
+            let retention = *stream.shared.retention.lock().expect("retention lock");
+            if !retention.keeps_everything() {
+                let _ = stream.writer_tx.try_send(WriterCommand::Trim);
+            }
+        }
     }
 }
 

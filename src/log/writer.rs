@@ -21,12 +21,17 @@ use super::consumer::{apply_change, ConsumerChange, ConsumerState};
 use super::{now_unix_nanos, AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
-    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Store, StreamMeta, TARGET_CHUNK_BYTES,
+    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Retention, Store, StreamMeta,
+    TARGET_CHUNK_BYTES,
 };
 
 /// The most events one group commit takes from the queue; later jobs wait
 /// for the next group.
 const MAX_GROUP_EVENTS: usize = 20_000;
+
+/// The most chunks one trim removes (about 32 MiB of 8 KiB chunks): a
+/// big backlog is trimmed over several turns, with appends in between.
+const MAX_TRIM_CHUNKS: usize = 4096;
 
 /// A request to the writer.
 pub(crate) enum WriterCommand {
@@ -34,6 +39,14 @@ pub(crate) enum WriterCommand {
     Append(AppendJob),
     /// Delete the stream, then stop.
     Delete(oneshot::Sender<Result<(), Error>>),
+    /// Trim what the retention policy no longer keeps (sent by the
+    /// retention task; nobody waits).
+    Trim,
+    /// Replace the retention policy; answered once durable.
+    SetRetention {
+        retention: Retention,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// Change a durable consumer; answered once durable.
     Consumer {
         name: String,
@@ -111,6 +124,10 @@ impl Writer {
                         change,
                         reply,
                     } => self.change_consumer(name, change, reply).await,
+                    WriterCommand::Trim => self.trim().await,
+                    WriterCommand::SetRetention { retention, reply } => {
+                        self.set_retention(retention, reply).await
+                    }
                 }
             }
         }
@@ -194,6 +211,108 @@ impl Writer {
                     .await
             }
         }
+    }
+
+    /// Removes the oldest chunks the retention policy no longer keeps:
+    /// whole chunks from the front, never past the published head, and
+    /// for `max_events` and `max_bytes` never below the limit (a stream
+    /// keeps at least what its policy promises).
+    async fn trim(&mut self) {
+        let retention = self.meta.retention;
+        if retention.keeps_everything() || self.committer.failure().is_some() {
+            return;
+        }
+        let head = self.shared.head();
+        // Cheap checks first: most turns have nothing to trim.
+        let stored = head.next_offset - head.first_offset;
+        if retention.max_age_nanos == 0
+            && (retention.max_events == 0 || stored <= retention.max_events)
+            && (retention.max_bytes == 0 || self.meta.bytes <= retention.max_bytes)
+        {
+            return;
+        }
+        let max_age = i64::try_from(retention.max_age_nanos).unwrap_or(i64::MAX);
+        let cutoff = now_unix_nanos().saturating_sub(max_age);
+        let mut below = head.first_offset;
+        let mut bytes = self.meta.bytes;
+        let visited = self
+            .store
+            .visit_oldest_chunks(self.meta.id, MAX_TRIM_CHUNKS, |chunk, size| {
+                if chunk.end_offset() > head.next_offset {
+                    return false;
+                }
+                let too_old = retention.max_age_nanos > 0 && chunk.time_unix_nanos < cutoff;
+                let too_many = retention.max_events > 0
+                    && head.next_offset - chunk.end_offset() >= retention.max_events;
+                let too_big =
+                    retention.max_bytes > 0 && bytes.saturating_sub(size) >= retention.max_bytes;
+                if too_old || too_many || too_big {
+                    below = chunk.end_offset();
+                    bytes = bytes.saturating_sub(size);
+                    true
+                } else {
+                    false
+                }
+            });
+        if let Err(e) = visited {
+            error!(stream = %self.name, error = %e, "retention could not read the stream");
+            return;
+        }
+        if below <= head.first_offset {
+            return;
+        }
+        let mut meta = self.meta;
+        meta.offset_floor = below;
+        meta.bytes = bytes;
+        let record = match self.store.trim(&self.name, &meta, below) {
+            Ok(record) => record,
+            Err(e) => {
+                error!(stream = %self.name, error = %e, "retention could not trim the stream");
+                return;
+            }
+        };
+        self.meta = meta;
+        self.shared.set_bytes(bytes);
+        self.committer
+            .commit(Commit {
+                stream: self.shared.clone(),
+                record,
+                change: Change::Trimmed { first_offset: below },
+            })
+            .await;
+    }
+
+    /// Saves a new retention policy; trimming follows on the retention
+    /// task's next turn.
+    async fn set_retention(
+        &mut self,
+        retention: Retention,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        if let Some(reason) = self.committer.failure() {
+            let _ = reply.send(Err(Error::StorageFailed(reason)));
+            return;
+        }
+        let meta = StreamMeta {
+            retention,
+            ..self.meta
+        };
+        let record = match self.store.write_meta(&self.name, &meta) {
+            Ok(record) => record,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        self.meta = meta;
+        *self.shared.retention.lock().expect("retention lock") = retention;
+        self.committer
+            .commit(Commit {
+                stream: self.shared.clone(),
+                record,
+                change: Change::Other(reply),
+            })
+            .await;
     }
 
     async fn write_group(&mut self, jobs: Vec<AppendJob>) {

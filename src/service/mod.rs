@@ -251,8 +251,13 @@ impl EventLog for EventLogService {
         request: Request<pb::CreateStreamRequest>,
     ) -> Result<Response<pb::CreateStreamResponse>, Status> {
         let caller = self.caller(&request, &[Scope::Publish, Scope::Admin])?;
-        let name = request.into_inner().stream;
-        let info = self.log.create_stream(&caller.stream(&name)?).await?;
+        let request = request.into_inner();
+        let retention = retention_from_proto(request.retention)?;
+        let name = request.stream;
+        let info = self
+            .log
+            .create_stream(&caller.stream(&name)?, retention)
+            .await?;
         Ok(Response::new(pb::CreateStreamResponse {
             stream: Some(stream_info_to_proto(info, name)),
         }))
@@ -357,6 +362,57 @@ impl EventLog for EventLogService {
                 .into_iter()
                 .map(|c| consumer_info_to_proto(c, name.clone()))
                 .collect(),
+        }))
+    }
+
+    async fn update_stream(
+        &self,
+        request: Request<pb::UpdateStreamRequest>,
+    ) -> Result<Response<pb::UpdateStreamResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Admin])?;
+        let request = request.into_inner();
+        let retention = retention_from_proto(request.retention)?;
+        let info = self
+            .log
+            .update_stream(&caller.stream(&request.stream)?, retention)
+            .await?;
+        Ok(Response::new(pb::UpdateStreamResponse {
+            stream: Some(stream_info_to_proto(info, request.stream)),
+        }))
+    }
+
+    async fn get_server_status(
+        &self,
+        request: Request<pb::GetServerStatusRequest>,
+    ) -> Result<Response<pb::GetServerStatusResponse>, Status> {
+        let caller = self.caller(&request, ANY_SCOPE)?;
+        let (started, uptime) = self.log.opened();
+        let visible = |stored: &str| caller.own_name(stored).is_some_and(|n| caller.may_use(n));
+        let start = crate::auth::stored_stream_name(&caller.tenant, "");
+        let mut streams = Vec::new();
+        // A stream deleted between listing and describing is left out.
+        for info in self.log.list_streams(&start, usize::MAX, &visible) {
+            let (Ok(rate), Ok(consumers)) = (
+                self.log.append_rate(&info.name),
+                self.log.list_consumers(&info.name),
+            ) else {
+                continue;
+            };
+            let name = caller.own_name(&info.name).unwrap_or_default().to_string();
+            streams.push(pb::StreamStatus {
+                consumers: consumers
+                    .into_iter()
+                    .map(|c| consumer_info_to_proto(c, name.clone()))
+                    .collect(),
+                stream: Some(stream_info_to_proto(info, name)),
+                append_rate: rate,
+            });
+        }
+        Ok(Response::new(pb::GetServerStatusResponse {
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            start_time: Some(timestamp(started)),
+            uptime: prost_types::Duration::try_from(uptime).ok(),
+            streams,
         }))
     }
 
@@ -549,7 +605,43 @@ fn consumer_info_to_proto(info: log::ConsumerInfo, stream: String) -> pb::Consum
         filter,
         version: info.version,
         active: info.active,
+        cursor_trimmed: info.cursor_trimmed,
     }
+}
+
+/// A retention policy from its protobuf form (unset keeps everything).
+fn retention_from_proto(policy: Option<pb::RetentionPolicy>) -> Result<log::Retention, Status> {
+    let Some(policy) = policy else {
+        return Ok(log::Retention::default());
+    };
+    let max_age_nanos = match policy.max_age {
+        None => 0,
+        Some(age) => Duration::try_from(age)
+            .map_err(|_| {
+                Status::invalid_argument(
+                    "retention max_age must be a positive duration (or unset for no age limit)",
+                )
+            })?
+            .as_nanos()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    };
+    Ok(log::Retention {
+        max_age_nanos,
+        max_events: policy.max_events,
+        max_bytes: policy.max_bytes,
+    })
+}
+
+/// The protobuf form of a retention policy (unset when it keeps everything).
+fn retention_to_proto(retention: log::Retention) -> Option<pb::RetentionPolicy> {
+    (!retention.keeps_everything()).then(|| pb::RetentionPolicy {
+        max_age: (retention.max_age_nanos > 0)
+            .then(|| Duration::from_nanos(retention.max_age_nanos).try_into().ok())
+            .flatten(),
+        max_events: retention.max_events,
+        max_bytes: retention.max_bytes,
+    })
 }
 
 fn page_size(requested: u32, field: &str) -> Result<usize, Status> {
@@ -677,6 +769,7 @@ fn stream_info_to_proto(info: log::StreamInfo, name: String) -> pb::StreamInfo {
         next_offset: info.next_offset,
         approximate_bytes: info.approximate_bytes,
         created_time: Some(timestamp(info.created_unix_nanos)),
+        retention: retention_to_proto(info.retention),
     }
 }
 

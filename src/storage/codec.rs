@@ -21,7 +21,9 @@ use bytes::{Buf, BufMut, Bytes};
 
 const CHUNK_VERSION: u8 = 2;
 const CHUNK_VERSION_WITHOUT_RENDERINGS: u8 = 1;
-const META_VERSION: u8 = 1;
+const META_VERSION: u8 = 2;
+/// Metadata written before streams had retention limits (still read).
+const META_VERSION_WITHOUT_RETENTION: u8 = 1;
 const CONSUMER_VERSION: u8 = 1;
 const CHUNK_HEADER_LEN: usize = 1 + 8 + 8 + 4;
 
@@ -243,6 +245,59 @@ impl Chunk {
     }
 }
 
+/// What a chunk's header says, read without decoding its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// The offset of the chunk's first event.
+    pub first_offset: u64,
+    /// The append time of its events.
+    pub time_unix_nanos: i64,
+    /// How many events it holds.
+    pub count: u32,
+}
+
+impl ChunkHeader {
+    /// Reads the header of an encoded chunk.
+    pub fn decode(mut buf: &[u8]) -> Result<ChunkHeader, CodecError> {
+        if buf.len() < CHUNK_HEADER_LEN {
+            return Err(CodecError::Truncated);
+        }
+        let version = buf.get_u8();
+        if version != CHUNK_VERSION && version != CHUNK_VERSION_WITHOUT_RENDERINGS {
+            return Err(CodecError::UnknownVersion(version));
+        }
+        Ok(ChunkHeader {
+            first_offset: buf.get_u64(),
+            time_unix_nanos: buf.get_i64(),
+            count: buf.get_u32(),
+        })
+    }
+
+    /// The offset after the chunk's last event.
+    pub fn end_offset(&self) -> u64 {
+        self.first_offset + u64::from(self.count)
+    }
+}
+
+/// How long a stream keeps its events. Zero means no limit; with several
+/// limits an event goes as soon as any says so.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// The greatest age of an event, in nanoseconds.
+    pub max_age_nanos: u64,
+    /// The number of newest events kept (at least).
+    pub max_events: u64,
+    /// The bytes of newest events kept (at least).
+    pub max_bytes: u64,
+}
+
+impl Retention {
+    /// Whether the stream keeps everything.
+    pub fn keeps_everything(&self) -> bool {
+        *self == Retention::default()
+    }
+}
+
 /// A stream's durable description.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamMeta {
@@ -259,10 +314,13 @@ pub struct StreamMeta {
     pub next_offset: u64,
     /// Approximate bytes of stored chunks.
     pub bytes: u64,
+    /// How long events are kept.
+    pub retention: Retention,
 }
 
 impl StreamMeta {
-    const LEN: usize = 1 + 8 + 8 + 8 + 8 + 8;
+    const LEN_WITHOUT_RETENTION: usize = 1 + 8 + 8 + 8 + 8 + 8;
+    const LEN: usize = Self::LEN_WITHOUT_RETENTION + 8 + 8 + 8;
 
     /// Encodes the metadata for storage.
     pub fn encode(&self) -> Vec<u8> {
@@ -273,25 +331,42 @@ impl StreamMeta {
         out.put_u64(self.offset_floor);
         out.put_u64(self.next_offset);
         out.put_u64(self.bytes);
+        out.put_u64(self.retention.max_age_nanos);
+        out.put_u64(self.retention.max_events);
+        out.put_u64(self.retention.max_bytes);
         out
     }
 
     /// Decodes stored metadata.
     pub fn decode(mut buf: &[u8]) -> Result<StreamMeta, CodecError> {
-        if buf.len() != Self::LEN {
+        let Some(&version) = buf.first() else {
+            return Err(CodecError::Truncated);
+        };
+        let len = match version {
+            META_VERSION => Self::LEN,
+            META_VERSION_WITHOUT_RETENTION => Self::LEN_WITHOUT_RETENTION,
+            other => return Err(CodecError::UnknownVersion(other)),
+        };
+        if buf.len() != len {
             return Err(CodecError::Truncated);
         }
-        let version = buf.get_u8();
-        if version != META_VERSION {
-            return Err(CodecError::UnknownVersion(version));
-        }
-        Ok(StreamMeta {
+        buf.advance(1);
+        let mut meta = StreamMeta {
             id: buf.get_u64(),
             created_unix_nanos: buf.get_i64(),
             offset_floor: buf.get_u64(),
             next_offset: buf.get_u64(),
             bytes: buf.get_u64(),
-        })
+            retention: Retention::default(),
+        };
+        if version == META_VERSION {
+            meta.retention = Retention {
+                max_age_nanos: buf.get_u64(),
+                max_events: buf.get_u64(),
+                max_bytes: buf.get_u64(),
+            };
+        }
+        Ok(meta)
     }
 }
 
@@ -605,8 +680,29 @@ mod tests {
             offset_floor: 10,
             next_offset: 12,
             bytes: 1 << 40,
+            retention: Retention {
+                max_age_nanos: 3,
+                max_events: 4,
+                max_bytes: 5,
+            },
         };
         assert_eq!(StreamMeta::decode(&meta.encode()), Ok(meta));
+        // Metadata from before retention reads as "keep everything".
+        let old = &meta.encode()[..StreamMeta::LEN_WITHOUT_RETENTION];
+        let mut old = old.to_vec();
+        old[0] = META_VERSION_WITHOUT_RETENTION;
+        assert_eq!(
+            StreamMeta::decode(&old),
+            Ok(StreamMeta {
+                retention: Retention::default(),
+                ..meta
+            })
+        );
+        let chunk = sample();
+        let header = ChunkHeader::decode(&chunk.encode()).unwrap();
+        assert_eq!(header.first_offset, chunk.first_offset);
+        assert_eq!(header.time_unix_nanos, chunk.time_unix_nanos);
+        assert_eq!(header.end_offset(), chunk.end_offset());
         let rec = IdempotencyRecord {
             first_offset: 3,
             count: 2,

@@ -36,7 +36,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 pub use codec::{
-    Chunk, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep, Rendering, StreamMeta,
+    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep, Rendering,
+    Retention, StreamMeta,
 };
 use wal::{Op, Wal};
 
@@ -381,6 +382,12 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites a stream's metadata (a settings change). Returns the
+    /// write-ahead log record, when the log is on.
+    pub fn write_meta(&self, name: &str, meta: &StreamMeta) -> Result<Option<Vec<u8>>, StorageError> {
+        self.apply(vec![Op::Insert(stream_key(name), meta.encode())])
+    }
+
     /// Saves an API key record (opaque to storage: the auth module encodes
     /// it). Durable when it returns, like [`Store::put_stream`].
     pub fn put_api_key(&self, id: &str, record: Vec<u8>) -> Result<(), StorageError> {
@@ -621,6 +628,58 @@ impl Store {
         self.apply(ops)
     }
 
+    /// Shows `visit` the header and encoded size of a stream's chunks from
+    /// the oldest on, until it returns false or `limit` were shown (what
+    /// retention decides on: usually only the first chunk is read).
+    pub fn visit_oldest_chunks(
+        &self,
+        stream_id: u64,
+        limit: usize,
+        mut visit: impl FnMut(ChunkHeader, u64) -> bool,
+    ) -> Result<(), StorageError> {
+        for item in self
+            .tree
+            .range(chunk_key(stream_id, 0)..=chunk_key(stream_id, u64::MAX))
+            .take(limit)
+        {
+            let (key, value) = item?;
+            let header = ChunkHeader::decode(&value).map_err(|source| StorageError::Corrupt {
+                what: format!(
+                    "chunk at offset {} of stream id {stream_id}",
+                    offset_of_chunk_key(&key)
+                ),
+                source,
+            })?;
+            if !visit(header, value.len() as u64) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a stream's chunks below offset `below` (retention) and
+    /// writes its metadata, whose `offset_floor` should be `below`. Returns
+    /// the write-ahead log record, when the log is on. A trim cut short by
+    /// a crash leaves a prefix of it done, which is consistent: the first
+    /// retained offset is the first stored chunk's.
+    pub fn trim(
+        &self,
+        name: &str,
+        meta: &StreamMeta,
+        below: u64,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let mut ops = Vec::new();
+        for key in self
+            .tree
+            .range(chunk_key(meta.id, 0)..chunk_key(meta.id, below))
+            .keys()
+        {
+            ops.push(Op::Remove(key?.to_vec()));
+        }
+        ops.push(Op::Insert(stream_key(name), meta.encode()));
+        self.apply(ops)
+    }
+
     /// Makes everything written so far durable: sled's flush (which writes
     /// its buffers and calls `sync_file_range`), then `fdatasync` on the
     /// data file so the drive's cache and the file size are persisted too.
@@ -765,6 +824,7 @@ mod tests {
             offset_floor: 0,
             next_offset: 10,
             bytes: 0,
+            retention: Retention::default(),
         };
         // Chunks [0,3) [3,4) [4,10); a neighbouring stream id must not leak in.
         store
@@ -837,6 +897,7 @@ mod tests {
             offset_floor: 0,
             next_offset,
             bytes: 0,
+            retention: Retention::default(),
         };
         store
             .write_group("low", &meta(4, 8), vec![chunk(0, 8)], &[])
@@ -869,6 +930,7 @@ mod tests {
             offset_floor: 0,
             next_offset: 2,
             bytes: 0,
+            retention: Retention::default(),
         };
         let rec = |first_offset| IdempotencyRecord {
             first_offset,
@@ -913,6 +975,7 @@ mod tests {
             offset_floor: 0,
             next_offset: 1,
             bytes: 0,
+            retention: Retention::default(),
         };
         let b = StreamMeta { id: 2, ..a };
         let rec = IdempotencyRecord {
@@ -953,6 +1016,7 @@ mod tests {
             offset_floor: 0,
             next_offset: 1,
             bytes: 0,
+            retention: Retention::default(),
         };
         let old = IdempotencyRecord {
             first_offset: 0,
@@ -981,6 +1045,7 @@ mod tests {
             offset_floor: 0,
             next_offset: 3,
             bytes: 0,
+            retention: Retention::default(),
         };
         // What a crashed run acknowledged but never checkpointed into sled,
         // followed by a torn record it never acknowledged.
@@ -1026,6 +1091,7 @@ mod tests {
                 offset_floor: 0,
                 next_offset: 4,
                 bytes: 0,
+                retention: Retention::default(),
             };
             store
                 .write_group("a", &meta, vec![chunk(0, 4)], &[])
