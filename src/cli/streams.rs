@@ -245,12 +245,7 @@ fn print_table(streams: &[pb::StreamInfo]) {
         };
         println!(
             "{:<width$}  {:>12}  {:>12}  {:>12}  {:>12}  {}",
-            s.name,
-            s.first_offset,
-            s.next_offset,
-            s.event_count,
-            s.approximate_bytes,
-            created
+            s.name, s.first_offset, s.next_offset, s.event_count, s.approximate_bytes, created
         );
     }
 }

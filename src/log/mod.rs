@@ -623,8 +623,11 @@ impl Log {
     /// durability mode.
     pub async fn append(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
         self.validate_batch(&batch)?;
-        let (stream, _) =
-            self.get_or_create(stream, self.config.auto_create_streams, Retention::default())?;
+        let (stream, _) = self.get_or_create(
+            stream,
+            self.config.auto_create_streams,
+            Retention::default(),
+        )?;
         let idempotency = (!batch.idempotency_key.is_empty())
             .then(|| (batch.idempotency_key.clone(), fingerprint(&batch)));
         let (reply, reply_rx) = oneshot::channel();

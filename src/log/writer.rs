@@ -235,25 +235,25 @@ impl Writer {
         let cutoff = now_unix_nanos().saturating_sub(max_age);
         let mut below = head.first_offset;
         let mut bytes = self.meta.bytes;
-        let visited = self
-            .store
-            .visit_oldest_chunks(self.meta.id, MAX_TRIM_CHUNKS, |chunk, size| {
-                if chunk.end_offset() > head.next_offset {
-                    return false;
-                }
-                let too_old = retention.max_age_nanos > 0 && chunk.time_unix_nanos < cutoff;
-                let too_many = retention.max_events > 0
-                    && head.next_offset - chunk.end_offset() >= retention.max_events;
-                let too_big =
-                    retention.max_bytes > 0 && bytes.saturating_sub(size) >= retention.max_bytes;
-                if too_old || too_many || too_big {
-                    below = chunk.end_offset();
-                    bytes = bytes.saturating_sub(size);
-                    true
-                } else {
-                    false
-                }
-            });
+        let visited =
+            self.store
+                .visit_oldest_chunks(self.meta.id, MAX_TRIM_CHUNKS, |chunk, size| {
+                    if chunk.end_offset() > head.next_offset {
+                        return false;
+                    }
+                    let too_old = retention.max_age_nanos > 0 && chunk.time_unix_nanos < cutoff;
+                    let too_many = retention.max_events > 0
+                        && head.next_offset - chunk.end_offset() >= retention.max_events;
+                    let too_big = retention.max_bytes > 0
+                        && bytes.saturating_sub(size) >= retention.max_bytes;
+                    if too_old || too_many || too_big {
+                        below = chunk.end_offset();
+                        bytes = bytes.saturating_sub(size);
+                        true
+                    } else {
+                        false
+                    }
+                });
         if let Err(e) = visited {
             error!(stream = %self.name, error = %e, "retention could not read the stream");
             return;
@@ -277,7 +277,9 @@ impl Writer {
             .commit(Commit {
                 stream: self.shared.clone(),
                 record,
-                change: Change::Trimmed { first_offset: below },
+                change: Change::Trimmed {
+                    first_offset: below,
+                },
             })
             .await;
     }

@@ -637,7 +637,11 @@ fn retention_from_proto(policy: Option<pb::RetentionPolicy>) -> Result<log::Rete
 fn retention_to_proto(retention: log::Retention) -> Option<pb::RetentionPolicy> {
     (!retention.keeps_everything()).then(|| pb::RetentionPolicy {
         max_age: (retention.max_age_nanos > 0)
-            .then(|| Duration::from_nanos(retention.max_age_nanos).try_into().ok())
+            .then(|| {
+                Duration::from_nanos(retention.max_age_nanos)
+                    .try_into()
+                    .ok()
+            })
             .flatten(),
         max_events: retention.max_events,
         max_bytes: retention.max_bytes,

@@ -36,8 +36,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 pub use codec::{
-    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep, Rendering,
-    Retention, StreamMeta,
+    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep,
+    Rendering, Retention, StreamMeta,
 };
 use wal::{Op, Wal};
 
@@ -384,7 +384,11 @@ impl Store {
 
     /// Rewrites a stream's metadata (a settings change). Returns the
     /// write-ahead log record, when the log is on.
-    pub fn write_meta(&self, name: &str, meta: &StreamMeta) -> Result<Option<Vec<u8>>, StorageError> {
+    pub fn write_meta(
+        &self,
+        name: &str,
+        meta: &StreamMeta,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         self.apply(vec![Op::Insert(stream_key(name), meta.encode())])
     }
 

@@ -351,6 +351,7 @@ async fn stream_patterns_limit_a_key() {
         let mut full = client_with(&server, &keys[0]).await;
         full.create_stream(pb::CreateStreamRequest {
             stream: "audit".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -420,6 +421,7 @@ async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
         publisher
             .create_stream(pb::CreateStreamRequest {
                 stream: "live".into(),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -495,9 +497,12 @@ async fn per_key_limits_answer_resource_exhausted_and_spare_other_keys() {
         .await;
         let mut a = client_with(&server, &keys[0]).await;
         let mut b = client_with(&server, &keys[1]).await;
-        a.create_stream(pb::CreateStreamRequest { stream: "s".into() })
-            .await
-            .unwrap();
+        a.create_stream(pb::CreateStreamRequest {
+            stream: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
         let subscribe = |client: &mut Keyed| {
             let mut client = client.clone();
             async move {

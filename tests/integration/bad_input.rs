@@ -32,6 +32,7 @@ async fn invalid_stream_names_are_rejected_everywhere() {
         let create = client
             .create_stream(pb::CreateStreamRequest {
                 stream: name.into(),
+                ..Default::default()
             })
             .await;
         assert_status(create, Code::InvalidArgument, "invalid stream name");
@@ -200,7 +201,10 @@ async fn append_to_a_missing_stream_is_not_found_when_auto_create_is_off() {
         .await;
     assert_status(result, Code::NotFound, "\"s\"");
     client
-        .create_stream(pb::CreateStreamRequest { stream: "s".into() })
+        .create_stream(pb::CreateStreamRequest {
+            stream: "s".into(),
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(

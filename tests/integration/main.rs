@@ -9,6 +9,7 @@ mod auth;
 mod bad_input;
 mod consumers;
 mod process;
+mod retention;
 mod selection;
 mod streams;
 mod subscribe;

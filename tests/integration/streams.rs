@@ -10,7 +10,10 @@ async fn create_get_list_delete() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     let created = client
-        .create_stream(pb::CreateStreamRequest { stream: "a".into() })
+        .create_stream(pb::CreateStreamRequest {
+            stream: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -27,7 +30,10 @@ async fn create_get_list_delete() {
     );
     assert!(created.created_time.is_some());
     let status = client
-        .create_stream(pb::CreateStreamRequest { stream: "a".into() })
+        .create_stream(pb::CreateStreamRequest {
+            stream: "a".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
