@@ -284,13 +284,14 @@ impl StreamShared {
         samples.push_back((now, head));
     }
 
-    /// Events appended per second over the last minute (or since the
-    /// first sample).
+    /// Events appended per second from the oldest sample in the window
+    /// (about a minute ago, or the stream's start) until now.
     fn append_rate(&self) -> f64 {
+        let head = self.head().next_offset;
         let samples = self.rate_samples.lock().expect("rate lock");
-        match (samples.front(), samples.back()) {
-            (Some((t0, h0)), Some((t1, h1))) if t1 > t0 => {
-                (h1 - h0) as f64 / t1.duration_since(*t0).as_secs_f64()
+        match samples.front() {
+            Some((t0, h0)) if t0.elapsed() > Duration::from_millis(10) => {
+                head.saturating_sub(*h0) as f64 / t0.elapsed().as_secs_f64()
             }
             _ => 0.0,
         }
@@ -546,7 +547,7 @@ impl Log {
             ),
             leases: AtomicU64::new(0),
             retention: Mutex::new(stored.meta.retention),
-            rate_samples: Mutex::new(VecDeque::new()),
+            rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {

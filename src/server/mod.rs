@@ -2,12 +2,16 @@
 //! and shuts down gracefully.
 //!
 //! The caller binds (tests pass `127.0.0.1:0`), so nothing here races for
-//! ports. Shutdown order: stop accepting; end every subscription with
+//! ports. Besides the pullstream services it serves the standard health
+//! service ([`health`]) and server reflection (`grpc.reflection.v1` and
+//! `v1alpha`, for grpcurl and Postman). Shutdown order: report
+//! NOT_SERVING; stop accepting; end every subscription with
 //! UNAVAILABLE ("server shutting down") so clients reconnect and resume;
 //! let in-flight calls finish for up to the grace period; stop the writers;
 //! sync storage.
 
 mod handshake;
+mod health;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -128,6 +132,8 @@ impl Server {
         );
         info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
+        let health = health::HealthCheck::new(cancel.clone()).await;
+        let reflection = reflection().map_err(ServeError::Reflection)?;
         let signalled = cancel.clone();
         let mut builder = tonic::transport::Server::builder();
         if let Some(tls) = self.tls.clone() {
@@ -138,9 +144,13 @@ impl Server {
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .add_service(service)
             .add_service(ApiKeysServer::new(ApiKeysService::new(self.keys.clone())))
+            .add_service(health.service())
+            .add_service(reflection.0)
+            .add_service(reflection.1)
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 info!("shutting down: ending subscriptions, finishing open calls");
+                health.not_serving().await;
                 signalled.cancel();
             });
         let grace = config.shutdown_grace;
@@ -169,6 +179,28 @@ impl Server {
     }
 }
 
+/// The reflection services (v1, and v1alpha for older grpcurl), describing
+/// the pullstream and health services.
+#[allow(clippy::type_complexity)]
+fn reflection() -> Result<
+    (
+        tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1::server_reflection_server::ServerReflection,
+        >,
+        tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflectionServer<
+            impl tonic_reflection::pb::v1alpha::server_reflection_server::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
 /// Why serving failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -181,6 +213,10 @@ pub enum ServeError {
     /// Open mode (no API keys) on an address others can reach.
     #[error("refusing to serve without API keys on {0}, which is not a loopback address: create a key first (`pullstream keys create --data-dir DIR --tenant T --scope admin`), listen on 127.0.0.1, or pass --insecure")]
     Insecure(std::net::SocketAddr),
+    /// The reflection service could not read the proto descriptors (a
+    /// build problem).
+    #[error("server reflection setup failed: {0}")]
+    Reflection(tonic_reflection::server::Error),
     /// Storage could not be closed cleanly.
     #[error("closing storage failed: {0}")]
     Close(Error),

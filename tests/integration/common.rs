@@ -69,6 +69,15 @@ impl TestServer {
             .max_decoding_message_size(64 << 20)
     }
 
+    /// A connected channel, for other services' clients.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("endpoint")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
     /// Shuts down gracefully and waits; returns the data dir and config
     /// for a restart.
     pub async fn stop(mut self) -> (TempDir, ServerConfig) {

@@ -8,6 +8,7 @@ mod append;
 mod auth;
 mod bad_input;
 mod consumers;
+mod operability;
 mod process;
 mod retention;
 mod selection;
