@@ -127,6 +127,9 @@ pub struct ServeSettings {
     /// Calls per second one API key may make (token bucket, bursts of one second's worth); 0 for no limit [default: 1000]
     #[arg(long, env = "PULLSTREAM_KEY_RATE_LIMIT")]
     pub key_rate_limit: Option<u32>,
+    /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g. 127.0.0.1:9090 [default: off]
+    #[arg(long, env = "PULLSTREAM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServeSettings {
@@ -170,6 +173,7 @@ impl ServeSettings {
                 .or(fallback.max_subscriptions_per_key),
             key_rate_limit: self.key_rate_limit.or(fallback.key_rate_limit),
             handshake_timeout: self.handshake_timeout.or(fallback.handshake_timeout),
+            metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
         }
     }
 }
@@ -221,6 +225,8 @@ pub struct ServerConfig {
     pub key_rate_limit: u32,
     /// How long a new connection may take to start HTTP/2 (or TLS).
     pub handshake_timeout: Duration,
+    /// Where to serve Prometheus metrics; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The PEM files of the server's TLS.
@@ -282,6 +288,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),
             key_rate_limit: s.key_rate_limit.unwrap_or(1000),
             handshake_timeout: secs(s.handshake_timeout, 10),
+            metrics_listen: s.metrics_listen,
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,

@@ -13,7 +13,9 @@
 //!   streams.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
 //!   status codes in one place.
-//! - [`server`]: opens the log, serves gRPC, shuts down gracefully.
+//! - [`metrics`]: Prometheus metrics, per server, with bounded labels.
+//! - [`server`]: opens the log, serves gRPC (with health and reflection)
+//!   and the metrics endpoint, shuts down gracefully.
 //! - [`cli`]: the `pullstream` command line (server and client commands).
 //! - [`bench`]: `pullstream bench`, the load generator behind the README's figures.
 //!
@@ -37,6 +39,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod log;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;

@@ -26,6 +26,7 @@ use tracing::{debug, error, warn};
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::storage::{Chunk, Store};
 
 /// The acknowledgement an Append caller waits for.
@@ -43,6 +44,8 @@ pub(crate) struct Commit {
 pub(crate) enum Change {
     /// A group of appends.
     Appended {
+        /// How many events the group adds.
+        events: u64,
         /// The stream's next offset once published.
         next_offset: u64,
         /// The group's chunks with their encoded sizes, for the tail cache.
@@ -69,6 +72,7 @@ impl Commit {
                 next_offset,
                 chunks,
                 replies,
+                ..
             } => {
                 self.stream.publish(chunks, next_offset);
                 for (reply, result) in replies {
@@ -110,6 +114,7 @@ pub(crate) struct Committer {
     /// Set after a failed sync: the store's state is unknown, so the log
     /// refuses further writes until a restart.
     failed: Arc<OnceLock<String>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Group commit without a thread of its own: the writer that finds no sync
@@ -129,7 +134,11 @@ struct SyncGroup {
 
 impl Committer {
     /// Starts the committer.
-    pub(crate) fn start(store: Arc<Store>, durability: Durability) -> Committer {
+    pub(crate) fn start(
+        store: Arc<Store>,
+        durability: Durability,
+        metrics: Arc<Metrics>,
+    ) -> Committer {
         let sync = match durability {
             Durability::Buffered => None,
             Durability::Fsync => Some(Arc::new(SyncGroup {
@@ -142,6 +151,7 @@ impl Committer {
         Committer {
             sync,
             failed: Arc::new(OnceLock::new()),
+            metrics,
         }
     }
 
@@ -162,6 +172,9 @@ impl Committer {
     /// Publishes `commit` once it is durable under the durability mode.
     pub(crate) async fn commit(&self, commit: Commit) {
         let Some(sync) = &self.sync else {
+            if let Change::Appended { events, .. } = commit.change {
+                self.metrics.group_commit_events.observe(events as f64);
+            }
             commit.publish();
             return;
         };
@@ -188,9 +201,13 @@ impl Committer {
 
     fn sync_group(&self, sync: &SyncGroup, mut group: Vec<Commit>) {
         let mut records = Vec::new();
+        let mut events = 0;
         for commit in &mut group {
             if let Some(record) = commit.record.take() {
                 records.extend_from_slice(&record);
+            }
+            if let Change::Appended { events: n, .. } = commit.change {
+                events += n;
             }
         }
         let started = std::time::Instant::now();
@@ -200,6 +217,14 @@ impl Committer {
         } else {
             sync.store.log_records(&records)
         };
+        if !records.is_empty() {
+            self.metrics
+                .flush_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if events > 0 {
+            self.metrics.group_commit_events.observe(events as f64);
+        }
         debug!(
             groups = group.len(),
             bytes = records.len(),

@@ -36,6 +36,7 @@ pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
 use crate::error::Error;
+use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot};
 pub use crate::storage::Retention;
 use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
 use cache::TailCache;
@@ -236,6 +237,8 @@ pub(crate) struct StreamShared {
     retention: Mutex<Retention>,
     /// Recent (time, head) samples, oldest first, for the append rate.
     rate_samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// The stream's counters.
+    metrics: StreamMetrics,
 }
 
 impl StreamShared {
@@ -243,11 +246,15 @@ impl StreamShared {
         if !chunks.is_empty() {
             let mut cache = self.cache.lock().expect("tail cache lock");
             for (chunk, size) in chunks {
+                self.metrics.appended_bytes.inc_by(size as u64);
                 cache.push(chunk, size);
             }
         }
         self.head_tx.send_if_modified(|head| {
             let moved = head.next_offset != next_offset;
+            self.metrics
+                .appended_events
+                .inc_by(next_offset.saturating_sub(head.next_offset));
             head.next_offset = next_offset;
             moved
         });
@@ -265,6 +272,9 @@ impl StreamShared {
     fn trim_to(&self, first_offset: u64) {
         self.head_tx.send_if_modified(|head| {
             let moved = first_offset > head.first_offset;
+            self.metrics
+                .trimmed_events
+                .inc_by(first_offset.saturating_sub(head.first_offset));
             head.first_offset = head.first_offset.max(first_offset);
             moved
         });
@@ -471,6 +481,7 @@ pub struct Log {
     closing: CancellationToken,
     /// When the log opened (the server's start), for uptime.
     opened: (Instant, i64),
+    metrics: Arc<Metrics>,
 }
 
 impl Log {
@@ -499,7 +510,8 @@ impl Log {
         let store = Arc::new(store);
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
-        let committer = Committer::start(store.clone(), config.durability);
+        let metrics = Arc::new(Metrics::new());
+        let committer = Committer::start(store.clone(), config.durability, metrics.clone());
         let log = Arc::new(Log {
             store,
             config,
@@ -508,6 +520,7 @@ impl Log {
             tasks,
             closing,
             opened: (Instant::now(), now_unix_nanos()),
+            metrics,
         });
         {
             let mut streams = log.streams.write().expect("registry lock");
@@ -548,6 +561,7 @@ impl Log {
             leases: AtomicU64::new(0),
             retention: Mutex::new(stored.meta.retention),
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
+            metrics: self.metrics.stream(&stored.name),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
@@ -623,6 +637,13 @@ impl Log {
     /// Appends a batch atomically; returns once it is durable under the
     /// durability mode.
     pub async fn append(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
+        let started = Instant::now();
+        let outcome = self.append_timed(stream, batch).await;
+        self.metrics.observe_append(started.elapsed());
+        outcome
+    }
+
+    async fn append_timed(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
         self.validate_batch(&batch)?;
         let (stream, _) = self.get_or_create(
             stream,
@@ -836,6 +857,55 @@ impl Log {
         Ok(stream.info())
     }
 
+    /// The server's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// A stream's counters (for the service's delivery counts).
+    pub fn stream_metrics(&self, name: &str) -> Result<StreamMetrics, Error> {
+        Ok(self.get(name)?.shared.metrics.clone())
+    }
+
+    /// The Prometheus exposition: the counters, plus each stream's bounds
+    /// and consumer lag as they are now.
+    pub fn encode_metrics(&self) -> String {
+        let streams: Vec<Arc<Stream>> = self
+            .streams
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        let snapshots: Vec<StreamSnapshot> = streams
+            .iter()
+            .map(|s| {
+                let head = s.shared.head();
+                let consumers = s
+                    .shared
+                    .consumers
+                    .lock()
+                    .expect("consumers lock")
+                    .iter()
+                    .map(|(name, c)| {
+                        (
+                            name.clone(),
+                            head.next_offset.saturating_sub(c.record.next_offset),
+                        )
+                    })
+                    .collect();
+                StreamSnapshot {
+                    name: s.name.clone(),
+                    next_offset: head.next_offset,
+                    first_offset: head.first_offset,
+                    bytes: s.shared.bytes.load(Ordering::Relaxed),
+                    consumers,
+                }
+            })
+            .collect();
+        self.metrics.encode(&snapshots, &self.config.data_dir)
+    }
+
     /// When the log opened (nanoseconds since the Unix epoch), and how
     /// long ago.
     pub fn opened(&self) -> (i64, Duration) {
@@ -866,6 +936,7 @@ impl Log {
         let mut streams = self.streams.write().expect("registry lock");
         if streams.get(name).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
             streams.remove(name);
+            self.metrics.remove_stream(name);
         }
         Ok(())
     }

@@ -393,6 +393,7 @@ impl Writer {
                 stream: self.shared.clone(),
                 record,
                 change: Change::Appended {
+                    events: self.next_offset - group_first,
                     next_offset: self.next_offset,
                     chunks: cached,
                     replies,

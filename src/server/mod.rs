@@ -12,6 +12,7 @@
 
 mod handshake;
 mod health;
+mod metrics_endpoint;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct Server {
     log: Arc<Log>,
     keys: Arc<KeyRing>,
     tls: Option<ServerTlsConfig>,
+    /// The metrics listener, once bound.
+    metrics_listener: Option<TcpListener>,
 }
 
 /// How long a client has to finish the TLS handshake before its connection
@@ -81,7 +84,26 @@ impl Server {
             log,
             keys,
             tls,
+            metrics_listener: None,
         })
+    }
+
+    /// Binds the metrics listener (`--metrics-listen`), if configured, and
+    /// returns its address (useful with port 0). [`Server::serve`] binds it
+    /// when this was not called.
+    pub async fn bind_metrics(&mut self) -> Result<Option<std::net::SocketAddr>, ServeError> {
+        if self.metrics_listener.is_none() {
+            if let Some(address) = self.config.metrics_listen {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .map_err(|e| ServeError::MetricsListen(address, e))?;
+                self.metrics_listener = Some(listener);
+            }
+        }
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().map_err(ServeError::Io))
+            .transpose()
     }
 
     /// The API keys, for embedding and tests.
@@ -97,10 +119,11 @@ impl Server {
     /// Serves on `listener` until `shutdown` completes, then shuts down
     /// gracefully.
     pub async fn serve(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ServeError> {
+        let metrics_address = self.bind_metrics().await?;
         let config = &self.config;
         let address = listener.local_addr().map_err(ServeError::Io)?;
         if self.keys.is_open() && !address.ip().is_loopback() {
@@ -132,6 +155,14 @@ impl Server {
         );
         info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
+        let metrics_task = self.metrics_listener.take().map(|listener| {
+            info!(address = %metrics_address.expect("bound"), "serving Prometheus metrics at /metrics");
+            tokio::spawn(metrics_endpoint::serve(
+                listener,
+                self.log.clone(),
+                cancel.clone(),
+            ))
+        });
         let health = health::HealthCheck::new(cancel.clone()).await;
         let reflection = reflection().map_err(ServeError::Reflection)?;
         let signalled = cancel.clone();
@@ -162,6 +193,9 @@ impl Server {
         }
         subscriptions.close();
         let _ = tokio::time::timeout(grace, subscriptions.wait()).await;
+        if let Some(task) = metrics_task {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
         self.log.close().await.map_err(ServeError::Close)?;
         // Connection tasks that just ended may still be dropping their
         // clones of the service (and so of the log). Wait for them, so that
@@ -213,6 +247,9 @@ pub enum ServeError {
     /// Open mode (no API keys) on an address others can reach.
     #[error("refusing to serve without API keys on {0}, which is not a loopback address: create a key first (`pullstream keys create --data-dir DIR --tenant T --scope admin`), listen on 127.0.0.1, or pass --insecure")]
     Insecure(std::net::SocketAddr),
+    /// The metrics address could not be bound.
+    #[error("cannot listen for metrics on {0}: {1} (is another process using the port? pass another --metrics-listen)")]
+    MetricsListen(std::net::SocketAddr, std::io::Error),
     /// The reflection service could not read the proto descriptors (a
     /// build problem).
     #[error("server reflection setup failed: {0}")]

@@ -23,9 +23,11 @@ use crate::log::{
     self, AppendBatch, ConsumerLease, ConsumerSettings, EventFilter, EventSlice, Log, StartAt,
     Subscription,
 };
+use crate::metrics::ActiveSubscription;
 use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
 use crate::storage::{EventRecord, Rendering};
+use prometheus_client::metrics::counter::Counter;
 
 mod keys;
 pub use keys::ApiKeysService;
@@ -238,6 +240,10 @@ impl EventLog for EventLogService {
                 key: (self.keys.clone(), caller, slot),
                 version: Bytes::from(version),
                 max_events,
+                metrics: (
+                    self.log.stream_metrics(&stream)?.delivered_events,
+                    ActiveSubscription::new(self.log.metrics()),
+                ),
             },
             tx,
             self.config.heartbeat_interval,
@@ -442,6 +448,9 @@ struct Delivery {
     /// The pinned payload version; empty for the default payload.
     version: Bytes,
     max_events: usize,
+    /// The stream's delivered-events counter, and this subscription's
+    /// place in the active count.
+    metrics: (Counter, ActiveSubscription),
 }
 
 /// Resolves when the consumer lease is lost; never without one.
@@ -474,6 +483,7 @@ async fn run_subscription(
         lease,
         version,
         max_events,
+        metrics: (delivered, _active),
     } = delivery;
     // The first response goes out at once, events or not, so the client
     // knows its subscription is live.
@@ -500,6 +510,7 @@ async fn run_subscription(
         }
         if !slices.is_empty() || send_now {
             send_now = false;
+            delivered.inc_by(slices.iter().map(|s| s.len() as u64).sum());
             last_sent = Instant::now();
             let head = subscription.head();
             sent_caught_up = subscription.next_offset() >= head.next_offset;

@@ -19,6 +19,8 @@ pub type Client = EventLogClient<Channel>;
 /// A running server. Dropping it without `stop` aborts the server task.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The metrics endpoint, when the config asks for one.
+    pub metrics_addr: Option<SocketAddr>,
     pub dir: TempDir,
     pub config: ServerConfig,
     shutdown_tx: Option<oneshot::Sender<()>>,
@@ -41,9 +43,10 @@ impl TestServer {
 
     /// A server on an existing dir (for restarts).
     pub async fn start_in(dir: TempDir, config: ServerConfig) -> TestServer {
-        let server = Server::open(config.clone())
+        let mut server = Server::open(config.clone())
             .await
             .unwrap_or_else(|e| panic!("open server: {e}"));
+        let metrics_addr = server.bind_metrics().await.expect("bind metrics");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -54,6 +57,7 @@ impl TestServer {
         }));
         TestServer {
             addr,
+            metrics_addr,
             dir,
             config,
             shutdown_tx: Some(shutdown_tx),

@@ -173,3 +173,143 @@ async fn server_status_shows_streams_rates_and_consumer_lag() {
     assert_eq!(consumers, [("billing", 20, 30)]);
     assert!(status.uptime.is_some());
 }
+
+/// GETs `path` from an HTTP/1 server; returns the status line and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    socket
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    within(socket.read_to_string(&mut response)).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of one series (`name{labels}` exactly as exposed).
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            (key == name).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_serves_the_named_series_after_traffic() {
+    let server =
+        TestServer::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let metrics = server.metrics_addr.expect("metrics address");
+    let mut client = server.client().await;
+    for _ in 0..3 {
+        append(
+            &mut client,
+            "m",
+            (0..10)
+                .map(|i| event("order.created", &i.to_string()))
+                .collect(),
+        )
+        .await;
+    }
+    let mut reader = server.client().await;
+    let mut sub = subscribe(&mut reader, "m", None).await;
+    collect(&mut sub, 30).await;
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "m".into(),
+            consumer: "c".into(),
+            next_offset: 10,
+        })
+        .await
+        .unwrap();
+    client
+        .update_stream(pb::UpdateStreamRequest {
+            stream: "m".into(),
+            retention: Some(pb::RetentionPolicy {
+                max_events: 10,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        let info = client
+            .get_stream(pb::GetStreamRequest { stream: "m".into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .stream
+            .unwrap();
+        if info.first_offset > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let (status, text) = http_get(metrics, "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    let m = "{stream=\"m\"}";
+    assert_eq!(
+        series(&text, &format!("pullstream_appended_events_total{m}")),
+        30.0
+    );
+    assert!(series(&text, &format!("pullstream_appended_bytes_total{m}")) > 30.0 * 10.0);
+    assert_eq!(
+        series(&text, &format!("pullstream_delivered_events_total{m}")),
+        30.0
+    );
+    assert_eq!(
+        series(&text, &format!("pullstream_trimmed_events_total{m}")),
+        20.0
+    );
+    assert_eq!(
+        series(&text, &format!("pullstream_stream_next_offset{m}")),
+        30.0
+    );
+    assert_eq!(
+        series(&text, &format!("pullstream_stream_first_offset{m}")),
+        20.0
+    );
+    assert_eq!(
+        series(
+            &text,
+            "pullstream_consumer_lag_events{stream=\"m\",consumer=\"c\"}"
+        ),
+        20.0
+    );
+    assert_eq!(
+        series(&text, "pullstream_append_latency_seconds_count"),
+        3.0
+    );
+    assert!(series(&text, "pullstream_append_latency_seconds_sum") > 0.0);
+    // Durable mode: every append was synced; the three appends (and the
+    // commit, the settings change and the trim) took at least one sync each
+    // unless they shared one.
+    assert!(series(&text, "pullstream_flush_latency_seconds_count") >= 1.0);
+    assert_eq!(series(&text, "pullstream_group_commit_events_sum"), 30.0);
+    assert_eq!(series(&text, "pullstream_active_subscriptions"), 1.0);
+    assert!(series(&text, "pullstream_data_dir_bytes") > 0.0);
+    assert!(series(&text, "pullstream_process_resident_memory_bytes") > 1e6);
+
+    // The gauge follows subscriptions down (the server notices the client
+    // left at its next heartbeat).
+    drop(sub);
+    drop(reader);
+    let mut active = 1.0;
+    for _ in 0..300 {
+        let (_, text) = http_get(metrics, "/metrics").await;
+        active = series(&text, "pullstream_active_subscriptions");
+        if active == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(active, 0.0);
+    let (status, _) = http_get(metrics, "/nothing").await;
+    assert!(status.contains("404"), "{status}");
+}

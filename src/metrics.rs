@@ -1,0 +1,401 @@
+//! Prometheus metrics: what operators graph and alert on.
+//!
+//! One [`Metrics`] per log (not a process-wide global), so servers embedded
+//! side by side, as in the tests, keep their own numbers. Hot paths hold
+//! cheap clones of their counters ([`StreamMetrics`]) and never look a
+//! label up per event. Values that already live in the log (heads, bytes,
+//! consumer lag) and process facts (RSS, data dir size) are read when
+//! Prometheus scrapes, by [`Metrics::encode`].
+//!
+//! Label cardinality stays bounded: the only labels are the stream (for
+//! the first [`MAX_STREAM_LABELS`] streams; later ones share the label
+//! `_other`) and, for lag, the consumer (at most [`MAX_CONSUMER_SERIES`]
+//! series). Nothing is labelled by key, tenant or event.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// Streams that get a label of their own; the rest are counted under
+/// [`OTHER_STREAMS`].
+pub const MAX_STREAM_LABELS: usize = 100;
+
+/// The stream label shared by streams past the cap.
+pub const OTHER_STREAMS: &str = "_other";
+
+/// The most consumer-lag series one scrape reports.
+pub const MAX_CONSUMER_SERIES: usize = 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StreamLabel {
+    stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConsumerLabels {
+    stream: String,
+    consumer: String,
+}
+
+/// A stream's counters (clones share the values).
+#[derive(Clone, Debug, Default)]
+pub struct StreamMetrics {
+    /// Events acknowledged to producers.
+    pub appended_events: Counter,
+    /// Encoded bytes of those events.
+    pub appended_bytes: Counter,
+    /// Events sent to subscribers.
+    pub delivered_events: Counter,
+    /// Events removed by retention.
+    pub trimmed_events: Counter,
+}
+
+/// Counts one open subscription while alive.
+#[derive(Debug)]
+pub struct ActiveSubscription(Gauge);
+
+impl ActiveSubscription {
+    /// Counts a subscription in.
+    pub fn new(metrics: &Metrics) -> ActiveSubscription {
+        metrics.active_subscriptions.inc();
+        ActiveSubscription(metrics.active_subscriptions.clone())
+    }
+}
+
+impl Drop for ActiveSubscription {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// What a scrape reads from the log.
+#[derive(Debug, Clone, Default)]
+pub struct StreamSnapshot {
+    /// The stored stream name.
+    pub name: String,
+    /// The head.
+    pub next_offset: u64,
+    /// The first retained offset.
+    pub first_offset: u64,
+    /// Approximate stored bytes.
+    pub bytes: u64,
+    /// Durable consumers with their lag.
+    pub consumers: Vec<(String, u64)>,
+}
+
+/// The server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    appended_events: Family<StreamLabel, Counter>,
+    appended_bytes: Family<StreamLabel, Counter>,
+    delivered_events: Family<StreamLabel, Counter>,
+    trimmed_events: Family<StreamLabel, Counter>,
+    /// Append calls, from arrival to acknowledgement.
+    pub append_latency: Histogram,
+    /// Write-ahead log syncs (`fsync` mode).
+    pub flush_latency: Histogram,
+    /// Events made durable by one sync (`fsync`) or one write (`buffered`).
+    pub group_commit_events: Histogram,
+    /// Open subscriptions.
+    pub active_subscriptions: Gauge,
+    stream_head: Family<StreamLabel, Gauge>,
+    stream_first: Family<StreamLabel, Gauge>,
+    stream_bytes: Family<StreamLabel, Gauge>,
+    consumer_lag: Family<ConsumerLabels, Gauge>,
+    data_dir_bytes: Gauge,
+    rss_bytes: Gauge,
+    /// Streams with a label of their own.
+    labelled: Mutex<HashSet<String>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every series.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pullstream");
+        let m = Metrics {
+            appended_events: Family::default(),
+            appended_bytes: Family::default(),
+            delivered_events: Family::default(),
+            trimmed_events: Family::default(),
+            // 50 µs to about 1.6 s.
+            append_latency: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+            flush_latency: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
+            // 1 to 32768 events.
+            group_commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            active_subscriptions: Gauge::default(),
+            stream_head: Family::default(),
+            stream_first: Family::default(),
+            stream_bytes: Family::default(),
+            consumer_lag: Family::default(),
+            data_dir_bytes: Gauge::default(),
+            rss_bytes: Gauge::default(),
+            labelled: Mutex::new(HashSet::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "appended_events",
+            "Events appended (acknowledged), by stream",
+            m.appended_events.clone(),
+        );
+        registry.register_with_unit(
+            "appended",
+            "Encoded bytes of appended events, by stream",
+            Unit::Bytes,
+            m.appended_bytes.clone(),
+        );
+        registry.register(
+            "delivered_events",
+            "Events sent to subscribers, by stream",
+            m.delivered_events.clone(),
+        );
+        registry.register(
+            "trimmed_events",
+            "Events removed by retention, by stream",
+            m.trimmed_events.clone(),
+        );
+        registry.register_with_unit(
+            "append_latency",
+            "Append calls from arrival to acknowledgement",
+            Unit::Seconds,
+            m.append_latency.clone(),
+        );
+        registry.register_with_unit(
+            "flush_latency",
+            "Write-ahead log writes with fdatasync (fsync durability)",
+            Unit::Seconds,
+            m.flush_latency.clone(),
+        );
+        registry.register(
+            "group_commit_events",
+            "Events made durable together by one sync",
+            m.group_commit_events.clone(),
+        );
+        registry.register(
+            "active_subscriptions",
+            "Open Subscribe calls",
+            m.active_subscriptions.clone(),
+        );
+        registry.register(
+            "stream_next_offset",
+            "The offset the next event gets (the head), by stream",
+            m.stream_head.clone(),
+        );
+        registry.register(
+            "stream_first_offset",
+            "The first retained offset, by stream",
+            m.stream_first.clone(),
+        );
+        registry.register_with_unit(
+            "stream_stored",
+            "Approximate stored bytes, by stream",
+            Unit::Bytes,
+            m.stream_bytes.clone(),
+        );
+        registry.register(
+            "consumer_lag_events",
+            "Events between a durable consumer's cursor and the head",
+            m.consumer_lag.clone(),
+        );
+        registry.register_with_unit(
+            "data_dir",
+            "Bytes of files in the data dir",
+            Unit::Bytes,
+            m.data_dir_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident set size of the server process",
+            Unit::Bytes,
+            m.rss_bytes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The label a stream's series get: its name while under the cap.
+    fn label(&self, stream: &str) -> StreamLabel {
+        let mut labelled = self.labelled.lock().expect("metrics lock");
+        let stream = if labelled.contains(stream) || labelled.len() < MAX_STREAM_LABELS {
+            labelled.insert(stream.to_string());
+            stream.to_string()
+        } else {
+            OTHER_STREAMS.to_string()
+        };
+        StreamLabel { stream }
+    }
+
+    /// The counters of a stream (created at zero).
+    pub fn stream(&self, name: &str) -> StreamMetrics {
+        let label = self.label(name);
+        StreamMetrics {
+            appended_events: self.appended_events.get_or_create_owned(&label),
+            appended_bytes: self.appended_bytes.get_or_create_owned(&label),
+            delivered_events: self.delivered_events.get_or_create_owned(&label),
+            trimmed_events: self.trimmed_events.get_or_create_owned(&label),
+        }
+    }
+
+    /// Forgets a deleted stream's series, freeing its label.
+    pub fn remove_stream(&self, name: &str) {
+        if self.labelled.lock().expect("metrics lock").remove(name) {
+            let label = StreamLabel {
+                stream: name.to_string(),
+            };
+            for family in [
+                &self.appended_events,
+                &self.appended_bytes,
+                &self.delivered_events,
+                &self.trimmed_events,
+            ] {
+                family.remove(&label);
+            }
+        }
+    }
+
+    /// Records an Append call's latency.
+    pub fn observe_append(&self, elapsed: Duration) {
+        self.append_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every series, with the scrape-time
+    /// values read from `streams` and the data dir.
+    pub fn encode(&self, streams: &[StreamSnapshot], data_dir: &Path) -> String {
+        for family in [&self.stream_head, &self.stream_first, &self.stream_bytes] {
+            family.clear();
+        }
+        self.consumer_lag.clear();
+        let mut lag_series = 0;
+        for s in streams {
+            let label = self.label(&s.name);
+            // Streams past the cap add up under one label.
+            self.stream_head
+                .get_or_create(&label)
+                .inc_by(s.next_offset as i64);
+            self.stream_first
+                .get_or_create(&label)
+                .inc_by(s.first_offset as i64);
+            self.stream_bytes
+                .get_or_create(&label)
+                .inc_by(s.bytes as i64);
+            if label.stream == OTHER_STREAMS {
+                continue;
+            }
+            for (consumer, lag) in &s.consumers {
+                if lag_series == MAX_CONSUMER_SERIES {
+                    break;
+                }
+                lag_series += 1;
+                self.consumer_lag
+                    .get_or_create(&ConsumerLabels {
+                        stream: s.name.clone(),
+                        consumer: consumer.clone(),
+                    })
+                    .set(*lag as i64);
+            }
+        }
+        self.data_dir_bytes.set(dir_size(data_dir) as i64);
+        self.rss_bytes.set(resident_bytes() as i64);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The bytes of every file under `dir` (0 for what cannot be read).
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&entry.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The process's resident set size, from `/proc/self/statm` (0 where
+/// there is none).
+pub fn resident_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * u64::try_from(page_size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streams_past_the_cap_share_one_label_and_deleted_ones_free_theirs() {
+        let metrics = Metrics::new();
+        for i in 0..MAX_STREAM_LABELS {
+            metrics.stream(&format!("s{i}")).appended_events.inc();
+        }
+        let late = metrics.stream("late");
+        late.appended_events.inc_by(5);
+        metrics.stream("later").appended_events.inc_by(2);
+        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        assert!(
+            text.contains("pullstream_appended_events_total{stream=\"_other\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("pullstream_appended_events_total{stream=\"s0\"} 1"));
+        assert!(!text.contains("stream=\"late\""));
+
+        metrics.remove_stream("s0");
+        metrics.stream("newcomer").appended_events.inc();
+        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        assert!(!text.contains("stream=\"s0\""));
+        assert!(text.contains("pullstream_appended_events_total{stream=\"newcomer\"} 1"));
+    }
+
+    #[test]
+    fn scrape_values_come_from_the_snapshot() {
+        let metrics = Metrics::new();
+        let snapshot = StreamSnapshot {
+            name: "orders".into(),
+            next_offset: 42,
+            first_offset: 7,
+            bytes: 1000,
+            consumers: vec![("billing".into(), 12)],
+        };
+        let text = metrics.encode(&[snapshot], Path::new("/nonexistent"));
+        assert!(
+            text.contains("pullstream_stream_next_offset{stream=\"orders\"} 42"),
+            "{text}"
+        );
+        assert!(text.contains("pullstream_stream_first_offset{stream=\"orders\"} 7"));
+        assert!(text
+            .contains("pullstream_consumer_lag_events{stream=\"orders\",consumer=\"billing\"} 12"));
+        // Gone from the next snapshot, gone from the scrape.
+        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        assert!(!text.contains("stream=\"orders\""));
+        assert!(resident_bytes() > 0);
+    }
+}
