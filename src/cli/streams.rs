@@ -285,7 +285,7 @@ mod tests {
             max_events: 1,
             max_bytes: 1 << 30,
         };
-        let updated = args.apply(Some(current.clone())).unwrap();
+        let updated = args.apply(Some(current)).unwrap();
         assert_eq!(updated.max_age, current.max_age);
         assert_eq!(updated.max_events, 5);
         assert_eq!(updated.max_bytes, 0);
