@@ -116,6 +116,12 @@ fn print_info(info: Option<pb::ConsumerInfo>) -> anyhow::Result<()> {
 }
 
 fn print_table(stream: &str, consumers: &[pb::ConsumerInfo]) {
+    for c in consumers.iter().filter(|c| c.cursor_trimmed) {
+        eprintln!(
+            "warning: retention removed events consumer {} never committed; its subscriptions fail with OUT_OF_RANGE until it commits the stream's first offset (`pullstream consumers commit {stream} {} OFFSET`)",
+            c.name, c.name
+        );
+    }
     if consumers.is_empty() {
         eprintln!(
             "stream {stream} has no consumers yet: `pullstream tail {stream} --consumer NAME --commit` creates one"

@@ -6,6 +6,7 @@ mod consumers;
 mod json;
 mod keys;
 mod publish;
+mod status;
 mod streams;
 mod tail;
 
@@ -115,6 +116,8 @@ enum Command {
     Consumers(consumers::ConsumersArgs),
     /// Create, list and revoke API keys (offline on a data dir, or over gRPC)
     Keys(keys::KeysArgs),
+    /// The server at a glance: uptime, streams with rates and sizes, consumer lag
+    Status(status::StatusArgs),
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
 }
@@ -129,6 +132,7 @@ impl Cli {
             Command::Streams(args) => streams::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
             Command::Keys(args) => keys::run(args).await,
+            Command::Status(args) => status::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         };
         match result {

@@ -693,3 +693,99 @@ fn spawn_server_logging(
     std::thread::spawn(move || for _ in lines {});
     (child, format!("http://{}", address.unwrap()))
 }
+
+#[test]
+fn the_cli_sets_retention_and_shows_server_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str]| run_cli(&url, args, None);
+    let ok = |args: &[&str]| -> serde_json::Value {
+        let out = cli(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+
+    let created = ok(&["streams", "create", "orders", "--max-events", "1_000"]);
+    assert_eq!(
+        created["retention"],
+        serde_json::json!({"max_events": 1000})
+    );
+    let updated = ok(&["streams", "update", "orders", "--max-age", "7d"]);
+    assert_eq!(
+        updated["retention"],
+        serde_json::json!({"max_age_seconds": 604800, "max_events": 1000}),
+        "limits not given stay"
+    );
+    let updated = ok(&["streams", "update", "orders", "--max-events", "none"]);
+    assert_eq!(
+        updated["retention"],
+        serde_json::json!({"max_age_seconds": 604800})
+    );
+
+    // Bad input: a message that says what to do, and no change.
+    let nothing = cli(&["streams", "update", "orders"]);
+    assert!(!nothing.status.success());
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("nothing to change"));
+    let small = cli(&["streams", "update", "orders", "--max-bytes", "10KiB"]);
+    assert!(!small.status.success());
+    assert!(String::from_utf8_lossy(&small.stderr).contains("InvalidArgument"));
+    let unparsable = cli(&["streams", "update", "orders", "--max-age", "soon"]);
+    assert_eq!(unparsable.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&unparsable.stderr).contains("7d"));
+    let info = ok(&["streams", "info", "orders"]);
+    assert_eq!(
+        info["retention"],
+        serde_json::json!({"max_age_seconds": 604800})
+    );
+
+    for n in 0..3 {
+        let out = cli(&[
+            "publish",
+            "orders",
+            "--type",
+            "order.created",
+            "--data",
+            &format!("{{\"n\":{n}}}"),
+        ]);
+        assert!(out.status.success());
+    }
+    ok(&["consumers", "commit", "orders", "billing", "1"]);
+
+    let table = cli(&["status"]);
+    assert!(table.status.success());
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!("pullstream {}", env!("CARGO_PKG_VERSION"))),
+        "{table}"
+    );
+    assert!(table.contains("EVENTS/S"), "{table}");
+    let orders = table
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .expect("a row for orders");
+    assert!(orders.contains("max age 7days"), "{orders}");
+    let billing = table
+        .lines()
+        .find(|l| l.contains("billing"))
+        .expect("a row for billing");
+    let columns: Vec<_> = billing.split_whitespace().collect();
+    assert_eq!(
+        &columns[..5],
+        ["orders", "billing", "1", "2", "no"],
+        "{billing}"
+    );
+
+    let status = ok(&["status", "--json"]);
+    assert_eq!(status["server_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(status["streams"][0]["name"], "orders");
+    assert_eq!(status["streams"][0]["next_offset"], 3);
+    assert_eq!(status["streams"][0]["consumers"][0]["lag"], 2);
+    assert!(status["uptime_seconds"].is_u64());
+
+    sigterm(&server);
+    assert!(server.wait().unwrap().success());
+}

@@ -1,0 +1,183 @@
+//! `pullstream status`: the server at a glance. Version and uptime, each
+//! stream with its head, first retained offset, append rate over the last
+//! minute, size and retention, and each durable consumer with its lag.
+//! One GetServerStatus call; `--json` prints the response for scripts.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::{connect, json, status_error, ClientArgs};
+use crate::proto as pb;
+
+/// Arguments of `pullstream status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Print JSON instead of tables
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `pullstream status`.
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.client).await?;
+    let status = client
+        .get_server_status(pb::GetServerStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
+    } else {
+        print!("{}", render(&args.client.server, &status));
+    }
+    Ok(())
+}
+
+fn uptime(status: &pb::GetServerStatusResponse) -> Duration {
+    status.uptime.map_or(Duration::ZERO, |u| {
+        // Whole seconds read better in a table.
+        Duration::from_secs(u.seconds.max(0) as u64)
+    })
+}
+
+fn to_json(status: &pb::GetServerStatusResponse) -> serde_json::Value {
+    let streams: Vec<_> = status
+        .streams
+        .iter()
+        .map(|s| {
+            let mut stream = json::stream_info(&s.stream.clone().unwrap_or_default());
+            stream["append_rate"] = json!(s.append_rate);
+            stream["consumers"] = s.consumers.iter().map(json::consumer_info).collect();
+            stream
+        })
+        .collect();
+    json!({
+        "server_version": status.server_version,
+        "start_time": json::time_text(status.start_time.as_ref()),
+        "uptime_seconds": uptime(status).as_secs(),
+        "streams": streams,
+    })
+}
+
+/// The tables, as text.
+fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let started = json::time_text(status.start_time.as_ref());
+    let _ = writeln!(
+        out,
+        "pullstream {} at {server}, up {} (since {})",
+        status.server_version,
+        humantime::format_duration(uptime(status)),
+        started.as_str().unwrap_or("-")
+    );
+    if status.streams.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nno streams yet: `pullstream publish STREAM --type T` creates one"
+        );
+        return out;
+    }
+    let width = status
+        .streams
+        .iter()
+        .filter_map(|s| s.stream.as_ref().map(|i| i.name.len()))
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let _ = writeln!(
+        out,
+        "\n{:<width$}  {:>12}  {:>12}  {:>12}  {:>10}  {:>10}  RETENTION",
+        "STREAM", "FIRST", "NEXT", "EVENTS", "EVENTS/S", "SIZE"
+    );
+    for s in &status.streams {
+        let info = s.stream.clone().unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:>12}  {:>12}  {:>12}  {:>10.1}  {:>10}  {}",
+            info.name,
+            info.first_offset,
+            info.next_offset,
+            info.event_count,
+            s.append_rate,
+            size_text(info.approximate_bytes),
+            info.retention
+                .as_ref()
+                .map_or("keep everything".to_string(), json::retention_text)
+        );
+    }
+    let consumers: Vec<_> = status
+        .streams
+        .iter()
+        .flat_map(|s| s.consumers.iter())
+        .collect();
+    if consumers.is_empty() {
+        return out;
+    }
+    let consumer_width = consumers
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(8);
+    let _ = writeln!(
+        out,
+        "\n{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:<6}  LAST COMMIT",
+        "STREAM", "CONSUMER", "NEXT", "LAG", "ACTIVE"
+    );
+    for c in &consumers {
+        let committed = json::time_text(c.last_commit_time.as_ref());
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:<6}  {}",
+            c.stream,
+            c.name,
+            c.next_offset,
+            c.lag,
+            if c.active { "yes" } else { "no" },
+            committed.as_str().unwrap_or("never"),
+        );
+    }
+    for c in consumers.iter().filter(|c| c.cursor_trimmed) {
+        let _ = writeln!(
+            out,
+            "\nwarning: retention removed events consumer {} of stream {} never committed; \
+             its subscriptions fail with OUT_OF_RANGE until it commits the stream's first \
+             offset (`pullstream consumers commit {} {} OFFSET`)",
+            c.name, c.stream, c.stream, c.name
+        );
+    }
+    out
+}
+
+/// Bytes in binary units, e.g. `12.3 MiB`.
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(size_text(0), "0 B");
+        assert_eq!(size_text(1023), "1023 B");
+        assert_eq!(size_text(1536), "1.5 KiB");
+        assert_eq!(size_text(5 << 30), "5.0 GiB");
+    }
+}
