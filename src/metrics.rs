@@ -317,7 +317,7 @@ impl Metrics {
 }
 
 /// The bytes of every file under `dir` (0 for what cannot be read).
-fn dir_size(dir: &Path) -> u64 {
+pub fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };

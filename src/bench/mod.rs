@@ -43,6 +43,8 @@ pub enum Workload {
     Filtered,
     /// Catch-up as a durable consumer committing after every batch, against a plain one
     Committing,
+    /// Appends at a fixed rate for a long time with retention: data dir and memory over time (not in the default set)
+    Soak,
 }
 
 /// Arguments of `pullstream bench`.
@@ -51,7 +53,8 @@ pub enum Workload {
     pullstream bench                                  # every workload, embedded server, fsync\n  \
     pullstream bench --workload append --batch 100 --producers 1\n  \
     pullstream bench --workload tail --subscribers 16 --rate 5000 --duration 10s\n  \
-    pullstream bench --server http://10.0.0.5:50051 --workload catchup --json out.json")]
+    pullstream bench --server http://10.0.0.5:50051 --workload catchup --json out.json
+      pullstream bench --workload soak --soak-duration 10m --soak-rate 20000 --retention-events 1000000")]
 pub struct BenchArgs {
     /// Benchmark this server instead of starting one
     #[arg(long, env = "PULLSTREAM_SERVER")]
@@ -89,6 +92,18 @@ pub struct BenchArgs {
     /// fanout: idle subscriptions held open
     #[arg(long, default_value_t = 10_000)]
     idle_subscriptions: usize,
+    /// soak: how long to append
+    #[arg(long, default_value = "10m")]
+    soak_duration: HumanDuration,
+    /// soak: events appended per second
+    #[arg(long, default_value_t = 20_000)]
+    soak_rate: u64,
+    /// soak: the stream's max_events retention
+    #[arg(long, default_value_t = 1_000_000)]
+    retention_events: u64,
+    /// soak: how often to sample data dir size and server memory
+    #[arg(long, default_value = "10s")]
+    sample_every: HumanDuration,
     /// Write a JSON summary here
     #[arg(long)]
     json: Option<PathBuf>,
@@ -103,6 +118,7 @@ enum Scenario {
     Fanout,
     Filtered,
     Committing,
+    Soak,
 }
 
 /// One measured run.
@@ -205,6 +221,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Fanout => scenarios.push(Scenario::Fanout),
             Workload::Filtered => scenarios.push(Scenario::Filtered),
             Workload::Committing => scenarios.push(Scenario::Committing),
+            Workload::Soak => scenarios.push(Scenario::Soak),
         }
     }
     match &args.server {
@@ -247,6 +264,18 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
             Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
             Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
+            Scenario::Soak => {
+                workloads::soak(
+                    &ctx,
+                    &workloads::SoakSettings {
+                        duration: args.soak_duration.0,
+                        rate: args.soak_rate,
+                        retention_events: args.retention_events,
+                        sample_every: args.sample_every.0,
+                    },
+                )
+                .await?
+            }
         };
         eprintln!("  {}", outcome.summary.trim_start());
         outcomes.push(outcome);

@@ -3,7 +3,6 @@
 //! can be read from `/proc` apart from the load generator's.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -94,20 +93,7 @@ impl EmbeddedServer {
 
     /// The bytes of every file in the data dir.
     pub(crate) fn data_dir_bytes(&self) -> u64 {
-        fn walk(path: &Path) -> u64 {
-            let Ok(entries) = std::fs::read_dir(path) else {
-                return 0;
-            };
-            entries
-                .filter_map(Result::ok)
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => walk(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        }
-        walk(self.dir.path())
+        crate::metrics::dir_size(self.dir.path())
     }
 }
 
