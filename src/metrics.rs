@@ -115,6 +115,9 @@ pub struct Metrics {
     rss_bytes: Gauge,
     /// Streams with a label of their own.
     labelled: Mutex<HashSet<String>>,
+    /// Held through a scrape: scrape-time gauges are cleared and refilled,
+    /// and two scrapes at once must not see each other's half-filled state.
+    scrape: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -145,6 +148,7 @@ impl Metrics {
             data_dir_bytes: Gauge::default(),
             rss_bytes: Gauge::default(),
             labelled: Mutex::new(HashSet::new()),
+            scrape: Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -274,6 +278,7 @@ impl Metrics {
     /// The Prometheus text exposition of every series, with the scrape-time
     /// values read from `streams` and the data dir.
     pub fn encode(&self, streams: &[StreamSnapshot], data_dir: &Path) -> String {
+        let _scraping = self.scrape.lock().expect("scrape lock");
         for family in [&self.stream_head, &self.stream_first, &self.stream_bytes] {
             family.clear();
         }

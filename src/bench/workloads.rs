@@ -751,24 +751,36 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
         let events: Vec<_> = (0..BATCH)
             .map(|i| event(ctx.event_bytes, p * BATCH + i, 0))
             .collect();
+        // Trimming runs once the head passes max_events (plus a second of
+        // appends): acks before and after, to see what trimming costs them.
+        let trimming_from = settings.retention_events + settings.rate;
         producers.push(tokio::spawn(async move {
+            let (mut before, mut after) = (histogram(), histogram());
             let mut ticks = tokio::time::interval(period);
             // Behind schedule (a slow sync), catch up at once: the rate is
             // a total over the run.
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             while Instant::now() < deadline {
                 ticks.tick().await;
-                client
+                let sent = Instant::now();
+                let ack = client
                     .append(pb::AppendRequest {
                         stream: stream.clone(),
                         events: events.clone(),
                         ..Default::default()
                     })
                     .await
-                    .context("append failed")?;
+                    .context("append failed")?
+                    .into_inner();
+                let micros = sent.elapsed().as_micros().max(1) as u64;
+                if ack.first_offset < trimming_from {
+                    before.saturating_record(micros);
+                } else {
+                    after.saturating_record(micros);
+                }
                 appended.fetch_add(BATCH, Ordering::Relaxed);
             }
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, anyhow::Error>((before, after))
         }));
     }
 
@@ -814,9 +826,14 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
         }
         tokio::time::sleep(Duration::from_millis(100).min(settings.sample_every)).await;
     }
+    let (mut acks_before, mut acks_after) = (histogram(), histogram());
     for producer in producers {
-        producer.await??;
+        let (before, after) = producer.await??;
+        acks_before.add(before).context("merging histograms")?;
+        acks_after.add(after).context("merging histograms")?;
     }
+    let (before_json, before_text) = latency(&acks_before);
+    let (after_json, after_text) = latency(&acks_after);
     let seconds = started.elapsed().as_secs_f64();
     let total = appended.load(Ordering::Relaxed);
     let info = client
@@ -871,6 +888,10 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
             "{rate:>10.0} events/s  retention never trimmed: run longer or lower --retention-events"
         ),
     };
+    let summary = format!(
+        "{summary}\n{:>40}   ack before trimming: {before_text}\n{:>40}   ack while trimming:  {after_text}",
+        "", ""
+    );
     Ok(Outcome {
         summary,
         figures: json!({
@@ -884,6 +905,8 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
             "data_dir_ratio": dir_ratio,
             "rss_ratio": rss_ratio,
             "rss_max_bytes": rss_max,
+            "ack_latency_before_trimming": before_json,
+            "ack_latency_while_trimming": after_json,
             "samples": samples.iter().map(|s| json!({
                 "seconds": s.seconds,
                 "appended": s.appended,
