@@ -49,15 +49,22 @@ async fn create_stream(ctx: &BenchContext, stream: &str) -> anyhow::Result<()> {
 }
 
 async fn head_of(ctx: &BenchContext, stream: &str) -> anyhow::Result<u64> {
-    let info = ctx
-        .client()
-        .await?
+    Ok(stream_info(&mut ctx.client().await?, stream).await?.next_offset)
+}
+
+/// A stream's description (GetStream).
+async fn stream_info(
+    client: &mut crate::cli::Client,
+    stream: &str,
+) -> anyhow::Result<pb::StreamInfo> {
+    Ok(client
         .get_stream(pb::GetStreamRequest {
             stream: stream.to_string(),
         })
         .await?
-        .into_inner();
-    Ok(info.stream.map_or(0, |s| s.next_offset))
+        .into_inner()
+        .stream
+        .unwrap_or_default())
 }
 
 /// `append`: producers append batches back to back for `duration`, each
@@ -795,14 +802,7 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
         let now = Instant::now();
         let done = now >= deadline;
         if now >= next_sample || done {
-            let info = client
-                .get_stream(pb::GetStreamRequest {
-                    stream: stream.clone(),
-                })
-                .await?
-                .into_inner()
-                .stream
-                .unwrap_or_default();
+            let info = stream_info(&mut client, &stream).await?;
             let sample = SoakSample {
                 seconds: started.elapsed().as_secs_f64(),
                 appended: info.next_offset,
@@ -836,14 +836,7 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
     let (after_json, after_text) = latency(&acks_after);
     let seconds = started.elapsed().as_secs_f64();
     let total = appended.load(Ordering::Relaxed);
-    let info = client
-        .get_stream(pb::GetStreamRequest {
-            stream: stream.clone(),
-        })
-        .await?
-        .into_inner()
-        .stream
-        .unwrap_or_default();
+    let info = stream_info(&mut client, &stream).await?;
 
     let mut failures = Vec::new();
     if info.next_offset != total {

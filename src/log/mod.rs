@@ -870,14 +870,8 @@ impl Log {
     /// The Prometheus exposition: the counters, plus each stream's bounds
     /// and consumer lag as they are now.
     pub fn encode_metrics(&self) -> String {
-        let streams: Vec<Arc<Stream>> = self
-            .streams
-            .read()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect();
-        let snapshots: Vec<StreamSnapshot> = streams
+        let snapshots: Vec<StreamSnapshot> = self
+            .all_streams()
             .iter()
             .map(|s| {
                 let head = s.shared.head();
@@ -904,6 +898,17 @@ impl Log {
             })
             .collect();
         self.metrics.encode(&snapshots, &self.config.data_dir)
+    }
+
+    /// Every stream, as the registry holds them now (the lock is not held
+    /// afterwards).
+    fn all_streams(&self) -> Vec<Arc<Stream>> {
+        self.streams
+            .read()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// When the log opened (nanoseconds since the Unix epoch), and how
@@ -1000,15 +1005,8 @@ async fn housekeeping(log: Arc<Log>) {
             _ = log.closing.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let streams: Vec<Arc<Stream>> = log
-            .streams
-            .read()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect();
         let now = Instant::now();
-        for stream in streams {
+        for stream in log.all_streams() {
             stream.shared.sample_rate(now);
             let retention = *stream.shared.retention.lock().expect("retention lock");
             if !retention.keeps_everything() {
