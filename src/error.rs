@@ -40,6 +40,17 @@ pub enum Error {
         /// What happened.
         reason: &'static str,
     },
+    /// A consumer group, or a member of it, that does not exist (or is not
+    /// connected).
+    #[error("{what} of stream {stream:?} does not exist{hint}")]
+    GroupNotFound {
+        /// The stream.
+        stream: String,
+        /// `consumer group "g"` or `member "m" of consumer group "g"`.
+        what: String,
+        /// What to do next.
+        hint: &'static str,
+    },
     /// CreateStream on a stream that exists.
     #[error("stream {0:?} already exists")]
     StreamExists(String),

@@ -49,7 +49,9 @@ async fn create_stream(ctx: &BenchContext, stream: &str) -> anyhow::Result<()> {
 }
 
 async fn head_of(ctx: &BenchContext, stream: &str) -> anyhow::Result<u64> {
-    Ok(stream_info(&mut ctx.client().await?, stream).await?.next_offset)
+    Ok(stream_info(&mut ctx.client().await?, stream)
+        .await?
+        .next_offset)
 }
 
 /// A stream's description (GetStream).

@@ -3,6 +3,7 @@
 //! talk to a server over gRPC with the same generated client an SDK uses.
 
 mod consumers;
+mod groups;
 mod json;
 mod keys;
 mod publish;
@@ -118,6 +119,8 @@ enum Command {
     Keys(keys::KeysArgs),
     /// The server at a glance: uptime, streams with rates and sizes, consumer lag
     Status(status::StatusArgs),
+    /// Inspect key-shared consumer groups: members, slots, lag
+    Groups(groups::GroupsArgs),
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
 }
@@ -133,6 +136,7 @@ impl Cli {
             Command::Consumers(args) => consumers::run(args).await,
             Command::Keys(args) => keys::run(args).await,
             Command::Status(args) => status::run(args).await,
+            Command::Groups(args) => groups::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
         };
         match result {

@@ -17,7 +17,8 @@ use crate::proto::{self as pb, subscribe_request::Start};
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
     pullstream tail orders --from 2026-11-27T08:00:00Z --type 'order.>'\n  \
-    pullstream tail orders --consumer billing --commit --version 2024-06-01\n\n\
+    pullstream tail orders --consumer billing --commit --version 2024-06-01\n  \
+    pullstream tail orders --group shippers --member worker-1 --commit\n\n\
     Type patterns: segments separated by '.'; '*' matches one segment, '>' as the\n\
     last segment matches the rest (\"order.*\", \"order.>\", \"*.deleted\").")]
 pub struct TailArgs {
@@ -33,10 +34,17 @@ pub struct TailArgs {
     #[arg(long)]
     limit: Option<u64>,
     /// Read as this durable consumer: start at its committed cursor
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     consumer: Option<String>,
-    /// Commit the consumer's cursor after each printed batch
-    #[arg(long, requires = "consumer")]
+    /// Read as a member of this key-shared consumer group (with --member):
+    /// only the events of the member's slots, each slot from its committed offset
+    #[arg(long, requires = "member")]
+    group: Option<String>,
+    /// This worker's member id in --group (stable across restarts)
+    #[arg(long, requires = "group")]
+    member: Option<String>,
+    /// Commit after each printed batch (the consumer's cursor, or the group member's progress)
+    #[arg(long)]
     commit: bool,
     /// Only events whose type matches this pattern (repeatable)
     #[arg(long = "type", value_name = "PATTERN")]
@@ -75,6 +83,9 @@ fn parse_from(s: &str) -> Result<Start, String> {
 pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     // Settings no reconnect can fix fail now, not in the retry loop.
     check_client_args(&args.client)?;
+    if args.commit && args.consumer.is_none() && args.group.is_none() {
+        anyhow::bail!("--commit needs --consumer NAME or --group NAME --member ID: there is nothing to commit to");
+    }
     let mut start = args.from;
     let mut remaining = args.limit;
     let mut backoff = Duration::from_millis(100);
@@ -118,6 +129,8 @@ async fn follow(
         keys: args.keys.clone(),
     });
     let request = pb::SubscribeRequest {
+        group: args.group.clone().unwrap_or_default(),
+        member: args.member.clone().unwrap_or_default(),
         stream: args.stream.clone(),
         start: Some(*start),
         max_batch_events: 0,
@@ -141,6 +154,20 @@ async fn follow(
             Err(status) => return Err(classify(status)),
         };
         *backoff = Duration::from_millis(100);
+        if let Some(a) = &response.assignment {
+            eprintln!(
+                "group {}: generation {}, {} of {} slots{}",
+                args.group.as_deref().unwrap_or_default(),
+                a.generation,
+                a.slots.len(),
+                a.slot_count,
+                if a.revoked_slots.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} revoked", a.revoked_slots.len())
+                }
+            );
+        }
         let mut cursor = response.next_offset;
         {
             // Stopping early (--limit) leaves the cursor after the last
@@ -169,6 +196,17 @@ async fn follow(
             let _ = out.flush();
         }
         if args.commit && !response.events.is_empty() {
+            if let (Some(group), Some(member)) = (&args.group, &args.member) {
+                client
+                    .commit_group(pb::CommitGroupRequest {
+                        stream: args.stream.clone(),
+                        group: group.clone(),
+                        member: member.clone(),
+                        next_offset: cursor,
+                    })
+                    .await
+                    .map_err(classify)?;
+            }
             if let Some(consumer) = &args.consumer {
                 client
                     .commit_cursor(pb::CommitCursorRequest {

@@ -13,6 +13,7 @@ mod cache;
 mod commit;
 mod consumer;
 mod filter;
+mod group;
 mod subscription;
 mod writer;
 
@@ -32,6 +33,7 @@ pub use consumer::{
     validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease, ConsumerSettings,
 };
 pub use filter::{EventFilter, TypePattern};
+pub use group::{slot_of, GroupCursor, GroupInfo, GroupMemberInfo, GroupUpdate, SLOT_COUNT};
 pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
@@ -239,6 +241,9 @@ pub(crate) struct StreamShared {
     rate_samples: Mutex<VecDeque<(Instant, u64)>>,
     /// The stream's counters.
     metrics: StreamMetrics,
+    /// Consumer groups by name. Changed by the writer (committed offsets)
+    /// and by members joining and leaving; held briefly.
+    groups: Mutex<BTreeMap<String, group::GroupState>>,
 }
 
 impl StreamShared {
@@ -562,6 +567,13 @@ impl Log {
             retention: Mutex::new(stored.meta.retention),
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
             metrics: self.metrics.stream(&stored.name),
+            groups: Mutex::new(
+                stored
+                    .groups
+                    .into_iter()
+                    .map(|(name, record)| (name, group::GroupState::new(record)))
+                    .collect(),
+            ),
         });
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
@@ -629,6 +641,7 @@ impl Log {
             next_offset: 0,
             last_time_unix_nanos: None,
             consumers: Vec::new(),
+            groups: Vec::new(),
         })?;
         streams.insert(name.to_string(), stream.clone());
         Ok((stream, true))
@@ -768,6 +781,25 @@ impl Log {
         let next_offset = self.resolve_start(stream, start)?;
         let stream = self.get(stream)?;
         Subscription::new(self.store.clone(), stream, next_offset, filter)
+    }
+
+    /// Joins `member` to consumer `group` and opens its subscription,
+    /// delivering the events of the member's slots that pass `filter`.
+    pub async fn subscribe_group(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        start: StartAt,
+        filter: EventFilter,
+    ) -> Result<Subscription, Error> {
+        let cursor = self.join_group(stream, group, member, start).await?;
+        // Slots start where they were committed; the first refresh rewinds
+        // to the lowest of them, so start at the head.
+        let head = self.get(stream)?.shared.head().next_offset;
+        Ok(self
+            .subscribe(stream, StartAt::Offset(head), filter)?
+            .with_group(cursor))
     }
 
     /// The offset a start position stands for now.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use super::group::{GroupCursor, GroupUpdate};
 use super::{check_offset, EventFilter, EventSlice, Head, Stream};
 use crate::error::Error;
 use crate::storage::{Chunk, Store};
@@ -42,6 +43,8 @@ pub struct Subscription {
     /// The last chunk read but not delivered to the end, so the next poll
     /// does not read and decode it again.
     leftover: Option<Arc<Chunk>>,
+    /// As a consumer group member: which slots to deliver, from where.
+    group: Option<GroupCursor>,
 }
 
 impl Subscription {
@@ -60,7 +63,20 @@ impl Subscription {
             next_offset,
             filter,
             leftover: None,
+            group: None,
         })
+    }
+
+    /// As a member of a consumer group: delivers only the events of the
+    /// member's slots (see `group`).
+    pub(super) fn with_group(mut self, group: GroupCursor) -> Subscription {
+        self.group = Some(group);
+        self
+    }
+
+    /// A group member's change of slots, once, to tell its client.
+    pub fn take_group_update(&mut self) -> Option<GroupUpdate> {
+        self.group.as_mut().and_then(GroupCursor::take_update)
     }
 
     /// The stream's name.
@@ -85,6 +101,12 @@ impl Subscription {
     /// are no longer retained.
     pub fn poll(&mut self, max_events: usize, max_bytes: usize) -> Result<Vec<EventSlice>, Error> {
         let head = *self.head_rx.borrow_and_update();
+        if let Some(group) = &mut self.group {
+            if let Some(rewind) = group.refresh(self.next_offset)? {
+                self.next_offset = rewind;
+                self.leftover = None;
+            }
+        }
         check_offset(&self.stream.name, self.next_offset, head)?;
         if self.next_offset == head.next_offset {
             return Ok(Vec::new());
@@ -99,11 +121,15 @@ impl Subscription {
             &mut self.leftover,
         )?;
         self.next_offset += examined;
-        Ok(slices)
+        Ok(match &self.group {
+            Some(group) => group.select(slices, self.next_offset),
+            None => slices,
+        })
     }
 
     /// Waits until [`Subscription::poll`] has something to say: new events,
-    /// a deletion, or trimmed events. Cancel-safe.
+    /// a deletion, trimmed events, or (for a group member) a rebalance.
+    /// Cancel-safe.
     pub async fn changed(&mut self) {
         loop {
             let head = *self.head_rx.borrow_and_update();
@@ -113,9 +139,18 @@ impl Subscription {
             {
                 return;
             }
-            if self.head_rx.changed().await.is_err() {
-                // The stream's state is gone; poll reports what it can.
-                return;
+            let group = async {
+                match &mut self.group {
+                    Some(group) => group.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = self.head_rx.changed() => if changed.is_err() {
+                    // The stream's state is gone; poll reports what it can.
+                    return;
+                },
+                _ = group => return,
             }
         }
     }

@@ -42,6 +42,12 @@ pub(crate) enum WriterCommand {
     /// Trim what the retention policy no longer keeps (sent by the
     /// retention task; nobody waits).
     Trim,
+    /// Change a consumer group; answered once durable.
+    Group {
+        name: String,
+        change: super::group::GroupChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// Replace the retention policy; answered once durable.
     SetRetention {
         retention: Retention,
@@ -125,6 +131,11 @@ impl Writer {
                         reply,
                     } => self.change_consumer(name, change, reply).await,
                     WriterCommand::Trim => self.trim().await,
+                    WriterCommand::Group {
+                        name,
+                        change,
+                        reply,
+                    } => self.change_group(name, change, reply).await,
                     WriterCommand::SetRetention { retention, reply } => {
                         self.set_retention(retention, reply).await
                     }
@@ -282,6 +293,46 @@ impl Writer {
                 },
             })
             .await;
+    }
+
+    /// Applies a group change and writes the group's committed offsets.
+    async fn change_group(
+        &mut self,
+        name: String,
+        change: super::group::GroupChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        if let Some(reason) = self.committer.failure() {
+            let _ = reply.send(Err(Error::StorageFailed(reason)));
+            return;
+        }
+        let written =
+            super::group::apply_change(&self.shared, &self.name, &name, &change, now_unix_nanos())
+                .and_then(|record| match record {
+                    None => Ok(None),
+                    Some(record) => self
+                        .store
+                        .put_group(self.meta.id, &name, &record)
+                        .map(Some)
+                        .map_err(Error::from),
+                });
+        match written {
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+            Ok(None) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(Some(record)) => {
+                self.committer
+                    .commit(Commit {
+                        stream: self.shared.clone(),
+                        record,
+                        change: Change::Other(reply),
+                    })
+                    .await
+            }
+        }
     }
 
     /// Saves a new retention policy; trimming follows on the retention

@@ -14,7 +14,7 @@ use prost::encoding::{bool, message, skip_field, uint64, DecodeContext, WireType
 use prost::DecodeError;
 use prost_types::Timestamp;
 
-use super::Event;
+use super::{Event, GroupAssignment};
 
 /// `pullstream.v1.SubscribeResponse`: see the proto for each field.
 #[derive(Clone, PartialEq, Default, Debug)]
@@ -31,6 +31,8 @@ pub struct SubscribeResponse {
     pub caught_up: bool,
     /// The server's clock when sent.
     pub server_time: Option<Timestamp>,
+    /// A group member's slots, when they changed.
+    pub assignment: Option<GroupAssignment>,
 }
 
 /// `pullstream.v1.ReadResponse`: see the proto for each field.
@@ -82,6 +84,9 @@ impl prost::Message for SubscribeResponse {
         if let Some(time) = &self.server_time {
             message::encode(5, time, buf);
         }
+        if let Some(assignment) = &self.assignment {
+            message::encode(6, assignment, buf);
+        }
     }
 
     fn merge_field(
@@ -102,6 +107,12 @@ impl prost::Message for SubscribeResponse {
                 buf,
                 ctx,
             ),
+            6 => message::merge(
+                wire_type,
+                self.assignment.get_or_insert_with(Default::default),
+                buf,
+                ctx,
+            ),
             _ => skip_field(wire_type, tag, buf, ctx),
         }
     }
@@ -119,6 +130,10 @@ impl prost::Message for SubscribeResponse {
                 .server_time
                 .as_ref()
                 .map_or(0, |t| message::encoded_len(5, t))
+            + self
+                .assignment
+                .as_ref()
+                .map_or(0, |a| message::encoded_len(6, a))
     }
 
     fn clear(&mut self) {
@@ -190,6 +205,12 @@ mod tests {
             head_offset: 9,
             caught_up: true,
             server_time: Some(Timestamp::default()),
+            assignment: Some(GroupAssignment {
+                generation: 2,
+                slots: vec![1, 5],
+                revoked_slots: vec![3],
+                slot_count: 256,
+            }),
         };
         let bytes = response.encode_to_vec();
         assert_eq!(bytes.len(), response.encoded_len());
@@ -199,6 +220,7 @@ mod tests {
             (decoded.next_offset, decoded.head_offset, decoded.caught_up),
             (3, 9, true)
         );
+        assert_eq!(decoded.assignment, response.assignment);
 
         let read = ReadResponse {
             encoded_events: response.encoded_events.clone(),

@@ -53,7 +53,9 @@ impl From<Error> for Status {
             Error::InvalidStreamName { .. } | Error::InvalidArgument(_) => {
                 Status::invalid_argument(message)
             }
-            Error::StreamNotFound(_) | Error::ConsumerNotFound { .. } => Status::not_found(message),
+            Error::StreamNotFound(_)
+            | Error::ConsumerNotFound { .. }
+            | Error::GroupNotFound { .. } => Status::not_found(message),
             Error::ConsumerSessionEnded { .. } => Status::aborted(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
@@ -215,7 +217,33 @@ impl EventLog for EventLogService {
         };
         let filter = filter_from_proto(request.filter)?;
         let version = version_from_proto(request.version)?;
-        let (subscription, lease, version) = if request.consumer.is_empty() {
+        let (subscription, lease, version) = if !request.group.is_empty() {
+            if !request.consumer.is_empty() {
+                return Err(Status::invalid_argument(
+                    "give either consumer or group (with member), not both",
+                ));
+            }
+            if request.member.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a group subscription needs a member id: each worker passes its own, stable one",
+                ));
+            }
+            let subscription = self
+                .log
+                .subscribe_group(
+                    &stream,
+                    &request.group,
+                    &request.member,
+                    start,
+                    filter.unwrap_or_default(),
+                )
+                .await?;
+            (subscription, None, version.unwrap_or_default())
+        } else if !request.member.is_empty() {
+            return Err(Status::invalid_argument(
+                "member is only meaningful with group",
+            ));
+        } else if request.consumer.is_empty() {
             let subscription = self
                 .log
                 .subscribe(&stream, start, filter.unwrap_or_default())?;
@@ -422,6 +450,40 @@ impl EventLog for EventLogService {
         }))
     }
 
+    async fn commit_group(
+        &self,
+        request: Request<pb::CommitGroupRequest>,
+    ) -> Result<Response<pb::CommitGroupResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
+        let request = request.into_inner();
+        let info = self
+            .log
+            .commit_group(
+                &caller.stream(&request.stream)?,
+                &request.group,
+                &request.member,
+                request.next_offset,
+            )
+            .await?;
+        Ok(Response::new(pb::CommitGroupResponse {
+            group: Some(group_info_to_proto(info, request.stream)),
+        }))
+    }
+
+    async fn get_group(
+        &self,
+        request: Request<pb::GetGroupRequest>,
+    ) -> Result<Response<pb::GetGroupResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Subscribe])?;
+        let request = request.into_inner();
+        let info = self
+            .log
+            .group_info(&caller.stream(&request.stream)?, &request.group)?;
+        Ok(Response::new(pb::GetGroupResponse {
+            group: Some(group_info_to_proto(info, request.stream)),
+        }))
+    }
+
     async fn delete_consumer(
         &self,
         request: Request<pb::DeleteConsumerRequest>,
@@ -508,13 +570,23 @@ async fn run_subscription(
         {
             send_now = true;
         }
-        if !slices.is_empty() || send_now {
+        // A group member hears of its new slots at once.
+        let assignment = subscription
+            .take_group_update()
+            .map(|u| pb::GroupAssignment {
+                generation: u.generation,
+                slots: u.slots,
+                revoked_slots: u.revoked,
+                slot_count: log::SLOT_COUNT as u32,
+            });
+        if !slices.is_empty() || send_now || assignment.is_some() {
             send_now = false;
             delivered.inc_by(slices.iter().map(|s| s.len() as u64).sum());
             last_sent = Instant::now();
             let head = subscription.head();
             sent_caught_up = subscription.next_offset() >= head.next_offset;
             let response = pb::SubscribeResponse {
+                assignment,
                 events: Vec::new(),
                 encoded_events: encode_events(&stream, &slices, &version),
                 next_offset: subscription.next_offset(),
@@ -617,6 +689,30 @@ fn consumer_info_to_proto(info: log::ConsumerInfo, stream: String) -> pb::Consum
         version: info.version,
         active: info.active,
         cursor_trimmed: info.cursor_trimmed,
+    }
+}
+
+fn group_info_to_proto(info: log::GroupInfo, stream: String) -> pb::GroupInfo {
+    let head = info.head;
+    pb::GroupInfo {
+        stream,
+        name: info.name,
+        members: info
+            .members
+            .into_iter()
+            .map(|m| pb::GroupMember {
+                member: m.member,
+                slots: m.slots,
+                committed_offset: m.committed,
+                lag: head.saturating_sub(m.committed),
+                delivered_offset: m.delivered,
+            })
+            .collect(),
+        low_watermark: info.low_watermark,
+        head_offset: head,
+        slot_count: log::SLOT_COUNT as u32,
+        created_time: Some(timestamp(info.created_unix_nanos)),
+        generation: info.generation,
     }
 }
 

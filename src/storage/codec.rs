@@ -25,6 +25,7 @@ const META_VERSION: u8 = 2;
 /// Metadata written before streams had retention limits (still read).
 const META_VERSION_WITHOUT_RETENTION: u8 = 1;
 const CONSUMER_VERSION: u8 = 1;
+const GROUP_VERSION: u8 = 1;
 const CHUNK_HEADER_LEN: usize = 1 + 8 + 8 + 4;
 
 /// One event as stored: everything but its offset and time, which the
@@ -485,6 +486,51 @@ impl ConsumerRecord {
     }
 }
 
+/// A consumer group's durable state: the committed offset of each of its
+/// key slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_unix_nanos: i64,
+    /// Per slot: the offset below which the slot's events are handled.
+    pub committed: Vec<u64>,
+}
+
+impl GroupRecord {
+    /// Encodes the record for storage.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 8 + 4 + 8 * self.committed.len());
+        out.put_u8(GROUP_VERSION);
+        out.put_i64(self.created_unix_nanos);
+        out.put_u32(self.committed.len() as u32);
+        for &offset in &self.committed {
+            out.put_u64(offset);
+        }
+        out
+    }
+
+    /// Decodes a stored record.
+    pub fn decode(mut buf: &[u8]) -> Result<GroupRecord, CodecError> {
+        if buf.remaining() < 1 + 8 + 4 {
+            return Err(CodecError::Truncated);
+        }
+        let version = buf.get_u8();
+        if version != GROUP_VERSION {
+            return Err(CodecError::UnknownVersion(version));
+        }
+        let created_unix_nanos = buf.get_i64();
+        let n = buf.get_u32() as usize;
+        if buf.remaining() != n * 8 {
+            return Err(CodecError::Truncated);
+        }
+        let committed = (0..n).map(|_| buf.get_u64()).collect();
+        Ok(GroupRecord {
+            created_unix_nanos,
+            committed,
+        })
+    }
+}
+
 /// A string from bytes `get_string` already checked.
 fn text(bytes: Bytes) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
@@ -687,6 +733,12 @@ mod tests {
             },
         };
         assert_eq!(StreamMeta::decode(&meta.encode()), Ok(meta));
+        let group = GroupRecord {
+            created_unix_nanos: 9,
+            committed: vec![0, 5, u64::MAX],
+        };
+        assert_eq!(GroupRecord::decode(&group.encode()), Ok(group.clone()));
+        assert!(GroupRecord::decode(&group.encode()[..20]).is_err());
         // Metadata from before retention reads as "keep everything".
         let old = &meta.encode()[..StreamMeta::LEN_WITHOUT_RETENTION];
         let mut old = old.to_vec();

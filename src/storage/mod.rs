@@ -36,8 +36,8 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 pub use codec::{
-    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, IdempotencyRecord, Keep,
-    Rendering, Retention, StreamMeta,
+    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, GroupRecord, IdempotencyRecord,
+    Keep, Rendering, Retention, StreamMeta,
 };
 use wal::{Op, Wal};
 
@@ -68,6 +68,7 @@ const CHUNK_PREFIX: u8 = b'c';
 const IDEMPOTENCY_PREFIX: u8 = b'i';
 const CONSUMER_PREFIX: u8 = b'u';
 const API_KEY_PREFIX: u8 = b'a';
+const GROUP_PREFIX: u8 = b'g';
 
 /// How the store was asked to keep data.
 #[derive(Debug, Clone)]
@@ -137,6 +138,8 @@ pub struct StoredStream {
     pub last_time_unix_nanos: Option<i64>,
     /// Its durable consumers, in name order.
     pub consumers: Vec<(String, ConsumerRecord)>,
+    /// Its consumer groups, in name order.
+    pub groups: Vec<(String, GroupRecord)>,
 }
 
 /// One chunk to write, already encoded.
@@ -330,6 +333,7 @@ impl Store {
                 next_offset,
                 last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
                 consumers: self.load_consumers(meta.id)?,
+                groups: self.load_groups(meta.id)?,
             });
         }
         Ok(streams)
@@ -551,6 +555,35 @@ impl Store {
         )])
     }
 
+    /// Saves a consumer group's slot offsets. Returns the write-ahead log
+    /// record, when the log is on.
+    pub fn put_group(
+        &self,
+        stream_id: u64,
+        name: &str,
+        record: &GroupRecord,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.apply(vec![Op::Insert(
+            named_key(GROUP_PREFIX, stream_id, name),
+            record.encode(),
+        )])
+    }
+
+    fn load_groups(&self, stream_id: u64) -> Result<Vec<(String, GroupRecord)>, StorageError> {
+        let mut groups = Vec::new();
+        let prefix = named_key(GROUP_PREFIX, stream_id, "");
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            let record = GroupRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                what: format!("consumer group {name} of stream id {stream_id}"),
+                source,
+            })?;
+            groups.push((name, record));
+        }
+        Ok(groups)
+    }
+
     /// Removes a durable consumer; returns the write-ahead log record.
     pub fn delete_consumer(
         &self,
@@ -622,7 +655,12 @@ impl Store {
         // The metadata goes first: a deletion cut short by a crash leaves
         // unreachable chunks (keyed by the old id), never a stream with holes.
         let mut ops = vec![Op::Remove(stream_key(name))];
-        for prefix in [CHUNK_PREFIX, IDEMPOTENCY_PREFIX, CONSUMER_PREFIX] {
+        for prefix in [
+            CHUNK_PREFIX,
+            IDEMPOTENCY_PREFIX,
+            CONSUMER_PREFIX,
+            GROUP_PREFIX,
+        ] {
             let mut start = vec![prefix];
             start.extend_from_slice(&stream_id.to_be_bytes());
             for key in self.tree.scan_prefix(&start).keys() {
@@ -764,8 +802,13 @@ fn offset_of_chunk_key(key: &[u8]) -> u64 {
 }
 
 fn consumer_key(stream_id: u64, name: &str) -> Vec<u8> {
+    named_key(CONSUMER_PREFIX, stream_id, name)
+}
+
+/// `prefix stream_id name`: a per-stream named record.
+fn named_key(prefix: u8, stream_id: u64, name: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(9 + name.len());
-    key.push(CONSUMER_PREFIX);
+    key.push(prefix);
     key.extend_from_slice(&stream_id.to_be_bytes());
     key.extend_from_slice(name.as_bytes());
     key

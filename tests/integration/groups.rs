@@ -1,0 +1,443 @@
+//! Key-shared consumer groups: members share a stream by key slot, each
+//! key in order at one member; rebalances on join and leave; per-slot
+//! commits; redelivery of what a lost member never committed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use pullstream::proto::{self as pb, subscribe_request::Start};
+use tonic::{Code, Streaming};
+
+use crate::common::*;
+
+/// A connected member: its subscription and what it has received.
+struct Member {
+    id: String,
+    sub: Streaming<pb::SubscribeResponse>,
+    client: Client,
+    /// (offset, key) in arrival order.
+    events: Vec<(u64, String)>,
+    generation: u64,
+    slots: Vec<u32>,
+    revoked: Vec<u32>,
+    next_offset: u64,
+}
+
+impl Member {
+    async fn join(server: &TestServer, stream: &str, group: &str, id: &str) -> Member {
+        let mut client = server.client().await;
+        let sub = client
+            .subscribe(pb::SubscribeRequest {
+                stream: stream.into(),
+                group: group.into(),
+                member: id.into(),
+                start: Some(Start::Position(pb::StartPosition::Earliest as i32)),
+                ..Default::default()
+            })
+            .await
+            .expect("join")
+            .into_inner();
+        Member {
+            id: id.into(),
+            sub,
+            client,
+            events: Vec::new(),
+            generation: 0,
+            slots: Vec::new(),
+            revoked: Vec::new(),
+            next_offset: 0,
+        }
+    }
+
+    /// Reads one message, recording events and assignment.
+    async fn read_one(&mut self) {
+        let message = next(&mut self.sub).await.expect("member message");
+        for e in message.events {
+            self.events.push((e.offset, e.key));
+        }
+        if let Some(a) = message.assignment {
+            self.generation = a.generation;
+            self.slots = a.slots;
+            self.revoked.extend(a.revoked_slots);
+        }
+        self.next_offset = message.next_offset;
+    }
+
+    /// Reads until the member has been told of `generation`.
+    async fn until_generation(&mut self, generation: u64) {
+        while self.generation < generation {
+            self.read_one().await;
+        }
+    }
+
+    /// Reads until it has received `count` events in all.
+    async fn until_events(&mut self, count: usize) {
+        while self.events.len() < count {
+            self.read_one().await;
+        }
+    }
+
+    async fn commit(&mut self, stream: &str, group: &str, next_offset: u64) -> pb::GroupInfo {
+        self.client
+            .commit_group(pb::CommitGroupRequest {
+                stream: stream.into(),
+                group: group.into(),
+                member: self.id.clone(),
+                next_offset,
+            })
+            .await
+            .expect("commit")
+            .into_inner()
+            .group
+            .expect("group info")
+    }
+}
+
+async fn create(client: &mut Client, stream: &str) {
+    client
+        .create_stream(pb::CreateStreamRequest {
+            stream: stream.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+}
+
+fn keyed(key: &str, n: u64) -> pb::NewEvent {
+    pb::NewEvent {
+        key: key.into(),
+        ..event("order.updated", &n.to_string())
+    }
+}
+
+/// Appends `n` events over `keys` keys (round robin), in batches of 50.
+async fn append_keyed(client: &mut Client, stream: &str, n: u64, keys: u64) {
+    let events: Vec<_> = (0..n)
+        .map(|i| keyed(&format!("k{}", i % keys), i))
+        .collect();
+    for batch in events.chunks(50) {
+        append(client, stream, batch.to_vec()).await;
+    }
+}
+
+/// Per key, offsets strictly increase in arrival order.
+fn assert_key_order(member: &Member) {
+    let mut last: BTreeMap<&str, u64> = BTreeMap::new();
+    for (offset, key) in &member.events {
+        if let Some(previous) = last.insert(key, *offset) {
+            assert!(
+                *offset > previous,
+                "member {}: key {key} went from {previous} to {offset}",
+                member.id
+            );
+        }
+    }
+}
+
+async fn group_info(
+    client: &mut Client,
+    stream: &str,
+    group: &str,
+) -> Result<pb::GroupInfo, tonic::Status> {
+    client
+        .get_group(pb::GetGroupRequest {
+            stream: stream.into(),
+            group: group.into(),
+        })
+        .await
+        .map(|r| r.into_inner().group.expect("group info"))
+}
+
+#[tokio::test]
+async fn members_together_receive_every_event_exactly_once_in_key_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "orders").await;
+    let mut members = Vec::new();
+    for id in ["a", "b", "c"] {
+        members.push(Member::join(&server, "orders", "shippers", id).await);
+    }
+    for m in &mut members {
+        m.until_generation(3).await;
+    }
+    let slots: Vec<usize> = members.iter().map(|m| m.slots.len()).collect();
+    assert_eq!(slots.iter().sum::<usize>(), 256);
+    assert!(slots.iter().all(|&n| n == 85 || n == 86), "{slots:?}");
+
+    append_keyed(&mut client, "orders", 900, 40).await;
+    let info = within(async {
+        loop {
+            let received: usize = members.iter().map(|m| m.events.len()).sum();
+            if received >= 900 {
+                break;
+            }
+            for m in &mut members {
+                if m.next_offset < 900 {
+                    m.read_one().await;
+                }
+            }
+        }
+        group_info(&mut client, "orders", "shippers").await.unwrap()
+    })
+    .await;
+    let mut all: Vec<u64> = members
+        .iter()
+        .flat_map(|m| m.events.iter().map(|(o, _)| *o))
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..900).collect::<Vec<_>>(), "each event exactly once");
+    let mut owner_of_key: BTreeMap<String, String> = BTreeMap::new();
+    for m in &members {
+        assert!(!m.events.is_empty(), "member {} got a share", m.id);
+        assert_key_order(m);
+        for (_, key) in &m.events {
+            let owner = owner_of_key.entry(key.clone()).or_insert(m.id.clone());
+            assert_eq!(owner, &m.id, "key {key} went to one member");
+        }
+    }
+    assert_eq!(info.members.len(), 3);
+    assert_eq!(info.generation, 3);
+    assert_eq!(info.low_watermark, 0, "nothing committed yet");
+}
+
+#[tokio::test]
+async fn a_new_member_takes_slots_at_their_committed_offsets_and_nothing_is_skipped() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append_keyed(&mut client, "s", 500, 20).await;
+    let mut a = Member::join(&server, "s", "g", "a").await;
+    a.until_events(500).await;
+    let info = a.commit("s", "g", 300).await;
+    assert_eq!(info.low_watermark, 300);
+
+    let mut b = Member::join(&server, "s", "g", "b").await;
+    a.until_generation(2).await;
+    b.until_generation(2).await;
+    assert_eq!(a.slots.len() + b.slots.len(), 256);
+    assert_eq!(
+        a.revoked.len(),
+        b.slots.len(),
+        "a was told which slots it lost"
+    );
+    append_keyed(&mut client, "s", 500, 20).await;
+
+    // b redelivers its slots' events from 300 (a never committed them
+    // further), and both follow the new events.
+    let slot_of = |key: &str| pullstream::log::slot_of(key.as_bytes(), 0) as u32;
+    let b_slots: BTreeSet<u32> = b.slots.iter().copied().collect();
+    let expected_b = (300..1000u64)
+        .filter(|i| b_slots.contains(&slot_of(&format!("k{}", i % 20))))
+        .count();
+    within(b.until_events(expected_b)).await;
+    let a_new_expected = (500..1000u64)
+        .filter(|i| !b_slots.contains(&slot_of(&format!("k{}", i % 20))))
+        .count();
+    within(a.until_events(500 + a_new_expected)).await;
+
+    let mut seen: BTreeSet<u64> = a.events.iter().map(|(o, _)| *o).collect();
+    seen.extend(b.events.iter().map(|(o, _)| *o));
+    assert_eq!(seen, (0..1000).collect(), "no event skipped");
+    assert!(b.events.iter().all(|(o, _)| *o >= 300));
+    for (offset, key) in &a.events[500..] {
+        assert!(
+            !b_slots.contains(&slot_of(key)),
+            "a got {offset} of a revoked slot"
+        );
+    }
+    assert_key_order(&a);
+    assert_key_order(&b);
+}
+
+#[tokio::test]
+async fn a_member_lost_before_its_commit_has_its_events_redelivered_in_key_order() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "s").await;
+    let mut a = Member::join(&server, "s", "g", "a").await;
+    let mut b = Member::join(&server, "s", "g", "b").await;
+    a.until_generation(2).await;
+    b.until_generation(2).await;
+    append_keyed(&mut client, "s", 400, 16).await;
+    let slot_of = |key: &str| pullstream::log::slot_of(key.as_bytes(), 0) as u32;
+    let a_slots: BTreeSet<u32> = a.slots.iter().copied().collect();
+    let of_a = |o: &u64| a_slots.contains(&slot_of(&format!("k{}", o % 16)));
+    let a_total = (0..400u64).filter(|o| of_a(o)).count();
+    within(a.until_events(a_total)).await;
+    // a handled (and committed) what lies below 200, then dies.
+    a.commit("s", "g", 200).await;
+    drop(a);
+
+    within(b.until_generation(3)).await;
+    assert_eq!(b.slots.len(), 256, "b owns every slot now");
+    let b_first = (0..400u64).filter(|o| !of_a(o)).count();
+    let redelivered = (200..400u64).filter(|o| of_a(o)).count();
+    within(b.until_events(b_first + redelivered)).await;
+    let again: Vec<u64> = b
+        .events
+        .iter()
+        .map(|(o, _)| *o)
+        .filter(|o| of_a(o))
+        .collect();
+    assert_eq!(
+        again,
+        (200..400u64).filter(|o| of_a(o)).collect::<Vec<_>>(),
+        "a's uncommitted events, once each, in order"
+    );
+    assert_key_order(&b);
+}
+
+#[tokio::test]
+async fn keyless_events_spread_over_members() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "s").await;
+    let mut a = Member::join(&server, "s", "g", "a").await;
+    let mut b = Member::join(&server, "s", "g", "b").await;
+    a.until_generation(2).await;
+    b.until_generation(2).await;
+    append(
+        &mut client,
+        "s",
+        (0..100).map(|i| event("tick", &i.to_string())).collect(),
+    )
+    .await;
+    within(async {
+        while a.events.len() + b.events.len() < 100 {
+            if a.next_offset < 100 {
+                a.read_one().await;
+            }
+            if b.next_offset < 100 {
+                b.read_one().await;
+            }
+        }
+    })
+    .await;
+    assert!(!a.events.is_empty() && !b.events.is_empty());
+    let mut all: Vec<u64> = a.events.iter().chain(&b.events).map(|(o, _)| *o).collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_group_of_one_resumes_like_a_durable_consumer() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append_keyed(&mut client, "s", 50, 5).await;
+    let mut solo = Member::join(&server, "s", "g", "solo").await;
+    solo.until_events(50).await;
+    assert_eq!(solo.slots.len(), 256);
+    solo.commit("s", "g", 30).await;
+    drop(solo);
+
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    append_keyed(&mut client, "s", 10, 5).await;
+    let mut again = Member::join(&server, "s", "g", "solo").await;
+    again.until_events(30).await;
+    let offsets: Vec<u64> = again.events.iter().map(|(o, _)| *o).collect();
+    assert_eq!(offsets, (30..60).collect::<Vec<_>>());
+    let info = group_info(&mut client, "s", "g").await.unwrap();
+    assert_eq!(info.low_watermark, 30);
+    assert_eq!(info.members[0].member, "solo");
+    assert_eq!(info.members[0].lag, 30);
+}
+
+#[tokio::test]
+async fn bad_group_input_is_refused_and_a_duplicate_member_takes_over() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append_keyed(&mut client, "s", 10, 2).await;
+    let refused = |request: pb::SubscribeRequest| {
+        let mut client = client.clone();
+        async move { client.subscribe(request).await.map(|_| ()).unwrap_err() }
+    };
+    let base = pb::SubscribeRequest {
+        stream: "s".into(),
+        ..Default::default()
+    };
+    for (request, says) in [
+        (
+            pb::SubscribeRequest {
+                group: "g".into(),
+                ..base.clone()
+            },
+            "member",
+        ),
+        (
+            pb::SubscribeRequest {
+                group: "g".into(),
+                member: "m".into(),
+                consumer: "c".into(),
+                ..base.clone()
+            },
+            "not both",
+        ),
+        (
+            pb::SubscribeRequest {
+                member: "m".into(),
+                ..base.clone()
+            },
+            "only meaningful with group",
+        ),
+        (
+            pb::SubscribeRequest {
+                group: "bad name".into(),
+                member: "m".into(),
+                ..base.clone()
+            },
+            "group name",
+        ),
+        (
+            pb::SubscribeRequest {
+                group: "g".into(),
+                member: "".into(),
+                ..base.clone()
+            },
+            "member",
+        ),
+    ] {
+        let status = refused(request).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{says}");
+        assert!(status.message().contains(says), "{}", status.message());
+    }
+    assert_eq!(
+        group_info(&mut client, "s", "g").await.unwrap_err().code(),
+        Code::NotFound,
+        "refused joins created no group"
+    );
+
+    let mut first = Member::join(&server, "s", "g", "m").await;
+    first.until_events(10).await;
+    let mut second = Member::join(&server, "s", "g", "m").await;
+    let ended = within(async {
+        loop {
+            if let Err(status) = next(&mut first.sub).await {
+                return status;
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
+    second.until_events(10).await;
+
+    let unknown = client
+        .commit_group(pb::CommitGroupRequest {
+            stream: "s".into(),
+            group: "nope".into(),
+            member: "m".into(),
+            next_offset: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let stranger = client
+        .commit_group(pb::CommitGroupRequest {
+            stream: "s".into(),
+            group: "g".into(),
+            member: "stranger".into(),
+            next_offset: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.code(), Code::NotFound);
+    assert!(stranger.message().contains("stranger"));
+}
