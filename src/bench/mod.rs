@@ -45,6 +45,8 @@ pub enum Workload {
     Committing,
     /// Appends at a fixed rate for a long time with retention: data dir and memory over time (not in the default set)
     Soak,
+    /// A key-shared consumer group of 1, 2 and 4 members with simulated work per event: scaling and server CPU per event
+    Group,
 }
 
 /// Arguments of `pullstream bench`.
@@ -92,6 +94,15 @@ pub struct BenchArgs {
     /// fanout: idle subscriptions held open
     #[arg(long, default_value_t = 10_000)]
     idle_subscriptions: usize,
+    /// group: members per run (repeatable)
+    #[arg(long = "members", default_values_t = [1, 2, 4])]
+    members: Vec<usize>,
+    /// group: simulated work per event (waiting, as for a call to another service)
+    #[arg(long, default_value = "50us")]
+    work: HumanDuration,
+    /// group: events stored, then read by the group
+    #[arg(long, default_value_t = 200_000)]
+    group_events: u64,
     /// soak: how long to append
     #[arg(long, default_value = "10m")]
     soak_duration: HumanDuration,
@@ -119,6 +130,7 @@ enum Scenario {
     Filtered,
     Committing,
     Soak,
+    Group { members: usize },
 }
 
 /// One measured run.
@@ -183,6 +195,11 @@ impl BenchContext {
         }
     }
 
+    /// The server's CPU time so far, when it is ours.
+    fn server_cpu(&self) -> Option<Duration> {
+        self.embedded.as_ref().and_then(EmbeddedServer::cpu_time)
+    }
+
     /// The size of the server's data dir, when it is ours.
     fn data_dir_bytes(&self) -> Option<u64> {
         self.embedded.as_ref().map(EmbeddedServer::data_dir_bytes)
@@ -222,6 +239,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Filtered => scenarios.push(Scenario::Filtered),
             Workload::Committing => scenarios.push(Scenario::Committing),
             Workload::Soak => scenarios.push(Scenario::Soak),
+            Workload::Group => {
+                for &members in &args.members {
+                    scenarios.push(Scenario::Group { members });
+                }
+            }
         }
     }
     match &args.server {
@@ -264,6 +286,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
             Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
             Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
+            Scenario::Group { members } => {
+                workloads::group(&ctx, members, args.group_events, args.work.0).await?
+            }
             Scenario::Soak => {
                 workloads::soak(
                     &ctx,

@@ -4,7 +4,7 @@
 //! the oldest chunks fall out first, and readers behind it fall back to
 //! storage.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::storage::Chunk;
@@ -67,6 +67,83 @@ impl TailCache {
     }
 }
 
+/// Chunks recently read from storage for consumer-group members, so the
+/// members of a group, reading the same stretch of a stream at about the
+/// same time, read and decode each chunk once between them instead of once
+/// each. Bounded in bytes; the chunks read longest ago go first.
+#[derive(Debug)]
+pub(crate) struct SharedReads {
+    chunks: BTreeMap<u64, (Arc<Chunk>, usize)>,
+    /// First offsets in insertion order, for eviction.
+    order: VecDeque<u64>,
+    bytes: usize,
+    capacity: usize,
+}
+
+impl SharedReads {
+    pub(crate) fn new(capacity: usize) -> SharedReads {
+        SharedReads {
+            chunks: BTreeMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            capacity,
+        }
+    }
+
+    /// Remembers chunks just read from storage.
+    pub(crate) fn insert(&mut self, chunks: &[Arc<Chunk>]) {
+        for chunk in chunks {
+            if self.chunks.contains_key(&chunk.first_offset) {
+                continue;
+            }
+            let size = chunk.encoded_len();
+            self.chunks
+                .insert(chunk.first_offset, (chunk.clone(), size));
+            self.order.push_back(chunk.first_offset);
+            self.bytes += size;
+        }
+        while self.bytes > self.capacity {
+            let Some(first) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, size)) = self.chunks.remove(&first) {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// The remembered chunks from the one holding `offset` on, as long as
+    /// they are contiguous, at most `max_chunks`; `None` when the chunk
+    /// holding `offset` is not remembered.
+    pub(crate) fn chunks_from(&self, offset: u64, max_chunks: usize) -> Option<Vec<Arc<Chunk>>> {
+        let (_, (first, _)) = self.chunks.range(..=offset).next_back()?;
+        if !first.contains(offset) {
+            return None;
+        }
+        let mut run = vec![first.clone()];
+        let mut next = first.end_offset();
+        while run.len() < max_chunks {
+            match self.chunks.get(&next) {
+                Some((chunk, _)) => {
+                    next = chunk.end_offset();
+                    run.push(chunk.clone());
+                }
+                None => break,
+            }
+        }
+        Some(run)
+    }
+
+    /// Forgets chunks below `offset` (trimmed by retention).
+    pub(crate) fn forget_below(&mut self, offset: u64) {
+        let keep = self.chunks.split_off(&offset);
+        for (_, (_, size)) in std::mem::replace(&mut self.chunks, keep) {
+            self.bytes -= size;
+        }
+        self.order.retain(|first| *first >= offset);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,6 +169,25 @@ mod tests {
         // 300 bytes > 250: the oldest chunk is gone.
         assert!(cache.chunks_from(1, 10).is_none());
         assert_eq!(cache.chunks_from(2, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn shared_reads_serve_contiguous_runs_and_evict_the_oldest_reads() {
+        let mut reads = SharedReads::new(1000);
+        let (a, b, c) = (chunk(0, 2), chunk(2, 3), chunk(10, 1));
+        let size = a.encoded_len();
+        reads.insert(&[a, b, c]);
+        let run = reads.chunks_from(1, 10).unwrap();
+        assert_eq!(run.iter().map(|c| c.first_offset).collect::<Vec<_>>(), [0, 2]);
+        assert!(reads.chunks_from(5, 10).is_none(), "nothing holds offset 5");
+        assert_eq!(reads.chunks_from(10, 10).unwrap().len(), 1);
+        reads.forget_below(2);
+        assert!(reads.chunks_from(0, 10).is_none());
+        let mut small = SharedReads::new(size);
+        small.insert(&[chunk(0, 2)]);
+        small.insert(&[chunk(2, 2)]);
+        assert!(small.chunks_from(0, 1).is_none(), "the oldest read went");
+        assert!(small.chunks_from(2, 1).is_some());
     }
 
     #[test]

@@ -150,6 +150,10 @@ impl GroupState {
         }
     }
 
+    pub(crate) fn has_members(&self) -> bool {
+        !self.members.is_empty()
+    }
+
     fn slots_of(&self, member: &str) -> Vec<u32> {
         (0..SLOT_COUNT)
             .filter(|&s| self.owner[s].as_deref() == Some(member))

@@ -41,7 +41,7 @@ use crate::error::Error;
 use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot};
 pub use crate::storage::Retention;
 use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
-use cache::TailCache;
+use cache::{SharedReads, TailCache};
 use commit::Committer;
 use consumer::ConsumerState;
 use writer::{AppendJob, Writer, WriterCommand};
@@ -49,6 +49,10 @@ use writer::{AppendJob, Writer, WriterCommand};
 /// How many Append calls may queue for one stream's writer before callers
 /// wait (backpressure on producers, bounded memory).
 const WRITER_QUEUE: usize = 1024;
+
+/// How many bytes of decoded chunks a stream keeps for its consumer-group
+/// members to share (see `cache::SharedReads`).
+const SHARED_READS_BYTES: usize = 4 << 20;
 
 /// How often the housekeeping task trims streams to their retention
 /// policies and samples append rates.
@@ -244,6 +248,8 @@ pub(crate) struct StreamShared {
     /// Consumer groups by name. Changed by the writer (committed offsets)
     /// and by members joining and leaving; held briefly.
     groups: Mutex<BTreeMap<String, group::GroupState>>,
+    /// Chunks read from storage lately, shared by group members.
+    shared_reads: Mutex<SharedReads>,
 }
 
 impl StreamShared {
@@ -273,8 +279,21 @@ impl StreamShared {
         self.consumers.lock().expect("consumers lock").clear();
     }
 
+    /// Whether any consumer group of the stream has a member connected.
+    fn has_group_members(&self) -> bool {
+        self.groups
+            .lock()
+            .expect("groups lock")
+            .values()
+            .any(group::GroupState::has_members)
+    }
+
     /// Publishes a trim: readers below `first_offset` now get OUT_OF_RANGE.
     fn trim_to(&self, first_offset: u64) {
+        self.shared_reads
+            .lock()
+            .expect("shared reads lock")
+            .forget_below(first_offset);
         self.head_tx.send_if_modified(|head| {
             let moved = first_offset > head.first_offset;
             self.metrics
@@ -363,6 +382,10 @@ impl Stream {
         leftover: &mut Option<Arc<Chunk>>,
     ) -> Result<(Vec<EventSlice>, u64), Error> {
         let filtered = !filter.is_empty();
+        // Group members read the same stretches at about the same time:
+        // they share what one of them read from storage (whole chunks only,
+        // so not with a filter, which decodes chunks partly).
+        let share = !filtered && self.shared.has_group_members();
         let matches = |t: &[u8], k: &[u8]| filter.matches_parts(t, k);
         let keep: crate::storage::Keep<'_> = &matches;
         let mut slices = Vec::new();
@@ -386,8 +409,37 @@ impl Stream {
                     .expect("tail cache lock")
                     .chunks_from(position, 64),
             };
+            let cached = match cached {
+                None if share => self
+                    .shared
+                    .shared_reads
+                    .lock()
+                    .expect("shared reads lock")
+                    .chunks_from(position, 64),
+                other => other,
+            };
             let chunks = match cached {
                 Some(chunks) => chunks,
+                None if share => {
+                    let chunks: Vec<Arc<Chunk>> = store
+                        .read_chunks(
+                            self.meta.id,
+                            position,
+                            end,
+                            max_events - events,
+                            max_bytes.saturating_sub(bytes),
+                            None,
+                        )?
+                        .into_iter()
+                        .map(Arc::new)
+                        .collect();
+                    self.shared
+                        .shared_reads
+                        .lock()
+                        .expect("shared reads lock")
+                        .insert(&chunks);
+                    chunks
+                }
                 None => store
                     .read_chunks(
                         self.meta.id,
@@ -567,6 +619,7 @@ impl Log {
             retention: Mutex::new(stored.meta.retention),
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
             metrics: self.metrics.stream(&stored.name),
+            shared_reads: Mutex::new(SharedReads::new(SHARED_READS_BYTES)),
             groups: Mutex::new(
                 stored
                     .groups
