@@ -989,7 +989,7 @@ pub(crate) async fn group(
                     due = tokio::time::Instant::now();
                 }
                 responses += 1;
-                if responses % 10 == 0 && !message.events.is_empty() {
+                if responses.is_multiple_of(10) && !message.events.is_empty() {
                     client
                         .commit_group(pb::CommitGroupRequest {
                             stream: stream.clone(),
