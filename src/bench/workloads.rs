@@ -944,7 +944,8 @@ pub(crate) async fn group(
         let mut client = ctx.client().await?;
         let stream = stream.clone();
         let (seen, unique, duplicates) = (seen.clone(), unique.clone(), duplicates.clone());
-        let (counter, done_tx, mut done_rx) = (progress.counter(), done_tx.clone(), done_rx.clone());
+        let (counter, done_tx, mut done_rx) =
+            (progress.counter(), done_tx.clone(), done_rx.clone());
         tasks.push(tokio::spawn(async move {
             let member = format!("m{m}");
             let mut sub = client

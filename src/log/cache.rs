@@ -178,7 +178,10 @@ mod tests {
         let size = a.encoded_len();
         reads.insert(&[a, b, c]);
         let run = reads.chunks_from(1, 10).unwrap();
-        assert_eq!(run.iter().map(|c| c.first_offset).collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(
+            run.iter().map(|c| c.first_offset).collect::<Vec<_>>(),
+            [0, 2]
+        );
         assert!(reads.chunks_from(5, 10).is_none(), "nothing holds offset 5");
         assert_eq!(reads.chunks_from(10, 10).unwrap().len(), 1);
         reads.forget_below(2);

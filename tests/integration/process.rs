@@ -789,3 +789,93 @@ fn the_cli_sets_retention_and_shows_server_status() {
     sigterm(&server);
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn the_cli_reads_as_a_group_member_and_describes_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str], stdin: Option<&str>| run_cli(&url, args, stdin);
+    let ndjson: String = (0..6)
+        .map(|i| {
+            format!(
+                "{{\"type\":\"order.updated\",\"key\":\"o{}\",\"data\":{{\"n\":{i}}}}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    json_lines(&cli(&["publish", "orders"], Some(&ndjson)));
+
+    let tail = |member: &str, limit: &str| {
+        let out = cli(
+            &[
+                "tail", "orders", "--group", "pickers", "--member", member, "--commit", "--limit",
+                limit,
+            ],
+            None,
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (json_lines(&out), stderr)
+    };
+    let (events, stderr) = tail("w1", "6");
+    let offsets: Vec<_> = events
+        .iter()
+        .map(|e| e["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        offsets,
+        [0, 1, 2, 3, 4, 5],
+        "a group of one gets everything in order"
+    );
+    assert!(stderr.contains("256 of 256 slots"), "{stderr}");
+
+    let info = cli(&["groups", "info", "orders", "pickers", "--json"], None);
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["low_watermark"], 6,
+        "the member committed what it printed"
+    );
+    assert_eq!(
+        info["members"].as_array().unwrap().len(),
+        0,
+        "nobody is connected now"
+    );
+    let table = cli(&["groups", "info", "orders", "pickers"], None);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("no member connected"));
+
+    // Another member resumes at the committed offsets.
+    json_lines(&cli(
+        &[
+            "publish",
+            "orders",
+            "--type",
+            "order.updated",
+            "--key",
+            "o1",
+        ],
+        None,
+    ));
+    let (events, _) = tail("w2", "1");
+    assert_eq!(events[0]["offset"], 6);
+
+    let missing = cli(&["groups", "info", "orders", "nope"], None);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
+    let lonely = cli(&["tail", "orders", "--commit"], None);
+    assert!(!lonely.status.success());
+    assert!(String::from_utf8_lossy(&lonely.stderr)
+        .contains("--consumer NAME or --group NAME --member ID"));
+    let half = cli(&["tail", "orders", "--group", "g"], None);
+    assert_eq!(
+        half.status.code(),
+        Some(2),
+        "clap: --group requires --member"
+    );
+
+    sigterm(&server);
+    assert!(server.wait().unwrap().success());
+}
