@@ -38,9 +38,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::consumer::validate_consumer_name;
 use super::writer::WriterCommand;
-use super::{EventSlice, Log, StartAt, StreamShared};
+use super::{Log, StartAt, StreamShared};
 use crate::error::Error;
-use crate::storage::GroupRecord;
+use crate::storage::{EventRecord, GroupRecord};
 
 /// The number of slots a stream is split into.
 pub const SLOT_COUNT: usize = 256;
@@ -395,29 +395,17 @@ impl GroupCursor {
         Ok(rewind)
     }
 
-    /// Keeps, of `slices`, the events of this member's started slots at or
-    /// past their start offsets; records `position` as delivered.
-    pub(crate) fn select(&self, slices: Vec<EventSlice>, position: u64) -> Vec<EventSlice> {
-        let selected = slices
-            .into_iter()
-            .filter_map(|slice| {
-                let first = slice.chunk.first_offset;
-                let picked: Vec<u32> = slice
-                    .events()
-                    .filter(|(offset, record)| {
-                        let slot = slot_of(&record.key, *offset);
-                        self.from[slot].is_some_and(|from| *offset >= from)
-                    })
-                    .map(|(offset, _)| (offset - first) as u32)
-                    .collect();
-                (!picked.is_empty()).then_some(EventSlice {
-                    picked: Some(picked),
-                    ..slice
-                })
-            })
-            .collect();
+    /// Whether the event at `offset` is this member's to deliver: its slot
+    /// is started here, and the offset is at or past the slot's start.
+    pub(crate) fn selects(&self, offset: u64, record: &EventRecord) -> bool {
+        let slot = slot_of(&record.key, offset);
+        self.from[slot].is_some_and(|from| offset >= from)
+    }
+
+    /// Records that every event of its started slots below `position` was
+    /// delivered.
+    pub(crate) fn delivered(&self, position: u64) {
         self.delivered.store(position, Ordering::Release);
-        selected
     }
 
     /// The change of slots to tell the client, once; marks it told.

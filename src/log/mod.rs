@@ -379,13 +379,17 @@ impl Stream {
         max_events: usize,
         max_bytes: usize,
         filter: &EventFilter,
+        select: Option<Select<'_>>,
         leftover: &mut Option<Arc<Chunk>>,
     ) -> Result<(Vec<EventSlice>, u64), Error> {
-        let filtered = !filter.is_empty();
+        let type_filtered = !filter.is_empty();
+        // Events pass a filter or a group member's selection: count only
+        // those towards the limits, and scan further for them.
+        let filtered = type_filtered || select.is_some();
         // Group members read the same stretches at about the same time:
         // they share what one of them read from storage (whole chunks only,
-        // so not with a filter, which decodes chunks partly).
-        let share = !filtered && self.shared.has_group_members();
+        // so not with a type filter, which decodes chunks partly).
+        let share = !type_filtered && self.shared.has_group_members();
         let matches = |t: &[u8], k: &[u8]| filter.matches_parts(t, k);
         let keep: crate::storage::Keep<'_> = &matches;
         let mut slices = Vec::new();
@@ -426,8 +430,16 @@ impl Stream {
                             self.meta.id,
                             position,
                             end,
-                            max_events - events,
-                            max_bytes.saturating_sub(bytes),
+                            if filtered {
+                                usize::MAX
+                            } else {
+                                max_events - events
+                            },
+                            if filtered {
+                                MAX_SCAN_BYTES
+                            } else {
+                                max_bytes.saturating_sub(bytes)
+                            },
                             None,
                         )?
                         .into_iter()
@@ -456,7 +468,7 @@ impl Stream {
                             max_bytes.saturating_sub(bytes)
                         },
                         // Decode only what the filter passes.
-                        filtered.then_some(keep),
+                        type_filtered.then_some(keep),
                     )?
                     .into_iter()
                     .map(Arc::new)
@@ -477,7 +489,9 @@ impl Stream {
                     let pass = match &mut picked {
                         None => true,
                         Some(picked) => {
-                            let pass = filter.matches(record);
+                            let offset = chunk.first_offset + stop as u64;
+                            let pass = filter.matches(record)
+                                && select.is_none_or(|select| select(offset, record));
                             if pass {
                                 picked.push(stop as u32);
                             }
@@ -518,6 +532,9 @@ impl Stream {
         Ok((slices, position - offset))
     }
 }
+
+/// A group member's choice of events: by offset and record.
+pub(crate) type Select<'a> = &'a dyn Fn(u64, &EventRecord) -> bool;
 
 /// How many bytes of chunks one storage read takes when a filter is on
 /// (without one, the read stops at the events wanted).
@@ -814,6 +831,7 @@ impl Log {
             max_events,
             max_bytes,
             filter,
+            None,
             &mut None,
         )?;
         Ok(ReadPage {

@@ -111,6 +111,9 @@ impl Subscription {
         if self.next_offset == head.next_offset {
             return Ok(Vec::new());
         }
+        let select = self.group.as_ref().map(|group| {
+            move |offset: u64, record: &crate::storage::EventRecord| group.selects(offset, record)
+        });
         let (slices, examined) = self.stream.read(
             &self.store,
             self.next_offset,
@@ -118,13 +121,14 @@ impl Subscription {
             max_events,
             max_bytes,
             &self.filter,
+            select.as_ref().map(|s| s as _),
             &mut self.leftover,
         )?;
         self.next_offset += examined;
-        Ok(match &self.group {
-            Some(group) => group.select(slices, self.next_offset),
-            None => slices,
-        })
+        if let Some(group) = &self.group {
+            group.delivered(self.next_offset);
+        }
+        Ok(slices)
     }
 
     /// Waits until [`Subscription::poll`] has something to say: new events,
