@@ -568,3 +568,88 @@ async fn per_key_limits_answer_resource_exhausted_and_spare_other_keys() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn retention_status_and_groups_follow_tenants_and_scopes() {
+    let (server, keys) = server_with_keys(&[
+        ("acme", &[Scope::Publish, Scope::Subscribe]),
+        ("acme", &[Scope::Admin]),
+        ("globex", &[Scope::Publish, Scope::Subscribe, Scope::Admin]),
+    ])
+    .await;
+    let mut acme = client_with(&server, &keys[0]).await;
+    let mut acme_admin = client_with(&server, &keys[1]).await;
+    let mut globex = client_with(&server, &keys[2]).await;
+    append_as(&mut acme, "orders").await.unwrap();
+    append_as(&mut globex, "ledger").await.unwrap();
+
+    // Changing retention deletes data: admin only, own tenant only.
+    let update = |stream: &str| pb::UpdateStreamRequest {
+        stream: stream.into(),
+        retention: Some(pb::RetentionPolicy {
+            max_events: 10,
+            ..Default::default()
+        }),
+    };
+    let denied = acme.update_stream(update("orders")).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let updated = acme_admin.update_stream(update("orders")).await.unwrap();
+    assert_eq!(updated.into_inner().stream.unwrap().name, "orders");
+    let foreign = globex.update_stream(update("orders")).await.unwrap_err();
+    assert_eq!(
+        foreign.code(),
+        Code::NotFound,
+        "another tenant's stream does not exist"
+    );
+
+    // Status shows only the caller's tenant, under the names it uses.
+    for (client, expected) in [(&mut acme, "orders"), (&mut globex, "ledger")] {
+        let status = client
+            .get_server_status(pb::GetServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let names: Vec<_> = status
+            .streams
+            .iter()
+            .map(|s| s.stream.as_ref().unwrap().name.as_str())
+            .collect();
+        assert_eq!(names, [expected]);
+    }
+
+    // Groups: subscribe scope, own tenant.
+    let mut member = acme
+        .subscribe(pb::SubscribeRequest {
+            stream: "orders".into(),
+            group: "g".into(),
+            member: "m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    within(member.message()).await.unwrap();
+    let group = |stream: &str| pb::GetGroupRequest {
+        stream: stream.into(),
+        group: "g".into(),
+    };
+    assert_eq!(
+        acme.get_group(group("orders"))
+            .await
+            .unwrap()
+            .into_inner()
+            .group
+            .unwrap()
+            .members
+            .len(),
+        1
+    );
+    let foreign = globex.get_group(group("orders")).await.unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound);
+    let admin_only = acme_admin.get_group(group("orders")).await.unwrap_err();
+    assert_eq!(
+        admin_only.code(),
+        Code::PermissionDenied,
+        "groups need the subscribe scope"
+    );
+}
