@@ -424,7 +424,7 @@ impl Stream {
             };
             let chunks = match cached {
                 Some(chunks) => chunks,
-                None if share => {
+                None => {
                     let chunks: Vec<Arc<Chunk>> = store
                         .read_chunks(
                             self.meta.id,
@@ -440,39 +440,21 @@ impl Stream {
                             } else {
                                 max_bytes.saturating_sub(bytes)
                             },
-                            None,
+                            // Decode only what the filter passes.
+                            type_filtered.then_some(keep),
                         )?
                         .into_iter()
                         .map(Arc::new)
                         .collect();
-                    self.shared
-                        .shared_reads
-                        .lock()
-                        .expect("shared reads lock")
-                        .insert(&chunks);
+                    if share {
+                        self.shared
+                            .shared_reads
+                            .lock()
+                            .expect("shared reads lock")
+                            .insert(&chunks);
+                    }
                     chunks
                 }
-                None => store
-                    .read_chunks(
-                        self.meta.id,
-                        position,
-                        end,
-                        if filtered {
-                            usize::MAX
-                        } else {
-                            max_events - events
-                        },
-                        if filtered {
-                            MAX_SCAN_BYTES
-                        } else {
-                            max_bytes.saturating_sub(bytes)
-                        },
-                        // Decode only what the filter passes.
-                        type_filtered.then_some(keep),
-                    )?
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect(),
             };
             let before = position;
             for chunk in chunks {

@@ -204,6 +204,16 @@ impl Writer {
                 }
             }
         };
+        self.commit_change(written, reply).await;
+    }
+
+    /// Hands a written change (its write-ahead log record, if any) to the
+    /// committer, or answers at once when it failed or wrote nothing.
+    async fn commit_change(
+        &mut self,
+        written: Result<Option<Option<Vec<u8>>>, Error>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
         match written {
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -316,23 +326,7 @@ impl Writer {
                         .map(Some)
                         .map_err(Error::from),
                 });
-        match written {
-            Err(e) => {
-                let _ = reply.send(Err(e));
-            }
-            Ok(None) => {
-                let _ = reply.send(Ok(()));
-            }
-            Ok(Some(record)) => {
-                self.committer
-                    .commit(Commit {
-                        stream: self.shared.clone(),
-                        record,
-                        change: Change::Other(reply),
-                    })
-                    .await
-            }
-        }
+        self.commit_change(written, reply).await;
     }
 
     /// Saves a new retention policy; trimming follows on the retention
@@ -350,22 +344,15 @@ impl Writer {
             retention,
             ..self.meta
         };
-        let record = match self.store.write_meta(&self.name, &meta) {
-            Ok(record) => record,
-            Err(e) => {
-                let _ = reply.send(Err(e.into()));
-                return;
-            }
-        };
-        self.meta = meta;
-        *self.shared.retention.lock().expect("retention lock") = retention;
-        self.committer
-            .commit(Commit {
-                stream: self.shared.clone(),
-                record,
-                change: Change::Other(reply),
-            })
-            .await;
+        let written = self
+            .store
+            .write_meta(&self.name, &meta)
+            .map_err(Error::from);
+        if written.is_ok() {
+            self.meta = meta;
+            *self.shared.retention.lock().expect("retention lock") = retention;
+        }
+        self.commit_change(written.map(Some), reply).await;
     }
 
     async fn write_group(&mut self, jobs: Vec<AppendJob>) {
