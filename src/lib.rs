@@ -8,7 +8,8 @@
 //!   `fdatasync`, checkpoints.
 //! - [`log`]: streams on top of storage: one writer per stream, group
 //!   commit, committed-head watch, tail cache, subscriptions, durable
-//!   consumers (cursors and takeover leases) and event filters.
+//!   consumers (cursors and takeover leases), key-shared consumer groups,
+//!   event filters, and retention (trimmed by each stream's writer).
 //! - [`auth`]: API keys, tenants, scopes: who may call what, on which
 //!   streams.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
