@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pullstream::proto::event_log_client::EventLogClient;
@@ -55,6 +55,35 @@ async fn kill_9_loses_no_acknowledged_event() {
             }
         }));
     }
+    // A consumer commits its cursor over and over, alongside the appends:
+    // an acknowledged commit must survive the crash too.
+    let committed = Arc::new(AtomicU64::new(0));
+    let committer = {
+        let (url, stop, committed) = (url.clone(), stop.clone(), committed.clone());
+        tokio::spawn(async move {
+            let mut client = EventLogClient::connect(url).await.unwrap();
+            let mut cursor = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let request = pullstream::proto::CommitCursorRequest {
+                    stream: "s".into(),
+                    consumer: "c".into(),
+                    next_offset: cursor,
+                };
+                match client.commit_cursor(request).await {
+                    Ok(_) => {
+                        committed.store(cursor, Ordering::Relaxed);
+                        cursor += 1;
+                    }
+                    // Past the head: wait for the producers.
+                    Err(status) if status.code() == tonic::Code::OutOfRange => {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                    // The server died mid-call: not acknowledged.
+                    Err(_) => return,
+                }
+            }
+        })
+    };
     // Let appends flow, then kill the server without warning.
     while acked.lock().unwrap().len() < 1500 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
@@ -85,6 +114,9 @@ async fn kill_9_loses_no_acknowledged_event() {
     for p in producers {
         within(p).await.unwrap();
     }
+    within(committer).await.unwrap();
+    let committed = committed.load(Ordering::Relaxed);
+    assert!(committed > 0, "some commits were acknowledged");
 
     let config = pullstream::config::ServerConfig::for_tests(dir.path());
     let server = TestServer::start_in(dir, config).await;
@@ -102,6 +134,21 @@ async fn kill_9_loses_no_acknowledged_event() {
             assert_eq!(std::str::from_utf8(&stored.data).unwrap(), data);
         }
     }
+    let consumer = client
+        .get_consumer(pullstream::proto::GetConsumerRequest {
+            stream: "s".into(),
+            consumer: "c".into(),
+        })
+        .await
+        .expect("the committed consumer survived")
+        .into_inner()
+        .consumer
+        .unwrap();
+    assert!(
+        consumer.next_offset >= committed,
+        "acknowledged commit {committed} survived (found {})",
+        consumer.next_offset
+    );
     // New appends continue after the surviving head.
     let ack = append(&mut client, "s", vec![event("t", "after")]).await;
     assert_eq!(ack.first_offset, events.len() as u64);
