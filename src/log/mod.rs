@@ -388,8 +388,9 @@ impl Stream {
         let filtered = type_filtered || select.is_some();
         // Group members read the same stretches at about the same time:
         // they share what one of them read from storage (whole chunks only,
-        // so not with a type filter, which decodes chunks partly).
-        let share = !type_filtered && self.shared.has_group_members();
+        // so not with a type filter, which decodes chunks partly). Asked
+        // only when the tail cache misses, off the live-tail path.
+        let share = || !type_filtered && self.shared.has_group_members();
         let matches = |t: &[u8], k: &[u8]| filter.matches_parts(t, k);
         let keep: crate::storage::Keep<'_> = &matches;
         let mut slices = Vec::new();
@@ -413,8 +414,9 @@ impl Stream {
                     .expect("tail cache lock")
                     .chunks_from(position, 64),
             };
+            let sharing = cached.is_none() && share();
             let cached = match cached {
-                None if share => self
+                None if sharing => self
                     .shared
                     .shared_reads
                     .lock()
@@ -446,7 +448,7 @@ impl Stream {
                         .into_iter()
                         .map(Arc::new)
                         .collect();
-                    if share {
+                    if sharing {
                         self.shared
                             .shared_reads
                             .lock()
