@@ -1,4 +1,5 @@
-//! `pullstream groups`: inspect a stream's key-shared consumer groups.
+//! `pullstream groups`: inspect and delete a stream's key-shared consumer
+//! groups.
 
 use serde_json::json;
 
@@ -26,6 +27,13 @@ enum GroupsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Delete a group and its committed offsets; its members' subscriptions end
+    Delete {
+        /// The stream
+        stream: String,
+        /// The group
+        group: String,
+    },
 }
 
 /// Runs `pullstream groups`.
@@ -49,6 +57,16 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
             } else {
                 print_table(&info);
             }
+        }
+        GroupsCommand::Delete { stream, group } => {
+            client
+                .delete_group(pb::DeleteGroupRequest {
+                    stream: stream.clone(),
+                    group: group.clone(),
+                })
+                .await
+                .map_err(status_error)?;
+            eprintln!("deleted group {group} of stream {stream}");
         }
     }
     Ok(())

@@ -168,6 +168,16 @@ pub(crate) enum GroupChange {
     Create { start: u64 },
     /// A member's commit.
     Commit { member: String, next_offset: u64 },
+    /// Remove the group; its members' subscriptions end.
+    Delete,
+}
+
+/// What a group change writes.
+pub(crate) enum GroupWrite {
+    /// The group's new record.
+    Put(GroupRecord),
+    /// The group's removal.
+    Remove,
 }
 
 /// A description of a group.
@@ -201,15 +211,15 @@ pub struct GroupMemberInfo {
     pub delivered: u64,
 }
 
-/// Applies a group change to the stream's groups. Returns the record to
-/// write, or `None` when nothing changes.
+/// Applies a group change to the stream's groups. Returns what to write,
+/// or `None` when nothing changes.
 pub(crate) fn apply_change(
     shared: &StreamShared,
     stream: &str,
     name: &str,
     change: &GroupChange,
     now_unix_nanos: i64,
-) -> Result<Option<GroupRecord>, Error> {
+) -> Result<Option<GroupWrite>, Error> {
     let mut groups = shared.groups.lock().expect("groups lock");
     match change {
         GroupChange::Create { start } => {
@@ -221,7 +231,16 @@ pub(crate) fn apply_change(
                 committed: vec![*start; SLOT_COUNT],
             };
             groups.insert(name.to_string(), GroupState::new(record.clone()));
-            Ok(Some(record))
+            Ok(Some(GroupWrite::Put(record)))
+        }
+        GroupChange::Delete => {
+            let group = groups
+                .remove(name)
+                .ok_or_else(|| group_not_found(stream, name))?;
+            for member in group.members.values() {
+                member.token.cancel();
+            }
+            Ok(Some(GroupWrite::Remove))
         }
         GroupChange::Commit {
             member,
@@ -242,7 +261,7 @@ pub(crate) fn apply_change(
                     changed = true;
                 }
             }
-            Ok(changed.then(|| group.record.clone()))
+            Ok(changed.then(|| GroupWrite::Put(group.record.clone())))
         }
     }
 }
@@ -306,10 +325,20 @@ pub struct GroupCursor {
 
 impl GroupCursor {
     fn session_ended(&self) -> Error {
+        let deleted = !self
+            .shared
+            .groups
+            .lock()
+            .expect("groups lock")
+            .contains_key(&self.group);
         Error::ConsumerSessionEnded {
             stream: self.stream.clone(),
             consumer: format!("{}/{}", self.group, self.member),
-            reason: "was taken over by a newer subscription of the same group member",
+            reason: if deleted {
+                "ended: the group was deleted"
+            } else {
+                "was taken over by a newer subscription of the same group member"
+            },
         }
     }
 
@@ -558,6 +587,13 @@ impl Log {
             reply_rx,
         )
         .await
+    }
+
+    /// Deletes a group: its committed offsets go, and its members'
+    /// subscriptions end with ABORTED.
+    pub async fn delete_group(&self, stream: &str, group: &str) -> Result<(), Error> {
+        validate_consumer_name(group).map_err(|e| rename(e, "consumer name", "group name"))?;
+        self.change_group(stream, group, GroupChange::Delete).await
     }
 
     /// Describes a group.

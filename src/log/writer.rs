@@ -316,15 +316,18 @@ impl Writer {
             let _ = reply.send(Err(Error::StorageFailed(reason)));
             return;
         }
+        use super::group::GroupWrite;
         let written =
             super::group::apply_change(&self.shared, &self.name, &name, &change, now_unix_nanos())
-                .and_then(|record| match record {
-                    None => Ok(None),
-                    Some(record) => self
-                        .store
-                        .put_group(self.meta.id, &name, &record)
-                        .map(Some)
-                        .map_err(Error::from),
+                .and_then(|write| {
+                    let logged = match write {
+                        None => return Ok(None),
+                        Some(GroupWrite::Put(record)) => {
+                            self.store.put_group(self.meta.id, &name, &record)
+                        }
+                        Some(GroupWrite::Remove) => self.store.delete_group(self.meta.id, &name),
+                    };
+                    logged.map(Some).map_err(Error::from)
                 });
         self.commit_change(written, reply).await;
     }

@@ -484,6 +484,18 @@ impl EventLog for EventLogService {
         }))
     }
 
+    async fn delete_group(
+        &self,
+        request: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Admin])?;
+        let request = request.into_inner();
+        self.log
+            .delete_group(&caller.stream(&request.stream)?, &request.group)
+            .await?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
     async fn delete_consumer(
         &self,
         request: Request<pb::DeleteConsumerRequest>,

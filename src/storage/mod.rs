@@ -569,6 +569,15 @@ impl Store {
         )])
     }
 
+    /// Removes a consumer group; returns the write-ahead log record.
+    pub fn delete_group(
+        &self,
+        stream_id: u64,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.apply(vec![Op::Remove(named_key(GROUP_PREFIX, stream_id, name))])
+    }
+
     fn load_groups(&self, stream_id: u64) -> Result<Vec<(String, GroupRecord)>, StorageError> {
         let mut groups = Vec::new();
         let prefix = named_key(GROUP_PREFIX, stream_id, "");

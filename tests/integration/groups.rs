@@ -441,3 +441,58 @@ async fn bad_group_input_is_refused_and_a_duplicate_member_takes_over() {
     assert_eq!(stranger.code(), Code::NotFound);
     assert!(stranger.message().contains("stranger"));
 }
+
+#[tokio::test]
+async fn deleting_a_group_ends_its_members_and_a_new_join_starts_it_afresh() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append_keyed(&mut client, "s", 20, 4).await;
+    let mut member = Member::join(&server, "s", "g", "m").await;
+    member.until_events(20).await;
+    member.commit("s", "g", 20).await;
+
+    client
+        .delete_group(pb::DeleteGroupRequest {
+            stream: "s".into(),
+            group: "g".into(),
+        })
+        .await
+        .expect("delete");
+    let ended = within(async {
+        loop {
+            if let Err(status) = next(&mut member.sub).await {
+                return status;
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Aborted);
+    assert!(ended.message().contains("deleted"), "{}", ended.message());
+    assert_eq!(
+        group_info(&mut client, "s", "g").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let again = client
+        .delete_group(pb::DeleteGroupRequest {
+            stream: "s".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+
+    // Joining again creates it at the start position: everything again.
+    let mut fresh = Member::join(&server, "s", "g", "m").await;
+    fresh.until_events(20).await;
+    assert_eq!(fresh.events[0].0, 0);
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    assert_eq!(
+        group_info(&mut client, "s", "g")
+            .await
+            .unwrap()
+            .low_watermark,
+        0,
+        "the deleted group's commits did not come back"
+    );
+}
