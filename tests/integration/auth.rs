@@ -652,4 +652,15 @@ async fn retention_status_and_groups_follow_tenants_and_scopes() {
         Code::PermissionDenied,
         "groups need the subscribe scope"
     );
+    let delete = pb::DeleteGroupRequest {
+        stream: "orders".into(),
+        group: "g".into(),
+    };
+    let denied = acme.delete_group(delete.clone()).await.unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Code::PermissionDenied,
+        "deleting a group needs admin"
+    );
+    acme_admin.delete_group(delete).await.unwrap();
 }
