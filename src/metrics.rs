@@ -31,7 +31,7 @@ pub const MAX_STREAM_LABELS: usize = 100;
 /// The stream label shared by streams past the cap.
 pub const OTHER_STREAMS: &str = "_other";
 
-/// The most consumer-lag series one scrape reports.
+/// The most consumer- and group-lag series one scrape reports.
 pub const MAX_CONSUMER_SERIES: usize = 1000;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,6 +43,12 @@ struct StreamLabel {
 struct ConsumerLabels {
     stream: String,
     consumer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GroupLabels {
+    stream: String,
+    group: String,
 }
 
 /// A stream's counters (clones share the values).
@@ -89,6 +95,8 @@ pub struct StreamSnapshot {
     pub bytes: u64,
     /// Durable consumers with their lag.
     pub consumers: Vec<(String, u64)>,
+    /// Consumer groups with their lag (head minus low watermark).
+    pub groups: Vec<(String, u64)>,
 }
 
 /// The server's metrics.
@@ -111,6 +119,7 @@ pub struct Metrics {
     stream_first: Family<StreamLabel, Gauge>,
     stream_bytes: Family<StreamLabel, Gauge>,
     consumer_lag: Family<ConsumerLabels, Gauge>,
+    group_lag: Family<GroupLabels, Gauge>,
     data_dir_bytes: Gauge,
     rss_bytes: Gauge,
     /// Streams with a label of their own.
@@ -145,6 +154,7 @@ impl Metrics {
             stream_first: Family::default(),
             stream_bytes: Family::default(),
             consumer_lag: Family::default(),
+            group_lag: Family::default(),
             data_dir_bytes: Gauge::default(),
             rss_bytes: Gauge::default(),
             labelled: Mutex::new(HashSet::new()),
@@ -215,6 +225,11 @@ impl Metrics {
             "Events between a durable consumer's cursor and the head",
             m.consumer_lag.clone(),
         );
+        registry.register(
+            "group_lag_events",
+            "Events between a consumer group's low watermark and the head",
+            m.group_lag.clone(),
+        );
         registry.register_with_unit(
             "data_dir",
             "Bytes of files in the data dir",
@@ -283,6 +298,7 @@ impl Metrics {
             family.clear();
         }
         self.consumer_lag.clear();
+        self.group_lag.clear();
         let mut lag_series = 0;
         for s in streams {
             let label = self.label(&s.name);
@@ -308,6 +324,18 @@ impl Metrics {
                     .get_or_create(&ConsumerLabels {
                         stream: s.name.clone(),
                         consumer: consumer.clone(),
+                    })
+                    .set(*lag as i64);
+            }
+            for (group, lag) in &s.groups {
+                if lag_series == MAX_CONSUMER_SERIES {
+                    break;
+                }
+                lag_series += 1;
+                self.group_lag
+                    .get_or_create(&GroupLabels {
+                        stream: s.name.clone(),
+                        group: group.clone(),
                     })
                     .set(*lag as i64);
             }
@@ -389,6 +417,7 @@ mod tests {
             first_offset: 7,
             bytes: 1000,
             consumers: vec![("billing".into(), 12)],
+            groups: vec![("shippers".into(), 30)],
         };
         let text = metrics.encode(&[snapshot], Path::new("/nonexistent"));
         assert!(
@@ -398,6 +427,9 @@ mod tests {
         assert!(text.contains("pullstream_stream_first_offset{stream=\"orders\"} 7"));
         assert!(text
             .contains("pullstream_consumer_lag_events{stream=\"orders\",consumer=\"billing\"} 12"));
+        assert!(
+            text.contains("pullstream_group_lag_events{stream=\"orders\",group=\"shippers\"} 30")
+        );
         // Gone from the next snapshot, gone from the scrape.
         let text = metrics.encode(&[], Path::new("/nonexistent"));
         assert!(!text.contains("stream=\"orders\""));

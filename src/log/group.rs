@@ -150,6 +150,11 @@ impl GroupState {
         }
     }
 
+    /// The lowest committed offset over all slots.
+    pub(crate) fn low_watermark(&self) -> u64 {
+        self.record.committed.iter().copied().min().unwrap_or(0)
+    }
+
     pub(crate) fn has_members(&self) -> bool {
         !self.members.is_empty()
     }
@@ -626,7 +631,7 @@ impl Log {
         Ok(GroupInfo {
             name: group.to_string(),
             members,
-            low_watermark: state.record.committed.iter().copied().min().unwrap_or(0),
+            low_watermark: state.low_watermark(),
             head,
             created_unix_nanos: state.record.created_unix_nanos,
             generation: state.generation,

@@ -975,7 +975,21 @@ impl Log {
                         )
                     })
                     .collect();
+                let groups = s
+                    .shared
+                    .groups
+                    .lock()
+                    .expect("groups lock")
+                    .iter()
+                    .map(|(name, g)| {
+                        (
+                            name.clone(),
+                            head.next_offset.saturating_sub(g.low_watermark()),
+                        )
+                    })
+                    .collect();
                 StreamSnapshot {
+                    groups,
                     name: s.name.clone(),
                     next_offset: head.next_offset,
                     first_offset: head.first_offset,
