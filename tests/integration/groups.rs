@@ -92,6 +92,31 @@ impl Member {
     }
 }
 
+/// A server with stream `s` and group `g` of members `a` and `b`, both
+/// told of the rebalance that brought `b` in.
+async fn two_members() -> (TestServer, Client, Member, Member) {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "s").await;
+    let mut a = Member::join(&server, "s", "g", "a").await;
+    let mut b = Member::join(&server, "s", "g", "b").await;
+    a.until_generation(2).await;
+    b.until_generation(2).await;
+    (server, client, a, b)
+}
+
+/// Reads a member's subscription to its end; returns how it ended.
+async fn end_status(member: &mut Member) -> tonic::Status {
+    within(async {
+        loop {
+            if let Err(status) = next(&mut member.sub).await {
+                return status;
+            }
+        }
+    })
+    .await
+}
+
 async fn create(client: &mut Client, stream: &str) {
     client
         .create_stream(pb::CreateStreamRequest {
@@ -249,13 +274,7 @@ async fn a_new_member_takes_slots_at_their_committed_offsets_and_nothing_is_skip
 
 #[tokio::test]
 async fn a_member_lost_before_its_commit_has_its_events_redelivered_in_key_order() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    create(&mut client, "s").await;
-    let mut a = Member::join(&server, "s", "g", "a").await;
-    let mut b = Member::join(&server, "s", "g", "b").await;
-    a.until_generation(2).await;
-    b.until_generation(2).await;
+    let (_server, mut client, mut a, mut b) = two_members().await;
     append_keyed(&mut client, "s", 400, 16).await;
     let slot_of = |key: &str| pullstream::log::slot_of(key.as_bytes(), 0) as u32;
     let a_slots: BTreeSet<u32> = a.slots.iter().copied().collect();
@@ -287,13 +306,7 @@ async fn a_member_lost_before_its_commit_has_its_events_redelivered_in_key_order
 
 #[tokio::test]
 async fn keyless_events_spread_over_members() {
-    let server = TestServer::start().await;
-    let mut client = server.client().await;
-    create(&mut client, "s").await;
-    let mut a = Member::join(&server, "s", "g", "a").await;
-    let mut b = Member::join(&server, "s", "g", "b").await;
-    a.until_generation(2).await;
-    b.until_generation(2).await;
+    let (_server, mut client, mut a, mut b) = two_members().await;
     append(
         &mut client,
         "s",
@@ -408,14 +421,7 @@ async fn bad_group_input_is_refused_and_a_duplicate_member_takes_over() {
     let mut first = Member::join(&server, "s", "g", "m").await;
     first.until_events(10).await;
     let mut second = Member::join(&server, "s", "g", "m").await;
-    let ended = within(async {
-        loop {
-            if let Err(status) = next(&mut first.sub).await {
-                return status;
-            }
-        }
-    })
-    .await;
+    let ended = end_status(&mut first).await;
     assert_eq!(ended.code(), Code::Aborted, "{ended:?}");
     second.until_events(10).await;
 
@@ -458,14 +464,7 @@ async fn deleting_a_group_ends_its_members_and_a_new_join_starts_it_afresh() {
         })
         .await
         .expect("delete");
-    let ended = within(async {
-        loop {
-            if let Err(status) = next(&mut member.sub).await {
-                return status;
-            }
-        }
-    })
-    .await;
+    let ended = end_status(&mut member).await;
     assert_eq!(ended.code(), Code::Aborted);
     assert!(ended.message().contains("deleted"), "{}", ended.message());
     assert_eq!(
