@@ -168,12 +168,23 @@ async fn follow(
                 }
             );
         }
+        // Events of slots this response revokes were read just before the
+        // rebalance: their new owner delivers them, so they are not printed.
+        let revoked: Vec<u32> = response
+            .assignment
+            .as_ref()
+            .map(|a| a.revoked_slots.clone())
+            .unwrap_or_default();
         let mut cursor = response.next_offset;
         {
             // Stopping early (--limit) leaves the cursor after the last
             // printed event.
             let mut out = stdout.lock();
             for event in &response.events {
+                let slot = crate::log::slot_of(event.key.as_bytes(), event.offset) as u32;
+                if revoked.contains(&slot) {
+                    continue;
+                }
                 if remaining.is_some_and(|n| n == 0) {
                     // Stopped early: the cursor is after the last printed event.
                     break;
