@@ -329,13 +329,10 @@ pub struct GroupCursor {
 }
 
 impl GroupCursor {
-    fn session_ended(&self) -> Error {
-        let deleted = !self
-            .shared
-            .groups
-            .lock()
-            .expect("groups lock")
-            .contains_key(&self.group);
+    /// The error ending this member's subscription: its group was deleted,
+    /// or a newer subscription of the member took over. (Takes `deleted`
+    /// rather than looking, as callers may hold the groups lock.)
+    fn session_ended(&self, deleted: bool) -> Error {
         Error::ConsumerSessionEnded {
             stream: self.stream.clone(),
             consumer: format!("{}/{}", self.group, self.member),
@@ -351,13 +348,13 @@ impl GroupCursor {
     /// whose handover is done. Returns the offset to rewind to when a
     /// started slot's committed offset lies below `position`.
     pub(crate) fn refresh(&mut self, position: u64) -> Result<Option<u64>, Error> {
-        if self.token.is_cancelled() {
-            return Err(self.session_ended());
-        }
         let mut groups = self.shared.groups.lock().expect("groups lock");
-        let group = groups
-            .get_mut(&self.group)
-            .ok_or_else(|| self.session_ended())?;
+        let Some(group) = groups.get_mut(&self.group) else {
+            return Err(self.session_ended(true));
+        };
+        if self.token.is_cancelled() {
+            return Err(self.session_ended(false));
+        }
         if group.generation != self.generation {
             self.generation = group.generation;
             let owned = group.slots_of(&self.member);
@@ -386,10 +383,10 @@ impl GroupCursor {
             });
         }
         let Some(me) = group.members.get_mut(&self.member) else {
-            return Err(self.session_ended());
+            return Err(self.session_ended(false));
         };
         if me.lease != self.lease {
-            return Err(self.session_ended());
+            return Err(self.session_ended(false));
         }
         let now = Instant::now();
         let mut rewind: Option<u64> = None;
@@ -460,8 +457,9 @@ impl GroupCursor {
             _ = self.token.cancelled() => {}
             changed = self.nudges.changed() => {
                 if changed.is_err() {
-                    // The member was replaced: refresh reports it.
-                    std::future::pending::<()>().await;
+                    // The member was replaced, and its token is (being)
+                    // cancelled: refresh reports it then.
+                    self.token.cancelled().await;
                 }
             }
         }
