@@ -495,3 +495,78 @@ async fn deleting_a_group_ends_its_members_and_a_new_join_starts_it_afresh() {
         "the deleted group's commits did not come back"
     );
 }
+
+#[tokio::test]
+async fn a_moved_slot_waits_until_its_old_owner_has_been_told() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    create(&mut client, "s").await;
+    // `a` reads through small HTTP/2 windows, so when it stops reading its
+    // stream stalls at once and the server cannot tell it anything.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(64 << 10))
+        .initial_connection_window_size(Some(64 << 10))
+        .connect()
+        .await
+        .unwrap();
+    let mut a = Member {
+        id: "a".into(),
+        sub: pb::event_log_client::EventLogClient::new(channel.clone())
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                group: "g".into(),
+                member: "a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+        client: pb::event_log_client::EventLogClient::new(channel),
+        events: Vec::new(),
+        generation: 0,
+        slots: Vec::new(),
+        revoked: Vec::new(),
+        next_offset: 0,
+    };
+    a.until_generation(1).await;
+    // 2,000 events of about 1 KiB that `a` does not read: it stalls.
+    let big = "x".repeat(1000);
+    for batch in 0..40u64 {
+        let events = (0..50u64)
+            .map(|i| pb::NewEvent {
+                key: format!("k{}", (batch * 50 + i) % 64),
+                ..event("order.updated", &format!("\"{big}\""))
+            })
+            .collect();
+        append(&mut client, "s", events).await;
+    }
+
+    let mut b = Member::join(&server, "s", "g", "b").await;
+    b.until_generation(2).await;
+    assert_eq!(b.slots.len(), 128);
+    // Every slot of b comes from the stalled a, which has not been told:
+    // b delivers none of them (the handover deadline is 5 s away).
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(1), b.read_one()).await;
+    assert!(
+        waited.is_err() || b.events.is_empty(),
+        "b delivered a moved slot before its old owner was told: {:?}",
+        &b.events[..b.events.len().min(3)]
+    );
+
+    // a reads on and is told; then b starts its slots, from their committed
+    // offset (0: nothing was committed).
+    within(async {
+        while a.revoked.is_empty() {
+            a.read_one().await;
+        }
+    })
+    .await;
+    within(b.until_events(1)).await;
+    let b_slots: BTreeSet<u32> = b.slots.iter().copied().collect();
+    let slot_of = |key: &str| pullstream::log::slot_of(key.as_bytes(), 0) as u32;
+    let first_of_b = (0..2000u64)
+        .find(|o| b_slots.contains(&slot_of(&format!("k{}", o % 64))))
+        .unwrap();
+    assert_eq!(b.events[0].0, first_of_b);
+}
