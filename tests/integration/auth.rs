@@ -36,23 +36,21 @@ impl Interceptor for Bearer {
 
 type Keyed = EventLogClient<InterceptedService<Channel, Bearer>>;
 
-async fn channel(server: &TestServer) -> Channel {
-    Channel::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 async fn client_with(server: &TestServer, key: &str) -> Keyed {
-    EventLogClient::with_interceptor(channel(server).await, Bearer(Some(format!("Bearer {key}"))))
+    EventLogClient::with_interceptor(
+        server.channel().await,
+        Bearer(Some(format!("Bearer {key}"))),
+    )
 }
 
 async fn admin_api(
     server: &TestServer,
     key: &str,
 ) -> ApiKeysClient<InterceptedService<Channel, Bearer>> {
-    ApiKeysClient::with_interceptor(channel(server).await, Bearer(Some(format!("Bearer {key}"))))
+    ApiKeysClient::with_interceptor(
+        server.channel().await,
+        Bearer(Some(format!("Bearer {key}"))),
+    )
 }
 
 /// Creates keys offline on the data dir (as `pullstream keys create
@@ -377,7 +375,7 @@ async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
     within(async {
         let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
         let admin = &keys[0];
-        let mut anonymous = EventLogClient::with_interceptor(channel(&server).await, Bearer(None));
+        let mut anonymous = EventLogClient::with_interceptor(server.channel().await, Bearer(None));
         let status = anonymous
             .list_streams(pb::ListStreamsRequest::default())
             .await
@@ -390,7 +388,7 @@ async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
             "Bearer ps_0000000000000000_00",
         ] {
             let mut c = EventLogClient::with_interceptor(
-                channel(&server).await,
+                server.channel().await,
                 Bearer(Some(bad.to_string())),
             );
             let status = c

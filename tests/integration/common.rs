@@ -75,11 +75,22 @@ impl TestServer {
 
     /// A connected channel, for other services' clients.
     pub async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr))
-            .expect("endpoint")
+        self.endpoint().connect().await.expect("connect")
+    }
+
+    /// A channel with small HTTP/2 windows (64 KiB): a subscriber on it
+    /// that stops reading stalls its server side after a few dozen KiB.
+    pub async fn stalling_channel(&self) -> Channel {
+        self.endpoint()
+            .initial_stream_window_size(Some(64 << 10))
+            .initial_connection_window_size(Some(64 << 10))
             .connect()
             .await
             .expect("connect")
+    }
+
+    fn endpoint(&self) -> tonic::transport::Endpoint {
+        tonic::transport::Endpoint::from_shared(format!("http://{}", self.addr)).expect("endpoint")
     }
 
     /// Shuts down gracefully and waits; returns the data dir and config

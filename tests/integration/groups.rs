@@ -503,13 +503,7 @@ async fn a_moved_slot_waits_until_its_old_owner_has_been_told() {
     create(&mut client, "s").await;
     // `a` reads through small HTTP/2 windows, so when it stops reading its
     // stream stalls at once and the server cannot tell it anything.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(64 << 10))
-        .initial_connection_window_size(Some(64 << 10))
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.stalling_channel().await;
     let mut a = Member {
         id: "a".into(),
         sub: pb::event_log_client::EventLogClient::new(channel.clone())

@@ -273,14 +273,7 @@ async fn a_subscriber_overtaken_by_trimming_gets_out_of_range_after_a_gapless_pr
     fill(&mut client, "race", 400, 5, 1000).await;
     // Its own connection, with small HTTP/2 windows: a stalled reader
     // holds only a few dozen events in flight, so trimming overtakes it.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-        .unwrap()
-        .initial_stream_window_size(Some(64 << 10))
-        .initial_connection_window_size(Some(64 << 10))
-        .connect()
-        .await
-        .expect("connect");
-    let mut reader = pb::event_log_client::EventLogClient::new(channel);
+    let mut reader = pb::event_log_client::EventLogClient::new(server.stalling_channel().await);
     let mut sub = reader
         .subscribe(pb::SubscribeRequest {
             stream: "race".into(),
