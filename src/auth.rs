@@ -548,6 +548,7 @@ mod tests {
             background_flush_ms: None,
             write_ahead_log: true,
             checkpoint_bytes: 64 << 20,
+            faults: None,
         })
         .unwrap();
         KeyRing::load(Arc::new(store)).unwrap()

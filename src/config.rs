@@ -105,6 +105,9 @@ pub struct ServeSettings {
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
     #[arg(long, env = "PULLSTREAM_CHECKPOINT_BYTES")]
     pub checkpoint_bytes: Option<u64>,
+    /// Refuse appends and stream creation (RESOURCE_EXHAUSTED) while less than this many bytes are free under the data dir; deletions, trims and consumer commits still work, so space can be freed. 0 turns the floor off [default: 1 GiB or 5% of the volume, whichever is smaller]
+    #[arg(long, env = "PULLSTREAM_MIN_FREE_BYTES")]
+    pub min_free_bytes: Option<u64>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -164,6 +167,7 @@ impl ServeSettings {
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
+            min_free_bytes: self.min_free_bytes.or(fallback.min_free_bytes),
             insecure: self.insecure.or(fallback.insecure),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
@@ -215,6 +219,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Write-ahead log bytes between checkpoints.
     pub checkpoint_bytes: u64,
+    /// The free-space floor under the data dir; `None` for the default
+    /// (1 GiB or 5% of the volume, whichever is smaller), 0 for none.
+    pub min_free_bytes: Option<u64>,
+    /// Faults to inject under the write-ahead log and checkpoints (tests
+    /// of storage failures only; never set by flags).
+    pub faults: Option<std::sync::Arc<crate::durability::fault::Faults>>,
     /// Whether to serve without keys on a non-loopback address.
     pub insecure: bool,
     /// TLS, when set.
@@ -248,6 +258,8 @@ impl ServerConfig {
             data_dir: Some(data_dir.to_path_buf()),
             listen: Some("127.0.0.1:0".parse().expect("valid address")),
             cache_bytes: Some(16 << 20),
+            // Tests must not depend on how full the machine's disk is.
+            min_free_bytes: Some(0),
             shutdown_grace: Some(HumanDuration(Duration::from_secs(2))),
             ..ServeSettings::default()
         };
@@ -283,7 +295,9 @@ impl TryFrom<ServeSettings> for ServerConfig {
             shutdown_grace: secs(s.shutdown_grace, 5),
             checkpoint_bytes: s
                 .checkpoint_bytes
-                .unwrap_or(crate::storage::wal::DEFAULT_CHECKPOINT_BYTES),
+                .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
+            min_free_bytes: s.min_free_bytes,
+            faults: None,
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),
             key_rate_limit: s.key_rate_limit.unwrap_or(1000),

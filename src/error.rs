@@ -2,6 +2,7 @@
 //! variant here; the service layer maps each to a gRPC status in one place
 //! (`service::status`), and nothing below it builds a `tonic::Status`.
 
+use crate::durability::wal::WalError;
 use crate::storage::StorageError;
 
 /// Errors from the log and its operations.
@@ -107,10 +108,36 @@ pub enum Error {
     /// The server is shutting down.
     #[error("server shutting down: reconnect and resume from your cursor")]
     ShuttingDown,
-    /// An earlier storage failure made the log stop accepting writes.
-    #[error("storage failed ({0}); the server must be restarted")]
+    /// A write failed, or an earlier failure made the log stop accepting
+    /// writes. The change may or may not have been applied.
+    #[error("storage failed ({0}): the server refuses writes until it is restarted; this call's change may or may not have been applied, so retry it once the server is back (Append with the same idempotency key is safe to retry)")]
     StorageFailed(String),
+    /// The free space under the data dir is below the floor; nothing was
+    /// written.
+    #[error("disk full: {free} bytes free under {dir}, below the floor of {floor} (--min-free-bytes); nothing was written. Delete streams or tighten retention to free space; writes resume by themselves")]
+    DiskFull {
+        /// The data dir.
+        dir: String,
+        /// Free bytes.
+        free: u64,
+        /// The floor.
+        floor: u64,
+    },
     /// A storage error.
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for Error {
+    /// A failed write or sync of the log (or a log refusing writes since
+    /// one) is the one storage failure a client sees as such: the change
+    /// may or may not have been applied, and writes stop until a restart.
+    fn from(error: StorageError) -> Error {
+        match error {
+            StorageError::Wal(
+                WalError::WriteFailed { .. } | WalError::SyncFailed { .. } | WalError::Poisoned(_),
+            ) => Error::StorageFailed(error.to_string()),
+            other => Error::Storage(other),
+        }
+    }
 }

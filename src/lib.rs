@@ -38,6 +38,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod durability;
 pub mod error;
 pub mod log;
 pub mod metrics;

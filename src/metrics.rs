@@ -68,6 +68,15 @@ pub struct StreamMetrics {
 #[derive(Debug)]
 pub struct ActiveSubscription(Gauge);
 
+/// Whether writes are refused, for the scrape.
+#[derive(Debug, Clone, Default)]
+pub struct WriteRefusal {
+    /// Why, when they are.
+    pub reason: Option<String>,
+    /// Whether the cause is a storage failure (only a restart ends it).
+    pub storage_failed: bool,
+}
+
 impl ActiveSubscription {
     /// Counts a subscription in.
     pub fn new(metrics: &Metrics) -> ActiveSubscription {
@@ -121,6 +130,9 @@ pub struct Metrics {
     consumer_lag: Family<ConsumerLabels, Gauge>,
     group_lag: Family<GroupLabels, Gauge>,
     data_dir_bytes: Gauge,
+    data_dir_free_bytes: Gauge,
+    writes_refused: Gauge,
+    storage_failed: Gauge,
     rss_bytes: Gauge,
     /// Streams with a label of their own.
     labelled: Mutex<HashSet<String>>,
@@ -156,6 +168,9 @@ impl Metrics {
             consumer_lag: Family::default(),
             group_lag: Family::default(),
             data_dir_bytes: Gauge::default(),
+            data_dir_free_bytes: Gauge::default(),
+            writes_refused: Gauge::default(),
+            storage_failed: Gauge::default(),
             rss_bytes: Gauge::default(),
             labelled: Mutex::new(HashSet::new()),
             scrape: Mutex::new(()),
@@ -237,6 +252,22 @@ impl Metrics {
             m.data_dir_bytes.clone(),
         );
         registry.register_with_unit(
+            "data_dir_free",
+            "Bytes free under the data dir (appends and creations stop below --min-free-bytes)",
+            Unit::Bytes,
+            m.data_dir_free_bytes.clone(),
+        );
+        registry.register(
+            "writes_refused",
+            "1 while appends and creations are refused (disk below the free-space floor, or storage failed), else 0",
+            m.writes_refused.clone(),
+        );
+        registry.register(
+            "storage_failed",
+            "1 after a failed write or sync of the write-ahead log or a checkpoint: every write is refused until a restart",
+            m.storage_failed.clone(),
+        );
+        registry.register_with_unit(
             "process_resident_memory",
             "Resident set size of the server process",
             Unit::Bytes,
@@ -292,7 +323,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every series, with the scrape-time
     /// values read from `streams` and the data dir.
-    pub fn encode(&self, streams: &[StreamSnapshot], data_dir: &Path) -> String {
+    pub fn encode(
+        &self,
+        streams: &[StreamSnapshot],
+        data_dir: &Path,
+        refusal: &WriteRefusal,
+    ) -> String {
         let _scraping = self.scrape.lock().expect("scrape lock");
         for family in [&self.stream_head, &self.stream_first, &self.stream_bytes] {
             family.clear();
@@ -341,6 +377,10 @@ impl Metrics {
             }
         }
         self.data_dir_bytes.set(dir_size(data_dir) as i64);
+        self.data_dir_free_bytes
+            .set(crate::durability::space::free_bytes(data_dir).map_or(-1, |b| b as i64));
+        self.writes_refused.set(i64::from(refusal.reason.is_some()));
+        self.storage_failed.set(i64::from(refusal.storage_failed));
         self.rss_bytes.set(resident_bytes() as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
@@ -393,7 +433,7 @@ mod tests {
         let late = metrics.stream("late");
         late.appended_events.inc_by(5);
         metrics.stream("later").appended_events.inc_by(2);
-        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
         assert!(
             text.contains("pullstream_appended_events_total{stream=\"_other\"} 7"),
             "{text}"
@@ -403,7 +443,7 @@ mod tests {
 
         metrics.remove_stream("s0");
         metrics.stream("newcomer").appended_events.inc();
-        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
         assert!(!text.contains("stream=\"s0\""));
         assert!(text.contains("pullstream_appended_events_total{stream=\"newcomer\"} 1"));
     }
@@ -419,7 +459,11 @@ mod tests {
             consumers: vec![("billing".into(), 12)],
             groups: vec![("shippers".into(), 30)],
         };
-        let text = metrics.encode(&[snapshot], Path::new("/nonexistent"));
+        let text = metrics.encode(
+            &[snapshot],
+            Path::new("/nonexistent"),
+            &WriteRefusal::default(),
+        );
         assert!(
             text.contains("pullstream_stream_next_offset{stream=\"orders\"} 42"),
             "{text}"
@@ -431,7 +475,7 @@ mod tests {
             text.contains("pullstream_group_lag_events{stream=\"orders\",group=\"shippers\"} 30")
         );
         // Gone from the next snapshot, gone from the scrape.
-        let text = metrics.encode(&[], Path::new("/nonexistent"));
+        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
         assert!(!text.contains("stream=\"orders\""));
         assert!(resident_bytes() > 0);
     }

@@ -93,7 +93,8 @@ fn offline(dir: &std::path::Path, command: KeysCommand) -> anyhow::Result<()> {
         cache_bytes: 16 << 20,
         background_flush_ms: None,
         write_ahead_log: true,
-        checkpoint_bytes: crate::storage::wal::DEFAULT_CHECKPOINT_BYTES,
+        checkpoint_bytes: crate::durability::wal::DEFAULT_CHECKPOINT_BYTES,
+        faults: None,
     })
     .with_context(|| {
         format!(

@@ -58,6 +58,7 @@ fn to_json(status: &pb::GetServerStatusResponse) -> serde_json::Value {
         "server_version": status.server_version,
         "start_time": json::time_text(status.start_time.as_ref()),
         "uptime_seconds": uptime(status).as_secs(),
+        "write_refusal": (!status.write_refusal.is_empty()).then_some(&status.write_refusal),
         "streams": streams,
     })
 }
@@ -74,6 +75,13 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
         humantime::format_duration(uptime(status)),
         started.as_str().unwrap_or("-")
     );
+    if !status.write_refusal.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nWRITES REFUSED (reads go on): {}",
+            status.write_refusal
+        );
+    }
     if status.streams.is_empty() {
         let _ = writeln!(
             out,

@@ -5,7 +5,7 @@
 //! the groups queue up, and one writer at a time (the leader: whichever
 //! finds no sync running) takes every group waiting, appends their
 //! write-ahead log records with one write and one `fdatasync`
-//! ([`Store::log_records`]), then publishes them: each stream's head moves,
+//! ([`Store::commit`], which applies them to sled only once they are durable), then publishes them: each stream's head moves,
 //! its tail cache gets the new chunks, and the callers get their
 //! acknowledgements. Groups queued while a sync runs go in the leader's next
 //! round, so under load one sync covers many appends on many streams.
@@ -18,16 +18,16 @@
 //!
 //! In `buffered` mode groups are published as soon as they are written.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::storage::{Chunk, Store};
+use crate::storage::{Chunk, Pending, Store};
 
 /// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
@@ -35,8 +35,9 @@ pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
 /// One written change, waiting to be made durable and published.
 pub(crate) struct Commit {
     pub(crate) stream: Arc<StreamShared>,
-    /// The write-ahead log record of the change (`fsync` mode).
-    pub(crate) record: Option<Vec<u8>>,
+    /// The change to log and apply (`None`: nothing to write, e.g. a
+    /// group of duplicates).
+    pub(crate) record: Option<Pending>,
     pub(crate) change: Change,
 }
 
@@ -94,8 +95,8 @@ impl Commit {
         let error = || Error::StorageFailed(reason.to_string());
         match self.change {
             Change::Appended { replies, .. } => {
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(error()));
+                for (reply, result) in replies {
+                    let _ = reply.send(result.and(Err(error())));
                 }
             }
             Change::Deleted(reply) | Change::Other(reply) => {
@@ -111,9 +112,9 @@ impl Commit {
 pub(crate) struct Committer {
     /// The shared group-commit state (`fsync` mode only).
     sync: Option<Arc<SyncGroup>>,
-    /// Set after a failed sync: the store's state is unknown, so the log
-    /// refuses further writes until a restart.
-    failed: Arc<OnceLock<String>>,
+    /// The store: it alone knows whether writes are refused (a poisoned
+    /// write-ahead log).
+    store: Arc<Store>,
     metrics: Arc<Metrics>,
 }
 
@@ -142,7 +143,7 @@ impl Committer {
         let sync = match durability {
             Durability::Buffered => None,
             Durability::Fsync => Some(Arc::new(SyncGroup {
-                store,
+                store: store.clone(),
                 queue: Mutex::new(Vec::new()),
                 leader: Mutex::new(()),
                 checkpoint: Mutex::new(None),
@@ -150,14 +151,14 @@ impl Committer {
         };
         Committer {
             sync,
-            failed: Arc::new(OnceLock::new()),
+            store,
             metrics,
         }
     }
 
-    /// The reason writes are refused, after a failed sync.
+    /// The reason writes are refused, after a failed write or sync.
     pub(crate) fn failure(&self) -> Option<String> {
-        self.failed.get().cloned()
+        self.store.failure()
     }
 
     /// Waits for a running checkpoint (on close).
@@ -172,6 +173,13 @@ impl Committer {
     /// Publishes `commit` once it is durable under the durability mode.
     pub(crate) async fn commit(&self, commit: Commit) {
         let Some(sync) = &self.sync else {
+            let mut commit = commit;
+            if let Some(record) = commit.record.take() {
+                if let Err(e) = self.store.commit(vec![record]) {
+                    commit.fail(&e.to_string());
+                    return;
+                }
+            }
             if let Change::Appended { events, .. } = commit.change {
                 self.metrics.group_commit_events.observe(events as f64);
             }
@@ -204,20 +212,21 @@ impl Committer {
         let mut events = 0;
         for commit in &mut group {
             if let Some(record) = commit.record.take() {
-                records.extend_from_slice(&record);
+                records.push(record);
             }
             if let Change::Appended { events: n, .. } = commit.change {
                 events += n;
             }
         }
         let started = std::time::Instant::now();
+        let logged = records.len();
         // Nothing new to log: everything earlier is already durable.
         let result = if records.is_empty() {
             Ok(None)
         } else {
-            sync.store.log_records(&records)
+            sync.store.commit(records)
         };
-        if !records.is_empty() {
+        if logged > 0 {
             self.metrics
                 .flush_latency
                 .observe(started.elapsed().as_secs_f64());
@@ -227,27 +236,27 @@ impl Committer {
         }
         debug!(
             groups = group.len(),
-            bytes = records.len(),
+            records = logged,
             elapsed_us = started.elapsed().as_micros() as u64,
             "group commit"
         );
         match result {
             Ok(due) => {
                 group.into_iter().for_each(Commit::publish);
-                if let Some(below) = due {
-                    self.start_checkpoint(sync, below);
+                if let Some(covered) = due {
+                    self.start_checkpoint(sync, covered);
                 }
             }
             Err(e) => {
+                // The store has poisoned itself and said so; nothing of
+                // this group (or after it) is acknowledged.
                 let reason = e.to_string();
-                error!(%reason, "storage sync failed: refusing further appends until restart");
-                let _ = self.failed.set(reason.clone());
                 group.into_iter().for_each(|c| c.fail(&reason));
             }
         }
     }
 
-    fn start_checkpoint(&self, sync: &SyncGroup, below: u64) {
+    fn start_checkpoint(&self, sync: &SyncGroup, covered: u64) {
         let mut running = sync.checkpoint.lock().expect("checkpoint lock");
         if running.as_ref().is_some_and(|c| !c.is_finished()) {
             return;
@@ -256,8 +265,8 @@ impl Committer {
         *running = std::thread::Builder::new()
             .name("pullstream-checkpoint".into())
             .spawn(move || {
-                if let Err(e) = store.checkpoint(below) {
-                    warn!(error = %e, "checkpoint failed; the write-ahead log grows until one succeeds");
+                if let Err(e) = store.checkpoint(covered) {
+                    warn!(error = %e, "checkpoint failed; the write-ahead log keeps every file it did not cover");
                 }
             })
             .map_err(|e| warn!(error = %e, "cannot start a checkpoint"))

@@ -38,7 +38,7 @@ pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
 use crate::error::Error;
-use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot};
+use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot, WriteRefusal};
 pub use crate::storage::Retention;
 use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
 use cache::{SharedReads, TailCache};
@@ -97,6 +97,10 @@ pub struct LogConfig {
     pub auto_create_streams: bool,
     /// The write-ahead log size that triggers a checkpoint.
     pub checkpoint_bytes: u64,
+    /// The free-space floor (`None`: the default for the volume).
+    pub min_free_bytes: Option<u64>,
+    /// Faults to inject under the log (tests only).
+    pub faults: Option<Arc<crate::durability::fault::Faults>>,
 }
 
 impl From<&ServerConfig> for LogConfig {
@@ -112,6 +116,8 @@ impl From<&ServerConfig> for LogConfig {
             idempotency_window: c.idempotency_window,
             auto_create_streams: c.auto_create_streams,
             checkpoint_bytes: c.checkpoint_bytes,
+            min_free_bytes: c.min_free_bytes,
+            faults: c.faults.clone(),
         }
     }
 }
@@ -531,8 +537,14 @@ pub struct Log {
     /// Taken on close, so no stream can start after it.
     committer: Mutex<Option<Committer>>,
     /// The registry, in name order (for paginated listing). Held briefly;
-    /// never across an await.
+    /// never across an await or a disk sync.
     streams: RwLock<BTreeMap<String, Arc<Stream>>>,
+    /// Serializes stream creation (whose metadata write waits for a disk
+    /// sync) without holding the registry lock every call takes.
+    creating: Mutex<()>,
+    /// Appends and creations are refused below this many free bytes under
+    /// the data dir (0: no floor).
+    min_free_bytes: u64,
     /// Writers and housekeeping, awaited on close.
     tasks: TaskTracker,
     /// Stops housekeeping on close.
@@ -557,6 +569,7 @@ impl Log {
             },
             write_ahead_log: config.durability == Durability::Fsync,
             checkpoint_bytes: config.checkpoint_bytes,
+            faults: config.faults.clone(),
         };
         let (store, stored) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&options)?;
@@ -570,11 +583,16 @@ impl Log {
         let closing = CancellationToken::new();
         let metrics = Arc::new(Metrics::new());
         let committer = Committer::start(store.clone(), config.durability, metrics.clone());
+        let min_free_bytes = config
+            .min_free_bytes
+            .unwrap_or_else(|| crate::durability::space::default_floor(&config.data_dir));
         let log = Arc::new(Log {
             store,
             config,
             committer: Mutex::new(Some(committer)),
             streams: RwLock::new(BTreeMap::new()),
+            creating: Mutex::new(()),
+            min_free_bytes,
             tasks,
             closing,
             opened: (Instant::now(), now_unix_nanos()),
@@ -639,6 +657,7 @@ impl Log {
             next_offset: stored.next_offset,
             last_time_unix_nanos: stored.last_time_unix_nanos.unwrap_or(i64::MIN),
             idempotency_window: self.config.idempotency_window,
+            unpublished_keys: Vec::new(),
             closing: self.closing.clone(),
         };
         self.tasks.spawn(writer.run(writer_rx));
@@ -675,10 +694,11 @@ impl Log {
         if !create {
             return Err(Error::StreamNotFound(name.to_string()));
         }
-        let mut streams = self.streams.write().expect("registry lock");
-        if let Some(stream) = streams.get(name) {
+        let _creating = self.creating.lock().expect("creation lock");
+        if let Some(stream) = self.streams.read().expect("registry lock").get(name) {
             return Ok((stream.clone(), false));
         }
+        self.check_free_space()?;
         let meta = StreamMeta {
             id: self.store.new_stream_id()?,
             created_unix_nanos: now_unix_nanos(),
@@ -697,8 +717,44 @@ impl Log {
             consumers: Vec::new(),
             groups: Vec::new(),
         })?;
-        streams.insert(name.to_string(), stream.clone());
+        self.streams
+            .write()
+            .expect("registry lock")
+            .insert(name.to_string(), stream.clone());
         Ok((stream, true))
+    }
+
+    /// Refuses a write that would grow the data dir while the free space
+    /// under it is below the floor (see [`crate::durability::space`]).
+    fn check_free_space(&self) -> Result<(), Error> {
+        if self.min_free_bytes == 0 {
+            return Ok(());
+        }
+        match crate::durability::space::free_bytes(&self.config.data_dir) {
+            Some(free) if free < self.min_free_bytes => Err(Error::DiskFull {
+                dir: self.config.data_dir.display().to_string(),
+                free,
+                floor: self.min_free_bytes,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether writes are refused right now, and why: a failed write or
+    /// sync (until a restart), or the free space below the floor.
+    pub fn write_refusal(&self) -> WriteRefusal {
+        match self.store.failure() {
+            Some(reason) => WriteRefusal {
+                reason: Some(format!(
+                    "storage failed ({reason}): every write is refused until the server is restarted"
+                )),
+                storage_failed: true,
+            },
+            None => WriteRefusal {
+                reason: self.check_free_space().err().map(|e| e.to_string()),
+                storage_failed: false,
+            },
+        }
     }
 
     /// Appends a batch atomically; returns once it is durable under the
@@ -712,6 +768,7 @@ impl Log {
 
     async fn append_timed(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
         self.validate_batch(&batch)?;
+        self.check_free_space()?;
         let (stream, _) = self.get_or_create(
             stream,
             self.config.auto_create_streams,
@@ -998,7 +1055,8 @@ impl Log {
                 }
             })
             .collect();
-        self.metrics.encode(&snapshots, &self.config.data_dir)
+        self.metrics
+            .encode(&snapshots, &self.config.data_dir, &self.write_refusal())
     }
 
     /// Every stream, as the registry holds them now (the lock is not held
@@ -1073,7 +1131,11 @@ impl Log {
         if let Some(committer) = committer {
             let _ = tokio::task::spawn_blocking(move || committer.finish()).await;
         }
-        self.sync().await
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|e| Error::StorageFailed(e.to_string()))??;
+        Ok(())
     }
 }
 

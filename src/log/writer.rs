@@ -21,7 +21,7 @@ use super::consumer::{apply_change, ConsumerChange, ConsumerState};
 use super::{now_unix_nanos, AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
-    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Retention, Store, StreamMeta,
+    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Pending, Retention, Store, StreamMeta,
     TARGET_CHUNK_BYTES,
 };
 
@@ -82,6 +82,10 @@ pub(crate) struct Writer {
     /// The last append time, so times never go backwards.
     pub(crate) last_time_unix_nanos: i64,
     pub(crate) idempotency_window: Duration,
+    /// Idempotency keys of groups handed to the committer but not yet
+    /// published: sled gets them only once they are durable, so a retry
+    /// arriving meanwhile is found here.
+    pub(crate) unpublished_keys: Vec<(String, IdempotencyRecord)>,
     /// Cancelled when the log closes: the writer stops between groups.
     pub(crate) closing: CancellationToken,
 }
@@ -122,8 +126,9 @@ impl Writer {
                         self.write_group(jobs).await;
                     }
                     WriterCommand::Delete(reply) => {
-                        self.delete(reply).await;
-                        return;
+                        if self.delete(reply).await {
+                            return;
+                        }
                     }
                     WriterCommand::Consumer {
                         name,
@@ -211,7 +216,7 @@ impl Writer {
     /// committer, or answers at once when it failed or wrote nothing.
     async fn commit_change(
         &mut self,
-        written: Result<Option<Option<Vec<u8>>>, Error>,
+        written: Result<Option<Pending>, Error>,
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         match written {
@@ -226,7 +231,7 @@ impl Writer {
                 self.committer
                     .commit(Commit {
                         stream: self.shared.clone(),
-                        record,
+                        record: Some(record),
                         change: Change::Other(reply),
                     })
                     .await
@@ -297,7 +302,7 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
-                record,
+                record: Some(record),
                 change: Change::Trimmed {
                     first_offset: below,
                 },
@@ -365,6 +370,9 @@ impl Writer {
             }
             return;
         }
+        let published = self.shared.head().next_offset;
+        self.unpublished_keys
+            .retain(|(_, r)| r.first_offset + u64::from(r.count) > published);
         let time = now_unix_nanos().max(self.last_time_unix_nanos);
         let group_first = self.next_offset;
         let mut records = Vec::new();
@@ -413,7 +421,10 @@ impl Writer {
             let keys: Vec<(&str, IdempotencyRecord)> =
                 new_keys.iter().map(|(k, r)| (k.as_str(), *r)).collect();
             match self.store.write_group(&self.name, &meta, encoded, &keys) {
-                Ok(logged) => record = logged,
+                Ok(logged) => {
+                    record = Some(logged);
+                    self.unpublished_keys.extend(new_keys);
+                }
                 Err(e) => {
                     // The batch is atomic: nothing of it was written.
                     error!(stream = %self.name, error = %e, "append failed");
@@ -452,7 +463,11 @@ impl Writer {
         new_keys: &[(String, IdempotencyRecord)],
     ) -> Result<AppendOutcome, Error> {
         if let Some((key, fingerprint)) = &job.idempotency {
-            let earlier = match new_keys.iter().find(|(k, _)| k == key) {
+            let earlier = match new_keys
+                .iter()
+                .chain(&self.unpublished_keys)
+                .find(|(k, _)| k == key)
+            {
                 Some((_, record)) => Some(*record),
                 None => self
                     .store
@@ -498,21 +513,28 @@ impl Writer {
 
     /// Deletes the stream's data; the caller is answered once the
     /// deletion is durable, and subscriptions end when it is published.
-    async fn delete(&mut self, reply: oneshot::Sender<Result<(), Error>>) {
+    /// Returns whether the stream is gone (the writer stops then); after
+    /// a failed deletion the stream and its writer stay.
+    async fn delete(&mut self, reply: oneshot::Sender<Result<(), Error>>) -> bool {
         let record = match self.store.delete_stream(&self.name, self.meta.id) {
             Ok(record) => record,
             Err(e) => {
                 let _ = reply.send(Err(e.into()));
-                return;
+                return false;
             }
         };
+        let (done, outcome) = oneshot::channel();
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
-                record,
-                change: Change::Deleted(reply),
+                record: Some(record),
+                change: Change::Deleted(done),
             })
             .await;
+        let outcome = outcome.await.unwrap_or(Err(Error::ShuttingDown));
+        let deleted = outcome.is_ok();
+        let _ = reply.send(outcome);
+        deleted
     }
 }
 

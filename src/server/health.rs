@@ -18,11 +18,22 @@ use tonic_health::pb::{health_check_response, HealthCheckRequest, HealthCheckRes
 use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
-/// The service names the server reports: the whole server (`""`) and each
-/// of its own services.
-pub const SERVICES: [&str; 3] = ["", "pullstream.v1.EventLog", "pullstream.v1.ApiKeys"];
+/// The service names the server reports: the whole server (`""`), each
+/// of its own services, and [`WRITES`].
+pub const SERVICES: [&str; 4] = [
+    "",
+    "pullstream.v1.EventLog",
+    "pullstream.v1.ApiKeys",
+    WRITES,
+];
+
+/// NOT_SERVING while appends and stream creation are refused (the disk is
+/// below the free-space floor, or storage failed) though reads still work:
+/// the degraded state, for probes that route writes.
+pub const WRITES: &str = "pullstream.writes";
 
 /// The health service with its reporter.
+#[derive(Clone)]
 pub struct HealthCheck {
     reporter: HealthReporter,
     shutdown: CancellationToken,
@@ -39,6 +50,16 @@ impl HealthCheck {
                 .await;
         }
         HealthCheck { reporter, shutdown }
+    }
+
+    /// Reports whether writes are accepted (see [`WRITES`]).
+    pub async fn set_writes(&self, accepted: bool) {
+        let status = if accepted {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status(WRITES, status).await;
     }
 
     /// Reports NOT_SERVING for every service (call as shutdown begins).

@@ -164,6 +164,11 @@ impl Server {
             ))
         });
         let health = health::HealthCheck::new(cancel.clone()).await;
+        tokio::spawn(watch_writes(
+            health.clone(),
+            self.log.clone(),
+            cancel.clone(),
+        ));
         let reflection = reflection().map_err(ServeError::Reflection)?;
         let signalled = cancel.clone();
         let mut builder = tonic::transport::Server::builder();
@@ -210,6 +215,28 @@ impl Server {
         }
         info!("shut down cleanly");
         Ok(())
+    }
+}
+
+/// Every second until shutdown: reports in health whether writes are
+/// accepted, and logs each change.
+async fn watch_writes(health: health::HealthCheck, log: Arc<Log>, cancel: CancellationToken) {
+    let mut accepted = true;
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let refusal = log.write_refusal();
+        if refusal.reason.is_none() != accepted {
+            accepted = refusal.reason.is_none();
+            match &refusal.reason {
+                Some(reason) => warn!(%reason, "refusing appends and stream creation; reads go on"),
+                None => info!("accepting appends again"),
+            }
+            health.set_writes(accepted).await;
+        }
     }
 }
 

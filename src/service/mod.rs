@@ -26,7 +26,7 @@ use crate::log::{
 use crate::metrics::ActiveSubscription;
 use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
-use crate::storage::{EventRecord, Rendering};
+use crate::storage::{EventRecord, Rendering, StorageError};
 use prometheus_client::metrics::counter::Counter;
 
 mod keys;
@@ -68,8 +68,10 @@ impl From<Error> for Status {
                 Status::out_of_range(message)
             }
             Error::WrongExpectedOffset { .. } => Status::failed_precondition(message),
-            Error::ShuttingDown => Status::unavailable(message),
-            Error::StorageFailed(_) | Error::Storage(_) => Status::internal(message),
+            Error::ShuttingDown | Error::StorageFailed(_) => Status::unavailable(message),
+            Error::DiskFull { .. } => Status::resource_exhausted(message),
+            Error::Storage(StorageError::Wal(_)) => Status::unavailable(message),
+            Error::Storage(_) => Status::internal(message),
         }
     }
 }
@@ -447,6 +449,7 @@ impl EventLog for EventLogService {
             start_time: Some(timestamp(started)),
             uptime: prost_types::Duration::try_from(uptime).ok(),
             streams,
+            write_refusal: self.log.write_refusal().reason.unwrap_or_default(),
         }))
     }
 

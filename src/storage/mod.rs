@@ -28,18 +28,18 @@
 //! large groups into chunks of about [`TARGET_CHUNK_BYTES`].
 
 pub mod codec;
-pub mod wal;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::durability::fault::{Faults, Target};
+use crate::durability::wal::{self, FileEnd, Op, Wal, WalError};
 use bytes::Bytes;
 pub use codec::{
     Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, GroupRecord, IdempotencyRecord,
     Keep, Rendering, Retention, StreamMeta,
 };
-use wal::{Op, Wal};
 
 /// sled's segment size. Fixed at creation of a data dir (sled refuses to
 /// open one written with another size).
@@ -69,6 +69,10 @@ const IDEMPOTENCY_PREFIX: u8 = b'i';
 const CONSUMER_PREFIX: u8 = b'u';
 const API_KEY_PREFIX: u8 = b'a';
 const GROUP_PREFIX: u8 = b'g';
+/// The last write-ahead log sequence number a checkpoint made durable in
+/// sled, written by the checkpoint itself just before sled's flush (so
+/// sled's prefix recovery keeps it only with everything before it).
+const CHECKPOINT_KEY: &[u8] = b"m/checkpoint";
 
 /// How the store was asked to keep data.
 #[derive(Debug, Clone)]
@@ -85,6 +89,8 @@ pub struct StoreOptions {
     pub write_ahead_log: bool,
     /// The write-ahead log size that triggers a checkpoint.
     pub checkpoint_bytes: u64,
+    /// Faults to inject under the log and the checkpoint (tests only).
+    pub faults: Option<Arc<Faults>>,
 }
 
 /// Errors from the storage layer.
@@ -108,6 +114,19 @@ pub enum StorageError {
     /// An I/O error while reading or writing.
     #[error("storage I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The write-ahead log failed, is damaged, or refuses writes.
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    /// sled's recovered state is older than the last checkpoint made it.
+    #[error("sled in {} recovered only up to write-ahead log record {sled}, but the checkpoint marker says record {checkpoint} was made durable in it: sled lost data it had synced, so the server will not start. Restore the data dir from a backup, or run `pullstream verify --data-dir {}` to see what is left", path.display(), path.display())]
+    SledBehindCheckpoint {
+        /// The data dir.
+        path: PathBuf,
+        /// The sequence number sled recovered.
+        sled: u64,
+        /// The sequence number the checkpoint marker records.
+        checkpoint: u64,
+    },
     /// sled reported an error.
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
@@ -142,6 +161,12 @@ pub struct StoredStream {
     pub groups: Vec<(String, GroupRecord)>,
 }
 
+/// A change prepared by the store's write methods: what
+/// [`Store::commit`] logs and then applies. Nothing of it is written
+/// before the commit.
+#[derive(Debug)]
+pub struct Pending(Vec<Op>);
+
 /// One chunk to write, already encoded.
 pub struct EncodedChunk {
     /// The chunk's first offset.
@@ -161,8 +186,12 @@ pub struct Store {
     path: PathBuf,
     wal_dir: PathBuf,
     /// The write-ahead log, when on. Appended to by the group-commit leader,
-    /// and by stream creation.
+    /// and by stream creation and API keys.
     wal: Option<Mutex<Wal>>,
+    /// Why writes are refused, once the log is poisoned (read without the
+    /// log's lock on every write).
+    poisoned: OnceLock<String>,
+    faults: Option<Arc<Faults>>,
 }
 
 impl Store {
@@ -205,43 +234,172 @@ impl Store {
             path,
             wal_dir,
             wal: None,
+            poisoned: OnceLock::new(),
+            faults: options.faults.clone(),
         };
-        let next_seq = store.replay_wal()?;
+        let (next_seq, covered) = store.recover()?;
         if options.write_ahead_log {
             store.wal = Some(Mutex::new(Wal::create(
                 &store.wal_dir,
                 next_seq,
                 options.checkpoint_bytes,
+                options.faults.clone(),
             )?));
         }
+        // Only now, with a newer file in place, may covered files go.
+        wal::delete_covered(&store.wal_dir, covered)?;
         Ok(store)
     }
 
-    /// Applies the log files a previous run left (everything it
-    /// acknowledged), makes sled durable, and deletes them. Returns the
-    /// number for the next log file.
-    fn replay_wal(&self) -> Result<u64, StorageError> {
-        let files = Wal::files(&self.wal_dir)?;
-        let Some(last) = files.last().map(|(seq, _)| *seq) else {
-            return Ok(1);
-        };
-        let mut replayed = 0;
-        for (i, (seq, file)) in files.iter().enumerate() {
-            let (records, clean) = wal::decode_records(&Wal::read(file)?);
-            if !clean && i + 1 < files.len() {
-                tracing::warn!(file = %file.display(), "write-ahead log file {seq} ends in a damaged record");
+    /// Replays what the log holds past the last checkpoint, after telling
+    /// a torn tail (dropped, with a warning and a copy kept) from damage
+    /// (refused). Then makes sled durable and checkpoints it. Returns the
+    /// next sequence number and the last one sled now holds durably.
+    fn recover(&self) -> Result<(u64, u64), StorageError> {
+        let scan = wal::scan(&self.wal_dir)?;
+        if let Some(damage) = scan.damage.clone() {
+            return Err(WalError::Damaged {
+                damage,
+                data_dir: self.path.clone(),
             }
-            for ops in records {
-                self.apply_to_sled(ops)?;
+            .into());
+        }
+        let checkpoint = wal::read_checkpoint(&self.wal_dir)?;
+        let in_sled = self.tree.get(CHECKPOINT_KEY)?.map_or(0, |v| {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(&v[..8.min(v.len())]);
+            u64::from_be_bytes(n)
+        });
+        let covered = checkpoint.unwrap_or(0);
+        if in_sled < covered {
+            return Err(StorageError::SledBehindCheckpoint {
+                path: self.path.clone(),
+                sled: in_sled,
+                checkpoint: covered,
+            });
+        }
+        if let Some(first) = scan
+            .files
+            .iter()
+            .find(|f| !f.legacy)
+            .filter(|f| f.first_seq > covered + 1)
+        {
+            return Err(WalError::Damaged {
+                damage: wal::Damage {
+                    file: first.path.clone(),
+                    offset: 0,
+                    reason: format!(
+                        "it starts at record {} but the last checkpoint covers only up to {covered}: records {}..={} are missing",
+                        first.first_seq,
+                        covered + 1,
+                        first.first_seq - 1
+                    ),
+                },
+                data_dir: self.path.clone(),
+            }
+            .into());
+        }
+        for file in &scan.files {
+            if let FileEnd::Torn { offset, bytes } = file.end {
+                if bytes > 0 {
+                    self.keep_torn_tail(&file.path, offset, bytes)?;
+                }
+            }
+            // A file without records (a restart right after a rotation)
+            // would share its number with the next file: it holds nothing.
+            if !file.legacy && file.records.is_empty() {
+                std::fs::remove_file(&file.path)?;
+            }
+        }
+        let mut replayed = 0;
+        let mut legacy = Vec::new();
+        for file in &scan.files {
+            if file.legacy {
+                legacy.push(file.path.clone());
+            }
+            for record in &file.records {
+                if !file.legacy && record.seq <= covered {
+                    continue;
+                }
+                self.replay(&record.ops)?;
                 replayed += 1;
             }
         }
-        self.sync()?;
-        Wal::delete_before(&self.wal_dir, last + 1)?;
-        if replayed > 0 {
-            tracing::info!(records = replayed, "replayed the write-ahead log");
+        let last = scan.next_seq().max(covered + 1) - 1;
+        if replayed > 0 || !legacy.is_empty() {
+            self.checkpoint(last)?;
+            for path in &legacy {
+                std::fs::remove_file(path)?;
+            }
+            wal::sync_dir(&self.wal_dir)?;
+            tracing::info!(
+                records = replayed,
+                up_to = last,
+                "replayed the write-ahead log past the last checkpoint"
+            );
         }
-        Ok(last + 1)
+        Ok((last + 1, last))
+    }
+
+    /// Keeps a copy of a torn tail beside the log and says so.
+    fn keep_torn_tail(&self, file: &Path, offset: u64, bytes: u64) -> Result<(), StorageError> {
+        let data = std::fs::read(file)?;
+        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
+        let copy = self.wal_dir.join(format!("torn-{name}-at-{offset}.bin"));
+        std::fs::write(&copy, &data[offset as usize..])?;
+        tracing::warn!(
+            file = %file.display(),
+            offset,
+            bytes,
+            copy = %copy.display(),
+            "dropped a torn record at the end of the write-ahead log (a write cut short by a crash, never acknowledged)"
+        );
+        Ok(())
+    }
+
+    /// Applies one replayed record. A stream whose metadata in sled is
+    /// already newer than the record's (same stream id, a later head or
+    /// first offset: sled wrote it out before the crash) keeps it, and
+    /// the record is skipped whole, so replay never moves a head back.
+    fn replay(&self, ops: &[Op]) -> Result<(), StorageError> {
+        for op in ops {
+            if let Op::Insert(key, value) = op {
+                if key.first() == Some(&STREAM_PREFIX) {
+                    if let (Some(current), Ok(incoming)) =
+                        (self.tree.get(key)?, StreamMeta::decode(value))
+                    {
+                        if let Ok(current) = StreamMeta::decode(&current) {
+                            if current.id == incoming.id
+                                && (current.next_offset, current.offset_floor)
+                                    > (incoming.next_offset, incoming.offset_floor)
+                            {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.apply_to_sled(ops.to_vec())
+    }
+
+    /// Why writes are refused, if the log is poisoned.
+    pub fn failure(&self) -> Option<String> {
+        self.poisoned.get().cloned()
+    }
+
+    fn refuse_if_poisoned(&self) -> Result<(), StorageError> {
+        match self.poisoned.get() {
+            Some(reason) => Err(WalError::Poisoned(reason.clone()).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses every later write: the state of the disk is unknown.
+    fn poison(&self, reason: String) {
+        if self.poisoned.set(reason.clone()).is_ok() {
+            tracing::error!(%reason, "storage failed: refusing every write until the server restarts (reads go on)");
+        }
     }
 
     /// Applies `ops` in order, one key at a time. Not a sled batch: sled's
@@ -253,42 +411,110 @@ impl Store {
     fn apply_to_sled(&self, ops: Vec<Op>) -> Result<(), StorageError> {
         for op in ops {
             match op {
-                Op::Insert(key, value) => self.tree.insert(key, value)?,
-                Op::Remove(key) => self.tree.remove(key)?,
-            };
+                Op::Insert(key, value) => {
+                    self.tree.insert(key, value)?;
+                }
+                Op::Remove(key) => {
+                    self.tree.remove(key)?;
+                }
+                Op::RemovePrefix(prefix) => {
+                    for key in self.tree.scan_prefix(&prefix).keys() {
+                        self.tree.remove(key?)?;
+                    }
+                }
+            }
         }
         Ok(())
     }
 
-    /// Applies `ops` to sled; with the write-ahead log on,
-    /// returns them as a log record for the committer to make durable.
-    fn apply(&self, ops: Vec<Op>) -> Result<Option<Vec<u8>>, StorageError> {
-        let record = self.wal.as_ref().map(|_| wal::encode_record(&ops));
-        self.apply_to_sled(ops)?;
-        Ok(record)
+    /// Prepares `ops` as one change for [`Store::commit`]; nothing is
+    /// written yet. Refused once the log is poisoned.
+    fn prepare(&self, ops: Vec<Op>) -> Result<Pending, StorageError> {
+        self.refuse_if_poisoned()?;
+        Ok(Pending(ops))
     }
 
-    /// Appends log records and makes them durable (one `fdatasync`).
-    /// Returns the number of the file that older ones can be deleted below
-    /// once a checkpoint made sled durable, when a checkpoint is due.
-    pub fn log_records(&self, records: &[u8]) -> Result<Option<u64>, StorageError> {
+    /// Makes changes durable and applies them, in order: with the
+    /// write-ahead log on, one record per change is appended and synced
+    /// first (one `fdatasync` for all), and only then is sled touched, so
+    /// a change whose write or sync failed is never applied. Without the
+    /// log, applies them (sled flushes in the background). Returns the
+    /// sequence number a checkpoint may now cover, when one is due.
+    ///
+    /// The log's lock is held until the changes are applied, so a
+    /// checkpoint covering a record always finds it in sled.
+    pub fn commit(&self, changes: Vec<Pending>) -> Result<Option<u64>, StorageError> {
+        self.refuse_if_poisoned()?;
         let Some(wal) = &self.wal else {
+            for change in changes {
+                self.apply_to_sled(change.0)?;
+            }
             return Ok(None);
         };
         let mut wal = wal.lock().expect("wal lock");
-        wal.append(records)?;
+        let payloads: Vec<Vec<u8>> = changes.iter().map(|c| wal::encode_payload(&c.0)).collect();
+        if let Err(e) = wal.append(&payloads) {
+            if let Some(reason) = wal.poisoned() {
+                self.poison(reason.to_string());
+            }
+            return Err(e.into());
+        }
+        for change in changes {
+            if let Err(e) = self.apply_to_sled(change.0) {
+                // Logged but not applied: only a restart (which replays
+                // the log) brings sled back in line.
+                self.poison(format!("applying a logged change to sled failed: {e}"));
+                return Err(e);
+            }
+        }
         if wal.wants_checkpoint() {
-            return Ok(Some(wal.rotate()?));
+            match wal.rotate() {
+                Ok(covered) => return Ok(Some(covered)),
+                // The old file goes on; the next commit tries again.
+                Err(e) => tracing::warn!(error = %e, "cannot start a new write-ahead log file"),
+            }
         }
         Ok(None)
     }
 
-    /// Makes sled durable, then deletes the log files below `below_seq`.
-    /// Blocks for a while: run it in the background.
-    pub fn checkpoint(&self, below_seq: u64) -> Result<(), StorageError> {
-        self.sync()?;
-        Wal::delete_before(&self.wal_dir, below_seq)?;
+    /// Makes what sled holds durable up to record `covered`, records that
+    /// in the checkpoint marker, and deletes the log files it covers.
+    /// Blocks for a while: run it in the background. A failed sync poisons
+    /// the store (sled's state on disk is unknown from then on).
+    pub fn checkpoint(&self, covered: u64) -> Result<(), StorageError> {
+        self.refuse_if_poisoned()?;
+        self.tree.insert(CHECKPOINT_KEY, &covered.to_be_bytes())?;
+        let synced = match &self.faults {
+            Some(faults) => faults
+                .on_sync(Target::CheckpointSync)
+                .map_err(StorageError::from)
+                .and_then(|()| self.sync()),
+            None => self.sync(),
+        };
+        if let Err(e) = synced {
+            self.poison(format!("a checkpoint's sync of sled failed: {e}"));
+            return Err(e);
+        }
+        wal::write_checkpoint(&self.wal_dir, covered)?;
+        wal::delete_covered(&self.wal_dir, covered)?;
         Ok(())
+    }
+
+    /// The last checkpoint on close: sled made durable up to the last
+    /// logged record, so the next start has nothing to replay. Skipped
+    /// once poisoned (a flush would make unlogged changes durable).
+    pub fn close(&self) -> Result<(), StorageError> {
+        if self.poisoned.get().is_some() {
+            tracing::warn!("storage failed earlier: closing without a checkpoint; the next start replays the write-ahead log");
+            return Ok(());
+        }
+        match &self.wal {
+            Some(wal) => {
+                let last = wal.lock().expect("wal lock").last_seq();
+                self.checkpoint(last)
+            }
+            None => self.sync(),
+        }
     }
 
     /// The data dir.
@@ -308,7 +534,7 @@ impl Store {
                 source,
             })?;
             let next_offset = meta.next_offset.max(meta.offset_floor);
-            self.remove_past_head(meta.id, next_offset)?;
+            self.remove_past_head(&name, meta.id, next_offset)?;
             let first_chunk = self.first_chunk_offset(meta.id)?;
             let last_chunk = self.last_chunk(meta.id)?;
             let first_offset = first_chunk.map_or(next_offset, |f| f.max(meta.offset_floor));
@@ -340,30 +566,38 @@ impl Store {
     }
 
     /// Removes chunks and idempotency records at or past `head`: the
-    /// remains of a group whose metadata write never happened.
-    fn remove_past_head(&self, stream_id: u64, head: u64) -> Result<(), StorageError> {
-        let mut removed = 0;
-        for key in self
+    /// remains of a group cut short before its metadata write (never
+    /// acknowledged: acknowledgement follows the whole group's log record,
+    /// and replay never moves a head back). Logged like any change.
+    fn remove_past_head(&self, name: &str, stream_id: u64, head: u64) -> Result<(), StorageError> {
+        let mut ops = Vec::new();
+        let mut end = head;
+        for item in self
             .tree
             .range(chunk_key(stream_id, head)..=chunk_key(stream_id, u64::MAX))
-            .keys()
         {
-            self.tree.remove(key?)?;
-            removed += 1;
+            let (key, value) = item?;
+            if let Ok(header) = ChunkHeader::decode(&value) {
+                end = end.max(header.end_offset());
+            }
+            ops.push(Op::Remove(key.to_vec()));
         }
+        let chunks = ops.len();
         for item in self.tree.scan_prefix(idempotency_prefix(stream_id)) {
             let (key, value) = item?;
             if IdempotencyRecord::decode(&value).map_or(true, |r| r.first_offset >= head) {
-                self.tree.remove(key)?;
-                removed += 1;
+                ops.push(Op::Remove(key.to_vec()));
             }
         }
-        if removed > 0 {
+        if !ops.is_empty() {
             tracing::info!(
-                stream_id,
-                removed,
-                "removed the remains of an unacknowledged append"
+                stream = name,
+                offsets = %format!("{head}..{end}"),
+                chunks,
+                idempotency_keys = ops.len() - chunks,
+                "removed the remains of an append cut short by a crash (never acknowledged)"
             );
+            self.write_durably(ops)?;
         }
         Ok(())
     }
@@ -377,23 +611,13 @@ impl Store {
     /// Durable when it returns: logged to the write-ahead log when it is
     /// on, otherwise synced (creating a stream is rare).
     pub fn put_stream(&self, name: &str, meta: &StreamMeta) -> Result<(), StorageError> {
-        match self.apply(vec![Op::Insert(stream_key(name), meta.encode())])? {
-            Some(record) => {
-                self.log_records(&record)?;
-            }
-            None => self.sync()?,
-        }
-        Ok(())
+        self.write_durably(vec![Op::Insert(stream_key(name), meta.encode())])
     }
 
     /// Rewrites a stream's metadata (a settings change). Returns the
     /// write-ahead log record, when the log is on.
-    pub fn write_meta(
-        &self,
-        name: &str,
-        meta: &StreamMeta,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        self.apply(vec![Op::Insert(stream_key(name), meta.encode())])
+    pub fn write_meta(&self, name: &str, meta: &StreamMeta) -> Result<Pending, StorageError> {
+        self.prepare(vec![Op::Insert(stream_key(name), meta.encode())])
     }
 
     /// Saves an API key record (opaque to storage: the auth module encodes
@@ -401,11 +625,16 @@ impl Store {
     pub fn put_api_key(&self, id: &str, record: Vec<u8>) -> Result<(), StorageError> {
         let mut key = vec![API_KEY_PREFIX];
         key.extend_from_slice(id.as_bytes());
-        match self.apply(vec![Op::Insert(key, record)])? {
-            Some(logged) => {
-                self.log_records(&logged)?;
-            }
-            None => self.sync()?,
+        self.write_durably(vec![Op::Insert(key, record)])
+    }
+
+    /// Commits `ops` at once (rare changes outside a stream's writer);
+    /// without the log, also syncs sled, so they are durable either way.
+    fn write_durably(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+        let pending = self.prepare(ops)?;
+        self.commit(vec![pending])?;
+        if self.wal.is_none() {
+            self.sync()?;
         }
         Ok(())
     }
@@ -434,7 +663,7 @@ impl Store {
         meta: &StreamMeta,
         chunks: Vec<EncodedChunk>,
         idempotency: &[(&str, IdempotencyRecord)],
-    ) -> Result<Option<Vec<u8>>, StorageError> {
+    ) -> Result<Pending, StorageError> {
         let mut ops = Vec::with_capacity(chunks.len() + idempotency.len() + 1);
         for chunk in chunks {
             ops.push(Op::Insert(
@@ -446,7 +675,7 @@ impl Store {
             ops.push(Op::Insert(idempotency_key(meta.id, key), record.encode()));
         }
         ops.push(Op::Insert(stream_key(name), meta.encode()));
-        self.apply(ops)
+        self.prepare(ops)
     }
 
     /// Reads chunks of a stream in order, starting with the one holding
@@ -548,8 +777,8 @@ impl Store {
         stream_id: u64,
         name: &str,
         record: &ConsumerRecord,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        self.apply(vec![Op::Insert(
+    ) -> Result<Pending, StorageError> {
+        self.prepare(vec![Op::Insert(
             consumer_key(stream_id, name),
             record.encode(),
         )])
@@ -562,20 +791,16 @@ impl Store {
         stream_id: u64,
         name: &str,
         record: &GroupRecord,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        self.apply(vec![Op::Insert(
+    ) -> Result<Pending, StorageError> {
+        self.prepare(vec![Op::Insert(
             named_key(GROUP_PREFIX, stream_id, name),
             record.encode(),
         )])
     }
 
     /// Removes a consumer group; returns the write-ahead log record.
-    pub fn delete_group(
-        &self,
-        stream_id: u64,
-        name: &str,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        self.apply(vec![Op::Remove(named_key(GROUP_PREFIX, stream_id, name))])
+    pub fn delete_group(&self, stream_id: u64, name: &str) -> Result<Pending, StorageError> {
+        self.prepare(vec![Op::Remove(named_key(GROUP_PREFIX, stream_id, name))])
     }
 
     fn load_groups(&self, stream_id: u64) -> Result<Vec<(String, GroupRecord)>, StorageError> {
@@ -594,12 +819,8 @@ impl Store {
     }
 
     /// Removes a durable consumer; returns the write-ahead log record.
-    pub fn delete_consumer(
-        &self,
-        stream_id: u64,
-        name: &str,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        self.apply(vec![Op::Remove(consumer_key(stream_id, name))])
+    pub fn delete_consumer(&self, stream_id: u64, name: &str) -> Result<Pending, StorageError> {
+        self.prepare(vec![Op::Remove(consumer_key(stream_id, name))])
     }
 
     fn load_consumers(
@@ -655,14 +876,13 @@ impl Store {
         Ok(count)
     }
 
-    /// Removes a stream with all its chunks and idempotency keys. Returns the write-ahead log record, when the log is on.
-    pub fn delete_stream(
-        &self,
-        name: &str,
-        stream_id: u64,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
-        // The metadata goes first: a deletion cut short by a crash leaves
-        // unreachable chunks (keyed by the old id), never a stream with holes.
+    /// Removes a stream with all its chunks, idempotency keys, consumers
+    /// and groups. The metadata goes first: a deletion cut short by a
+    /// crash leaves unreachable records (keyed by the old id), never a
+    /// stream with holes. The other records go by prefix, evaluated when
+    /// the change is applied, so records of changes still on their way
+    /// to sled go too.
+    pub fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Pending, StorageError> {
         let mut ops = vec![Op::Remove(stream_key(name))];
         for prefix in [
             CHUNK_PREFIX,
@@ -672,11 +892,9 @@ impl Store {
         ] {
             let mut start = vec![prefix];
             start.extend_from_slice(&stream_id.to_be_bytes());
-            for key in self.tree.scan_prefix(&start).keys() {
-                ops.push(Op::Remove(key?.to_vec()));
-            }
+            ops.push(Op::RemovePrefix(start));
         }
-        self.apply(ops)
+        self.prepare(ops)
     }
 
     /// Shows `visit` the header and encoded size of a stream's chunks from
@@ -713,12 +931,7 @@ impl Store {
     /// the write-ahead log record, when the log is on. A trim cut short by
     /// a crash leaves a prefix of it done, which is consistent: the first
     /// retained offset is the first stored chunk's.
-    pub fn trim(
-        &self,
-        name: &str,
-        meta: &StreamMeta,
-        below: u64,
-    ) -> Result<Option<Vec<u8>>, StorageError> {
+    pub fn trim(&self, name: &str, meta: &StreamMeta, below: u64) -> Result<Pending, StorageError> {
         let mut ops = Vec::new();
         for key in self
             .tree
@@ -728,7 +941,7 @@ impl Store {
             ops.push(Op::Remove(key?.to_vec()));
         }
         ops.push(Op::Insert(stream_key(name), meta.encode()));
-        self.apply(ops)
+        self.prepare(ops)
     }
 
     /// Makes everything written so far durable: sled's flush (which writes
@@ -842,15 +1055,19 @@ fn idempotency_key(stream_id: u64, key: &str) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn open(dir: &Path) -> Store {
-        Store::open(&StoreOptions {
+    fn options(dir: &Path) -> StoreOptions {
+        StoreOptions {
             path: dir.to_path_buf(),
             cache_bytes: 8 << 20,
             background_flush_ms: None,
             write_ahead_log: true,
             checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
-        })
-        .unwrap()
+            faults: None,
+        }
+    }
+
+    fn open(dir: &Path) -> Store {
+        Store::open(&options(dir)).unwrap()
     }
 
     fn chunk(first: u64, n: usize) -> EncodedChunk {
@@ -884,7 +1101,9 @@ mod tests {
         };
         // Chunks [0,3) [3,4) [4,10); a neighbouring stream id must not leak in.
         store
-            .write_group("a", &meta, vec![chunk(0, 3), chunk(3, 1), chunk(4, 6)], &[])
+            .commit(vec![store
+                .write_group("a", &meta, vec![chunk(0, 3), chunk(3, 1), chunk(4, 6)], &[])
+                .unwrap()])
             .unwrap();
         let other = StreamMeta {
             id: 6,
@@ -892,7 +1111,9 @@ mod tests {
             ..meta
         };
         store
-            .write_group("b", &other, vec![chunk(0, 2)], &[])
+            .commit(vec![store
+                .write_group("b", &other, vec![chunk(0, 2)], &[])
+                .unwrap()])
             .unwrap();
 
         for offset in 0..10u64 {
@@ -956,14 +1177,20 @@ mod tests {
             retention: Retention::default(),
         };
         store
-            .write_group("low", &meta(4, 8), vec![chunk(0, 8)], &[])
+            .commit(vec![store
+                .write_group("low", &meta(4, 8), vec![chunk(0, 8)], &[])
+                .unwrap()])
             .unwrap();
         // Stream 5 holds only [6,9): as if its front had been trimmed.
         store
-            .write_group("mid", &meta(5, 9), vec![chunk(6, 3)], &[])
+            .commit(vec![store
+                .write_group("mid", &meta(5, 9), vec![chunk(6, 3)], &[])
+                .unwrap()])
             .unwrap();
         store
-            .write_group("high", &meta(6, 2), vec![chunk(0, 2)], &[])
+            .commit(vec![store
+                .write_group("high", &meta(6, 2), vec![chunk(0, 2)], &[])
+                .unwrap()])
             .unwrap();
         let chunks = store
             .read_chunks(5, 2, 9, usize::MAX, usize::MAX, None)
@@ -997,7 +1224,9 @@ mod tests {
         {
             let store = open(dir.path());
             store
-                .write_group("s", &meta, vec![chunk(0, 2)], &[("kept", rec(0))])
+                .commit(vec![store
+                    .write_group("s", &meta, vec![chunk(0, 2)], &[("kept", rec(0))])
+                    .unwrap()])
                 .unwrap();
             // A group cut short before its metadata write: chunks and a key
             // past the head, head unchanged.
@@ -1041,12 +1270,18 @@ mod tests {
             fingerprint: 1,
         };
         store
-            .write_group("a", &a, vec![chunk(0, 1)], &[("k", rec)])
+            .commit(vec![store
+                .write_group("a", &a, vec![chunk(0, 1)], &[("k", rec)])
+                .unwrap()])
             .unwrap();
         store
-            .write_group("b", &b, vec![chunk(0, 1)], &[("k", rec)])
+            .commit(vec![store
+                .write_group("b", &b, vec![chunk(0, 1)], &[("k", rec)])
+                .unwrap()])
             .unwrap();
-        store.delete_stream("a", 1).unwrap();
+        store
+            .commit(vec![store.delete_stream("a", 1).unwrap()])
+            .unwrap();
         assert!(store
             .read_chunks(1, 0, 1, usize::MAX, usize::MAX, None)
             .unwrap()
@@ -1085,55 +1320,221 @@ mod tests {
             ..old
         };
         store
-            .write_group("a", &meta, vec![chunk(0, 1)], &[("old", old), ("new", new)])
+            .commit(vec![store
+                .write_group("a", &meta, vec![chunk(0, 1)], &[("old", old), ("new", new)])
+                .unwrap()])
             .unwrap();
         assert_eq!(store.expire_idempotency(200).unwrap(), 1);
         assert_eq!(store.get_idempotency(1, "old").unwrap(), None);
         assert_eq!(store.get_idempotency(1, "new").unwrap(), Some(new));
     }
 
+    fn meta(id: u64, next_offset: u64) -> StreamMeta {
+        StreamMeta {
+            id,
+            created_unix_nanos: 1,
+            offset_floor: 0,
+            next_offset,
+            bytes: 0,
+            retention: Retention::default(),
+        }
+    }
+
+    fn wal_files(dir: &Path) -> Vec<u64> {
+        wal::files(&dir.join("wal"))
+            .unwrap()
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
+    }
+
+    /// Writes log records as a crashed run would have left them.
+    fn crashed_log(dir: &Path, records: &[Vec<Op>]) -> PathBuf {
+        std::fs::create_dir_all(dir.join("wal")).unwrap();
+        let mut log = Wal::create(&dir.join("wal"), 1, 1 << 30, None).unwrap();
+        for ops in records {
+            log.append(&[wal::encode_payload(ops)]).unwrap();
+        }
+        dir.join("wal").join(wal::file_name(1))
+    }
+
     #[test]
     fn records_left_in_the_write_ahead_log_are_replayed_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = StreamMeta {
-            id: 9,
-            created_unix_nanos: 1,
-            offset_floor: 0,
-            next_offset: 3,
-            bytes: 0,
-            retention: Retention::default(),
-        };
         // What a crashed run acknowledged but never checkpointed into sled,
         // followed by a torn record it never acknowledged.
-        let mut log = wal::encode_record(&[
-            Op::Insert(chunk_key(9, 0).to_vec(), chunk(0, 3).value),
-            Op::Insert(stream_key("s"), meta.encode()),
-        ]);
-        let torn = wal::encode_record(&[Op::Insert(chunk_key(9, 3).to_vec(), chunk(3, 1).value)]);
-        log.extend_from_slice(&torn[..torn.len() - 1]);
-        std::fs::create_dir_all(dir.path().join("wal")).unwrap();
-        std::fs::write(dir.path().join("wal/wal-0000000000000005.log"), log).unwrap();
+        let file = crashed_log(
+            dir.path(),
+            &[vec![
+                Op::Insert(chunk_key(9, 0).to_vec(), chunk(0, 3).value),
+                Op::Insert(stream_key("s"), meta(9, 3).encode()),
+            ]],
+        );
+        let mut torn = std::fs::read(&file).unwrap();
+        torn.extend_from_slice(&[5, 0, 0, 0, 1, 2]);
+        std::fs::write(&file, torn).unwrap();
 
         let store = open(dir.path());
         let streams = store.load_streams().unwrap();
         assert_eq!((streams[0].name.as_str(), streams[0].next_offset), ("s", 3));
-        let files: Vec<u64> = Wal::files(&dir.path().join("wal"))
-            .unwrap()
-            .into_iter()
-            .map(|f| f.0)
-            .collect();
         assert_eq!(
-            files,
-            [6],
-            "replayed files are deleted; numbering continues"
+            wal_files(dir.path()),
+            [2],
+            "replayed files are deleted once checkpointed; numbering continues"
         );
+        let kept = std::fs::read(dir.path().join("wal").join(format!(
+            "torn-{}-at-{}.bin",
+            wal::file_name(1),
+            24 + 16 + {
+                wal::encode_payload(&[
+                    Op::Insert(chunk_key(9, 0).to_vec(), chunk(0, 3).value),
+                    Op::Insert(stream_key("s"), meta(9, 3).encode()),
+                ])
+                .len()
+            }
+        )))
+        .unwrap();
+        assert_eq!(kept, [5, 0, 0, 0, 1, 2], "a copy of the torn tail is kept");
 
         // Deletion is logged too, so a replay cannot bring a stream back.
-        let record = store.delete_stream("s", 9).unwrap().unwrap();
-        store.log_records(&record).unwrap();
+        let record = store.delete_stream("s", 9).unwrap();
+        store.commit(vec![record]).unwrap();
         drop(store);
         let store = open(dir.path());
         assert!(store.load_streams().unwrap().is_empty());
+    }
+
+    #[test]
+    fn damage_before_the_end_of_the_log_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let records: Vec<Vec<Op>> = (0..3)
+            .map(|i| {
+                vec![
+                    Op::Insert(chunk_key(1, i).to_vec(), chunk(i, 1).value),
+                    Op::Insert(stream_key("s"), meta(1, i + 1).encode()),
+                ]
+            })
+            .collect();
+        let file = crashed_log(dir.path(), &records);
+        let mut data = std::fs::read(&file).unwrap();
+        let record_len = (data.len() - 24) / 3;
+        data[24 + record_len + 20] ^= 0x40;
+        std::fs::write(&file, &data).unwrap();
+        let Err(e) = Store::open(&options(dir.path())) else {
+            panic!("a store with a damaged log must not open");
+        };
+        let message = e.to_string();
+        assert!(matches!(e, StorageError::Wal(WalError::Damaged { .. })));
+        assert!(
+            message.contains(&format!("damaged at byte {}", 24 + record_len))
+                && message.contains("pullstream repair"),
+            "{message}"
+        );
+        // Nothing was replayed or deleted.
+        assert_eq!(std::fs::read(&file).unwrap(), data);
+    }
+
+    #[test]
+    fn a_checkpoint_sled_does_not_hold_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(dir.path()));
+        wal::write_checkpoint(&dir.path().join("wal"), 1000).unwrap();
+        let Err(e) = Store::open(&options(dir.path())) else {
+            panic!("sled behind its checkpoint must not open");
+        };
+        assert!(
+            matches!(
+                e,
+                StorageError::SledBehindCheckpoint {
+                    sled: 0,
+                    checkpoint: 1000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replay_never_moves_a_head_back_behind_what_sled_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // sled wrote out a newer group (head 5) than the last logged one.
+            let store = open(dir.path());
+            store
+                .commit(vec![store
+                    .write_group("s", &meta(1, 5), vec![chunk(0, 5)], &[])
+                    .unwrap()])
+                .unwrap();
+            store.sync().unwrap();
+        }
+        for file in wal_files(dir.path()) {
+            std::fs::remove_file(dir.path().join("wal").join(wal::file_name(file))).unwrap();
+        }
+        wal::write_checkpoint(&dir.path().join("wal"), 0).unwrap();
+        crashed_log(
+            dir.path(),
+            &[vec![
+                Op::Insert(chunk_key(1, 0).to_vec(), chunk(0, 3).value),
+                Op::Insert(stream_key("s"), meta(1, 3).encode()),
+            ]],
+        );
+        let store = open(dir.path());
+        let streams = store.load_streams().unwrap();
+        assert_eq!(streams[0].next_offset, 5);
+        assert_eq!(
+            store
+                .read_chunks(1, 0, 5, usize::MAX, usize::MAX, None)
+                .unwrap()
+                .last()
+                .unwrap()
+                .end_offset(),
+            5
+        );
+    }
+
+    #[test]
+    fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::new());
+        let store = Store::open(&StoreOptions {
+            faults: Some(faults.clone()),
+            ..options(dir.path())
+        })
+        .unwrap();
+        let record = store
+            .write_group("s", &meta(1, 2), vec![chunk(0, 2)], &[])
+            .unwrap();
+        store.commit(vec![record]).unwrap();
+        faults.fail_nth(
+            Target::WalWrite,
+            0,
+            crate::durability::fault::Failure::NoSpace,
+            7,
+        );
+        let record = store
+            .write_group("s", &meta(1, 3), vec![chunk(2, 1)], &[])
+            .unwrap();
+        let e = store.commit(vec![record]).unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(store.failure().is_some());
+        assert!(matches!(
+            store.put_stream("t", &meta(2, 0)),
+            Err(StorageError::Wal(WalError::Poisoned(_)))
+        ));
+        assert!(store.delete_stream("s", 1).is_err());
+        store.close().unwrap();
+        drop(store);
+        let store = open(dir.path());
+        let streams = store.load_streams().unwrap();
+        assert_eq!(streams.len(), 1);
+        // The acknowledged group survives; the failed one never reached
+        // sled (changes are applied only once logged), so it is gone.
+        assert_eq!(streams[0].next_offset, 2);
+        let chunks = store
+            .read_chunks(1, 0, 10, usize::MAX, usize::MAX, None)
+            .unwrap();
+        assert_eq!(chunks.len(), 1, "the failed group never reached sled");
     }
 
     #[test]
@@ -1150,7 +1551,9 @@ mod tests {
                 retention: Retention::default(),
             };
             store
-                .write_group("a", &meta, vec![chunk(0, 4)], &[])
+                .commit(vec![store
+                    .write_group("a", &meta, vec![chunk(0, 4)], &[])
+                    .unwrap()])
                 .unwrap();
             store.sync().unwrap();
             let second = Store::open(&StoreOptions {
@@ -1159,6 +1562,7 @@ mod tests {
                 background_flush_ms: None,
                 write_ahead_log: true,
                 checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
+                faults: None,
             });
             assert!(matches!(second, Err(StorageError::Locked { .. })));
         }

@@ -62,6 +62,7 @@ fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> Vec<String>
         background_flush_ms: None,
         write_ahead_log: true,
         checkpoint_bytes: 64 << 20,
+        faults: None,
     })
     .unwrap();
     let ring = KeyRing::load(Arc::new(store)).unwrap();

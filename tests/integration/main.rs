@@ -8,6 +8,7 @@ mod append;
 mod auth;
 mod bad_input;
 mod consumers;
+mod durability;
 mod groups;
 mod operability;
 mod process;

@@ -84,31 +84,37 @@ async fn kill_9_loses_no_acknowledged_event() {
             }
         })
     };
-    // Let appends flow, then kill the server without warning.
-    while acked.lock().unwrap().len() < 1500 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    // Let appends and commits flow, then kill the server without warning.
+    // Both must have made progress first: on a loaded machine the
+    // committer can start late, and a run that killed the server before
+    // any commit was acknowledged would check nothing about commits.
+    within(async {
+        while acked.lock().unwrap().len() < 1500 || committed.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     child.kill().unwrap();
     child.wait().unwrap();
     // Several checkpoints ran (the log rotated) and deleted the files they covered.
+    // Log files are named by their first record's sequence number.
     let log_files: Vec<u64> = std::fs::read_dir(dir.path().join("wal"))
         .unwrap()
-        .map(|e| {
+        .filter_map(|e| {
             let name = e.unwrap().file_name().into_string().unwrap();
-            name.trim_start_matches("wal-")
-                .trim_end_matches(".log")
+            name.strip_prefix("wal-")?
+                .strip_suffix(".log")?
                 .parse()
-                .unwrap()
+                .ok()
         })
         .collect();
-    let (first, last) = (
-        log_files.iter().min().unwrap(),
-        log_files.iter().max().unwrap(),
-    );
-    assert!(*last >= 3, "the log rotated: {log_files:?}");
     assert!(
-        *first >= 2,
+        *log_files.iter().min().unwrap() > 1,
         "checkpoints deleted the files they covered: {log_files:?}"
+    );
+    assert!(
+        dir.path().join("wal/checkpoint").exists(),
+        "checkpoints wrote their marker"
     );
     stop.store(true, Ordering::Relaxed);
     for p in producers {

@@ -1,0 +1,406 @@
+//! Storage faults, injected for real: writes and syncs under the
+//! write-ahead log and the checkpoint fail through the fault seam
+//! (`durability::fault`), a real tmpfs fills up, the log's bytes are torn
+//! or flipped on disk. Each test restarts the server and checks exact
+//! offsets and contents: nothing acknowledged is lost, nothing failed is
+//! half applied, offsets are never reused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pullstream::durability::fault::{Failure, Faults, Target};
+use pullstream::proto as pb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::common::*;
+
+/// The change a test makes while a fault is armed.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    Append,
+    Create,
+    Delete,
+    Commit,
+}
+
+async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::Status> {
+    match change {
+        Change::Append => client
+            .append(pb::AppendRequest {
+                stream: "a".into(),
+                events: vec![event("t", r#""failed""#)],
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Change::Create => client
+            .create_stream(pb::CreateStreamRequest {
+                stream: "b".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        Change::Delete => client
+            .delete_stream(pb::DeleteStreamRequest { stream: "a".into() })
+            .await
+            .map(drop),
+        Change::Commit => client
+            .commit_cursor(pb::CommitCursorRequest {
+                stream: "a".into(),
+                consumer: "c".into(),
+                next_offset: 40,
+            })
+            .await
+            .map(drop),
+    }
+}
+
+fn events(range: std::ops::Range<usize>) -> Vec<pb::NewEvent> {
+    range.map(|i| event("t", &format!("{i}"))).collect()
+}
+
+async fn cursor(client: &mut Client) -> u64 {
+    client
+        .get_consumer(pb::GetConsumerRequest {
+            stream: "a".into(),
+            consumer: "c".into(),
+        })
+        .await
+        .expect("consumer")
+        .into_inner()
+        .consumer
+        .unwrap()
+        .next_offset
+}
+
+async fn write_refusal(client: &mut Client) -> String {
+    client
+        .get_server_status(pb::GetServerStatusRequest::default())
+        .await
+        .expect("status")
+        .into_inner()
+        .write_refusal
+}
+
+async fn writes_health(server: &TestServer) -> ServingStatus {
+    let mut health = HealthClient::new(server.channel().await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: "pullstream.writes".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status();
+    status
+}
+
+/// Waits (bounded) for the health watcher's next turn to report `want`.
+async fn await_writes_health(server: &TestServer, want: ServingStatus) {
+    within(async {
+        while writes_health(server).await != want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+/// Stream `a` with 50 acknowledged events and consumer `c` at 20; then
+/// `change` fails under the armed fault with UNAVAILABLE, every later
+/// write is refused while reads go on, and after a restart every
+/// acknowledged change is there exactly and writes continue after it.
+async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Target) {
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    for batch in 0..5 {
+        append(&mut client, "a", events(batch * 10..batch * 10 + 10)).await;
+    }
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "a".into(),
+            consumer: "c".into(),
+            next_offset: 20,
+        })
+        .await
+        .unwrap();
+
+    match target {
+        // A full disk: the write gets 10 bytes in, then ENOSPC.
+        Target::WalWrite => faults.fail_nth(target, 0, Failure::NoSpace, 10),
+        _ => faults.fail_nth(target, 0, Failure::Io, 0),
+    }
+    let status = try_change(&mut client, change).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{change:?}: {status:?}");
+    assert!(
+        status
+            .message()
+            .contains("may or may not have been applied"),
+        "{}",
+        status.message()
+    );
+    // The fault is gone, but the log stays poisoned: nothing after the
+    // failure can be acknowledged out of order.
+    for later in [
+        Change::Append,
+        Change::Create,
+        Change::Delete,
+        Change::Commit,
+    ] {
+        let status = try_change(&mut client, later).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "{later:?} after {change:?}"
+        );
+    }
+    let stored = read_all(&mut client, "a").await;
+    assert_eq!(stored.len(), 50, "reads go on");
+    assert!(write_refusal(&mut client).await.contains("storage failed"));
+    await_writes_health(&server, ServingStatus::NotServing).await;
+
+    // A graceful stop after the failure succeeds; the restart recovers.
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let after = read_all(&mut client, "a").await;
+    let head = after.len() as u64;
+    for (i, e) in after.iter().take(50).enumerate() {
+        assert_eq!(e.offset, i as u64);
+        assert_eq!(
+            e.data,
+            format!("{i}").into_bytes(),
+            "acknowledged event {i}"
+        );
+    }
+    // The failed change was never acknowledged and never applied (sled
+    // gets a change only once its log record is durable): it is gone.
+    assert_eq!(head, 50, "{change:?}");
+    assert_eq!(cursor(&mut client).await, 20, "{change:?}");
+    let missing = client
+        .get_stream(pb::GetStreamRequest { stream: "b".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.code(),
+        Code::NotFound,
+        "the failed creation is gone"
+    );
+    let ack = append(&mut client, "a", events(0..1)).await;
+    assert_eq!(ack.first_offset, head, "offsets are never reused");
+    assert_eq!(write_refusal(&mut client).await, "");
+    await_writes_health(&server, ServingStatus::Serving).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_append_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::Append, Target::WalWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_create_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::Create, Target::WalWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_delete_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::Delete, Target::WalWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_consumer_commit_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::Commit, Target::WalWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_poisons_the_log_and_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::Append, Target::WalSync).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_checkpoint_sync_poisons_the_log_and_loses_nothing_acknowledged() {
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| {
+        c.faults = Some(faults.clone());
+        c.checkpoint_bytes = 4096;
+    })
+    .await;
+    let mut client = server.client().await;
+    faults.fail_nth(Target::CheckpointSync, 0, Failure::Io, 0);
+    // The log rotates every 4 KiB; the first checkpoint's sync fails in the
+    // background, and from then on every write is refused.
+    let mut acked = 0;
+    let refused = within(async {
+        loop {
+            let request = pb::AppendRequest {
+                stream: "a".into(),
+                events: events(acked..acked + 10),
+                ..Default::default()
+            };
+            match client.append(request).await {
+                Ok(ack) => {
+                    assert_eq!(ack.into_inner().first_offset, acked as u64);
+                    acked += 10;
+                }
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("checkpoint"),
+        "{}",
+        refused.message()
+    );
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let after = read_all(&mut client, "a").await;
+    assert_eq!(after.len(), acked);
+    for (i, e) in after.iter().enumerate() {
+        assert_eq!(e.data, format!("{i}").into_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_the_free_space_floor_appends_and_creates_are_refused_but_space_can_be_freed() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..50)).await;
+    append(&mut client, "gone", events(0..10)).await;
+    let (dir, mut config) = server.stop().await;
+    // More free space than any disk has: the floor is never met.
+    config.min_free_bytes = Some(u64::MAX);
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    for change in [Change::Append, Change::Create] {
+        let status = try_change(&mut client, change).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{change:?}");
+        assert!(
+            status.message().starts_with("disk full:")
+                && status.message().contains("nothing was written"),
+            "{}",
+            status.message()
+        );
+    }
+    // What frees space (or costs almost none) still works.
+    try_change(&mut client, Change::Commit).await.unwrap();
+    client
+        .delete_stream(pb::DeleteStreamRequest {
+            stream: "gone".into(),
+        })
+        .await
+        .expect("deleting a stream on a full disk frees space");
+    assert!(write_refusal(&mut client).await.starts_with("disk full"));
+    await_writes_health(&server, ServingStatus::NotServing).await;
+    assert_eq!(read_all(&mut client, "a").await.len(), 50, "reads go on");
+    let (dir, mut config) = server.stop().await;
+    config.min_free_bytes = Some(0);
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    assert_eq!(
+        append(&mut client, "a", events(50..51)).await.first_offset,
+        50
+    );
+    assert_eq!(cursor(&mut client).await, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_dropped_and_a_copy_kept() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for batch in 0..3 {
+        append(&mut client, "a", events(batch * 10..batch * 10 + 10)).await;
+    }
+    let (dir, config) = server.stop().await;
+    let wal = dir.path().join("wal");
+    let newest = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .max()
+        .unwrap();
+    let mut data = std::fs::read(&newest).unwrap();
+    let good = data.len();
+    data.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 5]);
+    std::fs::write(&newest, &data).unwrap();
+
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let after = read_all(&mut client, "a").await;
+    assert_eq!(after.len(), 30);
+    let name = newest.file_name().unwrap().to_str().unwrap();
+    let copy = wal.join(format!("torn-{name}-at-{good}.bin"));
+    assert_eq!(
+        std::fs::read(&copy).expect("a copy of the torn tail"),
+        [200, 0, 0, 0, 1, 2, 3, 4, 5]
+    );
+    assert_eq!(
+        append(&mut client, "a", events(0..1)).await.first_offset,
+        30
+    );
+}
+
+/// A real full disk: a 64 MiB tmpfs as the data dir (root only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_full_disk_refuses_writes_until_space_returns() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.path().to_path_buf());
+    let data = mount.path().join("data");
+    let mut config = pullstream::config::ServerConfig::for_tests(&data);
+    // 2 MiB floor.
+    config.min_free_bytes = Some(2 << 20);
+    let server = TestServer::start_in(tempfile::tempdir().unwrap(), config).await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..50)).await;
+    // Fill the disk to 1 MiB free, below the floor.
+    let filler = mount.path().join("filler");
+    let free = pullstream::durability::space::free_bytes(mount.path()).unwrap();
+    std::fs::write(&filler, vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+    let status = try_change(&mut client, Change::Append).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("disk full"),
+        "{}",
+        status.message()
+    );
+    try_change(&mut client, Change::Commit).await.unwrap();
+    // Space returns: appends resume by themselves, no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let ack = append(&mut client, "a", events(50..60)).await;
+    assert_eq!(ack.first_offset, 50);
+    let (dir, config) = server.stop().await;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let after = read_all(&mut client, "a").await;
+    assert_eq!(after.len(), 60);
+    for (i, e) in after.iter().enumerate() {
+        assert_eq!(e.data, format!("{i}").into_bytes());
+    }
+    assert_eq!(cursor(&mut client).await, 40);
+}
