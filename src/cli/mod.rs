@@ -7,6 +7,7 @@ mod groups;
 mod json;
 mod keys;
 mod publish;
+mod repair;
 mod status;
 mod streams;
 mod tail;
@@ -123,6 +124,8 @@ enum Command {
     Groups(groups::GroupsArgs),
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
+    /// Report what damage in the write-ahead log loses, and truncate it there with --yes (server stopped)
+    Repair(repair::RepairArgs),
 }
 
 impl Cli {
@@ -138,6 +141,7 @@ impl Cli {
             Command::Status(args) => status::run(args).await,
             Command::Groups(args) => groups::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
+            Command::Repair(args) => repair::run(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

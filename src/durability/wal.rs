@@ -335,6 +335,9 @@ pub struct FileScan {
     pub end: FileEnd,
     /// Its size in bytes.
     pub len: u64,
+    /// Records still readable after a damaged one whose length was intact
+    /// (never replayed; `pullstream repair` reports them as lost).
+    pub salvaged: Vec<Record>,
 }
 
 impl FileScan {
@@ -354,6 +357,7 @@ pub fn scan_file(path: &Path, named_first_seq: u64, data: &[u8], newest: bool) -
         records: Vec::new(),
         end: FileEnd::Clean,
         len: data.len() as u64,
+        salvaged: Vec::new(),
     };
     let damage = |offset: usize, reason: String| {
         FileEnd::Damaged(Damage {
@@ -425,6 +429,7 @@ pub fn scan_file(path: &Path, named_first_seq: u64, data: &[u8], newest: bool) -
             scan.end = if newest && end == data.len() {
                 torn
             } else {
+                scan.salvaged = salvage(&data[end..], end);
                 damage(
                     pos,
                     format!(
@@ -457,6 +462,34 @@ pub fn scan_file(path: &Path, named_first_seq: u64, data: &[u8], newest: bool) -
         pos = end;
     }
     scan
+}
+
+/// The records that still check out after a damaged one (`base`: the
+/// offset of `data` in its file), up to the first that does not.
+fn salvage(mut data: &[u8], mut base: usize) -> Vec<Record> {
+    let mut records = Vec::new();
+    while data.len() >= RECORD_HEADER_LEN {
+        let len = (&data[0..4]).get_u32_le() as usize;
+        let crc = (&data[4..8]).get_u32_le();
+        let seq = (&data[8..16]).get_u64_le();
+        let Some(payload) = data.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
+            break;
+        };
+        let Some(ops) = (record_crc(seq, payload) == crc)
+            .then(|| decode_payload(payload))
+            .flatten()
+        else {
+            break;
+        };
+        records.push(Record {
+            seq,
+            offset: base as u64,
+            ops,
+        });
+        base += RECORD_HEADER_LEN + len;
+        data = &data[RECORD_HEADER_LEN + len..];
+    }
+    records
 }
 
 /// A version 1 file: `len:u32 crc32:u32 payload` records, replayed up to

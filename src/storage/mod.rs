@@ -28,6 +28,7 @@
 //! large groups into chunks of about [`TARGET_CHUNK_BYTES`].
 
 pub mod codec;
+pub mod repair;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -404,3 +404,115 @@ async fn a_real_full_disk_refuses_writes_until_space_returns() {
     }
     assert_eq!(cursor(&mut client).await, 40);
 }
+
+/// One flipped byte in the middle of the log: the server refuses to start
+/// and names `repair`; `repair` reports exactly the lost offsets and
+/// consumer commits, and with `--yes` truncates there; the server then
+/// starts on the good prefix and offsets go on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncates() {
+    use crate::process::spawn_server;
+    const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
+    let mut client = pb::event_log_client::EventLogClient::connect(url)
+        .await
+        .unwrap();
+    for batch in 0..62 {
+        append(&mut client, "s", events(batch * 2..batch * 2 + 2)).await;
+    }
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "s".into(),
+            consumer: "late".into(),
+            next_offset: 120,
+        })
+        .await
+        .unwrap();
+    // A crash: the log holds every record since the start.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Flip one payload byte of the 32nd record (0 is the stream's creation).
+    let wal = dir.path().join("wal");
+    let file = wal.join(pullstream::durability::wal::file_name(1));
+    let mut data = std::fs::read(&file).unwrap();
+    let mut offset = 24;
+    for _ in 0..32 {
+        let len = u32::from_le_bytes(data[offset..offset + 4].try_into().unwrap()) as usize;
+        offset += 16 + len;
+    }
+    data[offset + 16 + 10] ^= 0x01;
+    std::fs::write(&file, &data).unwrap();
+
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the server must not start: {stderr}");
+    assert!(
+        stderr.contains(&format!("damaged at byte {offset}"))
+            && stderr.contains("pullstream repair --data-dir"),
+        "{stderr}"
+    );
+
+    // Records 1..=31 (offsets 0..62) are good; 32.. (offsets 62..124 and
+    // the commit) are lost.
+    let report = std::process::Command::new(BIN)
+        .args(["repair", "--json", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        !report.status.success(),
+        "without --yes nothing is repaired"
+    );
+    let json: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(json["repaired"], false);
+    let losses: Vec<String> = json["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        losses,
+        [
+            r#"stream "s": events at offsets 62..123 (62 events)"#,
+            r#"consumer "late" of stream "s": its commit to offset 120 (the consumer will not exist)"#,
+        ],
+        "{json}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        data,
+        "a report changes nothing"
+    );
+
+    let repaired = std::process::Command::new(BIN)
+        .args(["repair", "--yes", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&repaired.stdout);
+    assert!(repaired.status.success(), "{stdout}");
+    assert!(stdout.contains("events at offsets 62..123") && stdout.contains("Repaired"));
+
+    let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
+    let mut client = pb::event_log_client::EventLogClient::connect(url)
+        .await
+        .unwrap();
+    let kept = read_all(&mut client, "s").await;
+    assert_eq!(kept.len(), 62);
+    for (i, e) in kept.iter().enumerate() {
+        assert_eq!(e.data, format!("{i}").into_bytes());
+    }
+    assert_eq!(
+        append(&mut client, "s", events(0..1)).await.first_offset,
+        62
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -11,7 +11,7 @@ mod consumers;
 mod durability;
 mod groups;
 mod operability;
-mod process;
+pub mod process;
 mod retention;
 mod selection;
 mod streams;

@@ -14,7 +14,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
 
 /// Starts `pullstream serve` on an ephemeral port and returns it with the
 /// address it logged.
-fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
+pub fn spawn_server(dir: &std::path::Path, extra: &[&str]) -> (Child, String) {
     spawn_server_logging(dir, "127.0.0.1:0", extra, "serving gRPC")
 }
 
