@@ -3,9 +3,12 @@
 //! # Code map
 //! - [`proto`]: the generated gRPC contract (`proto/pullstream/v1`).
 //! - [`config`]: flags, environment and TOML file → validated [`config::ServerConfig`].
-//! - [`storage`]: the sled event store: chunk codec, ordered group writes,
-//!   the write-ahead log that makes `fsync` appends durable with one
-//!   `fdatasync`, checkpoints.
+//! - [`durability`]: the write-ahead log (format, the scan that tells a
+//!   torn tail from damage, the checkpoint marker), the free-space floor,
+//!   and the fault-injection seam tests use.
+//! - [`storage`]: the sled event store: key layout, chunk codec, the one
+//!   commit path (log, then apply), recovery on open, checkpoints, and
+//!   `repair`.
 //! - [`log`]: streams on top of storage: one writer per stream, group
 //!   commit, committed-head watch, tail cache, subscriptions, durable
 //!   consumers (cursors and takeover leases), key-shared consumer groups,
@@ -30,9 +33,16 @@
 //!   saw is never reused, even after a crash.
 //! - Writers never wait for readers: subscribers follow the head through a
 //!   `watch` channel and read at their own pace.
-//! - In `fsync` mode nothing is acknowledged before its write-ahead log
-//!   record is synced; every sled write is also in the log, in order, until
-//!   a checkpoint has made sled durable.
+//! - Every change that must survive goes through `Store::commit`: in
+//!   `fsync` mode it is appended to the write-ahead log and synced first,
+//!   and applied to sled only then, so nothing is acknowledged before its
+//!   record is synced and a change whose write failed never reaches sled.
+//!   The only sled writes outside it are a checkpoint's own marker key and
+//!   sled's own flushes, and log files are deleted only once a durable
+//!   checkpoint covers them.
+//! - After a failed write or sync the store refuses every write until the
+//!   process restarts; reads go on. Damage in the log other than a torn
+//!   tail stops the server from starting: loss is reported, never skipped.
 
 pub mod auth;
 pub mod bench;

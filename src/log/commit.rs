@@ -64,6 +64,8 @@ pub(crate) enum Change {
         /// The new first retained offset.
         first_offset: u64,
     },
+    /// Expired idempotency keys were forgotten. Nobody waits for it.
+    Expired,
 }
 
 impl Commit {
@@ -88,6 +90,7 @@ impl Commit {
                 let _ = reply.send(Ok(()));
             }
             Change::Trimmed { first_offset } => self.stream.trim_to(first_offset),
+            Change::Expired => {}
         }
     }
 
@@ -102,7 +105,7 @@ impl Commit {
             Change::Deleted(reply) | Change::Other(reply) => {
                 let _ = reply.send(Err(error()));
             }
-            Change::Trimmed { .. } => {}
+            Change::Trimmed { .. } | Change::Expired => {}
         }
     }
 }

@@ -1251,7 +1251,9 @@ pub fn now_unix_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Forgets expired idempotency keys every minute until the log closes.
+/// Every minute (or window, when shorter) until the log closes: asks
+/// each stream's writer to forget its expired idempotency keys. A writer
+/// whose queue is full is skipped this turn (appends come first).
 async fn expire_idempotency_keys(log: Arc<Log>) {
     let period = Duration::from_secs(60).min(log.config.idempotency_window);
     loop {
@@ -1259,14 +1261,8 @@ async fn expire_idempotency_keys(log: Arc<Log>) {
             _ = log.closing.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
-        let window = i64::try_from(log.config.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff = now_unix_nanos().saturating_sub(window);
-        let store = log.store.clone();
-        match tokio::task::spawn_blocking(move || store.expire_idempotency(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => info!(expired = n, "forgot expired idempotency keys"),
-            Ok(Err(e)) => warn!(error = %e, "expiring idempotency keys failed"),
-            Err(e) => warn!(error = %e, "expiring idempotency keys panicked"),
+        for stream in log.all_streams() {
+            let _ = stream.writer_tx.try_send(WriterCommand::ExpireIdempotency);
         }
     }
 }

@@ -42,6 +42,10 @@ pub(crate) enum WriterCommand {
     /// Trim what the retention policy no longer keeps (sent by the
     /// retention task; nobody waits).
     Trim,
+    /// Forget idempotency keys older than the window (sent by the expiry
+    /// task; nobody waits). In the writer, so expiry is ordered with the
+    /// appends that insert keys.
+    ExpireIdempotency,
     /// Change a consumer group; answered once durable.
     Group {
         name: String,
@@ -136,6 +140,7 @@ impl Writer {
                         reply,
                     } => self.change_consumer(name, change, reply).await,
                     WriterCommand::Trim => self.trim().await,
+                    WriterCommand::ExpireIdempotency => self.expire_idempotency().await,
                     WriterCommand::Group {
                         name,
                         change,
@@ -308,6 +313,46 @@ impl Writer {
                 },
             })
             .await;
+    }
+
+    /// Forgets this stream's idempotency keys older than the window,
+    /// through the log like any change. Keys of groups not yet published
+    /// are kept: sled still holds their older records, which the scan
+    /// would otherwise remove after the newer ones were applied.
+    async fn expire_idempotency(&mut self) {
+        if self.committer.failure().is_some() {
+            return;
+        }
+        let window = i64::try_from(self.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = now_unix_nanos().saturating_sub(window);
+        let expired = match self.store.expired_idempotency(self.meta.id, cutoff) {
+            Ok(keys) => keys,
+            Err(e) => {
+                error!(stream = %self.name, error = %e, "cannot scan idempotency keys");
+                return;
+            }
+        };
+        let expired: Vec<String> = expired
+            .into_iter()
+            .filter(|k| !self.unpublished_keys.iter().any(|(u, _)| u == k))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let count = expired.len();
+        match self.store.forget_idempotency(self.meta.id, &expired) {
+            Ok(record) => {
+                tracing::debug!(stream = %self.name, count, "forgetting expired idempotency keys");
+                self.committer
+                    .commit(Commit {
+                        stream: self.shared.clone(),
+                        record: Some(record),
+                        change: Change::Expired,
+                    })
+                    .await
+            }
+            Err(e) => error!(stream = %self.name, error = %e, "cannot expire idempotency keys"),
+        }
     }
 
     /// Applies a group change and writes the group's committed offsets.

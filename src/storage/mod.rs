@@ -860,21 +860,38 @@ impl Store {
         }
     }
 
-    /// Forgets idempotency keys appended before `cutoff_unix_nanos`, across
-    /// all streams. Returns how many were removed.
-    pub fn expire_idempotency(&self, cutoff_unix_nanos: i64) -> Result<usize, StorageError> {
-        let mut count = 0;
-        for item in self.tree.scan_prefix([IDEMPOTENCY_PREFIX]) {
+    /// The idempotency keys of a stream appended before
+    /// `cutoff_unix_nanos` (and any that cannot be decoded).
+    pub fn expired_idempotency(
+        &self,
+        stream_id: u64,
+        cutoff_unix_nanos: i64,
+    ) -> Result<Vec<String>, StorageError> {
+        let prefix = idempotency_prefix(stream_id);
+        let mut keys = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
             let (key, value) = item?;
             let stale = IdempotencyRecord::decode(&value)
                 .map(|r| r.time_unix_nanos < cutoff_unix_nanos)
                 .unwrap_or(true);
             if stale {
-                self.tree.remove(key)?;
-                count += 1;
+                keys.push(String::from_utf8_lossy(&key[prefix.len()..]).into_owned());
             }
         }
-        Ok(count)
+        Ok(keys)
+    }
+
+    /// Removes idempotency keys of a stream (expiry), as one change.
+    pub fn forget_idempotency(
+        &self,
+        stream_id: u64,
+        keys: &[String],
+    ) -> Result<Pending, StorageError> {
+        self.prepare(
+            keys.iter()
+                .map(|k| Op::Remove(idempotency_key(stream_id, k)))
+                .collect(),
+        )
     }
 
     /// Removes a stream with all its chunks, idempotency keys, consumers
@@ -1325,7 +1342,13 @@ mod tests {
                 .write_group("a", &meta, vec![chunk(0, 1)], &[("old", old), ("new", new)])
                 .unwrap()])
             .unwrap();
-        assert_eq!(store.expire_idempotency(200).unwrap(), 1);
+        assert_eq!(store.expired_idempotency(1, 200).unwrap(), ["old"]);
+        assert!(store.expired_idempotency(2, 200).unwrap().is_empty());
+        store
+            .commit(vec![store
+                .forget_idempotency(1, &["old".to_string()])
+                .unwrap()])
+            .unwrap();
         assert_eq!(store.get_idempotency(1, "old").unwrap(), None);
         assert_eq!(store.get_idempotency(1, "new").unwrap(), Some(new));
     }
