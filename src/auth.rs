@@ -221,7 +221,11 @@ pub fn validate_tenant(tenant: &str) -> Result<(), Error> {
 /// The keys, in memory, backed by the store.
 pub struct KeyRing {
     store: Arc<Store>,
+    /// Read by every call; never held across a disk sync.
     keys: RwLock<BTreeMap<String, StoredKey>>,
+    /// Serializes revocations (each waits for a disk sync) without
+    /// holding `keys`.
+    revoking: Mutex<()>,
     /// Bumped on every change, so open subscriptions re-check their key.
     revision: watch::Sender<u64>,
     limits: Limits,
@@ -272,6 +276,7 @@ impl KeyRing {
         Ok(KeyRing {
             store,
             keys: RwLock::new(keys),
+            revoking: Mutex::new(()),
             revision: watch::channel(0).0,
             limits: Limits::default(),
         })
@@ -390,20 +395,22 @@ impl KeyRing {
     /// Revokes a key of `tenant` (any tenant when `None`). Subscriptions
     /// opened with it end within moments.
     pub fn revoke(&self, id: &str, tenant: Option<&str>) -> Result<KeyInfo, Error> {
-        let mut keys = self.keys.write().expect("keys lock");
+        let _revoking = self.revoking.lock().expect("revoking lock");
         let not_found = || Error::KeyNotFound(id.to_string());
-        let key = keys.get(id).ok_or_else(not_found)?;
-        if tenant.is_some_and(|t| key.tenant != t) {
-            return Err(not_found());
-        }
-        let mut revoked = key.clone();
+        let mut revoked = match self.keys.read().expect("keys lock").get(id) {
+            Some(key) if tenant.is_none_or(|t| key.tenant == t) => key.clone(),
+            _ => return Err(not_found()),
+        };
         if revoked.revoked_unix_nanos.is_none() {
             revoked.revoked_unix_nanos = Some(now_unix_nanos());
+            // Durable before anyone sees it, without blocking callers.
             self.save(&revoked)?;
         }
         let info = KeyInfo::from(&revoked);
-        keys.insert(id.to_string(), revoked);
-        drop(keys);
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(id.to_string(), revoked);
         self.revision.send_modify(|r| *r += 1);
         Ok(info)
     }

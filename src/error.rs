@@ -75,6 +75,16 @@ pub enum Error {
         /// The stream's first retained offset.
         first: u64,
     },
+    /// Events inside the retained range are missing or damaged in storage.
+    #[error("events of stream {stream:?} from offset {first}{} are damaged or missing in storage (data loss, not retention): reads cannot pass them. Stop the server and run `pullstream verify --data-dir DATA_DIR`, then restore from a backup", end.map_or(String::new(), |e| format!(" to {}", e - 1)))]
+    DataLoss {
+        /// The stream.
+        stream: String,
+        /// The first lost offset.
+        first: u64,
+        /// One past the last lost offset, when known.
+        end: Option<u64>,
+    },
     /// `expected_next_offset` did not match.
     #[error("expected next offset {expected} but stream {stream:?} is at next offset {actual}; nothing was written")]
     WrongExpectedOffset {

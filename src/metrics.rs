@@ -122,6 +122,9 @@ pub struct Metrics {
     pub flush_latency: Histogram,
     /// Events made durable by one sync (`fsync`) or one write (`buffered`).
     pub group_commit_events: Histogram,
+    /// Damaged or missing ranges of events found by reads (each counted
+    /// once per stream and first offset).
+    pub data_loss: Counter,
     /// Open subscriptions.
     pub active_subscriptions: Gauge,
     stream_head: Family<StreamLabel, Gauge>,
@@ -161,6 +164,7 @@ impl Metrics {
             flush_latency: Histogram::new(exponential_buckets(50e-6, 2.0, 16)),
             // 1 to 32768 events.
             group_commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            data_loss: Counter::default(),
             active_subscriptions: Gauge::default(),
             stream_head: Family::default(),
             stream_first: Family::default(),
@@ -208,6 +212,11 @@ impl Metrics {
             "Write-ahead log writes with fdatasync (fsync durability)",
             Unit::Seconds,
             m.flush_latency.clone(),
+        );
+        registry.register(
+            "data_loss_ranges",
+            "Ranges of retained events found damaged or missing in storage (reads get DATA_LOSS)",
+            m.data_loss.clone(),
         );
         registry.register(
             "group_commit_events",

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use consumer::{
     validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease, ConsumerSettings,
@@ -40,7 +40,9 @@ use crate::config::{Durability, ServerConfig};
 use crate::error::Error;
 use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot, WriteRefusal};
 pub use crate::storage::Retention;
-use crate::storage::{Chunk, EventRecord, Store, StoreOptions, StoredStream, StreamMeta};
+use crate::storage::{
+    Chunk, EventRecord, StorageError, Store, StoreOptions, StoredStream, StreamMeta,
+};
 use cache::{SharedReads, TailCache};
 use commit::Committer;
 use consumer::ConsumerState;
@@ -256,6 +258,10 @@ pub(crate) struct StreamShared {
     groups: Mutex<BTreeMap<String, group::GroupState>>,
     /// Chunks read from storage lately, shared by group members.
     shared_reads: Mutex<SharedReads>,
+    /// The server's metrics (for data loss).
+    server_metrics: Arc<Metrics>,
+    /// First offsets of damaged ranges already logged and counted.
+    damage_seen: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl StreamShared {
@@ -356,6 +362,27 @@ pub(crate) struct Stream {
 }
 
 impl Stream {
+    /// The error for events lost in storage from `first` on: logged and
+    /// counted the first time each range is found.
+    fn lost(&self, first: u64, end: Option<u64>) -> Error {
+        let error = Error::DataLoss {
+            stream: self.name.clone(),
+            first,
+            end,
+        };
+        if self
+            .shared
+            .damage_seen
+            .lock()
+            .expect("damage lock")
+            .insert(first)
+        {
+            self.shared.server_metrics.data_loss.inc();
+            error!(stream = %self.name, first, ?end, "data loss: retained events are damaged or missing in storage");
+        }
+        error
+    }
+
     fn info(&self) -> StreamInfo {
         let head = self.shared.head();
         StreamInfo {
@@ -433,7 +460,7 @@ impl Stream {
             let chunks = match cached {
                 Some(chunks) => chunks,
                 None => {
-                    let chunks: Vec<Arc<Chunk>> = store
+                    let read = store
                         .read_chunks(
                             self.meta.id,
                             position,
@@ -450,10 +477,19 @@ impl Stream {
                             },
                             // Decode only what the filter passes.
                             type_filtered.then_some(keep),
-                        )?
-                        .into_iter()
-                        .map(Arc::new)
-                        .collect();
+                        )
+                        .map_err(|e| match e {
+                            StorageError::CorruptChunk { offset, .. } => {
+                                self.lost(offset.max(position), None)
+                            }
+                            other => other.into(),
+                        });
+                    let chunks: Vec<Arc<Chunk>> = match read {
+                        Ok(chunks) => chunks.into_iter().map(Arc::new).collect(),
+                        // Serve what came before; the next read gets it.
+                        Err(_) if !slices.is_empty() => break,
+                        Err(e) => return Err(e),
+                    };
                     if sharing {
                         self.shared
                             .shared_reads
@@ -465,10 +501,13 @@ impl Stream {
                 }
             };
             let before = position;
+            let mut hole_end = None;
             for chunk in chunks {
                 if !chunk.contains(position) {
                     // A hole where committed events should be: retention
-                    // removed them under us. Never skip silently.
+                    // removed them under us, or storage lost them. Never
+                    // skip silently.
+                    hole_end = Some(chunk.first_offset);
                     break;
                 }
                 let start = (position - chunk.first_offset) as usize;
@@ -510,8 +549,17 @@ impl Stream {
                     break;
                 }
             }
+            if position == before && !slices.is_empty() {
+                // Serve what came before the hole; the next read, starting
+                // at it, gets the error.
+                break;
+            }
             if position == before {
                 let first = self.shared.head().first_offset;
+                if position >= first {
+                    // Retention did not remove it: it is lost.
+                    return Err(self.lost(position, Some(hole_end.unwrap_or(end))));
+                }
                 return Err(Error::OffsetTrimmed {
                     stream: self.name.clone(),
                     offset: position,
@@ -638,7 +686,9 @@ impl Log {
             retention: Mutex::new(stored.meta.retention),
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
             metrics: self.metrics.stream(&stored.name),
+            server_metrics: self.metrics.clone(),
             shared_reads: Mutex::new(SharedReads::new(SHARED_READS_BYTES)),
+            damage_seen: Mutex::new(Default::default()),
             groups: Mutex::new(
                 stored
                     .groups
@@ -1241,7 +1291,7 @@ fn fingerprint(batch: &AppendBatch) -> u128 {
         time_unix_nanos: 0,
         records: batch.events.clone(),
     };
-    xxhash_rust::xxh3::xxh3_128(&chunk.encode())
+    xxhash_rust::xxh3::xxh3_128(&chunk.encode_unchecked())
 }
 
 /// The current time in nanoseconds since the Unix epoch.

@@ -68,6 +68,7 @@ impl From<Error> for Status {
                 Status::out_of_range(message)
             }
             Error::WrongExpectedOffset { .. } => Status::failed_precondition(message),
+            Error::DataLoss { .. } => Status::data_loss(message),
             Error::ShuttingDown | Error::StorageFailed(_) => Status::unavailable(message),
             Error::DiskFull { .. } => Status::resource_exhausted(message),
             Error::Storage(StorageError::Wal(_)) => Status::unavailable(message),

@@ -7,20 +7,26 @@
 //! rewriting stored data:
 //!
 //! ```text
-//! chunk   = version:u8 (=2) first_offset:u64 time_unix_nanos:i64 count:u32 record*
+//! chunk   = version:u8 (=3) first_offset:u64 time_unix_nanos:i64 count:u32 record* crc32:u32
 //! record  = str(type) str(key) str(content_type) bytes(data) n_meta:u32 (str str)*
 //!           n_versions:u32 (str(label) str(content_type) bytes(data))*
 //! str     = len:u32 utf8-bytes        bytes = len:u32 raw-bytes
 //! ```
-//! Version 1 chunks (written before payload versions existed) have no
-//! `n_versions` part and are still read.
+//! `crc32` covers every byte before it. Version 2 chunks (written before
+//! checksums) have no `crc32`, and version 1 chunks (before payload
+//! versions) no `n_versions` part either; both are still read.
 //! All integers are big-endian. Decoding never panics on bad input: it
 //! returns [`CodecError`], which storage reports as corruption.
 
 use bytes::{Buf, BufMut, Bytes};
 
-const CHUNK_VERSION: u8 = 2;
+/// Chunks as written now: version 2's layout and a CRC-32 of everything
+/// before it, checked on every decode, so damage is never served.
+const CHUNK_VERSION: u8 = 3;
+/// Payload versions, no checksum (still read).
+const CHUNK_VERSION_WITHOUT_CHECKSUM: u8 = 2;
 const CHUNK_VERSION_WITHOUT_RENDERINGS: u8 = 1;
+const CHECKSUM_LEN: usize = 4;
 const META_VERSION: u8 = 2;
 /// Metadata written before streams had retention limits (still read).
 const META_VERSION_WITHOUT_RETENTION: u8 = 1;
@@ -129,6 +135,7 @@ impl Chunk {
     /// The number of bytes [`Chunk::encode`] produces.
     pub fn encoded_len(&self) -> usize {
         CHUNK_HEADER_LEN
+            + CHECKSUM_LEN
             + self
                 .records
                 .iter()
@@ -136,10 +143,20 @@ impl Chunk {
                 .sum::<usize>()
     }
 
-    /// Encodes the chunk for storage.
+    /// Encodes the chunk for storage, with its checksum.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.encode_unchecked();
+        out[0] = CHUNK_VERSION;
+        let crc = crc32fast::hash(&out);
+        out.put_u32(crc);
+        out
+    }
+
+    /// The version 2 encoding (no checksum): stable, so it is what
+    /// idempotency fingerprints hash.
+    pub fn encode_unchecked(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.encoded_len());
-        out.put_u8(CHUNK_VERSION);
+        out.put_u8(CHUNK_VERSION_WITHOUT_CHECKSUM);
         out.put_u64(self.first_offset);
         out.put_i64(self.time_unix_nanos);
         out.put_u32(self.records.len() as u32);
@@ -178,9 +195,26 @@ impl Chunk {
             return Err(CodecError::Truncated);
         }
         let version = buf.get_u8();
-        if version != CHUNK_VERSION && version != CHUNK_VERSION_WITHOUT_RENDERINGS {
+        if version == CHUNK_VERSION {
+            if buf.remaining() < CHUNK_HEADER_LEN - 1 + CHECKSUM_LEN {
+                return Err(CodecError::Truncated);
+            }
+            // `buf` is past the version byte: check the whole value.
+            let body = buf.len() - CHECKSUM_LEN;
+            let stored = (&buf[body..]).get_u32();
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(&[version]);
+            hasher.update(&buf[..body]);
+            if hasher.finalize() != stored {
+                return Err(CodecError::Checksum);
+            }
+            buf.truncate(body);
+        } else if version != CHUNK_VERSION_WITHOUT_CHECKSUM
+            && version != CHUNK_VERSION_WITHOUT_RENDERINGS
+        {
             return Err(CodecError::UnknownVersion(version));
         }
+        let with_renderings = version != CHUNK_VERSION_WITHOUT_RENDERINGS;
         let first_offset = buf.get_u64();
         let time_unix_nanos = buf.get_i64();
         let count = buf.get_u32() as usize;
@@ -194,7 +228,7 @@ impl Chunk {
             if let Some(keep) = keep {
                 let (event_type, key) = peek_type_and_key(&buf)?;
                 if !keep(event_type, key) {
-                    skip_record(&mut buf, version == CHUNK_VERSION)?;
+                    skip_record(&mut buf, with_renderings)?;
                     records.push(EventRecord::default());
                     continue;
                 }
@@ -212,7 +246,7 @@ impl Chunk {
                 metadata.push((get_string(&mut buf)?, get_string(&mut buf)?));
             }
             let mut renderings = Vec::new();
-            if version == CHUNK_VERSION {
+            if with_renderings {
                 let n = get_u32(&mut buf)? as usize;
                 if n > buf.remaining() / 12 {
                     return Err(CodecError::Truncated);
@@ -264,7 +298,10 @@ impl ChunkHeader {
             return Err(CodecError::Truncated);
         }
         let version = buf.get_u8();
-        if version != CHUNK_VERSION && version != CHUNK_VERSION_WITHOUT_RENDERINGS {
+        if version != CHUNK_VERSION
+            && version != CHUNK_VERSION_WITHOUT_CHECKSUM
+            && version != CHUNK_VERSION_WITHOUT_RENDERINGS
+        {
             return Err(CodecError::UnknownVersion(version));
         }
         Ok(ChunkHeader {
@@ -554,6 +591,9 @@ pub enum CodecError {
     /// Stored values contradict each other.
     #[error("{0}")]
     Inconsistent(String),
+    /// The value's checksum does not match its bytes.
+    #[error("checksum mismatch")]
+    Checksum,
 }
 
 /// A record selector for [`Chunk::decode_where`]: `(type, key) -> keep?`.
@@ -683,7 +723,8 @@ mod tests {
 
     #[test]
     fn trailing_bytes_and_unknown_version_are_rejected() {
-        let mut encoded = sample().encode();
+        // The layout checks, on the unchecksummed version 2 encoding.
+        let mut encoded = sample().encode_unchecked();
         encoded.push(0);
         assert_eq!(
             Chunk::decode(Bytes::from(encoded.clone())),
@@ -702,13 +743,34 @@ mod tests {
         let mut chunk = sample();
         chunk.records.truncate(1);
         chunk.records[0].metadata.clear();
-        let mut encoded = chunk.encode();
+        let mut encoded = chunk.encode_unchecked();
         // The type's first byte sits right after the header and its length.
         encoded[CHUNK_HEADER_LEN + 4] = 0xff;
         assert_eq!(
             Chunk::decode(Bytes::from(encoded)),
             Err(CodecError::InvalidUtf8)
         );
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught_by_the_checksum() {
+        let encoded = sample().encode();
+        assert_eq!(Chunk::decode(Bytes::from(encoded.clone())), Ok(sample()));
+        assert_eq!(
+            Chunk::decode(Bytes::from(sample().encode_unchecked())),
+            Ok(sample()),
+            "version 2 chunks are still read"
+        );
+        for byte in 1..encoded.len() {
+            for bit in 0..8 {
+                let mut flipped = encoded.clone();
+                flipped[byte] ^= 1 << bit;
+                assert!(
+                    Chunk::decode(Bytes::from(flipped)).is_err(),
+                    "byte {byte} bit {bit}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -131,6 +131,18 @@ pub enum StorageError {
     /// sled reported an error.
     #[error("storage error: {0}")]
     Sled(#[from] sled::Error),
+    /// A stored chunk of events is damaged (checksum mismatch or bad
+    /// layout): its events are lost.
+    #[error("the chunk at offset {offset} of stream id {stream_id} is damaged in the data dir: {source}")]
+    CorruptChunk {
+        /// The stream's id.
+        stream_id: u64,
+        /// The chunk's first offset (from its key).
+        offset: u64,
+        /// What is wrong.
+        #[source]
+        source: CodecError,
+    },
     /// A stored value could not be decoded.
     #[error("corrupt {what} in the data dir: {source}")]
     Corrupt {
@@ -518,6 +530,41 @@ impl Store {
         }
     }
 
+    /// Damages the stored chunk holding `offset` of stream `name` for
+    /// real, as a bad disk would: removes it, or flips a byte of it, then
+    /// syncs. For tests of damage handling only.
+    #[doc(hidden)]
+    pub fn damage_chunk_for_tests(
+        &self,
+        name: &str,
+        offset: u64,
+        remove: bool,
+    ) -> Result<(), StorageError> {
+        let meta = self
+            .tree
+            .get(stream_key(name))?
+            .map(|v| StreamMeta::decode(&v))
+            .transpose()
+            .map_err(|source| StorageError::Corrupt {
+                what: name.to_string(),
+                source,
+            })?
+            .ok_or_else(|| std::io::Error::other("no such stream"))?;
+        let (key, value) = self
+            .tree
+            .get_lt(chunk_key(meta.id, offset + 1))?
+            .ok_or_else(|| std::io::Error::other("no such chunk"))?;
+        if remove {
+            self.tree.remove(key)?;
+        } else {
+            let mut bytes = value.to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x20;
+            self.tree.insert(key, bytes)?;
+        }
+        self.sync()
+    }
+
     /// The data dir.
     pub fn path(&self) -> &Path {
         &self.path
@@ -718,7 +765,13 @@ impl Store {
             // For the page cache's accounting only (see above).
             let _ = self.tree.get(&key)?;
             bytes += value.len();
-            let chunk = self.decode_chunk(stream_id, &key, &value, keep)?;
+            let chunk = match self.decode_chunk(stream_id, &key, &value, keep) {
+                Ok(chunk) => chunk,
+                // Serve what precedes a damaged chunk; the next read,
+                // starting at it, gets the error.
+                Err(_) if !chunks.is_empty() => break,
+                Err(e) => return Err(e),
+            };
             if chunk.end_offset() > offset {
                 let covered = chunk.end_offset() - offset;
                 chunks.push(chunk);
@@ -1004,11 +1057,9 @@ impl Store {
         value: &sled::IVec,
         keep: Option<Keep<'_>>,
     ) -> Result<Chunk, StorageError> {
-        let corrupt = |source| StorageError::Corrupt {
-            what: format!(
-                "chunk at offset {} of stream id {stream_id}",
-                offset_of_chunk_key(key)
-            ),
+        let corrupt = |source| StorageError::CorruptChunk {
+            stream_id,
+            offset: offset_of_chunk_key(key),
             source,
         };
         // Payloads stay slices of sled's buffer: no copy.
@@ -1426,6 +1477,36 @@ mod tests {
         drop(store);
         let store = open(dir.path());
         assert!(store.load_streams().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_log_is_replayed_once_after_an_upgrade() {
+        use bytes::BufMut;
+        let dir = tempfile::tempdir().unwrap();
+        let payload = wal::encode_payload(&[
+            Op::Insert(chunk_key(4, 0).to_vec(), chunk(0, 2).value),
+            Op::Insert(stream_key("old"), meta(4, 2).encode()),
+        ]);
+        let mut v1 = Vec::new();
+        v1.put_u32_le(payload.len() as u32);
+        v1.put_u32_le(crc32fast::hash(&payload));
+        v1.put_slice(&payload);
+        std::fs::create_dir_all(dir.path().join("wal")).unwrap();
+        std::fs::write(dir.path().join("wal/wal-0000000000000007.log"), v1).unwrap();
+        let store = open(dir.path());
+        let streams = store.load_streams().unwrap();
+        assert_eq!(
+            (streams[0].name.as_str(), streams[0].next_offset),
+            ("old", 2)
+        );
+        assert_eq!(
+            wal_files(dir.path()),
+            [1],
+            "the v1 file is gone; numbering starts"
+        );
+        drop(store);
+        let store = open(dir.path());
+        assert_eq!(store.load_streams().unwrap()[0].next_offset, 2);
     }
 
     #[test]

@@ -516,3 +516,79 @@ async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncate
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A chunk damaged inside sled (a flipped byte) and one missing: reads and
+/// subscriptions get every event before the damage, then DATA_LOSS naming
+/// the stream and offsets, never OUT_OF_RANGE and never a silent skip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for batch in 0..10 {
+        append(&mut client, "s", events(batch * 10..batch * 10 + 10)).await;
+    }
+    drop(client);
+    let (dir, config) = server.stop().await;
+    {
+        let store = pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
+            path: config.data_dir.clone(),
+            cache_bytes: 8 << 20,
+            background_flush_ms: None,
+            write_ahead_log: true,
+            checkpoint_bytes: 1 << 20,
+            faults: None,
+        })
+        .unwrap();
+        store.damage_chunk_for_tests("s", 35, false).unwrap();
+        store.damage_chunk_for_tests("s", 70, true).unwrap();
+    }
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let read = |offset: u64| pb::ReadRequest {
+        stream: "s".into(),
+        offset,
+        limit: 1000,
+        ..Default::default()
+    };
+    let page = client.read(read(0)).await.unwrap().into_inner();
+    assert_eq!(page.events.len(), 30, "what precedes the damage is served");
+    assert_eq!(page.next_offset, 30);
+    for (offset, expected) in [
+        (30, "from offset 30"),
+        (35, "from offset 35"),
+        (70, "from offset 70 to 79"),
+    ] {
+        let status = client.read(read(offset)).await.unwrap_err();
+        assert_eq!(status.code(), Code::DataLoss, "offset {offset}: {status:?}");
+        assert!(
+            status.message().contains(expected) && status.message().contains("\"s\""),
+            "{}",
+            status.message()
+        );
+    }
+    let page = client.read(read(40)).await.unwrap().into_inner();
+    assert_eq!(page.events.first().unwrap().offset, 40);
+    assert_eq!(
+        page.next_offset, 70,
+        "the read stops before the missing chunk"
+    );
+
+    let mut subscription = subscribe(
+        &mut client,
+        "s",
+        Some(pb::subscribe_request::Start::Offset(0)),
+    )
+    .await;
+    let mut received = Vec::new();
+    let status = loop {
+        match next(&mut subscription).await {
+            Ok(response) => received.extend(response.events),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert_eq!(received.len(), 30, "a gap-free prefix, then the error");
+    for (i, e) in received.iter().enumerate() {
+        assert_eq!(e.offset, i as u64);
+    }
+}
