@@ -108,6 +108,9 @@ pub struct ServeSettings {
     /// Refuse appends and stream creation (RESOURCE_EXHAUSTED) while less than this many bytes are free under the data dir; deletions, trims and consumer commits still work, so space can be freed. 0 turns the floor off [default: 1 GiB or 5% of the volume, whichever is smaller]
     #[arg(long, env = "PULLSTREAM_MIN_FREE_BYTES")]
     pub min_free_bytes: Option<u64>,
+    /// Before serving, check every stored event (checksums, gaps, heads) as `pullstream verify` does, and refuse to start on damage; slow on big data dirs [default: false]
+    #[arg(long, env = "PULLSTREAM_VERIFY_ON_START", num_args = 0..=1, default_missing_value = "true")]
+    pub verify_on_start: Option<bool>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -169,6 +172,7 @@ impl ServeSettings {
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
             min_free_bytes: self.min_free_bytes.or(fallback.min_free_bytes),
             insecure: self.insecure.or(fallback.insecure),
+            verify_on_start: self.verify_on_start.or(fallback.verify_on_start),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
@@ -222,6 +226,8 @@ pub struct ServerConfig {
     /// The free-space floor under the data dir; `None` for the default
     /// (1 GiB or 5% of the volume, whichever is smaller), 0 for none.
     pub min_free_bytes: Option<u64>,
+    /// Check every stored event before serving (`--verify-on-start`).
+    pub verify_on_start: bool,
     /// Faults to inject under the write-ahead log and checkpoints (tests
     /// of storage failures only; never set by flags).
     pub faults: Option<std::sync::Arc<crate::durability::fault::Faults>>,
@@ -297,6 +303,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .checkpoint_bytes
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
             min_free_bytes: s.min_free_bytes,
+            verify_on_start: s.verify_on_start.unwrap_or(false),
             faults: None,
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),

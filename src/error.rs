@@ -133,6 +133,9 @@ pub enum Error {
         /// The floor.
         floor: u64,
     },
+    /// `--verify-on-start` found damage (the server does not start).
+    #[error("--verify-on-start found damaged or missing events: {0}. Restore the data dir from a backup, or start without --verify-on-start to serve the rest (reads of the damage get DATA_LOSS)")]
+    VerifyFailed(String),
     /// A storage error.
     #[error(transparent)]
     Storage(StorageError),

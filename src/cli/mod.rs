@@ -11,6 +11,7 @@ mod repair;
 mod status;
 mod streams;
 mod tail;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,6 +127,8 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Report what damage in the write-ahead log loses, and truncate it there with --yes (server stopped)
     Repair(repair::RepairArgs),
+    /// Check every stored event offline (server stopped): checksums, gaps, heads; non-zero exit on damage
+    Verify(verify::VerifyArgs),
 }
 
 impl Cli {
@@ -142,6 +145,7 @@ impl Cli {
             Command::Groups(args) => groups::run(args).await,
             Command::Bench(args) => crate::bench::run(args).await,
             Command::Repair(args) => repair::run(args).await,
+            Command::Verify(args) => verify::run(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

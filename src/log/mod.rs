@@ -101,6 +101,8 @@ pub struct LogConfig {
     pub checkpoint_bytes: u64,
     /// The free-space floor (`None`: the default for the volume).
     pub min_free_bytes: Option<u64>,
+    /// Check every stored event before opening (`--verify-on-start`).
+    pub verify_on_start: bool,
     /// Faults to inject under the log (tests only).
     pub faults: Option<Arc<crate::durability::fault::Faults>>,
 }
@@ -119,6 +121,7 @@ impl From<&ServerConfig> for LogConfig {
             auto_create_streams: c.auto_create_streams,
             checkpoint_bytes: c.checkpoint_bytes,
             min_free_bytes: c.min_free_bytes,
+            verify_on_start: c.verify_on_start,
             faults: c.faults.clone(),
         }
     }
@@ -619,9 +622,37 @@ impl Log {
             checkpoint_bytes: config.checkpoint_bytes,
             faults: config.faults.clone(),
         };
+        let verify = config.verify_on_start;
         let (store, stored) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&options)?;
             let stored = store.load_streams()?;
+            if verify {
+                let started = Instant::now();
+                let checks = store.verify(|_| {})?;
+                let damage: Vec<String> = checks
+                    .iter()
+                    .flat_map(|c| {
+                        c.damage.iter().map(move |d| {
+                            format!(
+                                "stream {:?} offsets {}..{}: {}",
+                                c.name,
+                                d.first,
+                                d.end.map_or("?".into(), |e| e.to_string()),
+                                d.reason
+                            )
+                        })
+                    })
+                    .collect();
+                if !damage.is_empty() {
+                    return Err(Error::VerifyFailed(damage.join("; ")));
+                }
+                info!(
+                    streams = checks.len(),
+                    chunks = checks.iter().map(|c| c.chunks).sum::<u64>(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "verified every stored event"
+                );
+            }
             Ok::<_, Error>((store, stored))
         })
         .await

@@ -72,7 +72,7 @@ impl From<Error> for Status {
             Error::ShuttingDown | Error::StorageFailed(_) => Status::unavailable(message),
             Error::DiskFull { .. } => Status::resource_exhausted(message),
             Error::Storage(StorageError::Wal(_)) => Status::unavailable(message),
-            Error::Storage(_) => Status::internal(message),
+            Error::Storage(_) | Error::VerifyFailed(_) => Status::internal(message),
         }
     }
 }

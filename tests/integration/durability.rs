@@ -529,6 +529,20 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
     }
     drop(client);
     let (dir, config) = server.stop().await;
+    const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+    let verify = || {
+        std::process::Command::new(BIN)
+            .args(["verify", "--json", "--data-dir"])
+            .arg(&config.data_dir)
+            .output()
+            .unwrap()
+    };
+    let clean = verify();
+    assert!(
+        clean.status.success(),
+        "{}",
+        String::from_utf8_lossy(&clean.stderr)
+    );
     {
         let store = pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
             path: config.data_dir.clone(),
@@ -542,6 +556,32 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
         store.damage_chunk_for_tests("s", 35, false).unwrap();
         store.damage_chunk_for_tests("s", 70, true).unwrap();
     }
+    // `verify` finds both, and so does `--verify-on-start`.
+    let found = verify();
+    assert!(!found.status.success(), "verify exits non-zero on damage");
+    let report: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    let damage = &report[0]["damage"];
+    assert_eq!(
+        (damage[0]["first"].as_u64(), damage[0]["end"].as_u64()),
+        (Some(30), Some(40)),
+        "{report}"
+    );
+    assert!(
+        damage[0]["reason"].as_str().unwrap().contains("checksum"),
+        "{report}"
+    );
+    assert_eq!(
+        (damage[1]["first"].as_u64(), damage[1]["end"].as_u64()),
+        (Some(70), Some(80)),
+        "{report}"
+    );
+    assert_eq!(damage.as_array().unwrap().len(), 2);
+    let mut strict = config.clone();
+    strict.verify_on_start = true;
+    let Err(refused) = pullstream::server::Server::open(strict).await else {
+        panic!("--verify-on-start must refuse a damaged data dir");
+    };
+    assert!(refused.to_string().contains("offsets 30..40"), "{refused}");
     let server = TestServer::start_in(dir, config).await;
     let mut client = server.client().await;
     let read = |offset: u64| pb::ReadRequest {
@@ -591,4 +631,57 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
     for (i, e) in received.iter().enumerate() {
         assert_eq!(e.offset, i as u64);
     }
+}
+
+/// The oldest chunk missing (nothing was trimmed): reads at the first
+/// retained offset get DATA_LOSS, not "no longer retained".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_first_chunk_is_data_loss_not_retention() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    for batch in 0..3 {
+        append(&mut client, "s", events(batch * 10..batch * 10 + 10)).await;
+    }
+    drop(client);
+    let (dir, config) = server.stop().await;
+    {
+        let store = pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
+            path: config.data_dir.clone(),
+            cache_bytes: 8 << 20,
+            background_flush_ms: None,
+            write_ahead_log: true,
+            checkpoint_bytes: 1 << 20,
+            faults: None,
+        })
+        .unwrap();
+        store.damage_chunk_for_tests("s", 0, true).unwrap();
+    }
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let info = client
+        .get_stream(pb::GetStreamRequest { stream: "s".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .stream
+        .unwrap();
+    assert_eq!(
+        info.first_offset, 0,
+        "the loss does not move the first retained offset"
+    );
+    let status = client
+        .read(pb::ReadRequest {
+            stream: "s".into(),
+            offset: 0,
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains("from offset 0 to 9"),
+        "{}",
+        status.message()
+    );
 }
