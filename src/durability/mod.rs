@@ -12,8 +12,10 @@
 //!
 //! - [`wal`]: record and file format, the scan, the open log, the marker.
 //! - [`fault`]: the seam that lets tests fail a write or a sync for real.
+//! - [`prealloc`]: zero-fills the log ahead of its writes (cheaper syncs).
 //! - [`space`]: free space under the data dir, for the free-space floor.
 
 pub mod fault;
+pub mod prealloc;
 pub mod space;
 pub mod wal;

@@ -45,12 +45,14 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut};
 
 use super::fault::{Faults, Target, WriteFault};
+use super::prealloc::Preallocator;
 
 /// By default, when the current log file passes this size, a checkpoint
 /// starts. Larger means fewer sled flushes, but a longer replay after a crash.
@@ -394,49 +396,57 @@ pub fn scan_file(path: &Path, named_first_seq: u64, data: &[u8], newest: bool) -
     }
     let mut pos = header.len();
     let mut expected = named_first_seq;
+    let zeros_from = |i: usize| data[i.min(data.len())..].iter().all(|b| *b == 0);
+    // Where the last non-zero byte ends: a torn part is counted up to it.
+    let used = data.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
     while pos < data.len() {
         let rest = &data[pos..];
-        let torn = FileEnd::Torn {
-            offset: pos as u64,
-            bytes: rest.len() as u64,
-        };
-        if newest && rest.iter().all(|b| *b == 0) {
-            scan.end = torn;
+        // Zeros where a record header would be, to the end: the end of the
+        // log (the zero-filled region ahead of the writes, or where the
+        // file system extended the file), in any file. Records lost in
+        // between would show as a gap in the numbering of the next file.
+        if rest[..rest.len().min(RECORD_HEADER_LEN)]
+            .iter()
+            .all(|b| *b == 0)
+            && zeros_from(pos)
+        {
             return scan;
         }
-        if rest.len() < RECORD_HEADER_LEN {
-            scan.end = if newest {
-                torn
+        // A bad record is a torn write only in the newest file, with
+        // nothing but zeros after it.
+        let torn_or = |record_end: usize, reason: String| {
+            if newest && zeros_from(record_end) {
+                FileEnd::Torn {
+                    offset: pos as u64,
+                    bytes: (used.max(pos) - pos) as u64,
+                }
             } else {
-                damage(pos, "a record header is cut short".into())
-            };
+                damage(pos, reason)
+            }
+        };
+        if rest.len() < RECORD_HEADER_LEN {
+            scan.end = torn_or(data.len(), "a record header is cut short".into());
             return scan;
         }
         let len = (&rest[0..4]).get_u32_le() as usize;
         let crc = (&rest[4..8]).get_u32_le();
         let seq = (&rest[8..16]).get_u64_le();
         if rest.len() - RECORD_HEADER_LEN < len {
-            scan.end = if newest {
-                torn
-            } else {
-                damage(pos, "a record runs past the end of the file".into())
-            };
+            scan.end = torn_or(data.len(), "a record runs past the end of the file".into());
             return scan;
         }
         let payload = &rest[RECORD_HEADER_LEN..RECORD_HEADER_LEN + len];
         let end = pos + RECORD_HEADER_LEN + len;
         if record_crc(seq, payload) != crc {
-            scan.end = if newest && end == data.len() {
-                torn
-            } else {
+            scan.end = torn_or(
+                end,
+                format!(
+                    "checksum mismatch in the record that should have sequence number {expected}"
+                ),
+            );
+            if matches!(scan.end, FileEnd::Damaged(_)) {
                 scan.salvaged = salvage(&data[end..], end);
-                damage(
-                    pos,
-                    format!(
-                        "checksum mismatch in the record that should have sequence number {expected}"
-                    ),
-                )
-            };
+            }
             return scan;
         }
         if seq != expected {
@@ -663,22 +673,30 @@ pub struct Wal {
     faults: Option<Arc<Faults>>,
     /// Why the log refuses appends, after a failed write or sync.
     poisoned: Option<String>,
+    /// Keeps the file zero-filled ahead of `len`.
+    prealloc: Option<Preallocator>,
+    /// Whether new files get a preallocator.
+    preallocate: bool,
 }
 
 impl Wal {
     /// Starts a new log file whose first record will be `first_seq`, due
-    /// for a checkpoint once it holds `checkpoint_bytes`. The header and
-    /// the directory entry are durable when it returns.
+    /// for a checkpoint once it holds `checkpoint_bytes`, zero-filled ahead
+    /// of its writes when `preallocate` (see [`super::prealloc`]). The
+    /// header and the directory entry are durable when it returns.
     pub fn create(
         dir: &Path,
         first_seq: u64,
         checkpoint_bytes: u64,
         faults: Option<Arc<Faults>>,
+        preallocate: bool,
     ) -> Result<Wal, WalError> {
         let path = dir.join(file_name(first_seq));
+        // Not append mode: records are written at `len`, over the zeros
+        // the preallocator put ahead of it.
         let file = OpenOptions::new()
             .create_new(true)
-            .append(true)
+            .write(true)
             .open(&path)
             .map_err(io_at(&path))?;
         let mut wal = Wal {
@@ -690,10 +708,13 @@ impl Wal {
             checkpoint_bytes,
             faults,
             poisoned: None,
+            prealloc: None,
+            preallocate,
         };
         let created = wal
-            .write(&file_header(first_seq))
-            .and_then(|()| wal.sync())
+            .file
+            .write_all_at(&file_header(first_seq), 0)
+            .and_then(|()| wal.file.sync_data())
             .map_err(io_at(&wal.path))
             .and_then(|()| sync_dir(dir));
         if let Err(e) = created {
@@ -702,17 +723,31 @@ impl Wal {
             return Err(e);
         }
         wal.len = FILE_HEADER_LEN;
+        if preallocate {
+            if let Ok(clone) = wal.file.try_clone() {
+                wal.prealloc = Some(Preallocator::start(clone, FILE_HEADER_LEN));
+            }
+        }
         Ok(wal)
     }
 
+    /// Writes `buf` at the end of the last good record.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        if let Some(WriteFault::Partial(written, error)) =
-            self.faults.as_ref().and_then(|f| f.on_write(buf.len()))
-        {
-            let _ = self.file.write_all(&buf[..written]);
-            return Err(error);
+        let end = self.len + buf.len() as u64;
+        let _past_prepared = self.prealloc.as_ref().and_then(|p| p.claim(end));
+        let written = match self.faults.as_ref().and_then(|f| f.on_write(buf.len())) {
+            Some(WriteFault::Partial(written, error)) => {
+                let _ = self.file.write_all_at(&buf[..written], self.len);
+                Err(error)
+            }
+            None => self.file.write_all_at(buf, self.len),
+        };
+        if written.is_ok() {
+            if let Some(prealloc) = &self.prealloc {
+                prealloc.wrote_to(end);
+            }
         }
-        self.file.write_all(buf)
+        written
     }
 
     fn sync(&mut self) -> std::io::Result<()> {
@@ -768,8 +803,10 @@ impl Wal {
         Ok(self.next_seq - 1)
     }
 
-    /// Truncates the file to the end of its last good record.
+    /// Truncates the file to the end of its last good record (and stops
+    /// zero-filling: nothing more is written to a poisoned log).
     fn roll_back(&mut self) -> std::io::Result<()> {
+        self.prealloc = None;
         self.file.set_len(self.len)?;
         self.file.sync_data()
     }
@@ -797,6 +834,7 @@ impl Wal {
             self.next_seq,
             self.checkpoint_bytes,
             self.faults.clone(),
+            self.preallocate,
         )?;
         *self = next;
         Ok(self.next_seq - 1)
@@ -818,7 +856,7 @@ mod tests {
     }
 
     fn write_log(dir: &Path, first_seq: u64, records: u8) -> PathBuf {
-        let mut wal = Wal::create(dir, first_seq, 1 << 20, None).unwrap();
+        let mut wal = Wal::create(dir, first_seq, 1 << 20, None, false).unwrap();
         for n in 0..records {
             wal.append(&[encode_payload(&ops(n))]).unwrap();
         }
@@ -866,18 +904,32 @@ mod tests {
             scan.records.iter().map(|r| r.seq).collect::<Vec<_>>(),
             [7, 8]
         );
-        // Zeros where the file system extended the file are torn too.
+        // Zeros after the records (zero-filled ahead of the writes, or
+        // where the file system extended the file) end the log cleanly, in
+        // any file; a torn record before them is still torn, counted up to
+        // its last non-zero byte.
         let mut zeros = data.clone();
         zeros.extend([0u8; 100]);
-        let scan = scan_file(&path, 7, &zeros, true);
+        for newest in [true, false] {
+            let scan = scan_file(&path, 7, &zeros, newest);
+            assert_eq!((scan.records.len(), scan.end), (2, FileEnd::Clean));
+        }
+        let mut torn = data.clone();
+        torn.extend([9u8; 20]);
+        torn.extend([0u8; 100]);
+        let scan = scan_file(&path, 7, &torn, true);
         assert_eq!(scan.records.len(), 2);
         assert_eq!(
             scan.end,
             FileEnd::Torn {
                 offset: data.len() as u64,
-                bytes: 100
+                bytes: 20
             }
         );
+        assert!(matches!(
+            scan_file(&path, 7, &torn, false).end,
+            FileEnd::Damaged(_)
+        ));
     }
 
     #[test]
@@ -914,7 +966,7 @@ mod tests {
     #[test]
     fn the_scan_checks_numbering_across_files_and_files_rotate() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), 1, 1, None).unwrap();
+        let mut wal = Wal::create(dir.path(), 1, 1, None, false).unwrap();
         assert!(wal.wants_checkpoint(), "the header alone passes 1 byte");
         wal.append(&[encode_payload(&ops(0)), encode_payload(&ops(1))])
             .unwrap();
@@ -943,7 +995,7 @@ mod tests {
     fn a_failed_write_is_rolled_back_and_poisons_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let faults = Arc::new(Faults::new());
-        let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone())).unwrap();
+        let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
         wal.append(&[encode_payload(&ops(0))]).unwrap();
         faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
         let e = wal.append(&[encode_payload(&ops(1))]).unwrap_err();
@@ -958,7 +1010,7 @@ mod tests {
         assert_eq!(found.next_seq(), 2);
 
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone())).unwrap();
+        let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
         faults.fail_nth(Target::WalSync, 0, Failure::Io, 0);
         assert!(matches!(
             wal.append(&[encode_payload(&ops(0))]),

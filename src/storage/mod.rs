@@ -283,6 +283,7 @@ impl Store {
                 next_seq,
                 options.checkpoint_bytes,
                 options.faults.clone(),
+                true,
             )?));
         }
         // Only now, with a newer file in place, may covered files go.
@@ -385,7 +386,9 @@ impl Store {
         let data = std::fs::read(file)?;
         let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
         let copy = self.wal_dir.join(format!("torn-{name}-at-{offset}.bin"));
-        std::fs::write(&copy, &data[offset as usize..])?;
+        let start = (offset as usize).min(data.len());
+        let end = (start + bytes as usize).min(data.len());
+        std::fs::write(&copy, &data[start..end])?;
         tracing::warn!(
             file = %file.display(),
             offset,
@@ -1536,7 +1539,7 @@ mod tests {
     /// Writes log records as a crashed run would have left them.
     fn crashed_log(dir: &Path, records: &[Vec<Op>]) -> PathBuf {
         std::fs::create_dir_all(dir.join("wal")).unwrap();
-        let mut log = Wal::create(&dir.join("wal"), 1, 1 << 30, None).unwrap();
+        let mut log = Wal::create(&dir.join("wal"), 1, 1 << 30, None, false).unwrap();
         for ops in records {
             log.append(&[wal::encode_payload(ops)]).unwrap();
         }
