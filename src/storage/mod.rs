@@ -567,13 +567,8 @@ impl Store {
     pub fn verify(&self, mut progress: impl FnMut(u64)) -> Result<Vec<StreamCheck>, StorageError> {
         let mut checks = Vec::new();
         let mut chunks_seen = 0u64;
-        for item in self.tree.scan_prefix([STREAM_PREFIX]) {
-            let (key, value) = item?;
-            let name = String::from_utf8_lossy(&key[1..]).into_owned();
-            let meta = StreamMeta::decode(&value).map_err(|source| StorageError::Corrupt {
-                what: format!("metadata of stream {name}"),
-                source,
-            })?;
+        for item in self.stream_metas() {
+            let (name, meta) = item?;
             let head = meta.next_offset.max(meta.offset_floor);
             let mut check = StreamCheck {
                 name,
@@ -673,17 +668,27 @@ impl Store {
         &self.path
     }
 
-    /// Loads every stream with its first offset and head, removing what
-    /// an unfinished group left past the head (never acknowledged).
-    pub fn load_streams(&self) -> Result<Vec<StoredStream>, StorageError> {
-        let mut streams = Vec::new();
-        for item in self.tree.scan_prefix([STREAM_PREFIX]) {
+    /// Every stream's name and metadata, in name order.
+    fn stream_metas(
+        &self,
+    ) -> impl Iterator<Item = Result<(String, StreamMeta), StorageError>> + '_ {
+        self.tree.scan_prefix([STREAM_PREFIX]).map(|item| {
             let (key, value) = item?;
             let name = String::from_utf8_lossy(&key[1..]).into_owned();
             let meta = StreamMeta::decode(&value).map_err(|source| StorageError::Corrupt {
                 what: format!("metadata of stream {name}"),
                 source,
             })?;
+            Ok((name, meta))
+        })
+    }
+
+    /// Loads every stream with its first offset and head, removing what
+    /// an unfinished group left past the head (never acknowledged).
+    pub fn load_streams(&self) -> Result<Vec<StoredStream>, StorageError> {
+        let mut streams = Vec::new();
+        for item in self.stream_metas() {
+            let (name, meta) = item?;
             let next_offset = meta.next_offset.max(meta.offset_floor);
             self.remove_past_head(&name, meta.id, next_offset)?;
             let first_chunk = self.first_chunk_offset(meta.id)?;

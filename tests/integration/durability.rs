@@ -58,6 +58,20 @@ async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::St
     }
 }
 
+/// The store of a stopped server's data dir, opened directly (to damage
+/// it as a bad disk would).
+fn open_store(data_dir: &std::path::Path) -> pullstream::storage::Store {
+    pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
+        path: data_dir.to_path_buf(),
+        cache_bytes: 8 << 20,
+        background_flush_ms: None,
+        write_ahead_log: true,
+        checkpoint_bytes: 1 << 20,
+        faults: None,
+    })
+    .unwrap()
+}
+
 fn events(range: std::ops::Range<usize>) -> Vec<pb::NewEvent> {
     range.map(|i| event("t", &format!("{i}"))).collect()
 }
@@ -551,15 +565,7 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
         String::from_utf8_lossy(&clean.stderr)
     );
     {
-        let store = pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
-            path: config.data_dir.clone(),
-            cache_bytes: 8 << 20,
-            background_flush_ms: None,
-            write_ahead_log: true,
-            checkpoint_bytes: 1 << 20,
-            faults: None,
-        })
-        .unwrap();
+        let store = open_store(&config.data_dir);
         store.damage_chunk_for_tests("s", 35, false).unwrap();
         store.damage_chunk_for_tests("s", 70, true).unwrap();
     }
@@ -652,15 +658,7 @@ async fn a_missing_first_chunk_is_data_loss_not_retention() {
     drop(client);
     let (dir, config) = server.stop().await;
     {
-        let store = pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
-            path: config.data_dir.clone(),
-            cache_bytes: 8 << 20,
-            background_flush_ms: None,
-            write_ahead_log: true,
-            checkpoint_bytes: 1 << 20,
-            faults: None,
-        })
-        .unwrap();
+        let store = open_store(&config.data_dir);
         store.damage_chunk_for_tests("s", 0, true).unwrap();
     }
     let server = TestServer::start_in(dir, config).await;
