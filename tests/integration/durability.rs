@@ -690,3 +690,54 @@ async fn a_missing_first_chunk_is_data_loss_not_retention() {
         status.message()
     );
 }
+
+/// ENOSPC during a consumer group's commit: refused with UNAVAILABLE, and
+/// after a restart the group holds exactly its last acknowledged commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..50)).await;
+    let mut member = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "a".into(),
+            group: "g".into(),
+            member: "m".into(),
+            start: Some(pb::subscribe_request::Start::Offset(0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut delivered = 0;
+    while delivered < 50 {
+        delivered += next(&mut member).await.unwrap().events.len();
+    }
+    let commit = |next_offset| pb::CommitGroupRequest {
+        stream: "a".into(),
+        group: "g".into(),
+        member: "m".into(),
+        next_offset,
+    };
+    client.commit_group(commit(20)).await.unwrap();
+    faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
+    let status = client.commit_group(commit(40)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    drop(member);
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let group = client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group
+        .unwrap();
+    assert_eq!(group.low_watermark, 20, "{group:?}");
+}
