@@ -5,7 +5,8 @@
 //! the groups queue up, and one writer at a time (the leader: whichever
 //! finds no sync running) takes every group waiting, appends their
 //! write-ahead log records with one write and one `fdatasync`
-//! ([`Store::commit`], which applies them to sled only once they are durable), then publishes them: each stream's head moves,
+//! ([`Store::commit`], which applies them to sled only once they are
+//! durable), then publishes them: each stream's head moves,
 //! its tail cache gets the new chunks, and the callers get their
 //! acknowledgements. Groups queued while a sync runs go in the leader's next
 //! round, so under load one sync covers many appends on many streams.

@@ -1,12 +1,16 @@
 //! Storage: the only module that knows sled.
 //!
-//! One sled database lives in the data dir, with one tree holding three
+//! One sled database lives in the data dir, with one tree holding these
 //! kinds of keys:
 //!
 //! ```text
 //! 's' name                    -> StreamMeta           (one per stream)
 //! 'c' stream_id:u64 first:u64 -> Chunk                (big-endian: sled order = offset order)
 //! 'i' stream_id:u64 key       -> IdempotencyRecord    (remembered idempotency keys)
+//! 'u' stream_id:u64 name      -> ConsumerRecord       (durable consumers)
+//! 'g' stream_id:u64 name      -> GroupRecord          (consumer groups)
+//! 'a' id                      -> API key record       (opaque: auth encodes it)
+//! "m/checkpoint"              -> u64                  (the last log record a checkpoint made durable)
 //! ```
 //!
 //! A group commit writes its chunks and idempotency records first and the
@@ -15,13 +19,17 @@
 //! whatever lies past the head (a group cut short, never acknowledged) is
 //! removed when the store opens: groups are all or nothing.
 //!
-//! Durability: sled's `flush` ends in `sync_file_range` on Linux, which
-//! persists neither file metadata nor the drive's write cache. [`Store::sync`]
-//! therefore follows it with a real `fdatasync` on sled's data file. With the
-//! write-ahead log on (`fsync` mode), appends are made durable by the
-//! [`wal`] instead, one `fdatasync` per group commit, and sled is synced by
-//! background checkpoints. Layout: `DATA_DIR/sled/` (sled) and
-//! `DATA_DIR/wal/` (log files).
+//! Durability: every change goes through [`Store::commit`]. With the
+//! write-ahead log on (`fsync` mode) it is appended to the log
+//! ([`crate::durability::wal`]) and synced, one `fdatasync` per group
+//! commit, and only then applied to sled, which background checkpoints
+//! make durable. sled's `flush` ends in `sync_file_range` on Linux, which
+//! persists neither file metadata nor the drive's write cache, so
+//! [`Store::sync`] follows it with a real `fdatasync` on sled's data file.
+//! Opening the store recovers: it replays the records past the last
+//! checkpoint, or refuses to open on damage ([`repair`] is the way out).
+//! Layout: `DATA_DIR/sled/` (sled) and `DATA_DIR/wal/` (log files and the
+//! checkpoint marker).
 //! Values larger than a quarter of sled's segment size become separate blob
 //! files that sled never syncs, so the store uses 8 MiB segments (2 MiB
 //! inline limit) and the server caps events well below that; the log splits
