@@ -51,6 +51,11 @@ fn to_json(status: &pb::GetServerStatusResponse) -> serde_json::Value {
             let mut stream = json::stream_info(&s.stream.clone().unwrap_or_default());
             stream["append_rate"] = json!(s.append_rate);
             stream["consumers"] = s.consumers.iter().map(json::consumer_info).collect();
+            stream["damaged"] = s
+                .damaged
+                .iter()
+                .map(|d| json!({ "first_offset": d.first_offset, "end_offset": d.end_offset }))
+                .collect();
             stream
         })
         .collect();
@@ -116,6 +121,17 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
                 .as_ref()
                 .map_or("keep everything".to_string(), json::retention_text)
         );
+    }
+    for s in &status.streams {
+        let name = s.stream.as_ref().map_or("", |i| i.name.as_str());
+        for d in &s.damaged {
+            let _ = writeln!(
+                out,
+                "DATA LOSS: stream {name} offsets {}..{} are damaged or missing in storage (reads get DATA_LOSS; stop the server and run `pullstream verify`)",
+                d.first_offset,
+                d.end_offset.map_or("?".to_string(), |e| (e - 1).to_string())
+            );
+        }
     }
     let consumers: Vec<_> = status
         .streams

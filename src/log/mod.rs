@@ -263,8 +263,9 @@ pub(crate) struct StreamShared {
     shared_reads: Mutex<SharedReads>,
     /// The server's metrics (for data loss).
     server_metrics: Arc<Metrics>,
-    /// First offsets of damaged ranges already logged and counted.
-    damage_seen: Mutex<std::collections::BTreeSet<u64>>,
+    /// Damaged ranges found by reads (first offset → end, when known),
+    /// each logged and counted once.
+    damage_seen: Mutex<BTreeMap<u64, Option<u64>>>,
 }
 
 impl StreamShared {
@@ -373,13 +374,14 @@ impl Stream {
             first,
             end,
         };
-        if self
+        let new = self
             .shared
             .damage_seen
             .lock()
             .expect("damage lock")
-            .insert(first)
-        {
+            .insert(first, end)
+            .is_none();
+        if new {
             self.shared.server_metrics.data_loss.inc();
             error!(stream = %self.name, first, ?end, "data loss: retained events are damaged or missing in storage");
         }
@@ -482,9 +484,8 @@ impl Stream {
                             type_filtered.then_some(keep),
                         )
                         .map_err(|e| match e {
-                            StorageError::CorruptChunk { offset, .. } => {
-                                self.lost(offset.max(position), None)
-                            }
+                            // The damage starts where the chunk does.
+                            StorageError::CorruptChunk { offset, .. } => self.lost(offset, None),
                             other => other.into(),
                         });
                     let chunks: Vec<Arc<Chunk>> = match read {
@@ -1160,6 +1161,14 @@ impl Log {
     /// A stream's events appended per second over the last minute.
     pub fn append_rate(&self, name: &str) -> Result<f64, Error> {
         Ok(self.get(name)?.shared.append_rate())
+    }
+
+    /// The ranges of a stream that reads found damaged or missing in
+    /// storage since the server started: (first offset, end when known).
+    pub fn damaged_ranges(&self, name: &str) -> Result<Vec<(u64, Option<u64>)>, Error> {
+        let stream = self.get(name)?;
+        let damage = stream.shared.damage_seen.lock().expect("damage lock");
+        Ok(damage.iter().map(|(f, e)| (*f, *e)).collect())
     }
 
     /// Deletes a stream with all its events; its subscriptions end.

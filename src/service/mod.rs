@@ -429,9 +429,10 @@ impl EventLog for EventLogService {
         let mut streams = Vec::new();
         // A stream deleted between listing and describing is left out.
         for info in self.log.list_streams(&start, usize::MAX, &visible) {
-            let (Ok(rate), Ok(consumers)) = (
+            let (Ok(rate), Ok(consumers), Ok(damaged)) = (
                 self.log.append_rate(&info.name),
                 self.log.list_consumers(&info.name),
+                self.log.damaged_ranges(&info.name),
             ) else {
                 continue;
             };
@@ -443,6 +444,13 @@ impl EventLog for EventLogService {
                     .collect(),
                 stream: Some(stream_info_to_proto(info, name)),
                 append_rate: rate,
+                damaged: damaged
+                    .into_iter()
+                    .map(|(first_offset, end_offset)| pb::DamagedRange {
+                        first_offset,
+                        end_offset,
+                    })
+                    .collect(),
             });
         }
         Ok(Response::new(pb::GetServerStatusResponse {

@@ -610,7 +610,7 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
     assert_eq!(page.next_offset, 30);
     for (offset, expected) in [
         (30, "from offset 30"),
-        (35, "from offset 35"),
+        (35, "from offset 30"),
         (70, "from offset 70 to 79"),
     ] {
         let status = client.read(read(offset)).await.unwrap_err();
@@ -643,6 +643,18 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
     };
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
     assert_eq!(received.len(), 30, "a gap-free prefix, then the error");
+    // Status reports what reads found.
+    let status = client
+        .get_server_status(pb::GetServerStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let damaged: Vec<(u64, Option<u64>)> = status.streams[0]
+        .damaged
+        .iter()
+        .map(|d| (d.first_offset, d.end_offset))
+        .collect();
+    assert_eq!(damaged, [(30, None), (70, Some(80))]);
     for (i, e) in received.iter().enumerate() {
         assert_eq!(e.offset, i as u64);
     }
