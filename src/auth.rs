@@ -122,6 +122,10 @@ pub struct NewKey {
     pub ttl: Option<Duration>,
 }
 
+/// The most stream patterns one key may have (each is at most 200 bytes,
+/// the filter grammar's limit).
+pub const MAX_KEY_PATTERNS: usize = 100;
+
 /// The identity and rights a call runs with.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -175,6 +179,63 @@ impl Principal {
             )));
         }
         Ok(stored_stream_name(&self.tenant, name))
+    }
+
+    /// The minting rule: a key may create only keys with a subset of its
+    /// scopes, stream patterns within its own, and an expiry no later than
+    /// its own. PERMISSION_DENIED naming the rule otherwise.
+    pub fn may_mint(
+        &self,
+        scopes: &[Scope],
+        streams: &[String],
+        ttl: Option<Duration>,
+    ) -> Result<(), Error> {
+        let id = self.key_id.as_deref().unwrap_or("-");
+        let denied = |why: String| {
+            Err(Error::PermissionDenied(format!(
+                "API key {id} may not create this key: {why} (a key can only create keys with a subset of its scopes, stream patterns within its own, and an expiry no later than its own)"
+            )))
+        };
+        if let Some(extra) = scopes.iter().find(|s| !self.scopes.contains(s)) {
+            return denied(format!("it lacks the {} scope itself", extra.name()));
+        }
+        if !self.covers(streams) {
+            return denied(format!(
+                "the stream patterns {streams:?} are not all within its own {:?}",
+                self.patterns()
+            ));
+        }
+        if let Some(expires) = self.expires_unix_nanos {
+            let asked = ttl.map(|ttl| {
+                now_unix_nanos().saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX))
+            });
+            if asked.is_none_or(|asked| asked > expires) {
+                let left =
+                    Duration::from_nanos(expires.saturating_sub(now_unix_nanos()).max(0) as u64);
+                return denied(format!(
+                    "it expires in {}, so the new key must expire no later (give a TTL of at most that)",
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a key limited to `streams` (all streams when empty) lies
+    /// within this key's patterns, so this key may list and revoke it.
+    pub fn covers(&self, streams: &[String]) -> bool {
+        if self.streams.is_empty() {
+            return true;
+        }
+        !streams.is_empty()
+            && streams.iter().all(|s| {
+                TypePattern::parse(s)
+                    .is_ok_and(|theirs| self.streams.iter().any(|mine| mine.covers(&theirs)))
+            })
+    }
+
+    fn patterns(&self) -> Vec<&str> {
+        self.streams.iter().map(TypePattern::source).collect()
     }
 
     /// Whether the key's stream patterns allow `name`.
@@ -349,6 +410,12 @@ impl KeyRing {
                 "a key needs at least one scope: publish, subscribe or admin".into(),
             ));
         }
+        if new.streams.len() > MAX_KEY_PATTERNS {
+            return Err(Error::InvalidArgument(format!(
+                "a key may have at most {MAX_KEY_PATTERNS} stream patterns ({} given)",
+                new.streams.len()
+            )));
+        }
         for pattern in &new.streams {
             TypePattern::parse(pattern)?;
         }
@@ -395,12 +462,29 @@ impl KeyRing {
     /// Revokes a key of `tenant` (any tenant when `None`). Subscriptions
     /// opened with it end within moments.
     pub fn revoke(&self, id: &str, tenant: Option<&str>) -> Result<KeyInfo, Error> {
+        self.revoke_if(id, tenant, |_| true)
+    }
+
+    /// Revokes a key like [`KeyRing::revoke`] if `allowed` says the caller
+    /// may manage it (PERMISSION_DENIED otherwise).
+    pub fn revoke_if(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+        allowed: impl FnOnce(&KeyInfo) -> bool,
+    ) -> Result<KeyInfo, Error> {
         let _revoking = self.revoking.lock().expect("revoking lock");
         let not_found = || Error::KeyNotFound(id.to_string());
         let mut revoked = match self.keys.read().expect("keys lock").get(id) {
             Some(key) if tenant.is_none_or(|t| key.tenant == t) => key.clone(),
             _ => return Err(not_found()),
         };
+        if !allowed(&KeyInfo::from(&revoked)) {
+            return Err(Error::PermissionDenied(format!(
+                "API key {id} has stream patterns {:?} outside the caller's: a stream-limited admin key can only revoke keys within its own patterns",
+                revoked.streams
+            )));
+        }
         if revoked.revoked_unix_nanos.is_none() {
             revoked.revoked_unix_nanos = Some(now_unix_nanos());
             // Durable before anyone sees it, without blocking callers.

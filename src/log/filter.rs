@@ -54,6 +54,28 @@ enum Shape {
 }
 
 impl TypePattern {
+    /// Whether every name `other` matches, this pattern matches too (so a
+    /// key limited to this pattern may hand out keys limited to `other`).
+    pub fn covers(&self, other: &TypePattern) -> bool {
+        let (mine, theirs) = (&self.segments, &other.segments);
+        for (i, segment) in mine.iter().enumerate() {
+            let Some(their) = theirs.get(i) else {
+                // `other` matches names shorter than this pattern needs.
+                return false;
+            };
+            match (segment, their) {
+                // The rest of any name `other` matches (at least one
+                // segment: `their` is one).
+                (Segment::Rest, _) => return true,
+                (_, Segment::Rest) => return false,
+                (Segment::Any, _) => {}
+                (Segment::Literal(a), Segment::Literal(b)) if a == b => {}
+                (Segment::Literal(_), _) => return false,
+            }
+        }
+        mine.len() == theirs.len()
+    }
+
     /// Parses a pattern; INVALID_ARGUMENT explaining the grammar when it is
     /// malformed.
     pub fn parse(pattern: &str) -> Result<TypePattern, Error> {
@@ -221,6 +243,32 @@ impl EventFilter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_pattern_covers_exactly_the_patterns_whose_names_it_matches() {
+        let p = |s: &str| super::TypePattern::parse(s).unwrap();
+        for (outer, inner, covers) in [
+            ("orders.>", "orders.eu", true),
+            ("orders.>", "orders.*", true),
+            ("orders.>", "orders.eu.>", true),
+            ("orders.>", "orders.>", true),
+            ("orders.>", "orders", false),
+            ("orders.>", ">", false),
+            ("orders.>", "*.eu", false),
+            ("orders.*", "orders.eu", true),
+            ("orders.*", "orders.*", true),
+            ("orders.*", "orders.>", false),
+            ("orders.*", "orders.eu.x", false),
+            ("orders", "orders", true),
+            ("orders", "orders.*", false),
+            ("orders", "secret", false),
+            (">", "anything.at.all", true),
+            ("*", "secret", true),
+            ("*", "a.b", false),
+        ] {
+            assert_eq!(p(outer).covers(&p(inner)), covers, "{outer} covers {inner}");
+        }
+    }
+
     use super::*;
 
     fn matches(pattern: &str, event_type: &str) -> bool {

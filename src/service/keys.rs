@@ -36,11 +36,13 @@ impl ApiKeys for ApiKeysService {
             .iter()
             .map(|&s| scope_from_proto(s))
             .collect::<Result<Vec<_>, _>>()?;
+        let ttl = (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds));
+        caller.may_mint(&scopes, &request.streams, ttl)?;
         let (info, secret) = self.keys.create(NewKey {
             tenant: caller.tenant,
             scopes,
             streams: request.streams,
-            ttl: (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds)),
+            ttl,
         })?;
         Ok(Response::new(pb::CreateApiKeyResponse {
             key: Some(key_to_proto(info)),
@@ -53,9 +55,14 @@ impl ApiKeys for ApiKeysService {
         request: Request<pb::ListApiKeysRequest>,
     ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
         let caller = caller(&self.keys, &request, &[Scope::Admin])?;
+        // A stream-limited admin sees only the keys within its patterns.
         let keys = self.keys.list(Some(&caller.tenant));
         Ok(Response::new(pb::ListApiKeysResponse {
-            keys: keys.into_iter().map(key_to_proto).collect(),
+            keys: keys
+                .into_iter()
+                .filter(|k| caller.covers(&k.streams))
+                .map(key_to_proto)
+                .collect(),
         }))
     }
 
@@ -65,7 +72,9 @@ impl ApiKeys for ApiKeysService {
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         let caller = caller(&self.keys, &request, &[Scope::Admin])?;
         let id = request.into_inner().id;
-        let info = self.keys.revoke(&id, Some(&caller.tenant))?;
+        let info = self
+            .keys
+            .revoke_if(&id, Some(&caller.tenant), |key| caller.covers(&key.streams))?;
         Ok(Response::new(pb::RevokeApiKeyResponse {
             key: Some(key_to_proto(info)),
         }))

@@ -267,7 +267,8 @@ async fn tenants_cannot_see_or_touch_each_others_streams_or_consumers() {
 #[tokio::test]
 async fn each_scope_allows_its_calls_and_denies_the_others() {
     within(async {
-        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (server, keys) =
+            server_with_keys(&[("t", &[Scope::Publish, Scope::Subscribe, Scope::Admin])]).await;
         let admin = &keys[0];
         let (_, publisher) = create_key(&server, admin, &[pb::Scope::Publish], &[], 0).await;
         let (_, reader) = create_key(&server, admin, &[pb::Scope::Subscribe], &[], 0).await;
@@ -328,7 +329,8 @@ async fn each_scope_allows_its_calls_and_denies_the_others() {
 #[tokio::test]
 async fn stream_patterns_limit_a_key() {
     within(async {
-        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (server, keys) =
+            server_with_keys(&[("t", &[Scope::Publish, Scope::Subscribe, Scope::Admin])]).await;
         let (_, limited) = create_key(
             &server,
             &keys[0],
@@ -374,7 +376,8 @@ async fn stream_patterns_limit_a_key() {
 #[tokio::test]
 async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
     within(async {
-        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (server, keys) =
+            server_with_keys(&[("t", &[Scope::Publish, Scope::Subscribe, Scope::Admin])]).await;
         let admin = &keys[0];
         let mut anonymous = EventLogClient::with_interceptor(server.channel().await, Bearer(None));
         let status = anonymous
@@ -459,7 +462,8 @@ async fn missing_bad_expired_and_revoked_keys_are_unauthenticated() {
 #[tokio::test]
 async fn no_secret_is_written_to_the_data_dir() {
     within(async {
-        let (server, keys) = server_with_keys(&[("t", &[Scope::Admin])]).await;
+        let (server, keys) =
+            server_with_keys(&[("t", &[Scope::Publish, Scope::Subscribe, Scope::Admin])]).await;
         let (_, created) = create_key(&server, &keys[0], &[pb::Scope::Publish], &[], 0).await;
         let (dir, _) = server.stop().await;
         let mut files = vec![dir.path().to_path_buf()];
@@ -662,4 +666,101 @@ async fn retention_status_and_groups_follow_tenants_and_scopes() {
         "deleting a group needs admin"
     );
     acme_admin.delete_group(delete).await.unwrap();
+}
+
+/// The minting rule: scopes, stream patterns and expiry of a created key
+/// lie within the creator's; a stream-limited admin lists and revokes only
+/// keys within its patterns; patterns per key are bounded.
+#[tokio::test]
+async fn a_key_mints_only_keys_within_its_own_rights() {
+    let (server, keys) =
+        server_with_keys(&[("t", &[Scope::Publish, Scope::Subscribe, Scope::Admin])]).await;
+    let root = &keys[0];
+    let (limited_id, limited) = create_key(
+        &server,
+        root,
+        &[pb::Scope::Admin, pb::Scope::Subscribe],
+        &["orders.>"],
+        3600,
+    )
+    .await;
+    let mut api = admin_api(&server, &limited).await;
+    let mint = |scopes: &[pb::Scope], streams: &[&str], ttl_seconds: u64| pb::CreateApiKeyRequest {
+        scopes: scopes.iter().map(|&s| s as i32).collect(),
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        ttl_seconds,
+    };
+    for (request, why) in [
+        (mint(&[pb::Scope::Subscribe], &[], 60), "patterns"),
+        (mint(&[pb::Scope::Subscribe], &["secret"], 60), "patterns"),
+        (mint(&[pb::Scope::Subscribe], &["orders.eu"], 0), "expire"),
+        (
+            mint(&[pb::Scope::Subscribe], &["orders.eu"], 31 * 365 * 86400),
+            "expire",
+        ),
+        (
+            mint(&[pb::Scope::Publish], &["orders.eu"], 60),
+            "publish scope",
+        ),
+    ] {
+        let status = api.create_api_key(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{why}: {status:?}");
+        assert!(status.message().contains(why), "{}", status.message());
+    }
+    let minted = api
+        .create_api_key(mint(&[pb::Scope::Subscribe], &["orders.eu"], 60))
+        .await
+        .unwrap()
+        .into_inner()
+        .key
+        .unwrap();
+    // The limited admin sees itself and what it minted, not the root key.
+    let mut seen: Vec<String> = api
+        .list_api_keys(pb::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    seen.sort();
+    let mut expected = vec![limited_id.clone(), minted.id.clone()];
+    expected.sort();
+    assert_eq!(seen, expected);
+    let root_id = root.split('_').nth(1).unwrap().to_string();
+    let status = api
+        .revoke_api_key(pb::RevokeApiKeyRequest { id: root_id })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    api.revoke_api_key(pb::RevokeApiKeyRequest { id: minted.id })
+        .await
+        .expect("a key within its patterns can be revoked");
+    // The tenant-wide admin still sees every key.
+    let all = admin_api(&server, root)
+        .await
+        .list_api_keys(pb::ListApiKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(all.len(), 3);
+    // Bounded patterns.
+    let many: Vec<String> = (0..101).map(|i| format!("s{i}")).collect();
+    let status = admin_api(&server, root)
+        .await
+        .create_api_key(pb::CreateApiKeyRequest {
+            scopes: vec![pb::Scope::Subscribe as i32],
+            streams: many,
+            ttl_seconds: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains("at most 100"),
+        "{}",
+        status.message()
+    );
 }
