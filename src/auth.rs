@@ -74,6 +74,21 @@ struct StoredKey {
     revoked_unix_nanos: Option<i64>,
     /// Hex SHA-256 of the secret part of the key.
     secret_sha256: String,
+    /// `streams`, parsed once when the key is loaded or created, so a
+    /// call's key check is a map lookup and its stream check a match.
+    #[serde(skip)]
+    compiled: Arc<[TypePattern]>,
+}
+
+impl StoredKey {
+    fn compile(mut self) -> StoredKey {
+        self.compiled = self
+            .streams
+            .iter()
+            .filter_map(|p| TypePattern::parse(p).ok())
+            .collect();
+        self
+    }
 }
 
 /// A key as listed: no secret, no digest.
@@ -134,7 +149,7 @@ pub struct Principal {
     /// The tenant whose streams the call sees.
     pub tenant: String,
     scopes: Vec<Scope>,
-    streams: Vec<TypePattern>,
+    streams: Arc<[TypePattern]>,
     /// When the key expires, if it does.
     pub expires_unix_nanos: Option<i64>,
 }
@@ -146,7 +161,7 @@ impl Principal {
             key_id: None,
             tenant: DEFAULT_TENANT.to_string(),
             scopes: vec![Scope::Publish, Scope::Subscribe, Scope::Admin],
-            streams: Vec::new(),
+            streams: Arc::from([]),
             expires_unix_nanos: None,
         }
     }
@@ -170,8 +185,9 @@ impl Principal {
         validate_stream_name(name)?;
         if !self.may_use(name) {
             return Err(Error::PermissionDenied(format!(
-                "API key {} may not use stream {name:?}: it is limited to {:?}",
+                "API key {} may not use stream {}: it is limited to {:?}",
                 self.key_id.as_deref().unwrap_or("-"),
+                crate::error::shown(name),
                 self.streams
                     .iter()
                     .map(TypePattern::source)
@@ -274,7 +290,8 @@ pub fn validate_tenant(tenant: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "invalid tenant {tenant:?}: use 1 to {MAX_TENANT_LEN} characters of A-Z a-z 0-9 . _ -"
+            "invalid tenant {}: use 1 to {MAX_TENANT_LEN} characters of A-Z a-z 0-9 . _ -",
+            crate::error::shown(tenant)
         )))
     }
 }
@@ -330,9 +347,12 @@ impl KeyRing {
         let mut keys = BTreeMap::new();
         for (id, value) in store.api_keys()? {
             let key: StoredKey = serde_json::from_slice(&value).map_err(|e| {
-                Error::StorageFailed(format!("API key record {id} is unreadable: {e}"))
+                Error::Storage(crate::storage::StorageError::Corrupt {
+                    what: format!("API key record {id}"),
+                    source: crate::storage::CodecError::Inconsistent(e.to_string()),
+                })
             })?;
-            keys.insert(id, key);
+            keys.insert(id, key.compile());
         }
         Ok(KeyRing {
             store,
@@ -437,7 +457,9 @@ impl KeyRing {
             expires_unix_nanos: expires,
             revoked_unix_nanos: None,
             secret_sha256: hex(&Sha256::digest(secret.as_bytes())),
-        };
+            compiled: Arc::from([]),
+        }
+        .compile();
         self.save(&stored)?;
         let info = KeyInfo::from(&stored);
         self.keys
@@ -550,11 +572,7 @@ impl KeyRing {
             key_id: Some(key.id.clone()),
             tenant: key.tenant.clone(),
             scopes: key.scopes.clone(),
-            streams: key
-                .streams
-                .iter()
-                .filter_map(|p| TypePattern::parse(p).ok())
-                .collect(),
+            streams: key.compiled.clone(),
             expires_unix_nanos: key.expires_unix_nanos,
         })
     }

@@ -9,7 +9,7 @@ use crate::storage::StorageError;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A stream name that breaks the naming rule.
-    #[error("invalid stream name {name:?}: {reason}")]
+    #[error("invalid stream name {}: {reason}", shown(name))]
     InvalidStreamName {
         /// The rejected name.
         name: String,
@@ -20,10 +20,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
     /// The stream does not exist (or was deleted).
-    #[error("stream {0:?} not found")]
+    #[error("stream {} not found", shown(.0))]
     StreamNotFound(String),
     /// A durable consumer that does not exist.
-    #[error("consumer {consumer:?} of stream {stream:?} not found")]
+    #[error("consumer {} of stream {} not found", shown(consumer), shown(stream))]
     ConsumerNotFound {
         /// The stream.
         stream: String,
@@ -32,7 +32,7 @@ pub enum Error {
     },
     /// A newer subscription of the same durable consumer took over, or the
     /// consumer was deleted.
-    #[error("consumer {consumer:?} of stream {stream:?} {reason}")]
+    #[error("consumer {} of stream {} {reason}", shown(consumer), shown(stream))]
     ConsumerSessionEnded {
         /// The stream.
         stream: String,
@@ -43,7 +43,7 @@ pub enum Error {
     },
     /// A consumer group, or a member of it, that does not exist (or is not
     /// connected).
-    #[error("{what} of stream {stream:?} does not exist{hint}")]
+    #[error("{what} of stream {} does not exist{hint}", shown(stream))]
     GroupNotFound {
         /// The stream.
         stream: String,
@@ -53,10 +53,13 @@ pub enum Error {
         hint: &'static str,
     },
     /// CreateStream on a stream that exists.
-    #[error("stream {0:?} already exists")]
+    #[error("stream {} already exists", shown(.0))]
     StreamExists(String),
     /// A start or read offset beyond the stream's head.
-    #[error("offset {offset} is past the head of stream {stream:?}: its next offset is {head}")]
+    #[error(
+        "offset {offset} is past the head of stream {}: its next offset is {head}",
+        shown(stream)
+    )]
     OffsetPastHead {
         /// The stream.
         stream: String,
@@ -66,7 +69,10 @@ pub enum Error {
         head: u64,
     },
     /// A start or read offset below the first retained event.
-    #[error("offset {offset} of stream {stream:?} is no longer retained: the first retained offset is {first}")]
+    #[error(
+        "offset {offset} of stream {} is no longer retained: the first retained offset is {first}",
+        shown(stream)
+    )]
     OffsetTrimmed {
         /// The stream.
         stream: String,
@@ -76,7 +82,7 @@ pub enum Error {
         first: u64,
     },
     /// Events inside the retained range are missing or damaged in storage.
-    #[error("events of stream {stream:?} from offset {first}{} are damaged or missing in storage (data loss, not retention): reads cannot pass them. Stop the server and run `pullstream verify --data-dir DATA_DIR`, then restore from a backup", end.map_or(String::new(), |e| format!(" to {}", e - 1)))]
+    #[error("events of stream {} from offset {first}{} are damaged or missing in storage (data loss, not retention): reads cannot pass them. Stop the server and run `pullstream verify --data-dir DATA_DIR`, then restore from a backup", shown(stream), end.map_or(String::new(), |e| format!(" to {}", e - 1)))]
     DataLoss {
         /// The stream.
         stream: String,
@@ -86,7 +92,7 @@ pub enum Error {
         end: Option<u64>,
     },
     /// `expected_next_offset` did not match.
-    #[error("expected next offset {expected} but stream {stream:?} is at next offset {actual}; nothing was written")]
+    #[error("expected next offset {expected} but stream {} is at next offset {actual}; nothing was written", shown(stream))]
     WrongExpectedOffset {
         /// The stream.
         stream: String,
@@ -96,7 +102,7 @@ pub enum Error {
         actual: u64,
     },
     /// An idempotency key reused for a different batch.
-    #[error("idempotency key {key:?} was already used on stream {stream:?} for a different batch; nothing was written")]
+    #[error("idempotency key {} was already used on stream {} for a different batch; nothing was written", shown(key), shown(stream))]
     IdempotencyConflict {
         /// The stream.
         stream: String,
@@ -113,7 +119,7 @@ pub enum Error {
     #[error("{0}")]
     ResourceExhausted(String),
     /// An API key id that does not exist (for the caller's tenant).
-    #[error("API key {0:?} not found")]
+    #[error("API key {} not found", shown(.0))]
     KeyNotFound(String),
     /// The server is shutting down.
     #[error("server shutting down: reconnect and resume from your cursor")]
@@ -152,5 +158,30 @@ impl From<StorageError> for Error {
             ) => Error::StorageFailed(error.to_string()),
             other => Error::Storage(other),
         }
+    }
+}
+
+/// How a client's input appears in an error message: quoted, and cut to
+/// its first 100 characters (then `…`), so a huge name cannot make a huge
+/// status message (clients reject oversized `grpc-message` headers).
+pub fn shown(input: &str) -> String {
+    const MAX_CHARS: usize = 100;
+    match input.char_indices().nth(MAX_CHARS) {
+        None => format!("{input:?}"),
+        Some((cut, _)) => format!("{:?}…", &input[..cut]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echoed_input_is_cut_to_100_characters() {
+        assert_eq!(shown("orders"), "\"orders\"");
+        let long = "é".repeat(1000);
+        let message = Error::StreamNotFound(long).to_string();
+        assert!(message.chars().count() < 130, "{message}");
+        assert!(message.contains("…"));
     }
 }

@@ -170,7 +170,8 @@ fn check_label(what: &str, value: &str, max: usize) -> Result<(), Error> {
         return Ok(());
     };
     Err(Error::InvalidArgument(format!(
-        "invalid {what} {value:?}: {reason}"
+        "invalid {what} {}: {reason}",
+        crate::error::shown(value)
     )))
 }
 

@@ -81,9 +81,10 @@ impl TypePattern {
     pub fn parse(pattern: &str) -> Result<TypePattern, Error> {
         let invalid = |why: &str| {
             Err(Error::InvalidArgument(format!(
-                "type pattern {pattern:?} is malformed: {why} (segments are separated by '.'; \
+                "type pattern {} is malformed: {why} (segments are separated by '.'; \
                  '*' matches one segment, '>' as the last segment matches the rest, \
-                 e.g. \"invoice.*\", \"invoice.>\", \"*.deleted\")"
+                 e.g. \"invoice.*\", \"invoice.>\", \"*.deleted\")",
+                crate::error::shown(pattern)
             )))
         };
         if pattern.is_empty() {
@@ -198,7 +199,8 @@ impl EventFilter {
             .find(|k| k.is_empty() || k.len() > MAX_FILTER_ITEM_LEN)
         {
             return Err(Error::InvalidArgument(format!(
-                "filter key {key:?} must be 1 to {MAX_FILTER_ITEM_LEN} bytes"
+                "filter key {} must be 1 to {MAX_FILTER_ITEM_LEN} bytes",
+                crate::error::shown(key)
             )));
         }
         Ok(EventFilter {

@@ -274,7 +274,7 @@ pub(crate) fn apply_change(
 fn group_not_found(stream: &str, group: &str) -> Error {
     Error::GroupNotFound {
         stream: stream.to_string(),
-        what: format!("consumer group {group:?}"),
+        what: format!("consumer group {}", crate::error::shown(group)),
         hint: ": subscribe with `group` and `member` to create it",
     }
 }
@@ -282,7 +282,11 @@ fn group_not_found(stream: &str, group: &str) -> Error {
 fn member_not_found(stream: &str, group: &str, member: &str) -> Error {
     Error::GroupNotFound {
         stream: stream.to_string(),
-        what: format!("member {member:?} of consumer group {group:?}"),
+        what: format!(
+            "member {} of consumer group {}",
+            crate::error::shown(member),
+            crate::error::shown(group)
+        ),
         hint: " (or is not connected): commit from the member's open subscription",
     }
 }

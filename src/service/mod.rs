@@ -39,6 +39,9 @@ pub mod keys_proto {
 /// Default and largest page for Read, and default batch for Subscribe.
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
+/// The longest status message sent, in bytes.
+const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
+
 /// Responses stop growing past this many bytes (at least one event each).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Responses a subscription may have queued for a slow client before its
@@ -48,7 +51,18 @@ const SUBSCRIPTION_BUFFER: usize = 4;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
-        let message = error.to_string();
+        // Echoed input is cut where the message is built (`error::shown`);
+        // this bounds whatever else a message holds, so no status header
+        // grows past what clients accept.
+        let mut message = error.to_string();
+        if message.len() > MAX_STATUS_MESSAGE_BYTES {
+            let mut cut = MAX_STATUS_MESSAGE_BYTES;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
         match error {
             Error::InvalidStreamName { .. } | Error::InvalidArgument(_) => {
                 Status::invalid_argument(message)

@@ -271,3 +271,27 @@ async fn a_connection_that_never_starts_http2_is_closed() {
     })
     .await;
 }
+
+/// A huge name is answered INVALID_ARGUMENT with a short message: echoed
+/// input is cut, so the status header stays small (clients turn a huge
+/// `grpc-message` into RESOURCE_EXHAUSTED).
+#[tokio::test]
+async fn a_huge_name_gets_a_short_invalid_argument() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let status = client
+        .append(pb::AppendRequest {
+            stream: "x".repeat(1 << 20),
+            events: vec![event("t", "1")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().len() < 400,
+        "{} bytes",
+        status.message().len()
+    );
+    assert!(status.message().contains('…'));
+}
