@@ -912,6 +912,8 @@ impl Log {
             if event.event_type.is_empty() {
                 return invalid(format!("event {i} has an empty type: every event needs a type such as \"invoice.paid\""));
             }
+            validate_event_fields(event)
+                .map_err(|why| Error::InvalidArgument(format!("event {i}: {why}")))?;
             for rendering in &event.renderings {
                 let label = std::str::from_utf8(&rendering.label).unwrap_or("");
                 validate_version_label(label)
@@ -1227,6 +1229,77 @@ impl Log {
             .map_err(|e| Error::StorageFailed(e.to_string()))??;
         Ok(())
     }
+}
+
+/// The longest event key and content type, in bytes (the filter grammar's
+/// limit, so every key can be selected).
+pub const MAX_EVENT_FIELD_LEN: usize = 200;
+/// The most metadata entries per event.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// The longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE_LEN: usize = 4096;
+
+/// Checks an event's fields (beyond its total size): the type follows the
+/// filter grammar's segments (non-empty, dot-separated, no whitespace or
+/// control characters, at most 200 bytes, no `*` or `>`), key and content
+/// type are at most 200 bytes, and metadata has at most 64 entries with
+/// keys of at most 200 bytes and values of at most 4 KiB.
+fn validate_event_fields(event: &EventRecord) -> Result<(), String> {
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let event_type = &event.event_type[..];
+    if event_type.len() > MAX_EVENT_FIELD_LEN {
+        return Err(format!(
+            "its type is {} bytes; the most allowed is {MAX_EVENT_FIELD_LEN}",
+            event_type.len()
+        ));
+    }
+    let bad_type = |why: &str| {
+        Err(format!(
+            "its type {} {why}: use dot-separated segments such as \"invoice.paid\"",
+            crate::error::shown(&text(event_type))
+        ))
+    };
+    if event_type
+        .split(|b| *b == b'.')
+        .any(|segment| segment.is_empty())
+    {
+        return bad_type("has an empty segment");
+    }
+    if event_type
+        .iter()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return bad_type("contains whitespace or a control character");
+    }
+    if event_type
+        .split(|b| *b == b'.')
+        .any(|segment| segment == b"*" || segment == b">")
+    {
+        return bad_type("has a wildcard segment ('*' or '>'), which only patterns may use");
+    }
+    for (what, value) in [("key", &event.key), ("content type", &event.content_type)] {
+        if value.len() > MAX_EVENT_FIELD_LEN {
+            return Err(format!(
+                "its {what} is {} bytes; the most allowed is {MAX_EVENT_FIELD_LEN}",
+                value.len()
+            ));
+        }
+    }
+    if event.metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(format!(
+            "it has {} metadata entries; the most allowed is {MAX_METADATA_ENTRIES}",
+            event.metadata.len()
+        ));
+    }
+    for (key, value) in &event.metadata {
+        if key.len() > MAX_EVENT_FIELD_LEN || value.len() > MAX_METADATA_VALUE_LEN {
+            return Err(format!(
+                "metadata {} is too long: keys may have at most {MAX_EVENT_FIELD_LEN} bytes and values {MAX_METADATA_VALUE_LEN}",
+                crate::error::shown(&text(key))
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Checks a retention policy's limits.

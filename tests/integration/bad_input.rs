@@ -295,3 +295,66 @@ async fn a_huge_name_gets_a_short_invalid_argument() {
     );
     assert!(status.message().contains('…'));
 }
+
+/// Event fields beyond the total size: each violation is INVALID_ARGUMENT
+/// naming the event and the rule, and nothing of the batch is written.
+#[tokio::test]
+async fn event_fields_are_bounded_and_types_follow_the_filter_grammar() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("ok.type", "1")]).await;
+    let with = |tweak: &dyn Fn(&mut pb::NewEvent)| {
+        let mut e = event("t", "1");
+        tweak(&mut e);
+        e
+    };
+    let cases: Vec<(pb::NewEvent, &str)> = vec![
+        (with(&|e| e.r#type = "a".repeat(201)), "type is 201 bytes"),
+        (with(&|e| e.r#type = "a..b".into()), "empty segment"),
+        (with(&|e| e.r#type = ".a".into()), "empty segment"),
+        (with(&|e| e.r#type = "a b".into()), "whitespace"),
+        (with(&|e| e.r#type = "a\0b".into()), "control"),
+        (with(&|e| e.r#type = "a.*".into()), "wildcard"),
+        (with(&|e| e.key = "k".repeat(201)), "key is 201 bytes"),
+        (
+            with(&|e| e.content_type = "c".repeat(201)),
+            "content type is 201 bytes",
+        ),
+        (
+            with(&|e| e.metadata = (0..65).map(|i| (format!("m{i}"), "v".into())).collect()),
+            "65 metadata entries",
+        ),
+        (
+            with(&|e| e.metadata = [("m".into(), "v".repeat(4097))].into()),
+            "metadata \"m\" is too long",
+        ),
+    ];
+    for (bad, why) in cases {
+        let status = client
+            .append(pb::AppendRequest {
+                stream: "s".into(),
+                events: vec![event("fine", "1"), bad],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{why}: {status:?}");
+        assert!(
+            status.message().starts_with("event 1:") && status.message().contains(why),
+            "{why}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(
+        read_all(&mut client, "s").await.len(),
+        1,
+        "nothing was written"
+    );
+    // At the limits, all is accepted.
+    let at_limits = with(&|e| {
+        e.r#type = "a".repeat(200);
+        e.key = "k".repeat(200);
+        e.metadata = [("m".repeat(200), "v".repeat(4096))].into();
+    });
+    append(&mut client, "s", vec![at_limits]).await;
+}
