@@ -45,7 +45,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -632,7 +632,12 @@ pub fn write_checkpoint(dir: &Path, covered: u64) -> Result<(), WalError> {
     data.put_u32_le(crc);
     let tmp = dir.join(format!("{CHECKPOINT_FILE}.tmp"));
     (|| {
-        let mut file = File::create(&tmp)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
         file.write_all(&data)?;
         file.sync_data()?;
         std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE))
@@ -697,6 +702,7 @@ impl Wal {
         let file = OpenOptions::new()
             .create_new(true)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_at(&path))?;
         let mut wal = Wal {

@@ -39,6 +39,7 @@ pub mod codec;
 pub mod repair;
 
 use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -247,8 +248,14 @@ impl Store {
         let path = options.path.clone();
         let sled_dir = path.join("sled");
         let wal_dir = path.join("wal");
-        std::fs::create_dir_all(&sled_dir)?;
-        std::fs::create_dir_all(&wal_dir)?;
+        // Events and key digests are private: directories created here are
+        // 0700 and files 0600.
+        for dir in [&path, &sled_dir, &wal_dir] {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        }
         let config = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(options.cache_bytes)
@@ -274,6 +281,13 @@ impl Store {
         };
         let tree = db.open_tree("pullstream")?;
         let data_file = File::open(sled_dir.join("db"))?;
+        // sled creates its files with the process umask.
+        for entry in std::fs::read_dir(&sled_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
         let mut store = Store {
             db,
             tree,

@@ -764,3 +764,30 @@ async fn a_key_mints_only_keys_within_its_own_rights() {
         status.message()
     );
 }
+
+/// The data dir holds events and key digests: what the server creates is
+/// private (directories 0700, files 0600).
+#[tokio::test]
+async fn the_data_dir_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server =
+        TestServer::start_in(tempfile::tempdir().unwrap(), ServerConfig::for_tests(&data)).await;
+    let mut client = server.client().await;
+    append(&mut client, "s", vec![event("t", "1")]).await;
+    drop(client);
+    server.stop().await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for d in [data.clone(), data.join("sled"), data.join("wal")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+    for sub in ["sled", "wal"] {
+        for entry in std::fs::read_dir(data.join(sub)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                assert_eq!(mode(&path), 0o600, "{}", path.display());
+            }
+        }
+    }
+}
