@@ -45,12 +45,12 @@ pub struct Server {
     metrics_listener: Option<TcpListener>,
 }
 
-/// How long a client has to finish the TLS handshake before its connection
-/// is closed.
-const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Reads the TLS files into tonic's config.
-fn tls_config(files: &crate::config::TlsFiles) -> Result<ServerTlsConfig, Error> {
+/// Reads the TLS files into tonic's config; a client has `handshake` to
+/// finish the TLS handshake (`--handshake-timeout`).
+fn tls_config(
+    files: &crate::config::TlsFiles,
+    handshake: std::time::Duration,
+) -> Result<ServerTlsConfig, Error> {
     let read = |flag: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| {
             Error::InvalidArgument(format!("cannot read {flag} {}: {e}", path.display()))
@@ -60,9 +60,7 @@ fn tls_config(files: &crate::config::TlsFiles) -> Result<ServerTlsConfig, Error>
         read("--tls-cert", &files.cert)?,
         read("--tls-key", &files.key)?,
     );
-    let mut tls = ServerTlsConfig::new()
-        .identity(identity)
-        .timeout(TLS_HANDSHAKE_TIMEOUT);
+    let mut tls = ServerTlsConfig::new().identity(identity).timeout(handshake);
     if let Some(ca) = &files.client_ca {
         tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
     }
@@ -73,7 +71,11 @@ impl Server {
     /// Opens storage. Fails with a clear message when the data dir is
     /// locked by another process, unreadable or corrupt.
     pub async fn open(config: ServerConfig) -> Result<Server, Error> {
-        let tls = config.tls.as_ref().map(tls_config).transpose()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|files| tls_config(files, config.handshake_timeout))
+            .transpose()?;
         let log = Log::open(LogConfig::from(&config)).await?;
         let keys = Arc::new(
             KeyRing::load(log.store().clone())?
