@@ -46,8 +46,8 @@ const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 /// Responses a subscription may have queued for a slow client before its
 /// task waits: with HTTP/2 flow control this bounds a stalled subscriber's
-/// memory to a few responses.
-const SUBSCRIPTION_BUFFER: usize = 4;
+/// memory to a few responses. One more slot is kept for the final status.
+const SUBSCRIPTION_BUFFER: usize = 4 + 1;
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -585,6 +585,12 @@ async fn run_subscription(
         max_events,
         metrics: (delivered, _active),
     } = delivery;
+    // A slot kept for the final status, so a client that stopped reading
+    // still learns why its stream ended once it reads again (a full buffer
+    // would otherwise drop it and the client would see a clean end).
+    let Ok(last_word) = tx.clone().reserve_owned().await else {
+        return;
+    };
     // The first response goes out at once, events or not, so the client
     // knows its subscription is live.
     let mut send_now = true;
@@ -596,7 +602,7 @@ async fn run_subscription(
         let slices = match subscription.poll(max_events, MAX_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
-                let _ = tx.send(Err(error.into())).await;
+                let _ = last_word.send(Err(error.into()));
                 return;
             }
         };
@@ -635,15 +641,15 @@ async fn run_subscription(
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },
                 _ = shutdown.cancelled() => {
-                    let _ = tx.try_send(Err(Error::ShuttingDown.into()));
+                    let _ = last_word.send(Err(Error::ShuttingDown.into()));
                     return;
                 }
                 error = lease_lost(&lease) => {
-                    let _ = tx.try_send(Err(error.into()));
+                    let _ = last_word.send(Err(error.into()));
                     return;
                 }
                 error = key_lost(&keys, &principal) => {
-                    let _ = tx.try_send(Err(error.into()));
+                    let _ = last_word.send(Err(error.into()));
                     return;
                 }
             }
@@ -663,15 +669,15 @@ async fn run_subscription(
             _ = tokio::time::sleep_until(idle_until) => send_now = true,
             _ = tx.closed() => return,
             _ = shutdown.cancelled() => {
-                let _ = tx.send(Err(Error::ShuttingDown.into())).await;
+                let _ = last_word.send(Err(Error::ShuttingDown.into()));
                 return;
             }
             error = lease_lost(&lease) => {
-                let _ = tx.send(Err(error.into())).await;
+                let _ = last_word.send(Err(error.into()));
                 return;
             }
             error = key_lost(&keys, &principal) => {
-                let _ = tx.send(Err(error.into())).await;
+                let _ = last_word.send(Err(error.into()));
                 return;
             }
         }

@@ -317,3 +317,46 @@ async fn a_refused_start_creates_no_consumer() {
     })
     .await;
 }
+
+/// A stalled subscriber that is taken over still learns why its stream
+/// ended: the final status has a slot of its own in the response buffer,
+/// so it arrives after what was already queued, never as a clean end.
+#[tokio::test]
+async fn a_stalled_subscriber_taken_over_still_gets_its_final_status() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        let big = "x".repeat(1000);
+        for _ in 0..4 {
+            append(&mut client, "s", events(100, &big)).await;
+        }
+        let mut stalled_client =
+            pb::event_log_client::EventLogClient::new(server.stalling_channel().await);
+        let mut old = stalled_client
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                consumer: "worker".into(),
+                max_batch_events: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        next(&mut old).await.unwrap();
+        // Let the server side fill the windows and its buffer and block.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut new = subscribe_as(&mut client, "s", "worker", None)
+            .await
+            .unwrap();
+        next(&mut new).await.unwrap();
+        let status = loop {
+            match old.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the stream ended cleanly: the final status was lost"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::Aborted, "{status:?}");
+    })
+    .await;
+}
