@@ -595,7 +595,9 @@ pub struct Log {
     /// sync) without holding the registry lock every call takes.
     creating: Mutex<()>,
     /// Appends and creations are refused below this many free bytes under
-    /// the data dir (0: no floor).
+    /// the data dir (0: no floor). Read on every Append: one `statvfs`
+    /// (about a microsecond) against an append's ~0.5 ms, and never stale,
+    /// so refusal and resumption follow the disk at once.
     min_free_bytes: u64,
     /// Writers and housekeeping, awaited on close.
     tasks: TaskTracker,
@@ -1194,15 +1196,6 @@ impl Log {
             streams.remove(name);
             self.metrics.remove_stream(name);
         }
-        Ok(())
-    }
-
-    /// Makes everything written so far durable.
-    pub async fn sync(&self) -> Result<(), Error> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.sync())
-            .await
-            .map_err(|e| Error::StorageFailed(e.to_string()))??;
         Ok(())
     }
 

@@ -187,7 +187,12 @@ pub struct StoredStream {
 /// [`Store::commit`] logs and then applies. Nothing of it is written
 /// before the commit.
 #[derive(Debug)]
-pub struct Pending(Vec<Op>);
+pub struct Pending {
+    ops: Vec<Op>,
+    /// The encoded log record payload (with the log on), encoded by the
+    /// caller (a stream's writer) rather than in the serial commit.
+    payload: Option<Vec<u8>>,
+}
 
 /// What [`Store::verify`] found in one stream.
 #[derive(Debug, Clone)]
@@ -495,7 +500,8 @@ impl Store {
     /// written yet. Refused once the log is poisoned.
     fn prepare(&self, ops: Vec<Op>) -> Result<Pending, StorageError> {
         self.refuse_if_poisoned()?;
-        Ok(Pending(ops))
+        let payload = self.wal.as_ref().map(|_| wal::encode_payload(&ops));
+        Ok(Pending { ops, payload })
     }
 
     /// Makes changes durable and applies them, in order: with the
@@ -511,12 +517,15 @@ impl Store {
         self.refuse_if_poisoned()?;
         let Some(wal) = &self.wal else {
             for change in changes {
-                self.apply_to_sled(change.0)?;
+                self.apply_to_sled(change.ops)?;
             }
             return Ok(None);
         };
         let mut wal = wal.lock().expect("wal lock");
-        let payloads: Vec<Vec<u8>> = changes.iter().map(|c| wal::encode_payload(&c.0)).collect();
+        let payloads: Vec<&[u8]> = changes
+            .iter()
+            .filter_map(|c| c.payload.as_deref())
+            .collect();
         if let Err(e) = wal.append(&payloads) {
             if let Some(reason) = wal.poisoned() {
                 self.poison(reason.to_string());
@@ -524,7 +533,7 @@ impl Store {
             return Err(e.into());
         }
         for change in changes {
-            if let Err(e) = self.apply_to_sled(change.0) {
+            if let Err(e) = self.apply_to_sled(change.ops) {
                 // Logged but not applied: only a restart (which replays
                 // the log) brings sled back in line.
                 self.poison(format!("applying a logged change to sled failed: {e}"));
