@@ -15,6 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fds.encode_to_vec(),
     )?;
     tonic_prost_build::configure()
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/proto/codec.rs).
+        .codec_path("crate::proto::codec::StrictCodec")
         // Event payloads are shared between the tail cache and every
         // subscriber's response: `Bytes` makes those clones reference counts.
         .bytes(".pullstream.v1.Event.data")

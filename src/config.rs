@@ -136,6 +136,18 @@ pub struct ServeSettings {
     /// Serve Prometheus metrics over HTTP at http://ADDR/metrics, e.g. 127.0.0.1:9090 [default: off]
     #[arg(long, env = "PULLSTREAM_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Most client connections open at once; past it new connections are closed at once [default: 1024]
+    #[arg(long, env = "PULLSTREAM_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most calls (HTTP/2 streams) one connection may have open at once, subscriptions included; the server advertises it and refuses streams past it [default: 256]
+    #[arg(long, env = "PULLSTREAM_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Bytes of request messages the server holds at once, all clients together; calls past it get RESOURCE_EXHAUSTED [default: 268435456]
+    #[arg(long, env = "PULLSTREAM_MAX_REQUEST_BYTES_IN_FLIGHT")]
+    pub max_request_bytes_in_flight: Option<usize>,
+    /// How long a call's request message may take to arrive; slower calls get DEADLINE_EXCEEDED [default: 30s]
+    #[arg(long, env = "PULLSTREAM_REQUEST_BODY_TIMEOUT")]
+    pub request_body_timeout: Option<HumanDuration>,
 }
 
 impl ServeSettings {
@@ -182,6 +194,14 @@ impl ServeSettings {
             key_rate_limit: self.key_rate_limit.or(fallback.key_rate_limit),
             handshake_timeout: self.handshake_timeout.or(fallback.handshake_timeout),
             metrics_listen: self.metrics_listen.or(fallback.metrics_listen),
+            max_connections: self.max_connections.or(fallback.max_connections),
+            max_concurrent_streams: self
+                .max_concurrent_streams
+                .or(fallback.max_concurrent_streams),
+            max_request_bytes_in_flight: self
+                .max_request_bytes_in_flight
+                .or(fallback.max_request_bytes_in_flight),
+            request_body_timeout: self.request_body_timeout.or(fallback.request_body_timeout),
         }
     }
 }
@@ -189,6 +209,9 @@ impl ServeSettings {
 /// The largest event the storage layout allows (a single event must fit in
 /// one inline sled value; see `storage`).
 pub const MAX_EVENT_BYTES_LIMIT: usize = MAX_INLINE_VALUE - (64 << 10);
+
+/// Room above the largest batch for a request's own fields and framing.
+pub const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
 
 /// Validated server configuration.
 #[derive(Debug, Clone)]
@@ -243,6 +266,14 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Where to serve Prometheus metrics; off when unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// Most client connections open at once.
+    pub max_connections: usize,
+    /// Most open HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Bytes of request messages held at once, server-wide.
+    pub max_request_bytes_in_flight: usize,
+    /// How long a request's body may take to arrive.
+    pub request_body_timeout: Duration,
 }
 
 /// The PEM files of the server's TLS.
@@ -310,6 +341,10 @@ impl TryFrom<ServeSettings> for ServerConfig {
             key_rate_limit: s.key_rate_limit.unwrap_or(1000),
             handshake_timeout: secs(s.handshake_timeout, 10),
             metrics_listen: s.metrics_listen,
+            max_connections: s.max_connections.unwrap_or(1024),
+            max_concurrent_streams: s.max_concurrent_streams.unwrap_or(256),
+            max_request_bytes_in_flight: s.max_request_bytes_in_flight.unwrap_or(256 << 20),
+            request_body_timeout: secs(s.request_body_timeout, 30),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
@@ -350,6 +385,26 @@ impl TryFrom<ServeSettings> for ServerConfig {
         }
         if config.checkpoint_bytes < 4096 {
             return invalid("checkpoint-bytes", "must be at least 4096".into());
+        }
+        if config.max_connections == 0 {
+            return invalid("max-connections", "must be at least 1".into());
+        }
+        if config.max_concurrent_streams == 0 {
+            return invalid("max-concurrent-streams", "must be at least 1".into());
+        }
+        if config.max_request_bytes_in_flight < config.max_batch_bytes + REQUEST_OVERHEAD_BYTES
+            || config.max_request_bytes_in_flight > u32::MAX as usize
+        {
+            return invalid(
+                "max-request-bytes-in-flight",
+                format!(
+                    "must hold at least one largest batch (max-batch-bytes + {REQUEST_OVERHEAD_BYTES}) and at most {}",
+                    u32::MAX
+                ),
+            );
+        }
+        if config.request_body_timeout < Duration::from_millis(100) {
+            return invalid("request-body-timeout", "must be at least 100ms".into());
         }
         if config.idempotency_window.is_zero() {
             return invalid("idempotency-window", "must be more than 0s".into());

@@ -115,9 +115,14 @@ pub enum Error {
     /// A valid key without the right to this call.
     #[error("{0}")]
     PermissionDenied(String),
-    /// A per-key limit was reached (rate or concurrent subscriptions).
+    /// A limit was reached: per key (rate, concurrent subscriptions), per
+    /// tenant or stream (how many streams, consumers, groups, members), or
+    /// server-wide (request bytes in flight).
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A client took longer than the server allows to send its request.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// An API key id that does not exist (for the caller's tenant).
     #[error("API key {} not found", shown(.0))]
     KeyNotFound(String),

@@ -8,6 +8,7 @@
 
 tonic::include_proto!("pullstream.v1");
 
+pub mod codec;
 pub mod wire;
 pub use wire::{ReadResponse, SubscribeResponse};
 

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use super::connections::ConnectionSlot;
+
 /// The HTTP/2 connection preface is 24 bytes: a client has started
 /// properly once it has sent that much.
 const PREFACE_BYTES: usize = 24;
@@ -28,14 +30,22 @@ pub(crate) struct HandshakeDeadline {
     /// Until the preface's worth of bytes has arrived.
     deadline: Option<Pin<Box<Sleep>>>,
     received: usize,
+    /// The connection's place under `--max-connections`, given back when
+    /// the connection closes.
+    _slot: ConnectionSlot,
 }
 
 impl HandshakeDeadline {
-    pub(crate) fn new(inner: TcpStream, timeout: Duration) -> HandshakeDeadline {
+    pub(crate) fn new(
+        inner: TcpStream,
+        timeout: Duration,
+        slot: ConnectionSlot,
+    ) -> HandshakeDeadline {
         HandshakeDeadline {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(timeout))),
             received: 0,
+            _slot: slot,
         }
     }
 }

@@ -10,6 +10,8 @@
 //! let in-flight calls finish for up to the grace period; stop the writers;
 //! sync storage.
 
+mod admission;
+mod connections;
 mod handshake;
 mod health;
 mod metrics_endpoint;
@@ -25,15 +27,16 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::auth::KeyRing;
-use crate::config::ServerConfig;
+use crate::config::{ServerConfig, REQUEST_OVERHEAD_BYTES};
 use crate::error::Error;
 use crate::log::{Log, LogConfig};
 use crate::proto::api_keys_server::ApiKeysServer;
 use crate::proto::event_log_server::EventLogServer;
 use crate::service::{ApiKeysService, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 
-/// Room above the largest batch for the request's own framing.
-const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
+/// The largest message accepted by the services that need no key (health,
+/// reflection) and by key management: their requests are small.
+const SMALL_REQUEST_BYTES: usize = 64 << 10;
 
 /// An opened server, ready to serve.
 pub struct Server {
@@ -151,9 +154,28 @@ impl Server {
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
             );
         let handshake_timeout = config.handshake_timeout;
-        let incoming = tokio_stream::StreamExt::map(
+        let connections = connections::ConnectionLimit::new(config.max_connections);
+        let incoming = tokio_stream::StreamExt::filter_map(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
-            move |conn| conn.map(|tcp| handshake::HandshakeDeadline::new(tcp, handshake_timeout)),
+            move |conn| match conn {
+                Ok(tcp) => connections.admit(tcp).map(|(tcp, slot)| {
+                    Ok(handshake::HandshakeDeadline::new(
+                        tcp,
+                        handshake_timeout,
+                        slot,
+                    ))
+                }),
+                Err(e) => Some(Err(e)),
+            },
+        );
+        let admission = admission::AdmissionLayer::new(
+            self.keys.clone(),
+            admission::Limits {
+                max_message_bytes: config.max_batch_bytes + REQUEST_OVERHEAD_BYTES,
+                max_message_flag: "--max-batch-bytes",
+                bytes_in_flight: config.max_request_bytes_in_flight,
+                body_timeout: config.request_body_timeout,
+            },
         );
         info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
@@ -180,11 +202,25 @@ impl Server {
         let serving = builder
             .http2_keepalive_interval(config.keepalive_interval)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .max_concurrent_streams(config.max_concurrent_streams)
+            // Windows start at HTTP/2's 64 KiB and grow with the measured
+            // bandwidth-delay product only as the server reads: a client
+            // whose calls are refused unread can make a connection buffer
+            // at most 64 KiB (1024 connections: 64 MiB).
+            .http2_adaptive_window(Some(true))
+            .layer(admission)
             .add_service(service)
-            .add_service(ApiKeysServer::new(ApiKeysService::new(self.keys.clone())))
-            .add_service(health.service())
-            .add_service(reflection.0)
-            .add_service(reflection.1)
+            .add_service(
+                ApiKeysServer::new(ApiKeysService::new(self.keys.clone()))
+                    .max_decoding_message_size(SMALL_REQUEST_BYTES),
+            )
+            .add_service(
+                health
+                    .service()
+                    .max_decoding_message_size(SMALL_REQUEST_BYTES),
+            )
+            .add_service(reflection.0.max_decoding_message_size(SMALL_REQUEST_BYTES))
+            .add_service(reflection.1.max_decoding_message_size(SMALL_REQUEST_BYTES))
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 info!("shutting down: ending subscriptions, finishing open calls");

@@ -75,6 +75,7 @@ impl From<Error> for Status {
             Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::KeyNotFound(_) => Status::not_found(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
+            Error::RequestTimeout(_) => Status::deadline_exceeded(message),
             Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
                 Status::already_exists(message)
             }
@@ -140,11 +141,18 @@ pub fn caller<T>(
     request: &Request<T>,
     scopes: &[Scope],
 ) -> Result<Principal, Status> {
-    let authorization = request
-        .metadata()
-        .get("authorization")
-        .map(|v| v.to_str().unwrap_or("(not text)"));
-    let principal = keys.authenticate(authorization)?;
+    // The admission layer (server/admission.rs) authenticated the call
+    // from its headers before its body was read; a service used without
+    // it authenticates here.
+    let principal = match request.extensions().get::<Principal>() {
+        Some(principal) => principal.clone(),
+        None => keys.authenticate(
+            request
+                .metadata()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or("(not text)")),
+        )?,
+    };
     principal.require(scopes)?;
     keys.admit(&principal)?;
     Ok(principal)

@@ -18,7 +18,7 @@ use crate::common::*;
 
 /// Sends a fixed `authorization` value (or none).
 #[derive(Clone)]
-struct Bearer(Option<String>);
+pub(crate) struct Bearer(pub(crate) Option<String>);
 
 impl Interceptor for Bearer {
     fn call(
@@ -34,9 +34,9 @@ impl Interceptor for Bearer {
     }
 }
 
-type Keyed = EventLogClient<InterceptedService<Channel, Bearer>>;
+pub(crate) type Keyed = EventLogClient<InterceptedService<Channel, Bearer>>;
 
-async fn client_with(server: &TestServer, key: &str) -> Keyed {
+pub(crate) async fn client_with(server: &TestServer, key: &str) -> Keyed {
     EventLogClient::with_interceptor(
         server.channel().await,
         Bearer(Some(format!("Bearer {key}"))),
@@ -55,7 +55,7 @@ async fn admin_api(
 
 /// Creates keys offline on the data dir (as `pullstream keys create
 /// --data-dir` does), before the server starts. Returns the key strings.
-fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> Vec<String> {
+pub(crate) fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> Vec<String> {
     let store = Store::open(&StoreOptions {
         path: dir.to_path_buf(),
         cache_bytes: 8 << 20,

@@ -216,7 +216,7 @@ async fn append_to_a_missing_stream_is_not_found_when_auto_create_is_off() {
 }
 
 #[tokio::test]
-async fn a_huge_request_is_refused_by_the_transport() {
+async fn a_huge_request_is_invalid_argument_naming_the_flag() {
     let server = TestServer::start_with(|c| {
         c.max_event_bytes = 1024;
         c.max_batch_bytes = 4096;
@@ -232,7 +232,8 @@ async fn a_huge_request_is_refused_by_the_transport() {
         })
         .await;
     let status = result.unwrap_err();
-    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("--max-batch-bytes"), "{status:?}");
     let listed = client
         .list_streams(pb::ListStreamsRequest::default())
         .await

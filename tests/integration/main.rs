@@ -4,6 +4,7 @@
 
 mod common;
 
+mod admission;
 mod append;
 mod auth;
 mod bad_input;
