@@ -33,8 +33,7 @@ use crate::error::Error;
 use crate::log::{now_unix_nanos, validate_stream_name, TypePattern};
 use crate::storage::Store;
 
-/// The tenant of open mode and of keys created without one.
-pub const DEFAULT_TENANT: &str = "default";
+pub use crate::names::{stored_stream_name, DEFAULT_TENANT};
 /// The longest tenant name.
 pub const MAX_TENANT_LEN: usize = 64;
 
@@ -267,15 +266,6 @@ impl Principal {
             Some((tenant, name)) if tenant == self.tenant => Some(name),
             _ => None,
         }
-    }
-}
-
-/// The stored name of a tenant's stream.
-pub fn stored_stream_name(tenant: &str, name: &str) -> String {
-    if tenant == DEFAULT_TENANT {
-        name.to_string()
-    } else {
-        format!("{tenant}/{name}")
     }
 }
 

@@ -87,6 +87,9 @@ pub struct ServeSettings {
     /// Per-stream cache of recently appended events for live subscribers, in bytes [default: 8388608]
     #[arg(long, env = "PULLSTREAM_TAIL_CACHE_BYTES")]
     pub tail_cache_bytes: Option<usize>,
+    /// Memory for all streams' caches together (tail caches and shared group reads), in bytes; past it caches give way and readers read storage [default: 268435456]
+    #[arg(long, env = "PULLSTREAM_STREAM_CACHE_BUDGET_BYTES")]
+    pub stream_cache_budget_bytes: Option<usize>,
     /// How long idempotency keys are remembered [default: 24h]
     #[arg(long, env = "PULLSTREAM_IDEMPOTENCY_WINDOW")]
     pub idempotency_window: Option<HumanDuration>,
@@ -148,6 +151,24 @@ pub struct ServeSettings {
     /// How long a call's request message may take to arrive; slower calls get DEADLINE_EXCEEDED [default: 30s]
     #[arg(long, env = "PULLSTREAM_REQUEST_BODY_TIMEOUT")]
     pub request_body_timeout: Option<HumanDuration>,
+    /// Label metrics by stream, consumer and group names (`acme/orders`); off, series add up under stream="_all" and lag is the largest, so the unauthenticated endpoint names nothing a tenant chose [default: false]
+    #[arg(long, env = "PULLSTREAM_METRICS_STREAM_LABELS", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_stream_labels: Option<bool>,
+    /// Allow --metrics-listen on an address that is not loopback (the endpoint has no authentication) [default: false]
+    #[arg(long, env = "PULLSTREAM_METRICS_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_insecure: Option<bool>,
+    /// Most streams one tenant may have; creation past it (explicit or by Append) gets RESOURCE_EXHAUSTED [default: 10000]
+    #[arg(long, env = "PULLSTREAM_MAX_STREAMS")]
+    pub max_streams: Option<usize>,
+    /// Most durable consumers one stream may have [default: 1000]
+    #[arg(long, env = "PULLSTREAM_MAX_CONSUMERS_PER_STREAM")]
+    pub max_consumers_per_stream: Option<usize>,
+    /// Most consumer groups one stream may have [default: 100]
+    #[arg(long, env = "PULLSTREAM_MAX_GROUPS_PER_STREAM")]
+    pub max_groups_per_stream: Option<usize>,
+    /// Most members one consumer group may have at once [default: 1000]
+    #[arg(long, env = "PULLSTREAM_MAX_MEMBERS_PER_GROUP")]
+    pub max_members_per_group: Option<usize>,
 }
 
 impl ServeSettings {
@@ -176,6 +197,9 @@ impl ServeSettings {
             max_batch_bytes: self.max_batch_bytes.or(fallback.max_batch_bytes),
             cache_bytes: self.cache_bytes.or(fallback.cache_bytes),
             tail_cache_bytes: self.tail_cache_bytes.or(fallback.tail_cache_bytes),
+            stream_cache_budget_bytes: self
+                .stream_cache_budget_bytes
+                .or(fallback.stream_cache_budget_bytes),
             idempotency_window: self.idempotency_window.or(fallback.idempotency_window),
             auto_create_streams: self.auto_create_streams.or(fallback.auto_create_streams),
             keepalive_interval: self.keepalive_interval.or(fallback.keepalive_interval),
@@ -202,6 +226,20 @@ impl ServeSettings {
                 .max_request_bytes_in_flight
                 .or(fallback.max_request_bytes_in_flight),
             request_body_timeout: self.request_body_timeout.or(fallback.request_body_timeout),
+            metrics_stream_labels: self
+                .metrics_stream_labels
+                .or(fallback.metrics_stream_labels),
+            metrics_insecure: self.metrics_insecure.or(fallback.metrics_insecure),
+            max_streams: self.max_streams.or(fallback.max_streams),
+            max_consumers_per_stream: self
+                .max_consumers_per_stream
+                .or(fallback.max_consumers_per_stream),
+            max_groups_per_stream: self
+                .max_groups_per_stream
+                .or(fallback.max_groups_per_stream),
+            max_members_per_group: self
+                .max_members_per_group
+                .or(fallback.max_members_per_group),
         }
     }
 }
@@ -234,6 +272,8 @@ pub struct ServerConfig {
     pub cache_bytes: u64,
     /// Per-stream tail cache size in bytes.
     pub tail_cache_bytes: usize,
+    /// Memory for all streams' caches together.
+    pub stream_cache_budget_bytes: usize,
     /// How long idempotency keys are remembered.
     pub idempotency_window: Duration,
     /// Whether Append creates missing streams.
@@ -274,6 +314,18 @@ pub struct ServerConfig {
     pub max_request_bytes_in_flight: usize,
     /// How long a request's body may take to arrive.
     pub request_body_timeout: Duration,
+    /// Label metrics by stream, consumer and group names.
+    pub metrics_stream_labels: bool,
+    /// Allow the metrics endpoint off loopback.
+    pub metrics_insecure: bool,
+    /// Most streams per tenant.
+    pub max_streams: usize,
+    /// Most durable consumers per stream.
+    pub max_consumers_per_stream: usize,
+    /// Most consumer groups per stream.
+    pub max_groups_per_stream: usize,
+    /// Most members per consumer group.
+    pub max_members_per_group: usize,
 }
 
 /// The PEM files of the server's TLS.
@@ -325,6 +377,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             max_batch_bytes: s.max_batch_bytes.unwrap_or(16 << 20),
             cache_bytes: s.cache_bytes.unwrap_or(256 << 20),
             tail_cache_bytes: s.tail_cache_bytes.unwrap_or(8 << 20),
+            stream_cache_budget_bytes: s.stream_cache_budget_bytes.unwrap_or(256 << 20),
             idempotency_window: secs(s.idempotency_window, 24 * 3600),
             auto_create_streams: s.auto_create_streams.unwrap_or(true),
             keepalive_interval: Some(secs(s.keepalive_interval, 30)).filter(|d| !d.is_zero()),
@@ -345,6 +398,12 @@ impl TryFrom<ServeSettings> for ServerConfig {
             max_concurrent_streams: s.max_concurrent_streams.unwrap_or(256),
             max_request_bytes_in_flight: s.max_request_bytes_in_flight.unwrap_or(256 << 20),
             request_body_timeout: secs(s.request_body_timeout, 30),
+            metrics_stream_labels: s.metrics_stream_labels.unwrap_or(false),
+            metrics_insecure: s.metrics_insecure.unwrap_or(false),
+            max_streams: s.max_streams.unwrap_or(10_000),
+            max_consumers_per_stream: s.max_consumers_per_stream.unwrap_or(1000),
+            max_groups_per_stream: s.max_groups_per_stream.unwrap_or(100),
+            max_members_per_group: s.max_members_per_group.unwrap_or(1000),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
@@ -385,6 +444,24 @@ impl TryFrom<ServeSettings> for ServerConfig {
         }
         if config.checkpoint_bytes < 4096 {
             return invalid("checkpoint-bytes", "must be at least 4096".into());
+        }
+        for (setting, value) in [
+            ("max-streams", config.max_streams),
+            ("max-consumers-per-stream", config.max_consumers_per_stream),
+            ("max-groups-per-stream", config.max_groups_per_stream),
+            ("max-members-per-group", config.max_members_per_group),
+        ] {
+            if value == 0 {
+                return invalid(setting, "must be at least 1".into());
+            }
+        }
+        if let Some(address) = config.metrics_listen {
+            if !address.ip().is_loopback() && !config.metrics_insecure {
+                return invalid(
+                    "metrics-listen",
+                    format!("{address} is not a loopback address and the metrics endpoint has no authentication: listen on 127.0.0.1, or pass --metrics-insecure to serve it to anyone who can reach the port"),
+                );
+            }
         }
         if config.max_connections == 0 {
             return invalid("max-connections", "must be at least 1".into());
@@ -485,5 +562,20 @@ mod tests {
         };
         let err = ServerConfig::try_from(too_big).unwrap_err().to_string();
         assert!(err.contains("max-event-bytes"), "{err}");
+    }
+
+    #[test]
+    fn metrics_off_loopback_need_metrics_insecure() {
+        let settings = |insecure| ServeSettings {
+            metrics_listen: Some("0.0.0.0:9090".parse().unwrap()),
+            metrics_insecure: insecure,
+            ..Default::default()
+        };
+        let refused = ServerConfig::try_from(settings(None)).unwrap_err();
+        assert!(
+            refused.to_string().contains("--metrics-insecure"),
+            "{refused}"
+        );
+        assert!(ServerConfig::try_from(settings(Some(true))).is_ok());
     }
 }

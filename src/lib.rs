@@ -17,14 +17,20 @@
 //!   streams.
 //! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
 //!   status codes in one place.
-//! - [`metrics`]: Prometheus metrics, per server, with bounded labels.
+//! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
+//!   name no tenant's streams unless asked.
+//! - [`names`]: how a tenant's stream is named in storage.
 //! - [`server`]: opens the log, serves gRPC (with health and reflection)
 //!   and the metrics endpoint, shuts down gracefully.
 //! - [`cli`]: the `pullstream` command line (server and client commands).
 //! - [`bench`]: `pullstream bench`, the load generator behind the README's figures.
 //!
 //! # Architecture invariants
-//! - Only `storage` knows sled; only `service`, `server` and `cli` know tonic.
+//! - Only `storage` knows sled; only `proto` (the generated code and its
+//!   codec), `service`, `server` and `cli` know tonic.
+//! - A call is authenticated from its headers before its body is read
+//!   (`server::admission`), so a client without a key cannot make the
+//!   server buffer its messages.
 //! - Only a stream's writer assigns offsets, so offsets are dense and ordered;
 //!   it also writes the stream's consumer cursors, so they are ordered with
 //!   the stream's deletion.
@@ -52,6 +58,7 @@ pub mod durability;
 pub mod error;
 pub mod log;
 pub mod metrics;
+pub mod names;
 pub mod proto;
 pub mod server;
 pub mod service;

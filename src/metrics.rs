@@ -7,12 +7,20 @@
 //! consumer lag) and process facts (RSS, data dir size) are read when
 //! Prometheus scrapes, by [`Metrics::encode`].
 //!
-//! Label cardinality stays bounded: the only labels are the stream (for
-//! the first [`MAX_STREAM_LABELS`] streams; later ones share the label
-//! `_other`) and, for lag, the consumer (at most [`MAX_CONSUMER_SERIES`]
-//! series). Nothing is labelled by key, tenant or event.
+//! The endpoint has no authentication, so by default it names nothing a
+//! tenant chose: per-stream series add up under `stream="_all"` and lag is
+//! reported as the largest lag (`consumer="_max"`, `group="_max"`). With
+//! `--metrics-stream-labels` streams, consumers and groups are labelled by
+//! their stored names (`acme/orders`), for an operator who scrapes from a
+//! trusted network.
+//!
+//! Label cardinality stays bounded either way: with names, each tenant's
+//! first [`MAX_STREAM_LABELS`] streams get a label of their own and the
+//! rest of that tenant's share `<tenant>/_other` (so one tenant cannot take
+//! every label), and at most [`MAX_CONSUMER_SERIES`] lag series are
+//! reported. Nothing is labelled by key or event.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,12 +32,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-/// Streams that get a label of their own; the rest are counted under
-/// [`OTHER_STREAMS`].
+/// Streams per tenant that get a label of their own (with stream labels
+/// on); the rest of the tenant's are counted under [`OTHER_STREAMS`].
 pub const MAX_STREAM_LABELS: usize = 100;
 
-/// The stream label shared by streams past the cap.
+/// The stream label (after the tenant's `tenant/`) shared by a tenant's
+/// streams past the cap.
 pub const OTHER_STREAMS: &str = "_other";
+
+/// The stream label of every series when stream labels are off.
+pub const ALL_STREAMS: &str = "_all";
+
+/// The consumer and group label of the largest lag when stream labels are
+/// off.
+pub const MAX_LAG: &str = "_max";
 
 /// The most consumer- and group-lag series one scrape reports.
 pub const MAX_CONSUMER_SERIES: usize = 1000;
@@ -127,6 +143,8 @@ pub struct Metrics {
     pub data_loss: Counter,
     /// Open subscriptions.
     pub active_subscriptions: Gauge,
+    /// Bytes held by every stream's caches together (set at scrape).
+    pub stream_caches: Gauge,
     stream_head: Family<StreamLabel, Gauge>,
     stream_first: Family<StreamLabel, Gauge>,
     stream_bytes: Family<StreamLabel, Gauge>,
@@ -137,22 +155,33 @@ pub struct Metrics {
     writes_refused: Gauge,
     storage_failed: Gauge,
     rss_bytes: Gauge,
-    /// Streams with a label of their own.
-    labelled: Mutex<HashSet<String>>,
+    /// Whether series are labelled by stream, consumer and group names.
+    stream_labels: bool,
+    /// Streams with a label of their own, and how many each tenant has.
+    labelled: Mutex<Labelled>,
     /// Held through a scrape: scrape-time gauges are cleared and refilled,
     /// and two scrapes at once must not see each other's half-filled state.
     scrape: Mutex<()>,
 }
 
+#[derive(Debug, Default)]
+struct Labelled {
+    streams: HashSet<String>,
+    per_tenant: HashMap<String, usize>,
+}
+
+use crate::names::tenant_of;
+
 impl Default for Metrics {
     fn default() -> Metrics {
-        Metrics::new()
+        Metrics::new(false)
     }
 }
 
 impl Metrics {
-    /// Registers every series.
-    pub fn new() -> Metrics {
+    /// Registers every series; `stream_labels` as `--metrics-stream-labels`
+    /// (see the module docs).
+    pub fn new(stream_labels: bool) -> Metrics {
         let mut registry = Registry::with_prefix("pullstream");
         let m = Metrics {
             appended_events: Family::default(),
@@ -166,6 +195,7 @@ impl Metrics {
             group_commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             data_loss: Counter::default(),
             active_subscriptions: Gauge::default(),
+            stream_caches: Gauge::default(),
             stream_head: Family::default(),
             stream_first: Family::default(),
             stream_bytes: Family::default(),
@@ -176,7 +206,8 @@ impl Metrics {
             writes_refused: Gauge::default(),
             storage_failed: Gauge::default(),
             rss_bytes: Gauge::default(),
-            labelled: Mutex::new(HashSet::new()),
+            stream_labels,
+            labelled: Mutex::new(Labelled::default()),
             scrape: Mutex::new(()),
             registry: Registry::default(),
         };
@@ -227,6 +258,12 @@ impl Metrics {
             "active_subscriptions",
             "Open Subscribe calls",
             m.active_subscriptions.clone(),
+        );
+        registry.register_with_unit(
+            "stream_caches",
+            "Bytes in every stream's tail cache and shared reads together (at most --stream-cache-budget-bytes)",
+            Unit::Bytes,
+            m.stream_caches.clone(),
         );
         registry.register(
             "stream_next_offset",
@@ -285,16 +322,39 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The label a stream's series get: its name while under the cap.
+    /// The label a stream's series get: `_all` with stream labels off,
+    /// else its name while its tenant is under the cap.
     fn label(&self, stream: &str) -> StreamLabel {
+        if !self.stream_labels {
+            return StreamLabel {
+                stream: ALL_STREAMS.to_string(),
+            };
+        }
         let mut labelled = self.labelled.lock().expect("metrics lock");
-        let stream = if labelled.contains(stream) || labelled.len() < MAX_STREAM_LABELS {
-            labelled.insert(stream.to_string());
+        if labelled.streams.contains(stream) {
+            return StreamLabel {
+                stream: stream.to_string(),
+            };
+        }
+        let tenant = tenant_of(stream);
+        let count = labelled.per_tenant.entry(tenant.to_string()).or_default();
+        let stream = if *count < MAX_STREAM_LABELS {
+            *count += 1;
+            labelled.streams.insert(stream.to_string());
             stream.to_string()
-        } else {
+        } else if tenant.is_empty() {
             OTHER_STREAMS.to_string()
+        } else {
+            format!("{tenant}/{OTHER_STREAMS}")
         };
         StreamLabel { stream }
+    }
+
+    /// Whether `label` is one shared by several streams.
+    fn shared(label: &StreamLabel) -> bool {
+        label.stream == ALL_STREAMS
+            || label.stream == OTHER_STREAMS
+            || label.stream.ends_with(&format!("/{OTHER_STREAMS}"))
     }
 
     /// The counters of a stream (created at zero).
@@ -310,7 +370,17 @@ impl Metrics {
 
     /// Forgets a deleted stream's series, freeing its label.
     pub fn remove_stream(&self, name: &str) {
-        if self.labelled.lock().expect("metrics lock").remove(name) {
+        let removed = {
+            let mut labelled = self.labelled.lock().expect("metrics lock");
+            let removed = labelled.streams.remove(name);
+            if removed {
+                if let Some(count) = labelled.per_tenant.get_mut(tenant_of(name)) {
+                    *count -= 1;
+                }
+            }
+            removed
+        };
+        if removed {
             let label = StreamLabel {
                 stream: name.to_string(),
             };
@@ -345,6 +415,7 @@ impl Metrics {
         self.consumer_lag.clear();
         self.group_lag.clear();
         let mut lag_series = 0;
+        let (mut max_consumer_lag, mut max_group_lag) = (None::<u64>, None::<u64>);
         for s in streams {
             let label = self.label(&s.name);
             // Streams past the cap add up under one label.
@@ -357,7 +428,16 @@ impl Metrics {
             self.stream_bytes
                 .get_or_create(&label)
                 .inc_by(s.bytes as i64);
-            if label.stream == OTHER_STREAMS {
+            if !self.stream_labels {
+                for (_, lag) in &s.consumers {
+                    max_consumer_lag = max_consumer_lag.max(Some(*lag));
+                }
+                for (_, lag) in &s.groups {
+                    max_group_lag = max_group_lag.max(Some(*lag));
+                }
+                continue;
+            }
+            if Self::shared(&label) {
                 continue;
             }
             for (consumer, lag) in &s.consumers {
@@ -384,6 +464,22 @@ impl Metrics {
                     })
                     .set(*lag as i64);
             }
+        }
+        if let Some(lag) = max_consumer_lag {
+            self.consumer_lag
+                .get_or_create(&ConsumerLabels {
+                    stream: ALL_STREAMS.to_string(),
+                    consumer: MAX_LAG.to_string(),
+                })
+                .set(lag as i64);
+        }
+        if let Some(lag) = max_group_lag {
+            self.group_lag
+                .get_or_create(&GroupLabels {
+                    stream: ALL_STREAMS.to_string(),
+                    group: MAX_LAG.to_string(),
+                })
+                .set(lag as i64);
         }
         self.data_dir_bytes.set(dir_size(data_dir) as i64);
         self.data_dir_free_bytes
@@ -435,7 +531,7 @@ mod tests {
 
     #[test]
     fn streams_past_the_cap_share_one_label_and_deleted_ones_free_theirs() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(true);
         for i in 0..MAX_STREAM_LABELS {
             metrics.stream(&format!("s{i}")).appended_events.inc();
         }
@@ -459,7 +555,7 @@ mod tests {
 
     #[test]
     fn scrape_values_come_from_the_snapshot() {
-        let metrics = Metrics::new();
+        let metrics = Metrics::new(true);
         let snapshot = StreamSnapshot {
             name: "orders".into(),
             next_offset: 42,
@@ -487,5 +583,65 @@ mod tests {
         let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
         assert!(!text.contains("stream=\"orders\""));
         assert!(resident_bytes() > 0);
+    }
+
+    #[test]
+    fn each_tenant_has_its_own_label_cap() {
+        let metrics = Metrics::new(true);
+        for i in 0..MAX_STREAM_LABELS + 3 {
+            metrics
+                .stream(&format!("greedy/s{i}"))
+                .appended_events
+                .inc();
+        }
+        metrics.stream("other/orders").appended_events.inc();
+        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
+        assert!(
+            text.contains("pullstream_appended_events_total{stream=\"greedy/_other\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("pullstream_appended_events_total{stream=\"other/orders\"} 1"));
+    }
+
+    #[test]
+    fn without_stream_labels_no_name_a_tenant_chose_is_shown() {
+        let metrics = Metrics::default();
+        metrics
+            .stream("acme/payroll.2026")
+            .appended_events
+            .inc_by(4);
+        metrics.stream("plain").appended_events.inc_by(1);
+        let snapshots = [
+            StreamSnapshot {
+                name: "acme/payroll.2026".into(),
+                next_offset: 4,
+                first_offset: 0,
+                bytes: 10,
+                consumers: vec![("salaries".into(), 3), ("audit".into(), 1)],
+                groups: vec![("workers".into(), 2)],
+            },
+            StreamSnapshot {
+                name: "plain".into(),
+                next_offset: 1,
+                first_offset: 0,
+                bytes: 10,
+                consumers: vec![("c".into(), 0)],
+                groups: Vec::new(),
+            },
+        ];
+        let text = metrics.encode(
+            &snapshots,
+            Path::new("/nonexistent"),
+            &WriteRefusal::default(),
+        );
+        for name in ["acme", "payroll", "salaries", "audit", "workers", "plain"] {
+            assert!(!text.contains(name), "{name} shown in:\n{text}");
+        }
+        assert!(text.contains("pullstream_appended_events_total{stream=\"_all\"} 5"));
+        assert!(text.contains("pullstream_stream_next_offset{stream=\"_all\"} 5"));
+        assert!(
+            text.contains("pullstream_consumer_lag_events{stream=\"_all\",consumer=\"_max\"} 3")
+        );
+        assert!(text.contains("pullstream_group_lag_events{stream=\"_all\",group=\"_max\"} 2"));
     }
 }

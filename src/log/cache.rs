@@ -3,11 +3,52 @@
 //! here instead of each going to storage for every event. Bounded in bytes;
 //! the oldest chunks fall out first, and readers behind it fall back to
 //! storage.
+//!
+//! Both caches of every stream also draw on one server-wide
+//! [`CacheBudget`] (`--stream-cache-budget-bytes`): a cache that grows while
+//! the budget is spent evicts its own oldest chunks, down to none, so ten
+//! thousand streams cost at most the budget, not ten thousand times the
+//! per-stream size. Correctness never depends on a cache: a reader that
+//! misses reads storage.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::storage::Chunk;
+
+/// Bytes of cached chunks, all streams together, and the most allowed.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheBudget {
+    used: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl CacheBudget {
+    pub(crate) fn new(capacity: usize) -> CacheBudget {
+        CacheBudget {
+            used: Arc::new(AtomicUsize::new(0)),
+            capacity,
+        }
+    }
+
+    fn charge(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn spent(&self) -> bool {
+        self.used.load(Ordering::Relaxed) > self.capacity
+    }
+
+    /// Bytes cached now, all streams together.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
 
 /// Recently committed chunks of one stream, contiguous in offset order.
 #[derive(Debug)]
@@ -15,16 +56,25 @@ pub(crate) struct TailCache {
     chunks: VecDeque<(Arc<Chunk>, usize)>,
     bytes: usize,
     capacity: usize,
+    budget: CacheBudget,
 }
 
 impl TailCache {
-    /// An empty cache holding about `capacity` bytes of chunks (always at
-    /// least the newest chunk).
-    pub(crate) fn new(capacity: usize) -> TailCache {
+    /// An empty cache holding about `capacity` bytes of chunks (at least
+    /// the newest chunk while the server-wide budget allows).
+    pub(crate) fn new(capacity: usize, budget: CacheBudget) -> TailCache {
         TailCache {
             chunks: VecDeque::new(),
             bytes: 0,
             capacity,
+            budget,
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((_, size)) = self.chunks.pop_front() {
+            self.bytes -= size;
+            self.budget.release(size);
         }
     }
 
@@ -34,16 +84,18 @@ impl TailCache {
     pub(crate) fn push(&mut self, chunk: Arc<Chunk>, size: usize) {
         if let Some((last, _)) = self.chunks.back() {
             if last.end_offset() != chunk.first_offset {
-                self.chunks.clear();
-                self.bytes = 0;
+                while !self.chunks.is_empty() {
+                    self.pop_oldest();
+                }
             }
         }
         self.bytes += size;
+        self.budget.charge(size);
         self.chunks.push_back((chunk, size));
-        while self.bytes > self.capacity && self.chunks.len() > 1 {
-            if let Some((_, size)) = self.chunks.pop_front() {
-                self.bytes -= size;
-            }
+        while (self.bytes > self.capacity && self.chunks.len() > 1)
+            || (self.budget.spent() && !self.chunks.is_empty())
+        {
+            self.pop_oldest();
         }
     }
 
@@ -78,15 +130,29 @@ pub(crate) struct SharedReads {
     order: VecDeque<u64>,
     bytes: usize,
     capacity: usize,
+    budget: CacheBudget,
+}
+
+impl Drop for TailCache {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+impl Drop for SharedReads {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 impl SharedReads {
-    pub(crate) fn new(capacity: usize) -> SharedReads {
+    pub(crate) fn new(capacity: usize, budget: CacheBudget) -> SharedReads {
         SharedReads {
             chunks: BTreeMap::new(),
             order: VecDeque::new(),
             bytes: 0,
             capacity,
+            budget,
         }
     }
 
@@ -101,13 +167,15 @@ impl SharedReads {
                 .insert(chunk.first_offset, (chunk.clone(), size));
             self.order.push_back(chunk.first_offset);
             self.bytes += size;
+            self.budget.charge(size);
         }
-        while self.bytes > self.capacity {
+        while self.bytes > self.capacity || (self.budget.spent() && self.bytes > 0) {
             let Some(first) = self.order.pop_front() else {
                 break;
             };
             if let Some((_, size)) = self.chunks.remove(&first) {
                 self.bytes -= size;
+                self.budget.release(size);
             }
         }
     }
@@ -139,6 +207,7 @@ impl SharedReads {
         let keep = self.chunks.split_off(&offset);
         for (_, (_, size)) in std::mem::replace(&mut self.chunks, keep) {
             self.bytes -= size;
+            self.budget.release(size);
         }
         self.order.retain(|first| *first >= offset);
     }
@@ -148,6 +217,31 @@ impl SharedReads {
 mod tests {
     use super::*;
     use crate::storage::EventRecord;
+
+    fn unlimited() -> CacheBudget {
+        CacheBudget::new(usize::MAX)
+    }
+
+    #[test]
+    fn every_cache_gives_way_when_the_server_wide_budget_is_spent() {
+        let budget = CacheBudget::new(250);
+        let mut quiet = TailCache::new(1000, budget.clone());
+        quiet.push(chunk(0, 1), 200);
+        let mut busy = TailCache::new(1000, budget.clone());
+        busy.push(chunk(0, 1), 40);
+        assert_eq!(budget.used(), 240);
+        // Past the budget the growing cache evicts its own, down to none.
+        busy.push(chunk(1, 1), 100);
+        assert!(budget.used() <= 250, "{}", budget.used());
+        assert!(busy.chunks_from(0, 10).is_none());
+        let mut reads = SharedReads::new(1000, budget.clone());
+        reads.insert(&[chunk(0, 1)]);
+        assert!(budget.used() <= 250);
+        drop(quiet);
+        drop(reads);
+        drop(busy);
+        assert_eq!(budget.used(), 0);
+    }
 
     fn chunk(first: u64, n: usize) -> Arc<Chunk> {
         Arc::new(Chunk {
@@ -159,7 +253,7 @@ mod tests {
 
     #[test]
     fn serves_from_the_chunk_holding_the_offset_and_evicts_oldest() {
-        let mut cache = TailCache::new(250);
+        let mut cache = TailCache::new(250, unlimited());
         cache.push(chunk(0, 2), 100);
         cache.push(chunk(2, 3), 100);
         assert_eq!(cache.chunks_from(3, 10).unwrap()[0].first_offset, 2);
@@ -173,7 +267,7 @@ mod tests {
 
     #[test]
     fn shared_reads_serve_contiguous_runs_and_evict_the_oldest_reads() {
-        let mut reads = SharedReads::new(1000);
+        let mut reads = SharedReads::new(1000, unlimited());
         let (a, b, c) = (chunk(0, 2), chunk(2, 3), chunk(10, 1));
         let size = a.encoded_len();
         reads.insert(&[a, b, c]);
@@ -186,7 +280,7 @@ mod tests {
         assert_eq!(reads.chunks_from(10, 10).unwrap().len(), 1);
         reads.forget_below(2);
         assert!(reads.chunks_from(0, 10).is_none());
-        let mut small = SharedReads::new(size);
+        let mut small = SharedReads::new(size, unlimited());
         small.insert(&[chunk(0, 2)]);
         small.insert(&[chunk(2, 2)]);
         assert!(small.chunks_from(0, 1).is_none(), "the oldest read went");
@@ -195,7 +289,7 @@ mod tests {
 
     #[test]
     fn a_gap_resets_the_cache() {
-        let mut cache = TailCache::new(1000);
+        let mut cache = TailCache::new(1000, unlimited());
         cache.push(chunk(0, 2), 10);
         cache.push(chunk(7, 1), 10);
         assert!(cache.chunks_from(0, 10).is_none());
@@ -204,7 +298,7 @@ mod tests {
 
     #[test]
     fn keeps_the_newest_chunk_even_when_over_capacity() {
-        let mut cache = TailCache::new(10);
+        let mut cache = TailCache::new(10, unlimited());
         cache.push(chunk(0, 1), 100);
         assert_eq!(cache.chunks_from(0, 10).unwrap().len(), 1);
     }

@@ -18,10 +18,15 @@
 //! one at a time).
 //!
 //! In `buffered` mode groups are published as soon as they are written.
+//!
+//! The queue is bounded in bytes ([`COMMIT_QUEUE_BYTES`]): a writer whose
+//! change does not fit waits until the leader's sync makes room, so a disk
+//! slower than the writers pushes back on the writers (and through their
+//! bounded command queues on producers) instead of growing memory.
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::{AppendOutcome, StreamShared};
@@ -29,6 +34,9 @@ use crate::config::Durability;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::storage::{Chunk, Pending, Store};
+
+/// Bytes of written changes that may wait for a sync at once.
+pub(crate) const COMMIT_QUEUE_BYTES: usize = 64 << 20;
 
 /// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
@@ -129,8 +137,11 @@ pub(crate) struct Committer {
 /// hand-offs per commit against a dedicated flusher thread.
 struct SyncGroup {
     store: Arc<Store>,
-    /// Written changes waiting for a sync, in order.
-    queue: Mutex<Vec<Commit>>,
+    /// Written changes waiting for a sync, in order, each with its room in
+    /// the queue.
+    queue: Mutex<Vec<(Commit, OwnedSemaphorePermit)>>,
+    /// Room in the queue, in bytes.
+    room: Arc<Semaphore>,
     /// Held by the leader while it syncs.
     leader: Mutex<()>,
     /// The running checkpoint, if any (at most one at a time).
@@ -149,6 +160,7 @@ impl Committer {
             Durability::Fsync => Some(Arc::new(SyncGroup {
                 store: store.clone(),
                 queue: Mutex::new(Vec::new()),
+                room: Arc::new(Semaphore::new(COMMIT_QUEUE_BYTES)),
                 leader: Mutex::new(()),
                 checkpoint: Mutex::new(None),
             })),
@@ -190,7 +202,15 @@ impl Committer {
             commit.publish();
             return;
         };
-        sync.queue.lock().expect("commit queue lock").push(commit);
+        let size = commit.record.as_ref().map_or(0, Pending::size);
+        let wanted = size.clamp(1, COMMIT_QUEUE_BYTES) as u32;
+        let Ok(room) = sync.room.clone().acquire_many_owned(wanted).await else {
+            unreachable!("the commit queue's semaphore is never closed");
+        };
+        sync.queue
+            .lock()
+            .expect("commit queue lock")
+            .push((commit, room));
         loop {
             {
                 let Ok(_leading) = sync.leader.try_lock() else {
@@ -211,7 +231,10 @@ impl Committer {
         }
     }
 
-    fn sync_group(&self, sync: &SyncGroup, mut group: Vec<Commit>) {
+    fn sync_group(&self, sync: &SyncGroup, queued: Vec<(Commit, OwnedSemaphorePermit)>) {
+        // The room is given back once the group is published (or failed).
+        let (mut group, _room): (Vec<Commit>, Vec<OwnedSemaphorePermit>) =
+            queued.into_iter().unzip();
         let mut records = Vec::new();
         let mut events = 0;
         for commit in &mut group {

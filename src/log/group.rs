@@ -224,12 +224,20 @@ pub(crate) fn apply_change(
     name: &str,
     change: &GroupChange,
     now_unix_nanos: i64,
+    max_groups: usize,
 ) -> Result<Option<GroupWrite>, Error> {
     let mut groups = shared.groups.lock().expect("groups lock");
     match change {
         GroupChange::Create { start } => {
             if groups.contains_key(name) {
                 return Ok(None);
+            }
+            if groups.len() >= max_groups {
+                return Err(Error::ResourceExhausted(format!(
+                    "stream {} already has {} consumer groups, the most allowed (--max-groups-per-stream {max_groups}): delete groups it no longer needs",
+                    crate::error::shown(stream),
+                    groups.len()
+                )));
             }
             let record = GroupRecord {
                 created_unix_nanos: now_unix_nanos,
@@ -518,6 +526,15 @@ impl Log {
         let state = groups
             .get_mut(group)
             .ok_or_else(|| group_not_found(&stream.name, group))?;
+        let max = self.config.limits.max_members_per_group;
+        if !state.members.contains_key(member) && state.members.len() >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "group {} of stream {} already has {} members, the most allowed (--max-members-per-group {max})",
+                crate::error::shown(group),
+                crate::error::shown(&stream.name),
+                state.members.len()
+            )));
+        }
         if let Some(old) = state.members.get(member) {
             old.token.cancel();
         }

@@ -43,7 +43,7 @@ pub use crate::storage::Retention;
 use crate::storage::{
     Chunk, EventRecord, StorageError, Store, StoreOptions, StoredStream, StreamMeta,
 };
-use cache::{SharedReads, TailCache};
+use cache::{CacheBudget, SharedReads, TailCache};
 use commit::Committer;
 use consumer::ConsumerState;
 use writer::{AppendJob, Writer, WriterCommand};
@@ -87,6 +87,8 @@ pub struct LogConfig {
     pub cache_bytes: u64,
     /// Per-stream tail cache size in bytes.
     pub tail_cache_bytes: usize,
+    /// Memory for every stream's caches together.
+    pub stream_cache_budget_bytes: usize,
     /// Largest event in bytes (all fields).
     pub max_event_bytes: usize,
     /// Most events in one Append.
@@ -105,6 +107,24 @@ pub struct LogConfig {
     pub verify_on_start: bool,
     /// Faults to inject under the log (tests only).
     pub faults: Option<Arc<crate::durability::fault::Faults>>,
+    /// Caps on what clients can create.
+    pub limits: Limits,
+    /// Label metrics by stream, consumer and group names.
+    pub metrics_stream_labels: bool,
+}
+
+/// Caps on what clients can create, each answered RESOURCE_EXHAUSTED when
+/// reached (and nothing changed).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Streams per tenant (`--max-streams`).
+    pub max_streams: usize,
+    /// Durable consumers per stream (`--max-consumers-per-stream`).
+    pub max_consumers_per_stream: usize,
+    /// Consumer groups per stream (`--max-groups-per-stream`).
+    pub max_groups_per_stream: usize,
+    /// Members connected to one group at once (`--max-members-per-group`).
+    pub max_members_per_group: usize,
 }
 
 impl From<&ServerConfig> for LogConfig {
@@ -114,6 +134,7 @@ impl From<&ServerConfig> for LogConfig {
             durability: c.durability,
             cache_bytes: c.cache_bytes,
             tail_cache_bytes: c.tail_cache_bytes,
+            stream_cache_budget_bytes: c.stream_cache_budget_bytes,
             max_event_bytes: c.max_event_bytes,
             max_batch_events: c.max_batch_events,
             max_batch_bytes: c.max_batch_bytes,
@@ -123,6 +144,13 @@ impl From<&ServerConfig> for LogConfig {
             min_free_bytes: c.min_free_bytes,
             verify_on_start: c.verify_on_start,
             faults: c.faults.clone(),
+            limits: Limits {
+                max_streams: c.max_streams,
+                max_consumers_per_stream: c.max_consumers_per_stream,
+                max_groups_per_stream: c.max_groups_per_stream,
+                max_members_per_group: c.max_members_per_group,
+            },
+            metrics_stream_labels: c.metrics_stream_labels,
         }
     }
 }
@@ -594,6 +622,8 @@ pub struct Log {
     /// Serializes stream creation (whose metadata write waits for a disk
     /// sync) without holding the registry lock every call takes.
     creating: Mutex<()>,
+    /// What every stream's tail cache and shared reads draw on.
+    cache_budget: CacheBudget,
     /// Appends and creations are refused below this many free bytes under
     /// the data dir (0: no floor). Read on every Append: one `statvfs`
     /// (about a microsecond) against an append's ~0.5 ms, and never stale,
@@ -663,7 +693,8 @@ impl Log {
         let store = Arc::new(store);
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::new(config.metrics_stream_labels));
+        let cache_budget = CacheBudget::new(config.stream_cache_budget_bytes);
         let committer = Committer::start(store.clone(), config.durability, metrics.clone());
         let min_free_bytes = config
             .min_free_bytes
@@ -674,6 +705,7 @@ impl Log {
             committer: Mutex::new(Some(committer)),
             streams: RwLock::new(BTreeMap::new()),
             creating: Mutex::new(()),
+            cache_budget,
             min_free_bytes,
             tasks,
             closing,
@@ -707,7 +739,10 @@ impl Log {
         });
         let shared = Arc::new(StreamShared {
             head_tx,
-            cache: Mutex::new(TailCache::new(self.config.tail_cache_bytes)),
+            cache: Mutex::new(TailCache::new(
+                self.config.tail_cache_bytes,
+                self.cache_budget.clone(),
+            )),
             bytes: AtomicU64::new(stored.meta.bytes),
             consumers: Mutex::new(
                 stored
@@ -721,7 +756,10 @@ impl Log {
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
             metrics: self.metrics.stream(&stored.name),
             server_metrics: self.metrics.clone(),
-            shared_reads: Mutex::new(SharedReads::new(SHARED_READS_BYTES)),
+            shared_reads: Mutex::new(SharedReads::new(
+                SHARED_READS_BYTES,
+                self.cache_budget.clone(),
+            )),
             damage_seen: Mutex::new(Default::default()),
             groups: Mutex::new(
                 stored
@@ -741,6 +779,7 @@ impl Log {
             next_offset: stored.next_offset,
             last_time_unix_nanos: stored.last_time_unix_nanos.unwrap_or(i64::MIN),
             idempotency_window: self.config.idempotency_window,
+            limits: self.config.limits,
             unpublished_keys: Vec::new(),
             closing: self.closing.clone(),
         };
@@ -783,6 +822,7 @@ impl Log {
             return Ok((stream.clone(), false));
         }
         self.check_free_space()?;
+        self.check_stream_count(name)?;
         let meta = StreamMeta {
             id: self.store.new_stream_id()?,
             created_unix_nanos: now_unix_nanos(),
@@ -806,6 +846,26 @@ impl Log {
             .expect("registry lock")
             .insert(name.to_string(), stream.clone());
         Ok((stream, true))
+    }
+
+    /// Refuses a new stream when its tenant has `--max-streams` already.
+    /// Called under the creation lock, so two creations cannot both pass.
+    fn check_stream_count(&self, name: &str) -> Result<(), Error> {
+        let tenant = crate::names::tenant_of(name);
+        let max = self.config.limits.max_streams;
+        let count = self
+            .streams
+            .read()
+            .expect("registry lock")
+            .keys()
+            .filter(|n| crate::names::tenant_of(n) == tenant)
+            .count();
+        if count >= max {
+            return Err(Error::ResourceExhausted(format!(
+                "the tenant already has {count} streams, the most allowed (--max-streams {max}): delete streams it no longer needs"
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a write that would grow the data dir while the free space
@@ -1141,6 +1201,9 @@ impl Log {
                 }
             })
             .collect();
+        self.metrics
+            .stream_caches
+            .set(self.cache_budget.used() as i64);
         self.metrics
             .encode(&snapshots, &self.config.data_dir, &self.write_refusal())
     }

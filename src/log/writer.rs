@@ -86,6 +86,8 @@ pub(crate) struct Writer {
     /// The last append time, so times never go backwards.
     pub(crate) last_time_unix_nanos: i64,
     pub(crate) idempotency_window: Duration,
+    /// Caps on consumers and groups per stream.
+    pub(crate) limits: super::Limits,
     /// Idempotency keys of groups handed to the committer but not yet
     /// published: sled gets them only once they are durable, so a retry
     /// arriving meanwhile is found here.
@@ -195,6 +197,13 @@ impl Writer {
                             Some(record)
                         }),
                 }
+            } else if current.is_none() && consumers.len() >= self.limits.max_consumers_per_stream {
+                Err(Error::ResourceExhausted(format!(
+                    "stream {} already has {} durable consumers, the most allowed (--max-consumers-per-stream {}): delete consumers it no longer needs",
+                    crate::error::shown(&self.name),
+                    consumers.len(),
+                    self.limits.max_consumers_per_stream
+                )))
             } else {
                 match apply_change(current.map(|s| &s.record), &change) {
                     None => Ok(None),
@@ -367,18 +376,22 @@ impl Writer {
             return;
         }
         use super::group::GroupWrite;
-        let written =
-            super::group::apply_change(&self.shared, &self.name, &name, &change, now_unix_nanos())
-                .and_then(|write| {
-                    let logged = match write {
-                        None => return Ok(None),
-                        Some(GroupWrite::Put(record)) => {
-                            self.store.put_group(self.meta.id, &name, &record)
-                        }
-                        Some(GroupWrite::Remove) => self.store.delete_group(self.meta.id, &name),
-                    };
-                    logged.map(Some).map_err(Error::from)
-                });
+        let written = super::group::apply_change(
+            &self.shared,
+            &self.name,
+            &name,
+            &change,
+            now_unix_nanos(),
+            self.limits.max_groups_per_stream,
+        )
+        .and_then(|write| {
+            let logged = match write {
+                None => return Ok(None),
+                Some(GroupWrite::Put(record)) => self.store.put_group(self.meta.id, &name, &record),
+                Some(GroupWrite::Remove) => self.store.delete_group(self.meta.id, &name),
+            };
+            logged.map(Some).map_err(Error::from)
+        });
         self.commit_change(written, reply).await;
     }
 

@@ -180,7 +180,11 @@ impl Server {
         info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
 
         let metrics_task = self.metrics_listener.take().map(|listener| {
-            info!(address = %metrics_address.expect("bound"), "serving Prometheus metrics at /metrics");
+            let metrics_address = metrics_address.expect("bound");
+            info!(address = %metrics_address, stream_labels = config.metrics_stream_labels, "serving Prometheus metrics at /metrics");
+            if !metrics_address.ip().is_loopback() {
+                warn!(address = %metrics_address, "SERVING METRICS WITHOUT AUTHENTICATION on a non-loopback address (--metrics-insecure)");
+            }
             tokio::spawn(metrics_endpoint::serve(
                 listener,
                 self.log.clone(),

@@ -44,9 +44,13 @@ const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
 
 /// Responses stop growing past this many bytes (at least one event each).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// A subscription's responses stop growing past this many bytes (at least
+/// one event each): smaller than a Read page, since they queue.
+const SUBSCRIBE_RESPONSE_BYTES: usize = 256 << 10;
 /// Responses a subscription may have queued for a slow client before its
 /// task waits: with HTTP/2 flow control this bounds a stalled subscriber's
-/// memory to a few responses. One more slot is kept for the final status.
+/// memory to 4 x 256 KiB = 1 MiB (more only for single events larger than
+/// that). One more slot is kept for the final status.
 const SUBSCRIPTION_BUFFER: usize = 4 + 1;
 
 impl From<Error> for Status {
@@ -607,7 +611,7 @@ async fn run_subscription(
     let mut sent_caught_up = false;
     loop {
         let before = subscription.next_offset();
-        let slices = match subscription.poll(max_events, MAX_RESPONSE_BYTES) {
+        let slices = match subscription.poll(max_events, SUBSCRIBE_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
                 let _ = last_word.send(Err(error.into()));

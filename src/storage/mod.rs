@@ -194,6 +194,21 @@ pub struct Pending {
     payload: Option<Vec<u8>>,
 }
 
+impl Pending {
+    /// About how many bytes the change holds in memory until committed.
+    pub fn size(&self) -> usize {
+        let ops: usize = self
+            .ops
+            .iter()
+            .map(|op| match op {
+                Op::Insert(key, value) => key.len() + value.len(),
+                Op::Remove(key) | Op::RemovePrefix(key) => key.len(),
+            })
+            .sum();
+        ops + self.payload.as_ref().map_or(0, Vec::len)
+    }
+}
+
 /// What [`Store::verify`] found in one stream.
 #[derive(Debug, Clone)]
 pub struct StreamCheck {

@@ -6,12 +6,13 @@ mod common;
 
 mod admission;
 mod append;
-mod auth;
+pub mod auth;
 mod bad_input;
 mod consumers;
 mod durability;
 mod groups;
-mod operability;
+mod limits;
+pub mod operability;
 pub mod process;
 mod retention;
 mod selection;

@@ -175,7 +175,7 @@ async fn server_status_shows_streams_rates_and_consumer_lag() {
 }
 
 /// GETs `path` from an HTTP/1 server; returns the status line and body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+pub(crate) async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
     socket
@@ -191,7 +191,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
 }
 
 /// The value of one series (`name{labels}` exactly as exposed).
-fn series(text: &str, name: &str) -> f64 {
+pub(crate) fn series(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|line| {
             let (key, value) = line.rsplit_once(' ')?;
@@ -202,8 +202,11 @@ fn series(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn the_metrics_endpoint_serves_the_named_series_after_traffic() {
-    let server =
-        TestServer::start_with(|c| c.metrics_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let server = TestServer::start_with(|c| {
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.metrics_stream_labels = true;
+    })
+    .await;
     let metrics = server.metrics_addr.expect("metrics address");
     let mut client = server.client().await;
     for _ in 0..3 {
@@ -312,4 +315,52 @@ async fn the_metrics_endpoint_serves_the_named_series_after_traffic() {
     assert_eq!(active, 0.0);
     let (status, _) = http_get(metrics, "/nothing").await;
     assert!(status.contains("404"), "{status}");
+}
+
+/// Issue 14, finding 10: by default the unauthenticated endpoint names no
+/// tenant, stream, consumer or group (before: `acme/payroll.2026` and its
+/// consumers were labels); totals and the largest lag are still there.
+#[tokio::test]
+async fn by_default_metrics_name_nothing_a_tenant_chose() {
+    use pullstream::auth::Scope;
+    let dir = tempfile::tempdir().unwrap();
+    let key =
+        crate::auth::offline_keys(dir.path(), &[("acme", &[Scope::Publish, Scope::Subscribe])])
+            .pop()
+            .unwrap();
+    let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = crate::auth::client_with(&server, &key).await;
+    client
+        .append(pb::AppendRequest {
+            stream: "payroll.2026".into(),
+            events: (0..5).map(|_| event("salary.paid", "{}")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "payroll.2026".into(),
+            consumer: "ledger".into(),
+            next_offset: 1,
+        })
+        .await
+        .unwrap();
+    let (_, text) = http_get(server.metrics_addr.unwrap(), "/metrics").await;
+    for name in ["acme", "payroll", "ledger"] {
+        assert!(!text.contains(name), "{name} in:\n{text}");
+    }
+    assert_eq!(
+        series(&text, "pullstream_appended_events_total{stream=\"_all\"}"),
+        5.0
+    );
+    assert_eq!(
+        series(
+            &text,
+            "pullstream_consumer_lag_events{stream=\"_all\",consumer=\"_max\"}"
+        ),
+        4.0
+    );
 }
