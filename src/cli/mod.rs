@@ -107,7 +107,7 @@ enum Command {
         #[arg(long, env = "PULLSTREAM_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: ServeSettings,
+        settings: Box<ServeSettings>,
     },
     /// Append events: one from flags, or NDJSON events from stdin
     Publish(publish::PublishArgs),
@@ -135,7 +135,7 @@ impl Cli {
     /// Runs the command; the exit code says how it went.
     pub async fn run(self) -> ExitCode {
         let result = match self.command {
-            Command::Serve { config, settings } => return serve(config, settings).await,
+            Command::Serve { config, settings } => return serve(config, *settings).await,
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Streams(args) => streams::run(args).await,
