@@ -291,6 +291,9 @@ pub struct ServerConfig {
     pub min_free_bytes: Option<u64>,
     /// Check every stored event before serving (`--verify-on-start`).
     pub verify_on_start: bool,
+    /// Bytes of written changes that may wait for a sync at once (not a
+    /// flag: the default suits every disk; tests make it small).
+    pub commit_queue_bytes: usize,
     /// Faults to inject under the write-ahead log and checkpoints (tests
     /// of storage failures only; never set by flags).
     pub faults: Option<std::sync::Arc<crate::durability::fault::Faults>>,
@@ -388,6 +391,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
             min_free_bytes: s.min_free_bytes,
             verify_on_start: s.verify_on_start.unwrap_or(false),
+            commit_queue_bytes: crate::log::COMMIT_QUEUE_BYTES,
             faults: None,
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub active_subscriptions: Gauge,
     /// Bytes held by every stream's caches together (set at scrape).
     pub stream_caches: Gauge,
+    /// Bytes of written changes waiting for a sync (set at scrape).
+    pub commit_queue: Gauge,
     stream_head: Family<StreamLabel, Gauge>,
     stream_first: Family<StreamLabel, Gauge>,
     stream_bytes: Family<StreamLabel, Gauge>,
@@ -196,6 +198,7 @@ impl Metrics {
             data_loss: Counter::default(),
             active_subscriptions: Gauge::default(),
             stream_caches: Gauge::default(),
+            commit_queue: Gauge::default(),
             stream_head: Family::default(),
             stream_first: Family::default(),
             stream_bytes: Family::default(),
@@ -264,6 +267,12 @@ impl Metrics {
             "Bytes in every stream's tail cache and shared reads together (at most --stream-cache-budget-bytes)",
             Unit::Bytes,
             m.stream_caches.clone(),
+        );
+        registry.register_with_unit(
+            "commit_queue",
+            "Bytes of written changes waiting for the write-ahead log's sync (at most 64 MiB; writers wait past it)",
+            Unit::Bytes,
+            m.commit_queue.clone(),
         );
         registry.register(
             "stream_next_offset",

@@ -12,7 +12,7 @@
 //! The plan is shared (`Arc`): a test keeps a handle and arms it while the
 //! real server runs.
 
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 /// The I/O the seam can fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +61,9 @@ struct Armed {
 #[derive(Debug, Default)]
 pub struct Faults {
     armed: Mutex<Vec<Armed>>,
+    /// While set, write-ahead log syncs wait (a slow disk, on demand).
+    held: Mutex<bool>,
+    released: Condvar,
 }
 
 /// What a write should do.
@@ -100,6 +103,18 @@ impl Faults {
     }
 
     /// Disarms every fault.
+    /// Makes every write-ahead log sync wait until [`Faults::release`]: a
+    /// disk that has stalled, so a test can watch what piles up.
+    pub fn hold_syncs(&self) {
+        *self.held.lock().expect("faults lock") = true;
+    }
+
+    /// Lets held syncs go on.
+    pub fn release(&self) {
+        *self.held.lock().expect("faults lock") = false;
+        self.released.notify_all();
+    }
+
     pub fn clear(&self) {
         self.armed.lock().expect("faults lock").clear();
     }
@@ -132,6 +147,12 @@ impl Faults {
     }
 
     pub(crate) fn on_sync(&self, target: Target) -> std::io::Result<()> {
+        if target == Target::WalSync {
+            let mut held = self.held.lock().expect("faults lock");
+            while *held {
+                held = self.released.wait(held).expect("faults lock");
+            }
+        }
         match self.take(target) {
             Some(a) => Err(a.failure.error()),
             None => Ok(()),

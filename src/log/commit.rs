@@ -35,8 +35,8 @@ use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::storage::{Chunk, Pending, Store};
 
-/// Bytes of written changes that may wait for a sync at once.
-pub(crate) const COMMIT_QUEUE_BYTES: usize = 64 << 20;
+/// Bytes of written changes that may wait for a sync at once, by default.
+pub const COMMIT_QUEUE_BYTES: usize = 64 << 20;
 
 /// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
@@ -142,6 +142,8 @@ struct SyncGroup {
     queue: Mutex<Vec<(Commit, OwnedSemaphorePermit)>>,
     /// Room in the queue, in bytes.
     room: Arc<Semaphore>,
+    /// The queue's size in bytes.
+    room_bytes: usize,
     /// Held by the leader while it syncs.
     leader: Mutex<()>,
     /// The running checkpoint, if any (at most one at a time).
@@ -153,6 +155,7 @@ impl Committer {
     pub(crate) fn start(
         store: Arc<Store>,
         durability: Durability,
+        queue_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Committer {
         let sync = match durability {
@@ -160,7 +163,8 @@ impl Committer {
             Durability::Fsync => Some(Arc::new(SyncGroup {
                 store: store.clone(),
                 queue: Mutex::new(Vec::new()),
-                room: Arc::new(Semaphore::new(COMMIT_QUEUE_BYTES)),
+                room: Arc::new(Semaphore::new(queue_bytes)),
+                room_bytes: queue_bytes,
                 leader: Mutex::new(()),
                 checkpoint: Mutex::new(None),
             })),
@@ -175,6 +179,13 @@ impl Committer {
     /// The reason writes are refused, after a failed write or sync.
     pub(crate) fn failure(&self) -> Option<String> {
         self.store.failure()
+    }
+
+    /// Bytes of written changes waiting for a sync now.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.sync
+            .as_ref()
+            .map_or(0, |s| s.room_bytes - s.room.available_permits())
     }
 
     /// Waits for a running checkpoint (on close).
@@ -203,7 +214,7 @@ impl Committer {
             return;
         };
         let size = commit.record.as_ref().map_or(0, Pending::size);
-        let wanted = size.clamp(1, COMMIT_QUEUE_BYTES) as u32;
+        let wanted = size.clamp(1, sync.room_bytes) as u32;
         let Ok(room) = sync.room.clone().acquire_many_owned(wanted).await else {
             unreachable!("the commit queue's semaphore is never closed");
         };

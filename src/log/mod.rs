@@ -45,6 +45,7 @@ use crate::storage::{
 };
 use cache::{CacheBudget, SharedReads, TailCache};
 use commit::Committer;
+pub use commit::COMMIT_QUEUE_BYTES;
 use consumer::ConsumerState;
 use writer::{AppendJob, Writer, WriterCommand};
 
@@ -109,6 +110,8 @@ pub struct LogConfig {
     pub faults: Option<Arc<crate::durability::fault::Faults>>,
     /// Caps on what clients can create.
     pub limits: Limits,
+    /// Bytes of written changes that may wait for a sync at once.
+    pub commit_queue_bytes: usize,
     /// Label metrics by stream, consumer and group names.
     pub metrics_stream_labels: bool,
 }
@@ -151,6 +154,7 @@ impl From<&ServerConfig> for LogConfig {
                 max_members_per_group: c.max_members_per_group,
             },
             metrics_stream_labels: c.metrics_stream_labels,
+            commit_queue_bytes: c.commit_queue_bytes,
         }
     }
 }
@@ -695,7 +699,12 @@ impl Log {
         let closing = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(config.metrics_stream_labels));
         let cache_budget = CacheBudget::new(config.stream_cache_budget_bytes);
-        let committer = Committer::start(store.clone(), config.durability, metrics.clone());
+        let committer = Committer::start(
+            store.clone(),
+            config.durability,
+            config.commit_queue_bytes,
+            metrics.clone(),
+        );
         let min_free_bytes = config
             .min_free_bytes
             .unwrap_or_else(|| crate::durability::space::default_floor(&config.data_dir));
@@ -1204,6 +1213,13 @@ impl Log {
         self.metrics
             .stream_caches
             .set(self.cache_budget.used() as i64);
+        let queued = self
+            .committer
+            .lock()
+            .expect("committer lock")
+            .as_ref()
+            .map_or(0, Committer::queued_bytes);
+        self.metrics.commit_queue.set(queued as i64);
         self.metrics
             .encode(&snapshots, &self.config.data_dir, &self.write_refusal())
     }

@@ -226,3 +226,81 @@ async fn a_subscription_response_holds_at_most_256_kib() {
         events += n;
     }
 }
+
+/// The commit queue is bounded in bytes: with the disk stalled, writers
+/// wait instead of piling their changes up, and once it moves again every
+/// append lands (no deadlock, nothing lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_waiting_for_a_stalled_disk_are_bounded_and_all_land() {
+    use pullstream::durability::fault::Faults;
+    let faults = std::sync::Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| {
+        c.faults = Some(faults.clone());
+        c.commit_queue_bytes = 32 << 10;
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let metrics = server.metrics_addr.unwrap();
+    let mut client = server.client().await;
+    for s in 0..40 {
+        client
+            .create_stream(create(&format!("s{s}")))
+            .await
+            .unwrap();
+    }
+    /// Lets the disk move again however the test ends (a failed assertion
+    /// must not leave the server's leader blocked forever).
+    struct Release(std::sync::Arc<Faults>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.release();
+        }
+    }
+    faults.hold_syncs();
+    let release = Release(faults.clone());
+    let data = format!("\"{}\"", "x".repeat(4 << 10));
+    let mut appends = Vec::new();
+    for s in 0..40 {
+        let mut client = client.clone();
+        let data = data.clone();
+        appends.push(tokio::spawn(async move {
+            client
+                .append(pb::AppendRequest {
+                    stream: format!("s{s}"),
+                    events: vec![event("t", &data)],
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    // 40 changes of about 8 KiB each are written; at most 32 KiB of them
+    // may wait for the stalled sync.
+    let queued = within(async {
+        loop {
+            let (_, text) = crate::operability::http_get(metrics, "/metrics").await;
+            let queued = crate::operability::series(&text, "pullstream_commit_queue_bytes");
+            if queued >= (16 << 10) as f64 {
+                return queued;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, text) = crate::operability::http_get(metrics, "/metrics").await;
+    let later = crate::operability::series(&text, "pullstream_commit_queue_bytes");
+    assert!(
+        queued <= (32 << 10) as f64 && later <= (32 << 10) as f64,
+        "{queued} then {later} bytes queued"
+    );
+    drop(release);
+    for append in appends {
+        within(append)
+            .await
+            .unwrap()
+            .expect("acknowledged once the disk moved");
+    }
+    for s in 0..40 {
+        assert_eq!(read_all(&mut client, &format!("s{s}")).await.len(), 1);
+    }
+}
