@@ -44,8 +44,10 @@ use tower_service::Service;
 use crate::auth::KeyRing;
 use crate::error::Error;
 
-/// The services whose calls need a key and carry client-sized messages.
-const GUARDED_PREFIXES: &[&str] = &["/pullstream.v1.EventLog/", "/pullstream.v1.ApiKeys/"];
+/// The services whose calls need a key. Key management's messages are
+/// small, so its limit is [`Limits::small_message_bytes`].
+const EVENT_LOG: &str = "/pullstream.v1.EventLog/";
+const API_KEYS: &str = "/pullstream.v1.ApiKeys/";
 
 /// A gRPC message frame starts with a compression flag and a 4-byte
 /// big-endian length.
@@ -54,10 +56,12 @@ const FRAME_HEADER_BYTES: usize = 5;
 /// What admission enforces; see the module docs.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
-    /// The largest request message, frame header excluded.
+    /// The largest `EventLog` request message, frame header excluded.
     pub max_message_bytes: usize,
     /// The flag that raises `max_message_bytes`, for the error message.
     pub max_message_flag: &'static str,
+    /// The largest `ApiKeys` request message (a fixed limit).
+    pub small_message_bytes: usize,
     /// Bytes of request messages the server holds at once, all calls.
     pub bytes_in_flight: usize,
     /// How long a request's body may take to arrive.
@@ -127,9 +131,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = request.uri().path();
-        if !GUARDED_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        let (max_message_bytes, raised_by) = if path.starts_with(EVENT_LOG) {
+            let limits = &self.shared.limits;
+            (limits.max_message_bytes, Some(limits.max_message_flag))
+        } else if path.starts_with(API_KEYS) {
+            (self.shared.limits.small_message_bytes, None)
+        } else {
             return Box::pin(inner.call(request));
-        }
+        };
         let authorization = request
             .headers()
             .get("authorization")
@@ -148,6 +157,8 @@ where
             inner: body,
             shared: self.shared.clone(),
             held: held.clone(),
+            max_message_bytes,
+            raised_by,
             header: [0; FRAME_HEADER_BYTES],
             header_len: 0,
             remaining: 0,
@@ -172,6 +183,9 @@ struct Admitted {
     /// The current message's reservation, shared with the call so that it
     /// outlives the body (tonic drops the body once it has decoded).
     held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    /// This call's largest message, and the flag that raises it, if any.
+    max_message_bytes: usize,
+    raised_by: Option<&'static str>,
     header: [u8; FRAME_HEADER_BYTES],
     header_len: usize,
     /// Bytes of the current message still to come.
@@ -208,11 +222,14 @@ impl Admitted {
     /// Checks a message's declared length and reserves it in the budget.
     fn admit(&mut self, length: usize) -> Result<(), Status> {
         let limits = &self.shared.limits;
-        if length > limits.max_message_bytes {
+        if length > self.max_message_bytes {
+            let raise = match self.raised_by {
+                Some(flag) => format!("the server's {flag} plus framing"),
+                None => "a fixed limit for this service".to_string(),
+            };
             return Err(Status::from(Error::InvalidArgument(format!(
-                "request message of {length} bytes exceeds the largest accepted, {} bytes \
-                 (the server's {} plus framing)",
-                limits.max_message_bytes, limits.max_message_flag
+                "request message of {length} bytes exceeds the largest accepted, {} bytes ({raise})",
+                self.max_message_bytes
             ))));
         }
         let mut held = self.held.lock().expect("admission lock");

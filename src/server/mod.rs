@@ -173,6 +173,7 @@ impl Server {
             admission::Limits {
                 max_message_bytes: config.max_batch_bytes + REQUEST_OVERHEAD_BYTES,
                 max_message_flag: "--max-batch-bytes",
+                small_message_bytes: SMALL_REQUEST_BYTES,
                 bytes_in_flight: config.max_request_bytes_in_flight,
                 body_timeout: config.request_body_timeout,
             },

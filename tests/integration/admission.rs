@@ -409,3 +409,35 @@ async fn connections_past_max_connections_are_closed_and_others_unaffected() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_oversized_key_management_message_is_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = offline_keys(dir.path(), &[("acme", &[Scope::Admin])])
+        .pop()
+        .unwrap();
+    let config = ServerConfig::for_tests(dir.path());
+    let server = TestServer::start_in(dir, config).await;
+    let mut keys = pb::api_keys_client::ApiKeysClient::with_interceptor(
+        server.channel().await,
+        crate::auth::Bearer(Some(format!("Bearer {key}"))),
+    );
+    let status = keys
+        .create_api_key(pb::CreateApiKeyRequest {
+            scopes: vec![pb::Scope::Publish as i32],
+            streams: (0..2000)
+                .map(|i| format!("orders.{i}.{}", "x".repeat(50)))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("65536 bytes"), "{status:?}");
+    let listed = keys
+        .list_api_keys(pb::ListApiKeysRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.keys.len(), 1);
+}
