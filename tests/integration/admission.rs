@@ -124,6 +124,16 @@ fn append_message(stream: &str, size: usize) -> Vec<u8> {
     .encode_to_vec()
 }
 
+/// The refused call wrote nothing: the tenant still has no stream.
+async fn assert_nothing_written(server: &TestServer, key: &str) {
+    let mut client = client_with(server, key).await;
+    let listed = client
+        .list_streams(pb::ListStreamsRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.into_inner().streams.is_empty());
+}
+
 /// The resident memory of process `pid`, in bytes.
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -252,12 +262,7 @@ async fn an_oversized_message_is_invalid_argument_from_its_frame_header() {
     assert_eq!(code, Code::InvalidArgument, "{message}");
     assert!(message.contains("200000 bytes"), "{message}");
     assert!(message.contains("--max-batch-bytes"), "{message}");
-    let mut client = client_with(&server, &key).await;
-    let listed = client
-        .list_streams(pb::ListStreamsRequest::default())
-        .await
-        .unwrap();
-    assert!(listed.into_inner().streams.is_empty());
+    assert_nothing_written(&server, &key).await;
 }
 
 #[tokio::test]
@@ -275,12 +280,7 @@ async fn a_malformed_message_is_invalid_argument() {
     let (code, message) = within(status_of(response)).await;
     assert_eq!(code, Code::InvalidArgument, "{message}");
     assert!(message.contains("not valid protobuf"), "{message}");
-    let mut client = client_with(&server, &key).await;
-    let listed = client
-        .list_streams(pb::ListStreamsRequest::default())
-        .await
-        .unwrap();
-    assert!(listed.into_inner().streams.is_empty());
+    assert_nothing_written(&server, &key).await;
 }
 
 #[tokio::test]
