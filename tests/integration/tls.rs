@@ -169,3 +169,41 @@ async fn mutual_tls_rejects_a_client_without_a_certificate() {
     })
     .await;
 }
+
+/// The TLS handshake follows `--handshake-timeout` (it was a fixed 10 s):
+/// a client that starts a ClientHello and stalls is disconnected.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_closed_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServerConfig::for_tests(dir.path());
+    config.handshake_timeout = std::time::Duration::from_millis(300);
+    config.tls = Some(TlsFiles {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: None,
+    });
+    let server = TestServer::start_in(dir, config).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // A TLS record header announcing a 512-byte handshake message, and
+    // only 40 bytes of it: past the HTTP/2-preface check, inside TLS.
+    let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+    hello.extend_from_slice(&[0x01; 40]);
+    socket.write_all(&hello).await.unwrap();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let mut buf = [0u8; 64];
+        loop {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the stalled handshake was not closed within 5 s"
+    );
+}
