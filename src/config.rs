@@ -248,6 +248,10 @@ impl ServeSettings {
 /// one inline sled value; see `storage`).
 pub const MAX_EVENT_BYTES_LIMIT: usize = MAX_INLINE_VALUE - (64 << 10);
 
+/// Bytes of written changes that may wait for the write-ahead log's sync
+/// at once, by default (writers wait past it).
+pub const DEFAULT_COMMIT_QUEUE_BYTES: usize = 64 << 20;
+
 /// Room above the largest batch for a request's own fields and framing.
 pub const REQUEST_OVERHEAD_BYTES: usize = 64 << 10;
 
@@ -391,7 +395,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
             min_free_bytes: s.min_free_bytes,
             verify_on_start: s.verify_on_start.unwrap_or(false),
-            commit_queue_bytes: crate::log::COMMIT_QUEUE_BYTES,
+            commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),

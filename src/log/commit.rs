@@ -19,7 +19,8 @@
 //!
 //! In `buffered` mode groups are published as soon as they are written.
 //!
-//! The queue is bounded in bytes ([`COMMIT_QUEUE_BYTES`]): a writer whose
+//! The queue is bounded in bytes (`ServerConfig::commit_queue_bytes`,
+//! 64 MiB by default): a writer whose
 //! change does not fit waits until the leader's sync makes room, so a disk
 //! slower than the writers pushes back on the writers (and through their
 //! bounded command queues on producers) instead of growing memory.
@@ -34,9 +35,6 @@ use crate::config::Durability;
 use crate::error::Error;
 use crate::metrics::Metrics;
 use crate::storage::{Chunk, Pending, Store};
-
-/// Bytes of written changes that may wait for a sync at once, by default.
-pub const COMMIT_QUEUE_BYTES: usize = 64 << 20;
 
 /// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;

@@ -45,7 +45,6 @@ use crate::storage::{
 };
 use cache::{CacheBudget, SharedReads, TailCache};
 use commit::Committer;
-pub use commit::COMMIT_QUEUE_BYTES;
 use consumer::ConsumerState;
 use writer::{AppendJob, Writer, WriterCommand};
 
