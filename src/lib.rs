@@ -22,12 +22,14 @@
 //! - [`names`]: how a tenant's stream is named in storage.
 //! - [`server`]: opens the log, serves gRPC (with health and reflection)
 //!   and the metrics endpoint, shuts down gracefully.
+//! - [`client`]: how a program reaches a server (endpoint, TLS, API-key
+//!   header, typed clients); used by the CLI and the benchmark.
 //! - [`cli`]: the `pullstream` command line (server and client commands).
 //! - [`bench`]: `pullstream bench`, the load generator behind the README's figures.
 //!
 //! # Architecture invariants
 //! - Only `storage` knows sled; only `proto` (the generated code and its
-//!   codec), `service`, `server` and `cli` know tonic.
+//!   codec), `service`, `server`, `client`, `cli` and `bench` know tonic.
 //! - A call is authenticated from its headers before its body is read
 //!   (`server::admission`), so a client without a key cannot make the
 //!   server buffer its messages.
@@ -53,6 +55,7 @@
 pub mod auth;
 pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod durability;
 pub mod error;

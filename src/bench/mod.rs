@@ -19,13 +19,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::client::{Client, ConnectOptions};
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
-use tonic::transport::Endpoint;
 
 use crate::config::{Durability, HumanDuration};
-use crate::proto::event_log_client::EventLogClient;
 use server::EmbeddedServer;
 
 /// The workloads `pullstream bench` can run.
@@ -157,15 +156,14 @@ pub(crate) struct BenchContext {
 
 impl BenchContext {
     /// A new connection (each producer gets its own, as separate clients would).
-    async fn client(&self) -> anyhow::Result<crate::cli::Client> {
-        let channel = Endpoint::from_shared(self.url.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the server at {}", self.url))?;
-        let header = crate::cli::ApiKeyHeader::new(self.api_key.as_deref())?;
-        Ok(EventLogClient::with_interceptor(channel, header).max_decoding_message_size(usize::MAX))
+    async fn client(&self) -> anyhow::Result<Client> {
+        ConnectOptions {
+            server: self.url.clone(),
+            api_key: self.api_key.clone(),
+            ..Default::default()
+        }
+        .event_log()
+        .await
     }
 
     /// The server's resident memory, when it is our child.

@@ -56,7 +56,7 @@ async fn head_of(ctx: &BenchContext, stream: &str) -> anyhow::Result<u64> {
 
 /// A stream's description (GetStream).
 async fn stream_info(
-    client: &mut crate::cli::Client,
+    client: &mut crate::client::Client,
     stream: &str,
 ) -> anyhow::Result<pb::StreamInfo> {
     Ok(client

@@ -15,17 +15,11 @@ mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use tonic::metadata::MetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
 
+use crate::client::ConnectOptions;
 use crate::config::{ServeSettings, ServerConfig};
-use crate::proto::api_keys_client::ApiKeysClient;
-use crate::proto::event_log_client::EventLogClient;
 use crate::server::{shutdown_signal, Server};
 
 /// Ordered, durable event streams that consumers pull over gRPC.
@@ -66,38 +60,21 @@ pub struct ClientArgs {
     tls_key: Option<PathBuf>,
 }
 
-/// Adds `authorization: Bearer <key>` to every call, when a key is given.
-#[derive(Clone)]
-pub struct ApiKeyHeader(Option<MetadataValue<tonic::metadata::Ascii>>);
-
-impl Interceptor for ApiKeyHeader {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-impl ApiKeyHeader {
-    /// The header for `key` (none when `None`).
-    pub fn new(key: Option<&str>) -> anyhow::Result<ApiKeyHeader> {
-        Ok(ApiKeyHeader(match key {
-            None => None,
-            Some(key) => Some(format!("Bearer {}", key.trim()).parse().map_err(|_| {
-                anyhow::anyhow!("the API key has characters a header cannot carry")
-            })?),
-        }))
-    }
-}
-
 /// The client the commands use.
-pub type Client = EventLogClient<InterceptedService<Channel, ApiKeyHeader>>;
+pub use crate::client::Client;
+
+impl ClientArgs {
+    /// The connection settings these flags describe.
+    fn options(&self) -> ConnectOptions {
+        ConnectOptions {
+            server: self.server.clone(),
+            api_key: self.api_key.clone(),
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+        }
+    }
+}
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -209,64 +186,18 @@ fn check_client_args(args: &ClientArgs) -> anyhow::Result<()> {
 }
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let (channel, header) = connect_channel(args).await?;
-    Ok(EventLogClient::with_interceptor(channel, header).max_decoding_message_size(usize::MAX))
+    args.options().event_log().await
 }
 
 /// Connects to the server's `ApiKeys` service.
-async fn connect_keys(
-    args: &ClientArgs,
-) -> anyhow::Result<ApiKeysClient<InterceptedService<Channel, ApiKeyHeader>>> {
-    let (channel, header) = connect_channel(args).await?;
-    Ok(ApiKeysClient::with_interceptor(channel, header))
-}
-
-/// The client's TLS settings from --tls-ca, --tls-cert and --tls-key.
-fn client_tls(args: &ClientArgs) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
-    use anyhow::Context;
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).with_context(|| format!("cannot read {flag} {}", path.display()))
-    };
-    let Some(ca) = &args.tls_ca else {
-        anyhow::bail!("an https:// server needs --tls-ca (the PEM CA that signed its certificate)");
-    };
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        tls = tls.identity(Identity::from_pem(
-            read("--tls-cert", cert)?,
-            read("--tls-key", key)?,
-        ));
-    }
-    Ok(tls)
-}
-
-async fn connect_channel(args: &ClientArgs) -> anyhow::Result<(Channel, ApiKeyHeader)> {
-    let header = ApiKeyHeader::new(args.api_key.as_deref())?;
-    let channel = endpoint(args)?.connect().await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot reach the server at {}: {e} (is `pullstream serve` running? set --server or PULLSTREAM_SERVER)",
-            args.server
-        )
-    })?;
-    Ok((channel, header))
+async fn connect_keys(args: &ClientArgs) -> anyhow::Result<crate::client::KeysClient> {
+    args.options().api_keys().await
 }
 
 /// The endpoint the client settings describe; fails on settings that no
 /// retry can fix (a bad URL, missing or unreadable TLS files).
-fn endpoint(args: &ClientArgs) -> anyhow::Result<Endpoint> {
-    let mut endpoint = Endpoint::from_shared(args.server.clone())
-        .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", args.server))?
-        .connect_timeout(Duration::from_secs(5));
-    if args.server.starts_with("https://") {
-        endpoint = endpoint
-            .tls_config(client_tls(args)?)
-            .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
-    } else if args.tls_ca.is_some() || args.tls_cert.is_some() {
-        anyhow::bail!("--tls-ca/--tls-cert need an https:// server URL");
-    }
-    Ok(endpoint)
+fn endpoint(args: &ClientArgs) -> anyhow::Result<tonic::transport::Endpoint> {
+    args.options().endpoint()
 }
 
 /// Describes a gRPC error for a person: the code and the server's message.

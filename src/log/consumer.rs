@@ -18,8 +18,8 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::command::{ConsumerChange, ConsumerSettings, WriterCommand};
 use super::filter::EventFilter;
-use super::writer::WriterCommand;
 use super::{now_unix_nanos, Head, Log, StartAt, StreamShared};
 use crate::error::Error;
 use crate::storage::ConsumerRecord;
@@ -56,15 +56,6 @@ pub struct ConsumerInfo {
     pub cursor_trimmed: bool,
 }
 
-/// What a subscription asks of its consumer.
-#[derive(Debug, Clone, Default)]
-pub struct ConsumerSettings {
-    /// A filter to save; `None` keeps the saved one.
-    pub filter: Option<EventFilter>,
-    /// A payload version to save; `None` keeps the saved one.
-    pub version: Option<String>,
-}
-
 /// A consumer in memory: its stored record and its open subscription.
 pub(crate) struct ConsumerState {
     pub(crate) record: ConsumerRecord,
@@ -86,19 +77,6 @@ impl ConsumerState {
             token.cancel();
         }
     }
-}
-
-/// A change to a consumer, carried out by the stream's writer.
-pub(crate) enum ConsumerChange {
-    /// Move the cursor (creating the consumer when missing).
-    Commit(u64),
-    /// Create the consumer at `start` when missing; save the settings given.
-    Open {
-        start: u64,
-        settings: ConsumerSettings,
-    },
-    /// Remove the consumer.
-    Delete,
 }
 
 /// Held by a consumer's open subscription. Cancelled when a newer

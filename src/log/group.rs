@@ -36,8 +36,8 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::command::{GroupChange, WriterCommand};
 use super::consumer::validate_consumer_name;
-use super::writer::WriterCommand;
 use super::{Log, StartAt, StreamShared};
 use crate::error::Error;
 use crate::storage::{EventRecord, GroupRecord};
@@ -165,16 +165,6 @@ impl GroupState {
             .map(|s| s as u32)
             .collect()
     }
-}
-
-/// A group change, carried out by the stream's writer.
-pub(crate) enum GroupChange {
-    /// Create the group (every slot at `start`) when missing.
-    Create { start: u64 },
-    /// A member's commit.
-    Commit { member: String, next_offset: u64 },
-    /// Remove the group; its members' subscriptions end.
-    Delete,
 }
 
 /// What a group change writes.

@@ -10,6 +10,7 @@
 //! durable under the durability mode.
 
 mod cache;
+mod command;
 mod commit;
 mod consumer;
 mod filter;
@@ -29,9 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-pub use consumer::{
-    validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease, ConsumerSettings,
-};
+pub use command::ConsumerSettings;
+pub use consumer::{validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease};
 pub use filter::{EventFilter, TypePattern};
 pub use group::{slot_of, GroupCursor, GroupInfo, GroupMemberInfo, GroupUpdate, SLOT_COUNT};
 pub use subscription::{StartAt, Subscription};
@@ -44,9 +44,10 @@ use crate::storage::{
     Chunk, EventRecord, StorageError, Store, StoreOptions, StoredStream, StreamMeta,
 };
 use cache::{CacheBudget, SharedReads, TailCache};
+use command::{AppendJob, WriterCommand};
 use commit::Committer;
 use consumer::ConsumerState;
-use writer::{AppendJob, Writer, WriterCommand};
+use writer::Writer;
 
 /// How many Append calls may queue for one stream's writer before callers
 /// wait (backpressure on producers, bounded memory).

@@ -16,8 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use super::commit::{Change, Commit, Committer, Reply};
-use super::consumer::{apply_change, ConsumerChange, ConsumerState};
+use super::command::{AppendJob, ConsumerChange, WriterCommand};
+use super::commit::{Change, Commit, Committer};
+use super::consumer::{apply_change, ConsumerState};
 use super::{now_unix_nanos, AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
@@ -32,47 +33,6 @@ const MAX_GROUP_EVENTS: usize = 20_000;
 /// The most chunks one trim removes (about 32 MiB of 8 KiB chunks): a
 /// big backlog is trimmed over several turns, with appends in between.
 const MAX_TRIM_CHUNKS: usize = 4096;
-
-/// A request to the writer.
-pub(crate) enum WriterCommand {
-    /// Append a batch.
-    Append(AppendJob),
-    /// Delete the stream, then stop.
-    Delete(oneshot::Sender<Result<(), Error>>),
-    /// Trim what the retention policy no longer keeps (sent by the
-    /// retention task; nobody waits).
-    Trim,
-    /// Forget idempotency keys older than the window (sent by the expiry
-    /// task; nobody waits). In the writer, so expiry is ordered with the
-    /// appends that insert keys.
-    ExpireIdempotency,
-    /// Change a consumer group; answered once durable.
-    Group {
-        name: String,
-        change: super::group::GroupChange,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    /// Replace the retention policy; answered once durable.
-    SetRetention {
-        retention: Retention,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-    /// Change a durable consumer; answered once durable.
-    Consumer {
-        name: String,
-        change: ConsumerChange,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
-}
-
-/// One Append call.
-pub(crate) struct AppendJob {
-    pub(crate) events: Vec<EventRecord>,
-    pub(crate) expected_next_offset: Option<u64>,
-    /// The idempotency key with the batch's fingerprint.
-    pub(crate) idempotency: Option<(String, u128)>,
-    pub(crate) reply: Reply,
-}
 
 /// The writer's state. Owns the stream's authoritative next offset.
 pub(crate) struct Writer {
@@ -368,7 +328,7 @@ impl Writer {
     async fn change_group(
         &mut self,
         name: String,
-        change: super::group::GroupChange,
+        change: super::command::GroupChange,
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         if let Some(reason) = self.committer.failure() {

@@ -1,0 +1,88 @@
+//! The requests a stream's writer takes, and the changes they carry.
+//!
+//! The writer (the only mutator of a stream) applies consumer and group
+//! changes with the state machines in `consumer` and `group`; the code that
+//! asks for those changes (the `Log`'s consumer and group calls) sends them
+//! as these commands. Both sides import this module and neither imports
+//! the other's request path, so the writer depends on the state machines
+//! and not the other way round.
+
+use tokio::sync::oneshot;
+
+use super::commit::Reply;
+use super::filter::EventFilter;
+use crate::error::Error;
+use crate::storage::{EventRecord, Retention};
+
+/// A request to the writer.
+pub(crate) enum WriterCommand {
+    /// Append a batch.
+    Append(AppendJob),
+    /// Delete the stream, then stop.
+    Delete(oneshot::Sender<Result<(), Error>>),
+    /// Trim what the retention policy no longer keeps (sent by the
+    /// retention task; nobody waits).
+    Trim,
+    /// Forget idempotency keys older than the window (sent by the expiry
+    /// task; nobody waits). In the writer, so expiry is ordered with the
+    /// appends that insert keys.
+    ExpireIdempotency,
+    /// Change a consumer group; answered once durable.
+    Group {
+        name: String,
+        change: GroupChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Replace the retention policy; answered once durable.
+    SetRetention {
+        retention: Retention,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// Change a durable consumer; answered once durable.
+    Consumer {
+        name: String,
+        change: ConsumerChange,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+}
+
+/// One Append call.
+pub(crate) struct AppendJob {
+    pub(crate) events: Vec<EventRecord>,
+    pub(crate) expected_next_offset: Option<u64>,
+    /// The idempotency key with the batch's fingerprint.
+    pub(crate) idempotency: Option<(String, u128)>,
+    pub(crate) reply: Reply,
+}
+
+/// What a subscription asks of its consumer.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerSettings {
+    /// A filter to save; `None` keeps the saved one.
+    pub filter: Option<EventFilter>,
+    /// A payload version to save; `None` keeps the saved one.
+    pub version: Option<String>,
+}
+
+/// A change to a consumer, carried out by the stream's writer.
+pub(crate) enum ConsumerChange {
+    /// Move the cursor (creating the consumer when missing).
+    Commit(u64),
+    /// Create the consumer at `start` when missing; save the settings given.
+    Open {
+        start: u64,
+        settings: ConsumerSettings,
+    },
+    /// Remove the consumer.
+    Delete,
+}
+
+/// A group change, carried out by the stream's writer.
+pub(crate) enum GroupChange {
+    /// Create the group (every slot at `start`) when missing.
+    Create { start: u64 },
+    /// A member's commit.
+    Commit { member: String, next_offset: u64 },
+    /// Remove the group; its members' subscriptions end.
+    Delete,
+}
