@@ -19,3 +19,4 @@ mod selection;
 mod streams;
 mod subscribe;
 mod tls;
+mod wire;
