@@ -86,7 +86,7 @@ fn scope_from_proto(value: i32) -> Result<Scope, Status> {
         Ok(pb::Scope::Publish) => Ok(Scope::Publish),
         Ok(pb::Scope::Subscribe) => Ok(Scope::Subscribe),
         Ok(pb::Scope::Admin) => Ok(Scope::Admin),
-        _ => Err(Status::invalid_argument(format!(
+        _ => Err(super::invalid(format!(
             "unknown scope {value}: use SCOPE_PUBLISH, SCOPE_SUBSCRIBE or SCOPE_ADMIN"
         ))),
     }

@@ -96,6 +96,12 @@ impl From<Error> for Status {
     }
 }
 
+/// INVALID_ARGUMENT for a request the handlers reject before it reaches
+/// the log, through the one mapping above.
+pub(crate) fn invalid(message: impl Into<String>) -> Status {
+    Error::InvalidArgument(message.into()).into()
+}
+
 /// Service settings.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
@@ -232,7 +238,7 @@ impl EventLog for EventLogService {
                 }
                 Ok(pb::StartPosition::Latest) => StartAt::Latest,
                 Err(_) => {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(invalid(format!(
                         "unknown start position {p}: use EARLIEST, LATEST, an offset or a time"
                     )))
                 }
@@ -248,12 +254,12 @@ impl EventLog for EventLogService {
         let version = version_from_proto(request.version)?;
         let (subscription, lease, version) = if !request.group.is_empty() {
             if !request.consumer.is_empty() {
-                return Err(Status::invalid_argument(
+                return Err(invalid(
                     "give either consumer or group (with member), not both",
                 ));
             }
             if request.member.is_empty() {
-                return Err(Status::invalid_argument(
+                return Err(invalid(
                     "a group subscription needs a member id: each worker passes its own, stable one",
                 ));
             }
@@ -269,9 +275,7 @@ impl EventLog for EventLogService {
                 .await?;
             (subscription, None, version.unwrap_or_default())
         } else if !request.member.is_empty() {
-            return Err(Status::invalid_argument(
-                "member is only meaningful with group",
-            ));
+            return Err(invalid("member is only meaningful with group"));
         } else if request.consumer.is_empty() {
             let subscription = self
                 .log
@@ -718,7 +722,7 @@ fn version_from_proto(version: String) -> Result<Option<String>, Status> {
 /// Nanoseconds since the Unix epoch from a protobuf timestamp.
 fn unix_nanos(t: &Timestamp) -> Result<i64, Status> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(Status::invalid_argument(format!(
+        return Err(invalid(format!(
             "invalid start time: nanos {} must be within 0..1e9",
             t.nanos
         )));
@@ -781,9 +785,7 @@ fn retention_from_proto(policy: Option<pb::RetentionPolicy>) -> Result<log::Rete
         None => 0,
         Some(age) => Duration::try_from(age)
             .map_err(|_| {
-                Status::invalid_argument(
-                    "retention max_age must be a positive duration (or unset for no age limit)",
-                )
+                invalid("retention max_age must be a positive duration (or unset for no age limit)")
             })?
             .as_nanos()
             .try_into()
@@ -815,7 +817,7 @@ fn page_size(requested: u32, field: &str) -> Result<usize, Status> {
     match requested {
         0 => Ok(DEFAULT_PAGE as usize),
         n if n <= MAX_PAGE => Ok(n as usize),
-        n => Err(Status::invalid_argument(format!(
+        n => Err(invalid(format!(
             "{field} {n} is too large: the most is {MAX_PAGE}"
         ))),
     }

@@ -11,6 +11,7 @@ mod bad_input;
 mod consumers;
 mod durability;
 mod groups;
+mod invariants;
 mod limits;
 pub mod operability;
 pub mod process;
