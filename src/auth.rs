@@ -49,7 +49,22 @@ pub enum Scope {
     Admin,
 }
 
+impl std::str::FromStr for Scope {
+    type Err = String;
+
+    /// A scope from its name (`publish`, `subscribe`, `admin`).
+    fn from_str(s: &str) -> Result<Scope, String> {
+        Scope::ALL
+            .into_iter()
+            .find(|scope| scope.name() == s)
+            .ok_or_else(|| format!("unknown scope {s:?}: use publish, subscribe or admin"))
+    }
+}
+
 impl Scope {
+    /// Every scope.
+    pub const ALL: [Scope; 3] = [Scope::Publish, Scope::Subscribe, Scope::Admin];
+
     /// The scope's name, as the CLI and the docs spell it.
     pub fn name(self) -> &'static str {
         match self {
@@ -271,18 +286,12 @@ impl Principal {
 
 /// Checks a tenant name: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.
 pub fn validate_tenant(tenant: &str) -> Result<(), Error> {
-    let ok = !tenant.is_empty()
-        && tenant.len() <= MAX_TENANT_LEN
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidArgument(format!(
-            "invalid tenant {}: use 1 to {MAX_TENANT_LEN} characters of A-Z a-z 0-9 . _ -",
+    match crate::names::name_problem(tenant, MAX_TENANT_LEN) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidArgument(format!(
+            "invalid tenant {}: {reason} (use 1 to {MAX_TENANT_LEN} characters of A-Z a-z 0-9 . _ -)",
             crate::error::shown(tenant)
-        )))
+        ))),
     }
 }
 

@@ -14,7 +14,7 @@ pub enum Error {
         /// The rejected name.
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: String,
     },
     /// A malformed request; the message says what to fix.
     #[error("{0}")]

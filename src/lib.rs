@@ -19,7 +19,8 @@
 //!   status codes in one place.
 //! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
 //!   name no tenant's streams unless asked.
-//! - [`names`]: how a tenant's stream is named in storage.
+//! - [`names`]: the one naming rule (streams, consumers, groups, members,
+//!   tenants) and how a tenant's stream is named in storage.
 //! - [`server`]: opens the log, serves gRPC (with health and reflection)
 //!   and the metrics endpoint, shuts down gracefully.
 //! - [`client`]: how a program reaches a server (endpoint, TLS, API-key
@@ -29,7 +30,11 @@
 //!
 //! # Architecture invariants
 //! - Only `storage` knows sled; only `proto` (the generated code and its
-//!   codec), `service`, `server`, `client`, `cli` and `bench` know tonic.
+//!   codec), `service`, `server`, `client`, `cli` and `bench` know tonic;
+//!   a gRPC status is built only by the one `From<Error> for Status` in
+//!   `service`. (All three are checked on the source by
+//!   `tests/integration/invariants.rs`.) Modules import one another
+//!   without cycles.
 //! - A call is authenticated from its headers before its body is read
 //!   (`server::admission`), so a client without a key cannot make the
 //!   server buffer its messages.

@@ -11,7 +11,7 @@ use super::{connect_keys, status_error, ClientArgs};
 use crate::auth::{KeyInfo, KeyRing, NewKey, Scope};
 use crate::config::HumanDuration;
 use crate::proto as pb;
-use crate::service::keys_proto::{key_to_proto, scope_to_proto};
+use crate::service::keys_proto::{key_to_proto, scope_of_proto, scope_to_proto};
 use crate::storage::{Store, StoreOptions};
 
 /// Arguments of `pullstream keys`.
@@ -60,14 +60,7 @@ enum KeysCommand {
 }
 
 fn parse_scope(s: &str) -> Result<Scope, String> {
-    match s {
-        "publish" => Ok(Scope::Publish),
-        "subscribe" => Ok(Scope::Subscribe),
-        "admin" => Ok(Scope::Admin),
-        other => Err(format!(
-            "unknown scope {other:?}: use publish, subscribe or admin"
-        )),
-    }
+    s.parse()
 }
 
 /// Runs `pullstream keys`.
@@ -183,12 +176,7 @@ fn key_json(key: &pb::ApiKeyInfo) -> serde_json::Value {
     let scopes: Vec<&str> = key
         .scopes
         .iter()
-        .map(|&s| match pb::Scope::try_from(s) {
-            Ok(pb::Scope::Publish) => "publish",
-            Ok(pb::Scope::Subscribe) => "subscribe",
-            Ok(pb::Scope::Admin) => "admin",
-            _ => "unknown",
-        })
+        .map(|&s| scope_of_proto(s).map_or("unknown", Scope::name))
         .collect();
     serde_json::json!({
         "id": key.id,

@@ -135,22 +135,13 @@ pub fn validate_version_label(label: &str) -> Result<(), Error> {
 }
 
 fn check_label(what: &str, value: &str, max: usize) -> Result<(), Error> {
-    let reason = if value.is_empty() {
-        "it is empty".to_string()
-    } else if value.len() > max {
-        format!("it is longer than {max} characters")
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        "only letters, digits, '.', '_' and '-' are allowed".to_string()
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidArgument(format!(
-        "invalid {what} {}: {reason}",
-        crate::error::shown(value)
-    )))
+    match crate::names::name_problem(value, max) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidArgument(format!(
+            "invalid {what} {}: {reason}",
+            crate::error::shown(value)
+        ))),
+    }
 }
 
 fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> ConsumerInfo {

@@ -1449,22 +1449,13 @@ fn validate_stored_name(name: &str) -> Result<(), Error> {
 
 /// Checks a stream name: 1 to 200 characters of `A-Z a-z 0-9 . _ -`.
 pub fn validate_stream_name(name: &str) -> Result<(), Error> {
-    let reason = if name.is_empty() {
-        "it is empty"
-    } else if name.len() > MAX_STREAM_NAME_LEN {
-        "it is longer than 200 characters"
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        "only letters, digits, '.', '_' and '-' are allowed"
-    } else {
-        return Ok(());
-    };
-    Err(Error::InvalidStreamName {
-        name: name.to_string(),
-        reason,
-    })
+    match crate::names::name_problem(name, MAX_STREAM_NAME_LEN) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidStreamName {
+            name: name.to_string(),
+            reason,
+        }),
+    }
 }
 
 /// A 128-bit hash of a batch's events, to tell a retry (same events) from a

@@ -82,13 +82,20 @@ impl ApiKeys for ApiKeysService {
 }
 
 fn scope_from_proto(value: i32) -> Result<Scope, Status> {
-    match pb::Scope::try_from(value) {
-        Ok(pb::Scope::Publish) => Ok(Scope::Publish),
-        Ok(pb::Scope::Subscribe) => Ok(Scope::Subscribe),
-        Ok(pb::Scope::Admin) => Ok(Scope::Admin),
-        _ => Err(super::invalid(format!(
+    scope_of_proto(value).ok_or_else(|| {
+        super::invalid(format!(
             "unknown scope {value}: use SCOPE_PUBLISH, SCOPE_SUBSCRIBE or SCOPE_ADMIN"
-        ))),
+        ))
+    })
+}
+
+/// The scope a proto value names, if it names one.
+pub fn scope_of_proto(value: i32) -> Option<Scope> {
+    match pb::Scope::try_from(value) {
+        Ok(pb::Scope::Publish) => Some(Scope::Publish),
+        Ok(pb::Scope::Subscribe) => Some(Scope::Subscribe),
+        Ok(pb::Scope::Admin) => Some(Scope::Admin),
+        _ => None,
     }
 }
 

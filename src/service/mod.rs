@@ -33,7 +33,7 @@ mod keys;
 pub use keys::ApiKeysService;
 /// Proto conversions for API keys (shared with the CLI).
 pub mod keys_proto {
-    pub use super::keys::{key_to_proto, scope_to_proto};
+    pub use super::keys::{key_to_proto, scope_of_proto, scope_to_proto};
 }
 
 /// Default and largest page for Read, and default batch for Subscribe.
