@@ -41,16 +41,32 @@ pub enum Error {
         /// What happened.
         reason: &'static str,
     },
-    /// A consumer group, or a member of it, that does not exist (or is not
-    /// connected).
-    #[error("{what} of stream {} does not exist{hint}", shown(stream))]
+    /// A consumer group that does not exist.
+    #[error(
+        "consumer group {} of stream {} does not exist: subscribe with `group` and `member` to create it",
+        shown(group),
+        shown(stream)
+    )]
     GroupNotFound {
         /// The stream.
         stream: String,
-        /// `consumer group "g"` or `member "m" of consumer group "g"`.
-        what: String,
-        /// What to do next.
-        hint: &'static str,
+        /// The group.
+        group: String,
+    },
+    /// A member of a consumer group that does not exist or is not connected.
+    #[error(
+        "member {} of consumer group {} of stream {} does not exist (or is not connected): commit from the member's open subscription",
+        shown(member),
+        shown(group),
+        shown(stream)
+    )]
+    MemberNotFound {
+        /// The stream.
+        stream: String,
+        /// The group.
+        group: String,
+        /// The member id.
+        member: String,
     },
     /// CreateStream on a stream that exists.
     #[error("stream {} already exists", shown(.0))]

@@ -126,7 +126,13 @@ impl Drop for ConsumerLease {
 
 /// Checks a consumer name: 1 to 200 characters of `A-Z a-z 0-9 . _ -`.
 pub fn validate_consumer_name(name: &str) -> Result<(), Error> {
-    check_label("consumer name", name, MAX_CONSUMER_NAME_LEN)
+    validate_label("consumer name", name)
+}
+
+/// Checks a name of the consumer kind (`what`: "group name", "member id"):
+/// the consumer-name rule, named as the caller knows it.
+pub(crate) fn validate_label(what: &str, name: &str) -> Result<(), Error> {
+    check_label(what, name, MAX_CONSUMER_NAME_LEN)
 }
 
 /// Checks a payload version label: 1 to 64 characters of `A-Z a-z 0-9 . _ -`.

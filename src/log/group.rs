@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::command::{GroupChange, WriterCommand};
-use super::consumer::validate_consumer_name;
+use super::consumer::validate_label;
 use super::{Log, StartAt, StreamShared};
 use crate::error::Error;
 use crate::storage::{EventRecord, GroupRecord};
@@ -272,20 +272,15 @@ pub(crate) fn apply_change(
 fn group_not_found(stream: &str, group: &str) -> Error {
     Error::GroupNotFound {
         stream: stream.to_string(),
-        what: format!("consumer group {}", crate::error::shown(group)),
-        hint: ": subscribe with `group` and `member` to create it",
+        group: group.to_string(),
     }
 }
 
 fn member_not_found(stream: &str, group: &str, member: &str) -> Error {
-    Error::GroupNotFound {
+    Error::MemberNotFound {
         stream: stream.to_string(),
-        what: format!(
-            "member {} of consumer group {}",
-            crate::error::shown(member),
-            crate::error::shown(group)
-        ),
-        hint: " (or is not connected): commit from the member's open subscription",
+        group: group.to_string(),
+        member: member.to_string(),
     }
 }
 
@@ -498,8 +493,8 @@ impl Log {
         member: &str,
         start: StartAt,
     ) -> Result<GroupCursor, Error> {
-        validate_consumer_name(group).map_err(|e| rename(e, "consumer name", "group name"))?;
-        validate_consumer_name(member).map_err(|e| rename(e, "consumer name", "member id"))?;
+        validate_label("group name", group)?;
+        validate_label("member id", member)?;
         let stream = self.get(stream_name)?;
         let exists = stream
             .shared
@@ -606,13 +601,13 @@ impl Log {
     /// Deletes a group: its committed offsets go, and its members'
     /// subscriptions end with ABORTED.
     pub async fn delete_group(&self, stream: &str, group: &str) -> Result<(), Error> {
-        validate_consumer_name(group).map_err(|e| rename(e, "consumer name", "group name"))?;
+        validate_label("group name", group)?;
         self.change_group(stream, group, GroupChange::Delete).await
     }
 
     /// Describes a group.
     pub fn group_info(&self, stream: &str, group: &str) -> Result<GroupInfo, Error> {
-        validate_consumer_name(group).map_err(|e| rename(e, "consumer name", "group name"))?;
+        validate_label("group name", group)?;
         let stream = self.get(stream)?;
         let head = stream.shared.head().next_offset;
         let groups = stream.shared.groups.lock().expect("groups lock");
@@ -645,14 +640,6 @@ impl Log {
             created_unix_nanos: state.record.created_unix_nanos,
             generation: state.generation,
         })
-    }
-}
-
-/// Re-labels a name validation error for another kind of name.
-fn rename(error: Error, from: &str, to: &str) -> Error {
-    match error {
-        Error::InvalidArgument(m) => Error::InvalidArgument(m.replacen(from, to, 1)),
-        other => other,
     }
 }
 

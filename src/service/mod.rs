@@ -73,7 +73,8 @@ impl From<Error> for Status {
             }
             Error::StreamNotFound(_)
             | Error::ConsumerNotFound { .. }
-            | Error::GroupNotFound { .. } => Status::not_found(message),
+            | Error::GroupNotFound { .. }
+            | Error::MemberNotFound { .. } => Status::not_found(message),
             Error::ConsumerSessionEnded { .. } => Status::aborted(message),
             Error::Unauthenticated(_) => Status::unauthenticated(message),
             Error::PermissionDenied(_) => Status::permission_denied(message),
