@@ -30,7 +30,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::log::{now_unix_nanos, validate_stream_name, TypePattern};
+use crate::log::{validate_stream_name, TypePattern};
 use crate::storage::Store;
 
 pub use crate::names::{stored_stream_name, DEFAULT_TENANT};
@@ -219,6 +219,7 @@ impl Principal {
         scopes: &[Scope],
         streams: &[String],
         ttl: Option<Duration>,
+        now: i64,
     ) -> Result<(), Error> {
         let id = self.key_id.as_deref().unwrap_or("-");
         let denied = |why: String| {
@@ -236,12 +237,10 @@ impl Principal {
             ));
         }
         if let Some(expires) = self.expires_unix_nanos {
-            let asked = ttl.map(|ttl| {
-                now_unix_nanos().saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX))
-            });
+            let asked = ttl
+                .map(|ttl| now.saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX)));
             if asked.is_none_or(|asked| asked > expires) {
-                let left =
-                    Duration::from_nanos(expires.saturating_sub(now_unix_nanos()).max(0) as u64);
+                let left = Duration::from_nanos(expires.saturating_sub(now).max(0) as u64);
                 return denied(format!(
                     "it expires in {}, so the new key must expire no later (give a TTL of at most that)",
                     humantime::format_duration(Duration::from_secs(left.as_secs()))
@@ -306,6 +305,8 @@ pub struct KeyRing {
     /// Bumped on every change, so open subscriptions re-check their key.
     revision: watch::Sender<u64>,
     limits: Limits,
+    /// The wall clock: creation, revocation and expiry times.
+    clock: crate::clock::Clock,
 }
 
 /// Per-key limits that keep one misbehaving client from hurting others.
@@ -359,7 +360,19 @@ impl KeyRing {
             revoking: Mutex::new(()),
             revision: watch::channel(0).0,
             limits: Limits::default(),
+            clock: crate::clock::Clock::default(),
         })
+    }
+
+    /// Reads time from `clock` (the server's; tests move it forward).
+    pub fn with_clock(mut self, clock: crate::clock::Clock) -> KeyRing {
+        self.clock = clock;
+        self
+    }
+
+    /// The time now by the ring's clock, in nanoseconds since the epoch.
+    pub fn now(&self) -> i64 {
+        self.clock.now_unix_nanos()
     }
 
     /// Sets the per-key limits: subscriptions open at once (0: none) and
@@ -443,7 +456,7 @@ impl KeyRing {
         scopes.dedup();
         let id = hex(&random_bytes::<8>()?);
         let secret = hex(&random_bytes::<32>()?);
-        let created = now_unix_nanos();
+        let created = self.now();
         let expires = new
             .ttl
             .map(|ttl| created.saturating_add(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX)));
@@ -507,7 +520,7 @@ impl KeyRing {
             )));
         }
         if revoked.revoked_unix_nanos.is_none() {
-            revoked.revoked_unix_nanos = Some(now_unix_nanos());
+            revoked.revoked_unix_nanos = Some(self.now());
             // Durable before anyone sees it, without blocking callers.
             self.save(&revoked)?;
         }
@@ -561,10 +574,7 @@ impl KeyRing {
         if key.revoked_unix_nanos.is_some() {
             return unauthenticated(format!("API key {id} was revoked"));
         }
-        if key
-            .expires_unix_nanos
-            .is_some_and(|e| e <= now_unix_nanos())
-        {
+        if key.expires_unix_nanos.is_some_and(|e| e <= self.now()) {
             return unauthenticated(format!("API key {id} has expired"));
         }
         Ok(Principal {
@@ -584,7 +594,7 @@ impl KeyRing {
             .get(id)
             .is_some_and(|k| {
                 k.revoked_unix_nanos.is_none()
-                    && k.expires_unix_nanos.is_none_or(|e| e > now_unix_nanos())
+                    && k.expires_unix_nanos.is_none_or(|e| e > self.now())
             })
     }
 
@@ -609,7 +619,7 @@ pub async fn key_lost(ring: &KeyRing, principal: &Principal) -> Error {
         return lost();
     }
     let expiry = principal.expires_unix_nanos.map(|e| {
-        let left = e.saturating_sub(now_unix_nanos()).max(0) as u64;
+        let left = e.saturating_sub(ring.now()).max(0) as u64;
         tokio::time::Instant::now() + Duration::from_nanos(left)
     });
     loop {

@@ -301,6 +301,8 @@ pub struct ServerConfig {
     /// Faults to inject under the write-ahead log and checkpoints (tests
     /// of storage failures only; never set by flags).
     pub faults: Option<std::sync::Arc<crate::durability::fault::Faults>>,
+    /// The wall clock (real time; tests move it forward).
+    pub clock: crate::clock::Clock,
     /// Whether to serve without keys on a non-loopback address.
     pub insecure: bool,
     /// TLS, when set.
@@ -397,6 +399,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             verify_on_start: s.verify_on_start.unwrap_or(false),
             commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
+            clock: crate::clock::Clock::default(),
             insecure: s.insecure.unwrap_or(false),
             max_subscriptions_per_key: s.max_subscriptions_per_key.unwrap_or(64),
             key_rate_limit: s.key_rate_limit.unwrap_or(1000),

@@ -19,6 +19,8 @@
 //!   status codes in one place.
 //! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
 //!   name no tenant's streams unless asked.
+//! - [`clock`]: the wall clock every comparison with stored times reads
+//!   (real time; tests move it forward instead of sleeping).
 //! - [`names`]: the one naming rule (streams, consumers, groups, members,
 //!   tenants) and how a tenant's stream is named in storage.
 //! - [`server`]: opens the log, serves gRPC (with health and reflection)
@@ -61,6 +63,7 @@ pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod durability;
 pub mod error;

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{ConsumerChange, ConsumerSettings, WriterCommand};
 use super::filter::EventFilter;
-use super::{now_unix_nanos, Head, Log, StartAt, StreamShared};
+use super::{Head, Log, StartAt, StreamShared};
 use crate::error::Error;
 use crate::storage::ConsumerRecord;
 
@@ -172,8 +172,8 @@ fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> Consumer
 pub(crate) fn apply_change(
     current: Option<&ConsumerRecord>,
     change: &ConsumerChange,
+    now: i64,
 ) -> Option<ConsumerRecord> {
-    let now = now_unix_nanos();
     match change {
         ConsumerChange::Commit(offset) => {
             let mut record = current.cloned().unwrap_or(ConsumerRecord {

@@ -23,7 +23,7 @@ use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -108,6 +108,8 @@ pub struct LogConfig {
     pub verify_on_start: bool,
     /// Faults to inject under the log (tests only).
     pub faults: Option<Arc<crate::durability::fault::Faults>>,
+    /// The wall clock.
+    pub clock: crate::clock::Clock,
     /// Caps on what clients can create.
     pub limits: Limits,
     /// Bytes of written changes that may wait for a sync at once.
@@ -147,6 +149,7 @@ impl From<&ServerConfig> for LogConfig {
             min_free_bytes: c.min_free_bytes,
             verify_on_start: c.verify_on_start,
             faults: c.faults.clone(),
+            clock: c.clock.clone(),
             limits: Limits {
                 max_streams: c.max_streams,
                 max_consumers_per_stream: c.max_consumers_per_stream,
@@ -699,6 +702,7 @@ impl Log {
         let closing = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(config.metrics_stream_labels));
         let cache_budget = CacheBudget::new(config.stream_cache_budget_bytes);
+        let opened = (Instant::now(), config.clock.now_unix_nanos());
         let committer = Committer::start(
             store.clone(),
             config.durability,
@@ -718,7 +722,7 @@ impl Log {
             min_free_bytes,
             tasks,
             closing,
-            opened: (Instant::now(), now_unix_nanos()),
+            opened,
             metrics,
         });
         {
@@ -789,6 +793,7 @@ impl Log {
             last_time_unix_nanos: stored.last_time_unix_nanos.unwrap_or(i64::MIN),
             idempotency_window: self.config.idempotency_window,
             limits: self.config.limits,
+            clock: self.config.clock.clone(),
             unpublished_keys: Vec::new(),
             closing: self.closing.clone(),
         };
@@ -834,7 +839,7 @@ impl Log {
         self.check_stream_count(name)?;
         let meta = StreamMeta {
             id: self.store.new_stream_id()?,
-            created_unix_nanos: now_unix_nanos(),
+            created_unix_nanos: self.now(),
             offset_floor: 0,
             next_offset: 0,
             bytes: 0,
@@ -891,6 +896,12 @@ impl Log {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// The time now by the configured clock, in nanoseconds since the Unix
+    /// epoch.
+    pub fn now(&self) -> i64 {
+        self.config.clock.now_unix_nanos()
     }
 
     /// Whether writes are refused right now, and why: a failed write or
@@ -1470,11 +1481,11 @@ fn fingerprint(batch: &AppendBatch) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&chunk.encode_unchecked())
 }
 
-/// The current time in nanoseconds since the Unix epoch.
+/// The system clock in nanoseconds since the Unix epoch, for what is not
+/// compared with stored times (names of bench runs). Everything that is
+/// reads [`Log::now`], the configured [`crate::clock::Clock`].
 pub fn now_unix_nanos() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+    crate::clock::system_now_unix_nanos()
 }
 
 /// Every minute (or window, when shorter) until the log closes: asks

@@ -19,7 +19,7 @@ use tracing::error;
 use super::command::{AppendJob, ConsumerChange, WriterCommand};
 use super::commit::{Change, Commit, Committer};
 use super::consumer::{apply_change, ConsumerState};
-use super::{now_unix_nanos, AppendOutcome, StreamShared};
+use super::{AppendOutcome, StreamShared};
 use crate::error::Error;
 use crate::storage::{
     Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Pending, Retention, Store, StreamMeta,
@@ -48,6 +48,8 @@ pub(crate) struct Writer {
     pub(crate) idempotency_window: Duration,
     /// Caps on consumers and groups per stream.
     pub(crate) limits: super::Limits,
+    /// The wall clock (append times, ages, the idempotency window).
+    pub(crate) clock: crate::clock::Clock,
     /// Idempotency keys of groups handed to the committer but not yet
     /// published: sled gets them only once they are durable, so a retry
     /// arriving meanwhile is found here.
@@ -165,7 +167,11 @@ impl Writer {
                     self.limits.max_consumers_per_stream
                 )))
             } else {
-                match apply_change(current.map(|s| &s.record), &change) {
+                match apply_change(
+                    current.map(|s| &s.record),
+                    &change,
+                    self.clock.now_unix_nanos(),
+                ) {
                     None => Ok(None),
                     Some(record) => self
                         .store
@@ -232,7 +238,7 @@ impl Writer {
             return;
         }
         let max_age = i64::try_from(retention.max_age_nanos).unwrap_or(i64::MAX);
-        let cutoff = now_unix_nanos().saturating_sub(max_age);
+        let cutoff = self.clock.now_unix_nanos().saturating_sub(max_age);
         let mut below = head.first_offset;
         let mut bytes = self.meta.bytes;
         let visited =
@@ -293,7 +299,7 @@ impl Writer {
             return;
         }
         let window = i64::try_from(self.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
-        let cutoff = now_unix_nanos().saturating_sub(window);
+        let cutoff = self.clock.now_unix_nanos().saturating_sub(window);
         let expired = match self.store.expired_idempotency(self.meta.id, cutoff) {
             Ok(keys) => keys,
             Err(e) => {
@@ -341,7 +347,7 @@ impl Writer {
             &self.name,
             &name,
             &change,
-            now_unix_nanos(),
+            self.clock.now_unix_nanos(),
             self.limits.max_groups_per_stream,
         )
         .and_then(|write| {
@@ -391,7 +397,7 @@ impl Writer {
         let published = self.shared.head().next_offset;
         self.unpublished_keys
             .retain(|(_, r)| r.first_offset + u64::from(r.count) > published);
-        let time = now_unix_nanos().max(self.last_time_unix_nanos);
+        let time = self.clock.now_unix_nanos().max(self.last_time_unix_nanos);
         let group_first = self.next_offset;
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
@@ -526,7 +532,7 @@ impl Writer {
 
     fn expired(&self, record: &IdempotencyRecord) -> bool {
         let window = i64::try_from(self.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
-        record.time_unix_nanos.saturating_add(window) < now_unix_nanos()
+        record.time_unix_nanos.saturating_add(window) < self.clock.now_unix_nanos()
     }
 
     /// Deletes the stream's data; the caller is answered once the

@@ -82,7 +82,8 @@ impl Server {
         let log = Log::open(LogConfig::from(&config)).await?;
         let keys = Arc::new(
             KeyRing::load(log.store().clone())?
-                .with_limits(config.max_subscriptions_per_key, config.key_rate_limit),
+                .with_limits(config.max_subscriptions_per_key, config.key_rate_limit)
+                .with_clock(config.clock.clone()),
         );
         Ok(Server {
             config,

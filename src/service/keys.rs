@@ -37,7 +37,7 @@ impl ApiKeys for ApiKeysService {
             .map(|&s| scope_from_proto(s))
             .collect::<Result<Vec<_>, _>>()?;
         let ttl = (request.ttl_seconds > 0).then(|| Duration::from_secs(request.ttl_seconds));
-        caller.may_mint(&scopes, &request.streams, ttl)?;
+        caller.may_mint(&scopes, &request.streams, ttl, self.keys.now())?;
         let (info, secret) = self.keys.create(NewKey {
             tenant: caller.tenant,
             scopes,

@@ -653,7 +653,7 @@ async fn run_subscription(
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
                 caught_up: sent_caught_up,
-                server_time: Some(timestamp(log::now_unix_nanos())),
+                server_time: Some(timestamp(keys.now())),
             };
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },

@@ -196,7 +196,7 @@ async fn idempotent_retry_returns_the_original_and_writes_nothing() {
 #[tokio::test]
 async fn idempotency_keys_are_forgotten_after_the_window() {
     let server =
-        TestServer::start_with(|c| c.idempotency_window = std::time::Duration::from_millis(300))
+        TestServer::start_with(|c| c.idempotency_window = std::time::Duration::from_secs(3600))
             .await;
     let mut client = server.client().await;
     let request = pb::AppendRequest {
@@ -206,7 +206,13 @@ async fn idempotency_keys_are_forgotten_after_the_window() {
         ..Default::default()
     };
     client.append(request.clone()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let retry = client.append(request.clone()).await.unwrap().into_inner();
+    assert!(retry.duplicate, "within the window a retry is a duplicate");
+    // Two hours later (by the server's clock) the key is forgotten.
+    server
+        .config
+        .clock
+        .advance(std::time::Duration::from_secs(2 * 3600));
     let later = client.append(request).await.unwrap().into_inner();
     assert!(!later.duplicate);
     assert_eq!(later.first_offset, 1);

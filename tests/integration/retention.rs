@@ -156,10 +156,12 @@ async fn age_retention_trims_old_events_and_a_new_event_continues_the_offsets() 
     create(
         &mut client,
         "aged",
-        Some(policy(Some(Duration::from_secs(1)), 0, 0)),
+        Some(policy(Some(Duration::from_secs(3600)), 0, 0)),
     )
     .await;
     fill(&mut client, "aged", 5, 4, 10).await;
+    // Two hours later by the server's clock, every event is past the age.
+    server.config.clock.advance(Duration::from_secs(2 * 3600));
     let empty = wait_for(&mut client, "aged", |i| i.first_offset == 20).await;
     assert_eq!(empty.event_count, 0);
     assert_eq!(empty.next_offset, 20);
