@@ -318,3 +318,216 @@ fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
         _ => f(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::durability::fault::{Failure, Faults, Target};
+    use crate::log::cache::{CacheBudget, SharedReads, TailCache};
+    use crate::log::Head;
+    use crate::storage::{ConsumerRecord, StoreOptions, StoredStream, StreamMeta};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        stream: Arc<StreamShared>,
+        faults: Arc<Faults>,
+    }
+
+    fn fixture(write_ahead_log: bool) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::new());
+        let store = Arc::new(
+            Store::open(&StoreOptions {
+                path: dir.path().to_path_buf(),
+                cache_bytes: 8 << 20,
+                background_flush_ms: None,
+                write_ahead_log,
+                checkpoint_bytes: 64 << 20,
+                faults: Some(faults.clone()),
+            })
+            .unwrap(),
+        );
+        let metrics = Arc::new(Metrics::default());
+        let stored = StoredStream {
+            name: "s".into(),
+            meta: StreamMeta {
+                id: 1,
+                created_unix_nanos: 0,
+                offset_floor: 0,
+                next_offset: 0,
+                bytes: 0,
+                retention: Default::default(),
+            },
+            first_offset: 0,
+            next_offset: 0,
+            last_time_unix_nanos: None,
+            consumers: Vec::new(),
+            groups: Vec::new(),
+        };
+        let budget = CacheBudget::new(1 << 20);
+        let (head_tx, _) = watch::channel(Head {
+            first_offset: 0,
+            next_offset: 0,
+            deleted: false,
+        });
+        let stream = Arc::new(StreamShared::new(
+            head_tx,
+            &stored,
+            TailCache::new(1 << 20, budget.clone()),
+            SharedReads::new(1 << 20, budget),
+            &metrics,
+        ));
+        Fixture {
+            _dir: dir,
+            store,
+            metrics,
+            stream,
+            faults,
+        }
+    }
+
+    /// A consumer commit of `offset` (a change with a log record), and the
+    /// receiver its caller waits on.
+    fn change(f: &Fixture, offset: u64) -> (Commit, oneshot::Receiver<Result<(), Error>>) {
+        let record = ConsumerRecord {
+            next_offset: offset,
+            ..Default::default()
+        };
+        let pending = f.store.put_consumer(1, "c", &record).unwrap();
+        let (reply, answered) = oneshot::channel();
+        (
+            Commit {
+                stream: f.stream.clone(),
+                record: Some(pending),
+                change: Change::Other(reply),
+            },
+            answered,
+        )
+    }
+
+    fn syncs(metrics: &Metrics) -> f64 {
+        let text = metrics.encode(
+            &[],
+            std::path::Path::new("/nonexistent"),
+            &Default::default(),
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix("pullstream_flush_latency_seconds_count "))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn buffered_mode_publishes_as_soon_as_written() {
+        let f = fixture(false);
+        let committer = Committer::start(
+            f.store.clone(),
+            Durability::Buffered,
+            1 << 20,
+            f.metrics.clone(),
+        );
+        let (reply, answered) = oneshot::channel();
+        committer
+            .commit(Commit {
+                stream: f.stream.clone(),
+                record: None,
+                change: Change::Appended {
+                    events: 3,
+                    next_offset: 3,
+                    chunks: Vec::new(),
+                    replies: vec![(
+                        reply,
+                        Ok(AppendOutcome {
+                            first_offset: 0,
+                            count: 3,
+                            time_unix_nanos: 0,
+                            duplicate: false,
+                        }),
+                    )],
+                },
+            })
+            .await;
+        assert_eq!(answered.await.unwrap().unwrap().count, 3);
+        assert_eq!(f.stream.head().next_offset, 3);
+        assert_eq!(syncs(&f.metrics), 0.0, "buffered mode never syncs");
+    }
+
+    /// Changes queued while a sync runs share the next one: three changes,
+    /// the first alone (the disk is held while the others queue), the
+    /// other two together, so two syncs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn changes_queued_during_a_sync_share_the_next_one() {
+        let f = fixture(true);
+        let committer = Committer::start(
+            f.store.clone(),
+            Durability::Fsync,
+            1 << 20,
+            f.metrics.clone(),
+        );
+        /// Lets the disk move again however the test ends.
+        struct Release(Arc<Faults>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.release();
+            }
+        }
+        f.faults.hold_syncs();
+        let release = Release(f.faults.clone());
+        let (first, first_answer) = change(&f, 1);
+        let leader = {
+            let committer = committer.clone();
+            tokio::spawn(async move { committer.commit(first).await })
+        };
+        // Wait until the leader holds its change's room (it keeps it
+        // through the held sync), and a moment more for it to be syncing.
+        while committer.queued_bytes() == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut answers = Vec::new();
+        for offset in [2, 3] {
+            let (next, answered) = change(&f, offset);
+            // Not the leader: queues and returns at once.
+            committer.commit(next).await;
+            answers.push(answered);
+        }
+        assert!(committer.queued_bytes() > 0);
+        drop(release);
+        leader.await.unwrap();
+        first_answer.await.unwrap().unwrap();
+        for answered in answers {
+            answered.await.unwrap().unwrap();
+        }
+        assert_eq!(syncs(&f.metrics), 2.0);
+        assert_eq!(committer.queued_bytes(), 0);
+    }
+
+    /// A failed sync fails every change of its group, and the store
+    /// refuses what comes after (nothing is acknowledged out of order).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_fails_its_group_and_everything_after() {
+        let f = fixture(true);
+        let committer = Committer::start(
+            f.store.clone(),
+            Durability::Fsync,
+            1 << 20,
+            f.metrics.clone(),
+        );
+        f.faults.fail_nth(Target::WalSync, 0, Failure::Io, 0);
+        let (failing, answered) = change(&f, 1);
+        committer.commit(failing).await;
+        assert!(matches!(
+            answered.await.unwrap(),
+            Err(Error::StorageFailed(_))
+        ));
+        assert!(committer.failure().is_some());
+        // A poisoned store refuses to prepare anything more.
+        let refused = f.store.put_consumer(1, "c", &ConsumerRecord::default());
+        assert!(refused.is_err());
+    }
+}

@@ -304,6 +304,43 @@ pub(crate) struct StreamShared {
 }
 
 impl StreamShared {
+    /// The shared state of a stream as storage holds it: its head in
+    /// `head_tx`, its consumers and groups from `stored`.
+    pub(crate) fn new(
+        head_tx: watch::Sender<Head>,
+        stored: &StoredStream,
+        cache: TailCache,
+        shared_reads: SharedReads,
+        metrics: &Arc<Metrics>,
+    ) -> StreamShared {
+        StreamShared {
+            head_tx,
+            cache: Mutex::new(cache),
+            bytes: AtomicU64::new(stored.meta.bytes),
+            consumers: Mutex::new(
+                stored
+                    .consumers
+                    .iter()
+                    .map(|(name, record)| (name.clone(), ConsumerState::new(record.clone())))
+                    .collect(),
+            ),
+            leases: AtomicU64::new(0),
+            retention: Mutex::new(stored.meta.retention),
+            rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
+            metrics: metrics.stream(&stored.name),
+            server_metrics: metrics.clone(),
+            shared_reads: Mutex::new(shared_reads),
+            damage_seen: Mutex::new(Default::default()),
+            groups: Mutex::new(
+                stored
+                    .groups
+                    .iter()
+                    .map(|(name, record)| (name.clone(), group::GroupState::new(record.clone())))
+                    .collect(),
+            ),
+        }
+    }
+
     fn publish(&self, chunks: Vec<(Arc<Chunk>, usize)>, next_offset: u64) {
         if !chunks.is_empty() {
             let mut cache = self.cache.lock().expect("tail cache lock");
@@ -750,38 +787,13 @@ impl Log {
             next_offset: stored.next_offset,
             deleted: false,
         });
-        let shared = Arc::new(StreamShared {
+        let shared = Arc::new(StreamShared::new(
             head_tx,
-            cache: Mutex::new(TailCache::new(
-                self.config.tail_cache_bytes,
-                self.cache_budget.clone(),
-            )),
-            bytes: AtomicU64::new(stored.meta.bytes),
-            consumers: Mutex::new(
-                stored
-                    .consumers
-                    .into_iter()
-                    .map(|(name, record)| (name, ConsumerState::new(record)))
-                    .collect(),
-            ),
-            leases: AtomicU64::new(0),
-            retention: Mutex::new(stored.meta.retention),
-            rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
-            metrics: self.metrics.stream(&stored.name),
-            server_metrics: self.metrics.clone(),
-            shared_reads: Mutex::new(SharedReads::new(
-                SHARED_READS_BYTES,
-                self.cache_budget.clone(),
-            )),
-            damage_seen: Mutex::new(Default::default()),
-            groups: Mutex::new(
-                stored
-                    .groups
-                    .into_iter()
-                    .map(|(name, record)| (name, group::GroupState::new(record)))
-                    .collect(),
-            ),
-        });
+            &stored,
+            TailCache::new(self.config.tail_cache_bytes, self.cache_budget.clone()),
+            SharedReads::new(SHARED_READS_BYTES, self.cache_budget.clone()),
+            &self.metrics,
+        ));
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
             store: self.store.clone(),
