@@ -105,6 +105,9 @@ pub struct ServeSettings {
     /// On shutdown, how long to wait for open calls to finish [default: 5s]
     #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
+    /// fsync mode: how often storage writes its changed pages in the background between checkpoints, so a checkpoint has little left to flush and does not stall appends; 0s flushes only at checkpoints [default: 20ms]
+    #[arg(long, env = "PULLSTREAM_STORAGE_FLUSH_INTERVAL")]
+    pub storage_flush_interval: Option<HumanDuration>,
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
     #[arg(long, env = "PULLSTREAM_CHECKPOINT_BYTES")]
     pub checkpoint_bytes: Option<u64>,
@@ -206,6 +209,9 @@ impl ServeSettings {
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
+            storage_flush_interval: self
+                .storage_flush_interval
+                .or(fallback.storage_flush_interval),
             min_free_bytes: self.min_free_bytes.or(fallback.min_free_bytes),
             insecure: self.insecure.or(fallback.insecure),
             verify_on_start: self.verify_on_start.or(fallback.verify_on_start),
@@ -290,6 +296,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Write-ahead log bytes between checkpoints.
     pub checkpoint_bytes: u64,
+    /// fsync mode: storage's background flush period (`None`: only at
+    /// checkpoints).
+    pub storage_flush_interval: Option<Duration>,
     /// The free-space floor under the data dir; `None` for the default
     /// (1 GiB or 5% of the volume, whichever is smaller), 0 for none.
     pub min_free_bytes: Option<u64>,
@@ -392,6 +401,11 @@ impl TryFrom<ServeSettings> for ServerConfig {
             keepalive_interval: Some(secs(s.keepalive_interval, 30)).filter(|d| !d.is_zero()),
             keepalive_timeout: secs(s.keepalive_timeout, 20),
             shutdown_grace: secs(s.shutdown_grace, 5),
+            storage_flush_interval: Some(
+                s.storage_flush_interval
+                    .map_or(Duration::from_millis(20), |d| d.0),
+            )
+            .filter(|d| !d.is_zero()),
             checkpoint_bytes: s
                 .checkpoint_bytes
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),

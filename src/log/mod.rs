@@ -102,6 +102,8 @@ pub struct LogConfig {
     pub auto_create_streams: bool,
     /// The write-ahead log size that triggers a checkpoint.
     pub checkpoint_bytes: u64,
+    /// fsync mode: storage's background flush period, if any.
+    pub storage_flush_interval: Option<Duration>,
     /// The free-space floor (`None`: the default for the volume).
     pub min_free_bytes: Option<u64>,
     /// Check every stored event before opening (`--verify-on-start`).
@@ -146,6 +148,7 @@ impl From<&ServerConfig> for LogConfig {
             idempotency_window: c.idempotency_window,
             auto_create_streams: c.auto_create_streams,
             checkpoint_bytes: c.checkpoint_bytes,
+            storage_flush_interval: c.storage_flush_interval,
             min_free_bytes: c.min_free_bytes,
             verify_on_start: c.verify_on_start,
             faults: c.faults.clone(),
@@ -688,11 +691,15 @@ impl Log {
         let options = StoreOptions {
             path: config.data_dir.clone(),
             cache_bytes: config.cache_bytes,
-            // In fsync mode sled's periodic flush would only add stalls:
-            // the write-ahead log makes appends durable and checkpoints
-            // flush sled.
+            // In fsync mode the write-ahead log makes appends durable, and
+            // sled's own flush only keeps checkpoints small: flushing all
+            // of a checkpoint's pages at once competes with the log's
+            // fdatasync for the disk (append p99 7.5 ms against 4.7-5.2 ms
+            // with a 20 ms background flush, README Performance).
             background_flush_ms: match config.durability {
-                Durability::Fsync => None,
+                Durability::Fsync => config
+                    .storage_flush_interval
+                    .map(|d| d.as_millis().max(1) as u64),
                 Durability::Buffered => Some(5),
             },
             write_ahead_log: config.durability == Durability::Fsync,

@@ -428,16 +428,17 @@ async fn a_real_full_disk_refuses_writes_until_space_returns() {
     assert_eq!(cursor(&mut client).await, 40);
 }
 
-/// One flipped byte in the middle of the log: the server refuses to start
-/// and names `repair`; `repair` reports exactly the lost offsets and
-/// consumer commits, and with `--yes` truncates there; the server then
-/// starts on the good prefix and offsets go on from it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncates() {
-    use crate::process::spawn_server;
-    const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+/// 62 appends of 2 events and a consumer commit to 120 under `fsync`
+/// (with `extra` flags), a kill -9, then one payload byte of the 32nd log
+/// record flipped. Returns the data dir, the log file, its damaged bytes
+/// and the damaged record's offset in it.
+async fn crash_and_flip_record_32(
+    extra: &[&str],
+) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>, usize) {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
+    let mut args = vec!["--durability", "fsync"];
+    args.extend_from_slice(extra);
+    let (mut child, url) = crate::process::spawn_server(dir.path(), &args);
     let mut client = pb::event_log_client::EventLogClient::connect(url)
         .await
         .unwrap();
@@ -467,6 +468,22 @@ async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncate
     }
     data[offset + 16 + 10] ^= 0x01;
     std::fs::write(&file, &data).unwrap();
+    (dir, file, data, offset)
+}
+
+/// One flipped byte in the middle of the log: the server refuses to start
+/// and names `repair`; `repair` reports exactly the lost offsets and
+/// consumer commits, and with `--yes` truncates there; the server then
+/// starts on the good prefix and offsets go on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncates() {
+    use crate::process::spawn_server;
+    const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+    // No background storage flush: sled then holds only what the last
+    // checkpoint flushed, so exactly the records past the damage are lost
+    // (with it, sled may hold a later prefix and less is lost).
+    let (dir, file, data, offset) =
+        crash_and_flip_record_32(&["--storage-flush-interval", "0s"]).await;
 
     let out = std::process::Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -754,4 +771,42 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
         .group
         .unwrap();
     assert_eq!(group.low_watermark, 20, "{group:?}");
+}
+
+/// With the background storage flush on (the default), sled may already
+/// hold events past the last checkpoint when the log is damaged: repair
+/// then loses less, and what the server serves afterwards is still a
+/// gapless prefix that includes every event before the damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_with_the_background_flush_keeps_a_gapless_prefix() {
+    const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
+    let (dir, _, _, _) = crash_and_flip_record_32(&[]).await;
+    let repaired = std::process::Command::new(BIN)
+        .args(["repair", "--yes", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        repaired.status.success(),
+        "{}",
+        String::from_utf8_lossy(&repaired.stdout)
+    );
+    let (mut child, url) = crate::process::spawn_server(dir.path(), &["--durability", "fsync"]);
+    let mut client = pb::event_log_client::EventLogClient::connect(url)
+        .await
+        .unwrap();
+    let kept = read_all(&mut client, "s").await;
+    assert!(kept.len() >= 62 && kept.len() <= 124, "{}", kept.len());
+    for (i, e) in kept.iter().enumerate() {
+        assert_eq!(e.offset, i as u64);
+        assert_eq!(e.data, format!("{i}").into_bytes());
+    }
+    let next = append(&mut client, "s", events(0..1)).await.first_offset;
+    assert_eq!(
+        next,
+        kept.len() as u64,
+        "offsets go on from the kept prefix"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
