@@ -368,32 +368,49 @@ async fn a_torn_tail_is_dropped_and_a_copy_kept() {
     );
 }
 
+/// A 64 MiB tmpfs on a temp dir, unmounted when dropped; `None` (with the
+/// reason printed) where this process cannot mount one (not root, or no
+/// CAP_SYS_ADMIN). CI runs as root.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount() -> Option<Tmpfs> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(dir.path())
+            .status();
+        if !mounted.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: this root cannot mount a tmpfs here (no CAP_SYS_ADMIN?)");
+            return None;
+        }
+        Some(Tmpfs(dir))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
 /// A real full disk: a 64 MiB tmpfs as the data dir (root only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_full_disk_refuses_writes_until_space_returns() {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+    let Some(mount) = Tmpfs::mount() else {
         return;
-    }
-    let mount = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(mount.path())
-        .status();
-    if !mounted.is_ok_and(|s| s.success()) {
-        eprintln!("skipped: this root cannot mount a tmpfs here (no CAP_SYS_ADMIN?)");
-        return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_path_buf());
+    };
     let data = mount.path().join("data");
     let mut config = pullstream::config::ServerConfig::for_tests(&data);
     // 2 MiB floor.
@@ -807,6 +824,54 @@ async fn repair_with_the_background_flush_keeps_a_gapless_prefix() {
         kept.len() as u64,
         "offsets go on from the kept prefix"
     );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// SIGTERM while the disk is completely full: the server exits 0 (the
+/// closing checkpoint cannot be written, but the synced log keeps every
+/// acknowledged change), and once space is back a restart has them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_full_disk_exits_0_and_loses_nothing() {
+    let Some(mount) = Tmpfs::mount() else {
+        return;
+    };
+    let data = mount.path().join("data");
+    let flags = ["--durability", "fsync", "--min-free-bytes", "0"];
+    let (mut child, url) = crate::process::spawn_server(&data, &flags);
+    let mut client = pb::event_log_client::EventLogClient::connect(url)
+        .await
+        .unwrap();
+    let mut acked = 0;
+    for batch in 0..20 {
+        append(&mut client, "s", events(batch * 5..batch * 5 + 5)).await;
+        acked += 5;
+    }
+    // Fill the disk to the last byte.
+    let filler = mount.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![1u8; 1 << 20];
+        while file.write_all(&block).is_ok() {}
+        let small = [1u8; 512];
+        while file.write_all(&small).is_ok() {}
+        let _ = file.sync_all();
+    }
+    crate::process::sigterm(&child);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?} on a full disk");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (mut child, url) = crate::process::spawn_server(&data, &flags);
+    let mut client = pb::event_log_client::EventLogClient::connect(url)
+        .await
+        .unwrap();
+    let kept = read_all(&mut client, "s").await;
+    assert_eq!(kept.len(), acked);
+    for (i, e) in kept.iter().enumerate() {
+        assert_eq!(e.data, format!("{i}").into_bytes());
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 }

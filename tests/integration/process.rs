@@ -380,7 +380,7 @@ fn tail_resumes_from_its_cursor_across_a_server_restart() {
     server.wait().unwrap();
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
