@@ -339,6 +339,17 @@ mod tests {
         faults: Arc<Faults>,
     }
 
+    impl Fixture {
+        fn committer(&self, durability: Durability) -> Committer {
+            Committer::start(
+                self.store.clone(),
+                durability,
+                1 << 20,
+                self.metrics.clone(),
+            )
+        }
+    }
+
     fn fixture(write_ahead_log: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let faults = Arc::new(Faults::new());
@@ -425,12 +436,7 @@ mod tests {
     #[tokio::test]
     async fn buffered_mode_publishes_as_soon_as_written() {
         let f = fixture(false);
-        let committer = Committer::start(
-            f.store.clone(),
-            Durability::Buffered,
-            1 << 20,
-            f.metrics.clone(),
-        );
+        let committer = f.committer(Durability::Buffered);
         let (reply, answered) = oneshot::channel();
         committer
             .commit(Commit {
@@ -463,12 +469,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn changes_queued_during_a_sync_share_the_next_one() {
         let f = fixture(true);
-        let committer = Committer::start(
-            f.store.clone(),
-            Durability::Fsync,
-            1 << 20,
-            f.metrics.clone(),
-        );
+        let committer = f.committer(Durability::Fsync);
         /// Lets the disk move again however the test ends.
         struct Release(Arc<Faults>);
         impl Drop for Release {
@@ -512,12 +513,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_sync_fails_its_group_and_everything_after() {
         let f = fixture(true);
-        let committer = Committer::start(
-            f.store.clone(),
-            Durability::Fsync,
-            1 << 20,
-            f.metrics.clone(),
-        );
+        let committer = f.committer(Durability::Fsync);
         f.faults.fail_nth(Target::WalSync, 0, Failure::Io, 0);
         let (failing, answered) = change(&f, 1);
         committer.commit(failing).await;
