@@ -14,7 +14,7 @@ use crate::proto::{self as pb, subscribe_request::Start};
 
 /// A stream name no earlier run used.
 fn fresh_stream(workload: &str) -> String {
-    format!("bench-{workload}-{}", crate::log::now_unix_nanos())
+    format!("bench-{workload}-{}", crate::clock::system_now_unix_nanos())
 }
 
 /// An event of `bytes` payload bytes; the first 8 carry `stamp`.

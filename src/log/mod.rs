@@ -1500,13 +1500,6 @@ fn fingerprint(batch: &AppendBatch) -> u128 {
     xxhash_rust::xxh3::xxh3_128(&chunk.encode_unchecked())
 }
 
-/// The system clock in nanoseconds since the Unix epoch, for what is not
-/// compared with stored times (names of bench runs). Everything that is
-/// reads [`Log::now`], the configured [`crate::clock::Clock`].
-pub fn now_unix_nanos() -> i64 {
-    crate::clock::system_now_unix_nanos()
-}
-
 /// Every minute (or window, when shorter) until the log closes: asks
 /// each stream's writer to forget its expired idempotency keys. A writer
 /// whose queue is full is skipped this turn (appends come first).
