@@ -137,9 +137,17 @@ pub enum StorageError {
         /// The sequence number the checkpoint marker records.
         checkpoint: u64,
     },
-    /// sled reported an error.
-    #[error("storage error: {0}")]
-    Sled(#[from] sled::Error),
+    /// sled failed during an operation (named, for the operator).
+    #[error("storage error while {op} in {path}: {source}")]
+    Sled {
+        /// What the store was doing.
+        op: &'static str,
+        /// The data dir.
+        path: PathBuf,
+        /// What sled said.
+        #[source]
+        source: sled::Error,
+    },
     /// A stored chunk of events is damaged (checksum mismatch or bad
     /// layout): its events are lost.
     #[error("the chunk at offset {offset} of stream id {stream_id} is damaged in the data dir: {source}")]
@@ -206,6 +214,21 @@ impl Pending {
             })
             .sum();
         ops + self.payload.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// Names what the store was doing when sled failed.
+pub(crate) trait During<T> {
+    fn during(self, path: &Path, op: &'static str) -> Result<T, StorageError>;
+}
+
+impl<T> During<T> for Result<T, sled::Error> {
+    fn during(self, path: &Path, op: &'static str) -> Result<T, StorageError> {
+        self.map_err(|source| StorageError::Sled {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -299,7 +322,9 @@ impl Store {
                 Err(source) => return Err(StorageError::Open { path, source }),
             }
         };
-        let tree = db.open_tree("pullstream")?;
+        let tree = db
+            .open_tree("pullstream")
+            .during(&options.path, "opening the store's tree")?;
         let data_file = File::open(sled_dir.join("db"))?;
         // sled creates its files with the process umask.
         for entry in std::fs::read_dir(&sled_dir)? {
@@ -347,11 +372,15 @@ impl Store {
             .into());
         }
         let checkpoint = wal::read_checkpoint(&self.wal_dir)?;
-        let in_sled = self.tree.get(CHECKPOINT_KEY)?.map_or(0, |v| {
-            let mut n = [0u8; 8];
-            n.copy_from_slice(&v[..8.min(v.len())]);
-            u64::from_be_bytes(n)
-        });
+        let in_sled = self
+            .tree
+            .get(CHECKPOINT_KEY)
+            .during(self.path(), "reading the checkpoint key")?
+            .map_or(0, |v| {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&v[..8.min(v.len())]);
+                u64::from_be_bytes(n)
+            });
         let covered = checkpoint.unwrap_or(0);
         if in_sled < covered {
             return Err(StorageError::SledBehindCheckpoint {
@@ -449,9 +478,12 @@ impl Store {
         for op in ops {
             if let Op::Insert(key, value) = op {
                 if key.first() == Some(&STREAM_PREFIX) {
-                    if let (Some(current), Ok(incoming)) =
-                        (self.tree.get(key)?, StreamMeta::decode(value))
-                    {
+                    if let (Some(current), Ok(incoming)) = (
+                        self.tree
+                            .get(key)
+                            .during(self.path(), "replaying the write-ahead log")?,
+                        StreamMeta::decode(value),
+                    ) {
                         if let Ok(current) = StreamMeta::decode(&current) {
                             if current.id == incoming.id
                                 && (current.next_offset, current.offset_floor)
@@ -496,14 +528,20 @@ impl Store {
         for op in ops {
             match op {
                 Op::Insert(key, value) => {
-                    self.tree.insert(key, value)?;
+                    self.tree
+                        .insert(key, value)
+                        .during(self.path(), "applying a logged change")?;
                 }
                 Op::Remove(key) => {
-                    self.tree.remove(key)?;
+                    self.tree
+                        .remove(key)
+                        .during(self.path(), "applying a logged change")?;
                 }
                 Op::RemovePrefix(prefix) => {
                     for key in self.tree.scan_prefix(&prefix).keys() {
-                        self.tree.remove(key?)?;
+                        self.tree
+                            .remove(key.during(self.path(), "applying a logged change")?)
+                            .during(self.path(), "applying a logged change")?;
                     }
                 }
             }
@@ -571,7 +609,9 @@ impl Store {
     /// the store (sled's state on disk is unknown from then on).
     pub fn checkpoint(&self, covered: u64) -> Result<(), StorageError> {
         self.refuse_if_poisoned()?;
-        self.tree.insert(CHECKPOINT_KEY, &covered.to_be_bytes())?;
+        self.tree
+            .insert(CHECKPOINT_KEY, &covered.to_be_bytes())
+            .during(self.path(), "writing the checkpoint key")?;
         let synced = match &self.faults {
             Some(faults) => faults
                 .on_sync(Target::CheckpointSync)
@@ -635,7 +675,7 @@ impl Store {
                 .tree
                 .range(chunk_key(meta.id, 0)..=chunk_key(meta.id, u64::MAX))
             {
-                let (key, value) = item?;
+                let (key, value) = item.during(self.path(), "verifying stored chunks")?;
                 let first = offset_of_chunk_key(&key);
                 chunks_seen += 1;
                 if chunks_seen.is_multiple_of(4096) {
@@ -693,7 +733,8 @@ impl Store {
     ) -> Result<(), StorageError> {
         let meta = self
             .tree
-            .get(stream_key(name))?
+            .get(stream_key(name))
+            .during(self.path(), "damaging a chunk (tests)")?
             .map(|v| StreamMeta::decode(&v))
             .transpose()
             .map_err(|source| StorageError::Corrupt {
@@ -703,15 +744,20 @@ impl Store {
             .ok_or_else(|| std::io::Error::other("no such stream"))?;
         let (key, value) = self
             .tree
-            .get_lt(chunk_key(meta.id, offset + 1))?
+            .get_lt(chunk_key(meta.id, offset + 1))
+            .during(self.path(), "damaging a chunk (tests)")?
             .ok_or_else(|| std::io::Error::other("no such chunk"))?;
         if remove {
-            self.tree.remove(key)?;
+            self.tree
+                .remove(key)
+                .during(self.path(), "damaging a chunk (tests)")?;
         } else {
             let mut bytes = value.to_vec();
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x20;
-            self.tree.insert(key, bytes)?;
+            self.tree
+                .insert(key, bytes)
+                .during(self.path(), "damaging a chunk (tests)")?;
         }
         self.sync()
     }
@@ -726,7 +772,7 @@ impl Store {
         &self,
     ) -> impl Iterator<Item = Result<(String, StreamMeta), StorageError>> + '_ {
         self.tree.scan_prefix([STREAM_PREFIX]).map(|item| {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "listing streams")?;
             let name = String::from_utf8_lossy(&key[1..]).into_owned();
             let meta = StreamMeta::decode(&value).map_err(|source| StorageError::Corrupt {
                 what: format!("metadata of stream {name}"),
@@ -795,7 +841,7 @@ impl Store {
             .tree
             .range(chunk_key(stream_id, head)..=chunk_key(stream_id, u64::MAX))
         {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "removing chunks past a head")?;
             if let Ok(header) = ChunkHeader::decode(&value) {
                 end = end.max(header.end_offset());
             }
@@ -803,7 +849,7 @@ impl Store {
         }
         let chunks = ops.len();
         for item in self.tree.scan_prefix(idempotency_prefix(stream_id)) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "removing chunks past a head")?;
             if IdempotencyRecord::decode(&value).map_or(true, |r| r.first_offset >= head) {
                 ops.push(Op::Remove(key.to_vec()));
             }
@@ -823,7 +869,9 @@ impl Store {
 
     /// A new stream id, never handed out before in this data dir.
     pub fn new_stream_id(&self) -> Result<u64, StorageError> {
-        Ok(self.db.generate_id()?)
+        self.db
+            .generate_id()
+            .during(self.path(), "allocating a stream id")
     }
 
     /// Writes a stream's metadata (creating the stream when new).
@@ -862,7 +910,7 @@ impl Store {
     pub fn api_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {
         let mut keys = Vec::new();
         for item in self.tree.scan_prefix([API_KEY_PREFIX]) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "loading API keys")?;
             keys.push((
                 String::from_utf8_lossy(&key[1..]).into_owned(),
                 value.to_vec(),
@@ -926,15 +974,19 @@ impl Store {
         let first_key = chunk_key(stream_id, 0);
         let end_key = chunk_key(stream_id, end);
         // The chunk holding `offset` is the last one starting at or before it.
-        let start = match self.tree.get_lt(chunk_key(stream_id, offset + 1))? {
+        let start = match self
+            .tree
+            .get_lt(chunk_key(stream_id, offset + 1))
+            .during(self.path(), "reading chunks")?
+        {
             Some((key, _)) if key[..] >= first_key[..] => key,
             _ => sled::IVec::from(&chunk_key(stream_id, offset)[..]),
         };
         let mut bytes = 0;
         for item in self.tree.range(start..sled::IVec::from(&end_key[..])) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "reading chunks")?;
             // For the page cache's accounting only (see above).
-            let _ = self.tree.get(&key)?;
+            let _ = self.tree.get(&key).during(self.path(), "reading chunks")?;
             bytes += value.len();
             let chunk = match self.decode_chunk(stream_id, &key, &value, keep) {
                 Ok(chunk) => chunk,
@@ -986,7 +1038,11 @@ impl Store {
 
     /// The chunk holding `offset`, if stored.
     fn chunk_holding(&self, stream_id: u64, offset: u64) -> Result<Option<Chunk>, StorageError> {
-        match self.tree.get_lt(chunk_key(stream_id, offset + 1))? {
+        match self
+            .tree
+            .get_lt(chunk_key(stream_id, offset + 1))
+            .during(self.path(), "finding the chunk holding an offset")?
+        {
             Some((key, value)) if key[..9] == chunk_key(stream_id, 0)[..9] => {
                 let chunk = self.decode_chunk(stream_id, &key, &value, None)?;
                 Ok(chunk.contains(offset).then_some(chunk))
@@ -1032,7 +1088,7 @@ impl Store {
         let mut groups = Vec::new();
         let prefix = named_key(GROUP_PREFIX, stream_id, "");
         for item in self.tree.scan_prefix(&prefix) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "loading consumer groups")?;
             let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             let record = GroupRecord::decode(&value).map_err(|source| StorageError::Corrupt {
                 what: format!("consumer group {name} of stream id {stream_id}"),
@@ -1055,7 +1111,7 @@ impl Store {
         let mut consumers = Vec::new();
         let prefix = consumer_key(stream_id, "");
         for item in self.tree.scan_prefix(&prefix) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "loading consumers")?;
             let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
             let record =
                 ConsumerRecord::decode(&value).map_err(|source| StorageError::Corrupt {
@@ -1073,7 +1129,11 @@ impl Store {
         stream_id: u64,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StorageError> {
-        match self.tree.get(idempotency_key(stream_id, key))? {
+        match self
+            .tree
+            .get(idempotency_key(stream_id, key))
+            .during(self.path(), "looking up an idempotency key")?
+        {
             None => Ok(None),
             Some(value) => IdempotencyRecord::decode(&value)
                 .map(Some)
@@ -1094,7 +1154,7 @@ impl Store {
         let prefix = idempotency_prefix(stream_id);
         let mut keys = Vec::new();
         for item in self.tree.scan_prefix(prefix) {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "scanning expired idempotency keys")?;
             let stale = IdempotencyRecord::decode(&value)
                 .map(|r| r.time_unix_nanos < cutoff_unix_nanos)
                 .unwrap_or(true);
@@ -1153,7 +1213,7 @@ impl Store {
             .range(chunk_key(stream_id, 0)..=chunk_key(stream_id, u64::MAX))
             .take(limit)
         {
-            let (key, value) = item?;
+            let (key, value) = item.during(self.path(), "visiting the oldest chunks")?;
             let header = ChunkHeader::decode(&value).map_err(|source| StorageError::Corrupt {
                 what: format!(
                     "chunk at offset {} of stream id {stream_id}",
@@ -1180,7 +1240,9 @@ impl Store {
             .range(chunk_key(meta.id, 0)..chunk_key(meta.id, below))
             .keys()
         {
-            ops.push(Op::Remove(key?.to_vec()));
+            ops.push(Op::Remove(
+                key.during(self.path(), "listing chunks to trim")?.to_vec(),
+            ));
         }
         ops.push(Op::Insert(stream_key(name), meta.encode()));
         self.prepare(ops)
@@ -1191,7 +1253,7 @@ impl Store {
     /// data file so the drive's cache and the file size are persisted too.
     /// Blocks: call it from a blocking thread.
     pub fn sync(&self) -> Result<(), StorageError> {
-        self.db.flush()?;
+        self.db.flush().during(self.path(), "flushing storage")?;
         self.data_file.sync_data()?;
         Ok(())
     }
@@ -1203,7 +1265,9 @@ impl Store {
             .next()
         {
             None => Ok(None),
-            Some(item) => Ok(Some(offset_of_chunk_key(&item?.0))),
+            Some(item) => Ok(Some(offset_of_chunk_key(
+                &item.during(self.path(), "finding the first chunk")?.0,
+            ))),
         }
     }
 
@@ -1215,7 +1279,7 @@ impl Store {
         {
             None => Ok(None),
             Some(item) => {
-                let (key, value) = item?;
+                let (key, value) = item.during(self.path(), "finding the last chunk")?;
                 self.decode_chunk(stream_id, &key, &value, None).map(Some)
             }
         }

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{
-    offset_of_chunk_key, ChunkHeader, ConsumerRecord, StorageError, StreamMeta, CHUNK_PREFIX,
-    CONSUMER_PREFIX, GROUP_PREFIX, STREAM_PREFIX,
+    offset_of_chunk_key, ChunkHeader, ConsumerRecord, During, StorageError, StreamMeta,
+    CHUNK_PREFIX, CONSUMER_PREFIX, GROUP_PREFIX, STREAM_PREFIX,
 };
 use crate::durability::wal::{self, Damage, FileEnd, Op};
 
@@ -214,17 +214,19 @@ fn losses(
                 source,
             },
         })?;
-    let tree = db.open_tree("pullstream")?;
+    let tree = db
+        .open_tree("pullstream")
+        .during(data_dir, "opening the store's tree")?;
     let mut heads: BTreeMap<String, StreamMeta> = BTreeMap::new();
     let mut cursors: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
     for item in tree.scan_prefix([STREAM_PREFIX]) {
-        let (key, value) = item?;
+        let (key, value) = item.during(data_dir, "reading stream heads")?;
         if let Ok(meta) = StreamMeta::decode(&value) {
             heads.insert(String::from_utf8_lossy(&key[1..]).into_owned(), meta);
         }
     }
     for item in tree.scan_prefix([CONSUMER_PREFIX]) {
-        let (key, value) = item?;
+        let (key, value) = item.during(data_dir, "reading consumer cursors")?;
         if let Ok(record) = ConsumerRecord::decode(&value) {
             cursors.insert(key.to_vec(), record.next_offset);
         }
