@@ -1,6 +1,6 @@
 //! The domain error type. Every failure a client can cause or observe is a
-//! variant here; the service layer maps each to a gRPC status in one place
-//! (`service::status`), and nothing below it builds a `tonic::Status`.
+//! variant here; the API layer (`api`) maps each to a gRPC status in one place
+//! (`api`, `impl From<Error> for Status`), and nothing below it builds a `tonic::Status`.
 
 use crate::durability::wal::WalError;
 use crate::storage::StorageError;

@@ -15,8 +15,9 @@
 //!   event filters, and retention (trimmed by each stream's writer).
 //! - [`auth`]: API keys, tenants, scopes: who may call what, on which
 //!   streams.
-//! - [`service`]: the gRPC `EventLog` service; maps [`error::Error`] to
-//!   status codes in one place.
+//! - [`api`]: the gRPC services (`EventLog`, `ApiKeys`): handlers,
+//!   conversions, the subscription loop, the event encoder; maps
+//!   [`error::Error`] to status codes in one place.
 //! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
 //!   name no tenant's streams unless asked.
 //! - [`clock`]: the wall clock every comparison with stored times reads
@@ -32,9 +33,9 @@
 //!
 //! # Architecture invariants
 //! - Only `storage` knows sled; only `proto` (the generated code and its
-//!   codec), `service`, `server`, `client`, `cli` and `bench` know tonic;
+//!   codec), `api`, `server`, `client`, `cli` and `bench` know tonic;
 //!   a gRPC status is built only by the one `From<Error> for Status` in
-//!   `service`. (All three are checked on the source by
+//!   `api`. (All three are checked on the source by
 //!   `tests/integration/invariants.rs`.) Modules import one another
 //!   without cycles.
 //! - A call is authenticated from its headers before its body is read
@@ -59,6 +60,7 @@
 //!   process restarts; reads go on. Damage in the log other than a torn
 //!   tail stops the server from starting: loss is reported, never skipped.
 
+pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod cli;
@@ -72,5 +74,4 @@ pub mod metrics;
 pub mod names;
 pub mod proto;
 pub mod server;
-pub mod service;
 pub mod storage;

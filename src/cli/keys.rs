@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::{connect_keys, status_error, ClientArgs};
+use crate::api::keys_proto::{key_to_proto, scope_of_proto, scope_to_proto};
 use crate::auth::{KeyInfo, KeyRing, NewKey, Scope};
 use crate::config::HumanDuration;
 use crate::proto as pb;
-use crate::service::keys_proto::{key_to_proto, scope_of_proto, scope_to_proto};
 use crate::storage::{Store, StoreOptions};
 
 /// Arguments of `pullstream keys`.

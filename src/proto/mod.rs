@@ -1,6 +1,6 @@
 //! The generated gRPC contract (`proto/pullstream/v1/pullstream.proto`).
 //!
-//! Only the service layer and the CLI client use these types; storage and
+//! Only the API layer (`api`), the server, the client and the CLI use these types; storage and
 //! the log keep their own representation so the wire contract can evolve
 //! without touching the on-disk format.
 

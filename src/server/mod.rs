@@ -26,13 +26,13 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::api::{ApiKeysService, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 use crate::auth::KeyRing;
 use crate::config::{ServerConfig, REQUEST_OVERHEAD_BYTES};
 use crate::error::Error;
 use crate::log::{Log, LogConfig};
 use crate::proto::api_keys_server::ApiKeysServer;
 use crate::proto::event_log_server::EventLogServer;
-use crate::service::{ApiKeysService, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 
 /// The largest message accepted by the services that need no key (health,
 /// reflection) and by key management: their requests are small.

@@ -1,7 +1,7 @@
 //! The architecture invariants of `src/lib.rs` that a machine can check,
 //! checked on the source text (issue 15): only `storage` uses sled; only
 //! the wire-facing modules use tonic; a gRPC status is built only by the
-//! one mapping from `Error` (`impl From<Error> for Status` in `service`).
+//! one mapping from `Error` (`impl From<Error> for Status` in `api`).
 
 use std::path::{Path, PathBuf};
 
@@ -62,7 +62,7 @@ fn only_storage_uses_sled() {
 fn only_the_wire_facing_modules_use_tonic() {
     const ALLOWED: &[&str] = &[
         "src/proto/",
-        "src/service/",
+        "src/api/",
         "src/server/",
         "src/client.rs",
         "src/cli/",
@@ -113,7 +113,7 @@ fn statuses_are_built_only_by_the_one_mapping() {
     let mut offenders = Vec::new();
     for (path, text) in sources() {
         // The mapping itself.
-        let mapping = (path == "src/service/mod.rs").then(|| {
+        let mapping = (path == "src/api/mod.rs").then(|| {
             let start = text
                 .find("impl From<Error> for Status")
                 .expect("the mapping");
