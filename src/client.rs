@@ -135,3 +135,110 @@ impl ConnectOptions {
         Ok(ApiKeysClient::with_interceptor(channel, header))
     }
 }
+
+/// A subscription that outlives disconnects: when the server goes away
+/// (UNAVAILABLE, a transport error, or the stream simply ending) it
+/// reconnects, with backoff from 100 ms to 5 s, and resumes from the cursor
+/// of the last response it handed out, so the caller sees every event
+/// once, in order, across server restarts. A durable consumer or a group
+/// member resumes at its saved cursor on the server instead. Statuses no
+/// reconnect can fix (NOT_FOUND, INVALID_ARGUMENT, OUT_OF_RANGE,
+/// PERMISSION_DENIED, UNAUTHENTICATED, DATA_LOSS, ABORTED, ...) end it.
+pub struct ResumingSubscription {
+    options: ConnectOptions,
+    request: crate::proto::SubscribeRequest,
+    stream: Option<tonic::Streaming<crate::proto::SubscribeResponse>>,
+    backoff: Duration,
+    /// How many times it has reconnected (for callers that report it).
+    pub reconnects: u64,
+}
+
+/// Statuses worth reconnecting for: the server is away or restarting.
+fn worth_retrying(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+impl ConnectOptions {
+    /// Subscribes with `request`, reconnecting and resuming as
+    /// [`ResumingSubscription`] describes. Nothing is sent until the first
+    /// [`ResumingSubscription::next`].
+    pub fn subscribe_resuming(
+        &self,
+        request: crate::proto::SubscribeRequest,
+    ) -> ResumingSubscription {
+        ResumingSubscription {
+            options: self.clone(),
+            request,
+            stream: None,
+            backoff: Duration::from_millis(100),
+            reconnects: 0,
+        }
+    }
+}
+
+impl ResumingSubscription {
+    /// The next response (events, or a heartbeat with the cursor); an error
+    /// only for a status no reconnect can fix. Connection problems are
+    /// retried here, for as long as it takes.
+    pub async fn next(&mut self) -> Result<crate::proto::SubscribeResponse, tonic::Status> {
+        loop {
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(stream) => self.stream = Some(stream),
+                    // Could not connect, or the server is away: retry.
+                    Err(None) => {
+                        self.wait().await;
+                        continue;
+                    }
+                    Err(Some(status)) if worth_retrying(&status) => {
+                        self.wait().await;
+                        continue;
+                    }
+                    Err(Some(status)) => return Err(status),
+                }
+            }
+            let stream = self.stream.as_mut().expect("opened above");
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    self.backoff = Duration::from_millis(100);
+                    // Resume after what the caller has now seen.
+                    self.request.start = Some(crate::proto::subscribe_request::Start::Offset(
+                        response.next_offset,
+                    ));
+                    return Ok(response);
+                }
+                Ok(None) => {
+                    self.stream = None;
+                    self.wait().await;
+                }
+                Err(status) if worth_retrying(&status) => {
+                    self.stream = None;
+                    self.wait().await;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    /// The subscription's stream; `Err(None)` when the server cannot be
+    /// reached at all.
+    async fn open(
+        &mut self,
+    ) -> Result<tonic::Streaming<crate::proto::SubscribeResponse>, Option<tonic::Status>> {
+        let mut client = self.options.event_log().await.map_err(|_| None)?;
+        Ok(client
+            .subscribe(self.request.clone())
+            .await
+            .map_err(Some)?
+            .into_inner())
+    }
+
+    async fn wait(&mut self) {
+        self.reconnects += 1;
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -43,13 +43,28 @@ impl TestServer {
 
     /// A server on an existing dir (for restarts).
     pub async fn start_in(dir: TempDir, config: ServerConfig) -> TestServer {
+        Self::start_at(dir, config, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// A server on an existing dir, listening on `address` (a restart on
+    /// the same port retries while the old socket is released).
+    pub async fn start_at(dir: TempDir, config: ServerConfig, address: SocketAddr) -> TestServer {
         let mut server = Server::open(config.clone())
             .await
             .unwrap_or_else(|e| panic!("open server: {e}"));
         let metrics_addr = server.bind_metrics().await.expect("bind metrics");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => break listener,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind {address}: {e}"),
+            }
+        };
         let addr = listener.local_addr().expect("local addr");
         let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(server.serve(listener, async {
@@ -111,6 +126,14 @@ impl TestServer {
     pub async fn restart(self) -> TestServer {
         let (dir, config) = self.stop().await;
         TestServer::start_in(dir, config).await
+    }
+
+    /// Stops and starts again on the same data dir and port, so clients
+    /// reconnecting to the old address find it.
+    pub async fn restart_on_same_port(self) -> TestServer {
+        let address = self.addr;
+        let (dir, config) = self.stop().await;
+        TestServer::start_at(dir, config, address).await
     }
 }
 

@@ -201,3 +201,65 @@ async fn deleting_a_stream_ends_its_subscriptions_with_not_found() {
     assert_eq!(events.len(), 1);
     assert_eq!(&events[0].data[..], b"new");
 }
+
+/// The Rust client's resuming subscription: across a server restart it
+/// reconnects and resumes from its cursor, so every event arrives exactly
+/// once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resuming_subscription_sees_every_event_once_across_a_restart() {
+    use pullstream::client::ConnectOptions;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    append(
+        &mut client,
+        "s",
+        (0..5).map(|i| event("t", &i.to_string())).collect(),
+    )
+    .await;
+    let options = ConnectOptions {
+        server: format!("http://{}", server.addr),
+        ..Default::default()
+    };
+    let mut sub = options.subscribe_resuming(pb::SubscribeRequest {
+        stream: "s".into(),
+        start: Some(Start::Position(pb::StartPosition::Earliest as i32)),
+        ..Default::default()
+    });
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let response = within(sub.next()).await.unwrap();
+        seen.extend(response.events.iter().map(|e| e.offset));
+    }
+    let server = server.restart_on_same_port().await;
+    let mut client = server.client().await;
+    append(
+        &mut client,
+        "s",
+        (5..10).map(|i| event("t", &i.to_string())).collect(),
+    )
+    .await;
+    while seen.len() < 10 {
+        let response = within(sub.next()).await.unwrap();
+        seen.extend(response.events.iter().map(|e| e.offset));
+    }
+    assert_eq!(seen, (0..10).collect::<Vec<u64>>());
+    assert!(sub.reconnects >= 1, "it reconnected");
+}
+
+/// A status no reconnect can fix ends a resuming subscription at once.
+#[tokio::test]
+async fn a_resuming_subscription_ends_on_a_status_no_reconnect_fixes() {
+    use pullstream::client::ConnectOptions;
+    let server = TestServer::start().await;
+    let options = ConnectOptions {
+        server: format!("http://{}", server.addr),
+        ..Default::default()
+    };
+    let mut sub = options.subscribe_resuming(pb::SubscribeRequest {
+        stream: "missing".into(),
+        ..Default::default()
+    });
+    let status = within(sub.next()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(sub.reconnects, 0);
+}
