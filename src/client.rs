@@ -3,9 +3,9 @@
 //!
 //! The CLI's client commands and the benchmark both talk to a server, and
 //! neither should depend on the other to do it: this module is the one
-//! place that knows how a program reaches a server. (A full client library,
-//! with reconnect-and-resume subscriptions, is for the structure issue to
-//! grow from here.)
+//! place that knows how a program reaches a server. It also holds the
+//! [`ResumingSubscription`], which a Rust consumer uses to follow a stream
+//! across disconnects and server restarts.
 
 use std::path::PathBuf;
 use std::time::Duration;
