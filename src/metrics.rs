@@ -359,13 +359,6 @@ impl Metrics {
         StreamLabel { stream }
     }
 
-    /// Whether `label` is one shared by several streams.
-    fn shared(label: &StreamLabel) -> bool {
-        label.stream == ALL_STREAMS
-            || label.stream == OTHER_STREAMS
-            || label.stream.ends_with(&format!("/{OTHER_STREAMS}"))
-    }
-
     /// The counters of a stream (created at zero).
     pub fn stream(&self, name: &str) -> StreamMetrics {
         let label = self.label(name);
@@ -446,7 +439,9 @@ impl Metrics {
                 }
                 continue;
             }
-            if Self::shared(&label) {
+            // Past its tenant's cap the stream shares a label: no lag
+            // series of its own.
+            if label.stream != s.name {
                 continue;
             }
             for (consumer, lag) in &s.consumers {

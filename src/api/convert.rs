@@ -116,7 +116,7 @@ pub(super) fn retention_from_proto(
 }
 
 /// The protobuf form of a retention policy (unset when it keeps everything).
-pub(super) fn retention_to_proto(retention: log::Retention) -> Option<pb::RetentionPolicy> {
+fn retention_to_proto(retention: log::Retention) -> Option<pb::RetentionPolicy> {
     (!retention.keeps_everything()).then(|| pb::RetentionPolicy {
         max_age: (retention.max_age_nanos > 0)
             .then(|| {

@@ -6,8 +6,6 @@
 //! invites a retry of the same bytes. Our contract says a malformed request
 //! is the client's error, like any other bad input, and writes nothing.
 
-use std::marker::PhantomData;
-
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
@@ -16,14 +14,12 @@ use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 #[derive(Debug)]
 pub struct StrictCodec<T, U> {
     inner: ProstCodec<T, U>,
-    _types: PhantomData<(T, U)>,
 }
 
 impl<T, U> Default for StrictCodec<T, U> {
     fn default() -> Self {
         StrictCodec {
             inner: ProstCodec::default(),
-            _types: PhantomData,
         }
     }
 }

@@ -441,3 +441,34 @@ async fn an_oversized_key_management_message_is_invalid_argument() {
         .into_inner();
     assert_eq!(listed.keys.len(), 1);
 }
+
+/// Health needs no key even once the server has keys (load balancers and
+/// probes call it bare), and its requests are capped small.
+#[tokio::test]
+async fn health_needs_no_key_and_takes_only_small_requests() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    let (server, _key) = keyed_server(|_| {}).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let answer = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("no key needed")
+        .into_inner();
+    assert_eq!(answer.status, ServingStatus::Serving as i32);
+    health
+        .check(HealthCheckRequest {
+            service: "x".repeat(100 << 10),
+        })
+        .await
+        .expect_err("a 100 KiB health request is refused");
+    // The server is unhurt.
+    health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+}
