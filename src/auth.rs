@@ -29,9 +29,9 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
+use crate::engine::Engine;
 use crate::error::Error;
 use crate::log::{validate_stream_name, TypePattern};
-use crate::storage::Store;
 
 pub use crate::names::{stored_stream_name, DEFAULT_TENANT};
 /// The longest tenant name.
@@ -296,7 +296,7 @@ pub fn validate_tenant(tenant: &str) -> Result<(), Error> {
 
 /// The keys, in memory, backed by the store.
 pub struct KeyRing {
-    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
     /// Read by every call; never held across a disk sync.
     keys: RwLock<BTreeMap<String, StoredKey>>,
     /// Serializes revocations (each waits for a disk sync) without
@@ -343,19 +343,19 @@ impl Drop for SubscriptionSlot {
 
 impl KeyRing {
     /// Loads the stored keys.
-    pub fn load(store: Arc<Store>) -> Result<KeyRing, Error> {
+    pub fn load(engine: Arc<dyn Engine>) -> Result<KeyRing, Error> {
         let mut keys = BTreeMap::new();
-        for (id, value) in store.api_keys()? {
+        for (id, value) in engine.api_keys()? {
             let key: StoredKey = serde_json::from_slice(&value).map_err(|e| {
-                Error::Storage(crate::storage::StorageError::Corrupt {
+                Error::Storage(crate::engine::StorageError::Corrupt {
                     what: format!("API key record {id}"),
-                    source: crate::storage::CodecError::Inconsistent(e.to_string()),
+                    source: crate::engine::CodecError::Inconsistent(e.to_string()),
                 })
             })?;
             keys.insert(id, key.compile());
         }
         Ok(KeyRing {
-            store,
+            engine,
             keys: RwLock::new(keys),
             revoking: Mutex::new(()),
             revision: watch::channel(0).0,
@@ -535,7 +535,7 @@ impl KeyRing {
 
     fn save(&self, key: &StoredKey) -> Result<(), Error> {
         let record = serde_json::to_vec(key).expect("a key record serializes");
-        self.store.put_api_key(&key.id, record)?;
+        self.engine.put_api_key(&key.id, record)?;
         Ok(())
     }
 
@@ -657,7 +657,7 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::StoreOptions;
+    use crate::storage::{Store, StoreOptions};
 
     fn ring(dir: &std::path::Path) -> KeyRing {
         let store = Store::open(&StoreOptions {
@@ -726,7 +726,7 @@ mod tests {
         assert!(ring.authenticate(Some(&format!("Bearer {key}"))).is_ok());
         let secret = key.splitn(3, '_').nth(2).unwrap();
         assert_eq!(secret.len(), 64);
-        let stored = ring.store.api_keys().unwrap();
+        let stored = ring.engine.api_keys().unwrap();
         assert!(!String::from_utf8_lossy(&stored[0].1).contains(secret));
     }
 

@@ -3,7 +3,7 @@
 //! (`api`, `impl From<Error> for Status`), and nothing below it builds a `tonic::Status`.
 
 use crate::durability::wal::WalError;
-use crate::storage::StorageError;
+use crate::engine::StorageError;
 
 /// Errors from the log and its operations.
 #[derive(Debug, thiserror::Error)]

@@ -68,6 +68,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod durability;
+pub mod engine;
 pub mod error;
 pub mod log;
 pub mod metrics;

@@ -9,9 +9,9 @@ use prost_types::Timestamp;
 use tonic::Status;
 
 use super::{invalid, DEFAULT_PAGE, MAX_PAGE};
+use crate::engine::{EventRecord, Rendering};
 use crate::log::{self, EventFilter};
 use crate::proto as pb;
-use crate::storage::{EventRecord, Rendering};
 
 /// A filter from the request; `None` when absent or empty.
 pub(super) fn filter_from_proto(

@@ -18,12 +18,12 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{KeyRing, Principal, Scope};
+use crate::engine::StorageError;
 use crate::error::Error;
 use crate::log::{AppendBatch, ConsumerSettings, Log, StartAt};
 use crate::metrics::ActiveSubscription;
 use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
-use crate::storage::StorageError;
 
 mod convert;
 mod encode;

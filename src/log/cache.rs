@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::storage::Chunk;
+use crate::engine::Chunk;
 
 /// Bytes of cached chunks, all streams together, and the most allowed.
 #[derive(Debug, Clone)]
@@ -216,7 +216,7 @@ impl SharedReads {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::EventRecord;
+    use crate::engine::EventRecord;
 
     fn unlimited() -> CacheBudget {
         CacheBudget::new(usize::MAX)

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use super::commit::Reply;
 use super::filter::EventFilter;
+use crate::engine::{EventRecord, Retention};
 use crate::error::Error;
-use crate::storage::{EventRecord, Retention};
 
 /// A request to the writer.
 pub(crate) enum WriterCommand {

@@ -5,7 +5,7 @@
 //! the groups queue up, and one writer at a time (the leader: whichever
 //! finds no sync running) takes every group waiting, appends their
 //! write-ahead log records with one write and one `fdatasync`
-//! ([`Store::commit`], which applies them to sled only once they are
+//! ([`Engine::commit`]: the sled store applies them to sled only once they are
 //! durable), then publishes them: each stream's head moves,
 //! its tail cache gets the new chunks, and the callers get their
 //! acknowledgements. Groups queued while a sync runs go in the leader's next
@@ -32,9 +32,9 @@ use tracing::{debug, warn};
 
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
+use crate::engine::{Chunk, Engine, Prepared};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::storage::{Chunk, Pending, Store};
 
 /// The acknowledgement an Append caller waits for.
 pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
@@ -44,7 +44,7 @@ pub(crate) struct Commit {
     pub(crate) stream: Arc<StreamShared>,
     /// The change to log and apply (`None`: nothing to write, e.g. a
     /// group of duplicates).
-    pub(crate) record: Option<Pending>,
+    pub(crate) record: Option<Prepared>,
     pub(crate) change: Change,
 }
 
@@ -122,9 +122,9 @@ impl Commit {
 pub(crate) struct Committer {
     /// The shared group-commit state (`fsync` mode only).
     sync: Option<Arc<SyncGroup>>,
-    /// The store: it alone knows whether writes are refused (a poisoned
+    /// The engine: it alone knows whether writes are refused (a poisoned
     /// write-ahead log).
-    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
     metrics: Arc<Metrics>,
 }
 
@@ -134,7 +134,7 @@ pub(crate) struct Committer {
 /// the queue is empty. Others just queue and return. This saves two thread
 /// hand-offs per commit against a dedicated flusher thread.
 struct SyncGroup {
-    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
     /// Written changes waiting for a sync, in order, each with its room in
     /// the queue.
     queue: Mutex<Vec<(Commit, OwnedSemaphorePermit)>>,
@@ -151,7 +151,7 @@ struct SyncGroup {
 impl Committer {
     /// Starts the committer.
     pub(crate) fn start(
-        store: Arc<Store>,
+        engine: Arc<dyn Engine>,
         durability: Durability,
         queue_bytes: usize,
         metrics: Arc<Metrics>,
@@ -159,7 +159,7 @@ impl Committer {
         let sync = match durability {
             Durability::Buffered => None,
             Durability::Fsync => Some(Arc::new(SyncGroup {
-                store: store.clone(),
+                engine: engine.clone(),
                 queue: Mutex::new(Vec::new()),
                 room: Arc::new(Semaphore::new(queue_bytes)),
                 room_bytes: queue_bytes,
@@ -169,14 +169,14 @@ impl Committer {
         };
         Committer {
             sync,
-            store,
+            engine,
             metrics,
         }
     }
 
     /// The reason writes are refused, after a failed write or sync.
     pub(crate) fn failure(&self) -> Option<String> {
-        self.store.failure()
+        self.engine.failure()
     }
 
     /// Bytes of written changes waiting for a sync now.
@@ -200,7 +200,7 @@ impl Committer {
         let Some(sync) = &self.sync else {
             let mut commit = commit;
             if let Some(record) = commit.record.take() {
-                if let Err(e) = self.store.commit(vec![record]) {
+                if let Err(e) = self.engine.commit(vec![record]) {
                     commit.fail(&e.to_string());
                     return;
                 }
@@ -211,7 +211,7 @@ impl Committer {
             commit.publish();
             return;
         };
-        let size = commit.record.as_ref().map_or(0, Pending::size);
+        let size = commit.record.as_ref().map_or(0, Prepared::size);
         let wanted = size.clamp(1, sync.room_bytes) as u32;
         let Ok(room) = sync.room.clone().acquire_many_owned(wanted).await else {
             unreachable!("the commit queue's semaphore is never closed");
@@ -260,7 +260,7 @@ impl Committer {
         let result = if records.is_empty() {
             Ok(None)
         } else {
-            sync.store.commit(records)
+            sync.engine.commit(records)
         };
         if logged > 0 {
             self.metrics
@@ -297,7 +297,7 @@ impl Committer {
         if running.as_ref().is_some_and(|c| !c.is_finished()) {
             return;
         }
-        let store = sync.store.clone();
+        let store = sync.engine.clone();
         *running = std::thread::Builder::new()
             .name("pullstream-checkpoint".into())
             .spawn(move || {
@@ -327,13 +327,14 @@ mod tests {
 
     use super::*;
     use crate::durability::fault::{Failure, Faults, Target};
+    use crate::engine::{ConsumerRecord, StoredStream, StreamMeta};
     use crate::log::cache::{CacheBudget, SharedReads, TailCache};
     use crate::log::Head;
-    use crate::storage::{ConsumerRecord, StoreOptions, StoredStream, StreamMeta};
+    use crate::storage::{Store, StoreOptions};
 
     struct Fixture {
         _dir: tempfile::TempDir,
-        store: Arc<Store>,
+        engine: Arc<dyn Engine>,
         metrics: Arc<Metrics>,
         stream: Arc<StreamShared>,
         faults: Arc<Faults>,
@@ -342,7 +343,7 @@ mod tests {
     impl Fixture {
         fn committer(&self, durability: Durability) -> Committer {
             Committer::start(
-                self.store.clone(),
+                self.engine.clone(),
                 durability,
                 1 << 20,
                 self.metrics.clone(),
@@ -396,7 +397,7 @@ mod tests {
         ));
         Fixture {
             _dir: dir,
-            store,
+            engine: store,
             metrics,
             stream,
             faults,
@@ -410,7 +411,7 @@ mod tests {
             next_offset: offset,
             ..Default::default()
         };
-        let pending = f.store.put_consumer(1, "c", &record).unwrap();
+        let pending = f.engine.put_consumer(1, "c", &record).unwrap();
         let (reply, answered) = oneshot::channel();
         (
             Commit {
@@ -523,7 +524,7 @@ mod tests {
         ));
         assert!(committer.failure().is_some());
         // A poisoned store refuses to prepare anything more.
-        let refused = f.store.put_consumer(1, "c", &ConsumerRecord::default());
+        let refused = f.engine.put_consumer(1, "c", &ConsumerRecord::default());
         assert!(refused.is_err());
     }
 }

@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::command::{ConsumerChange, ConsumerSettings, WriterCommand};
 use super::filter::EventFilter;
 use super::{Head, Log, StartAt, StreamShared};
+use crate::engine::ConsumerRecord;
 use crate::error::Error;
-use crate::storage::ConsumerRecord;
 
 /// The longest consumer name.
 pub const MAX_CONSUMER_NAME_LEN: usize = 200;

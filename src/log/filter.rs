@@ -16,8 +16,8 @@
 
 use bytes::Bytes;
 
+use crate::engine::EventRecord;
 use crate::error::Error;
-use crate::storage::EventRecord;
 
 /// The most type patterns and keys in one filter.
 pub const MAX_FILTER_ITEMS: usize = 100;

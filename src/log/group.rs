@@ -39,8 +39,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::command::{GroupChange, WriterCommand};
 use super::consumer::validate_label;
 use super::{Log, StartAt, StreamShared};
+use crate::engine::{EventRecord, GroupRecord};
 use crate::error::Error;
-use crate::storage::{EventRecord, GroupRecord};
 
 /// The number of slots a stream is split into.
 pub const SLOT_COUNT: usize = 256;

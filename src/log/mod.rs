@@ -39,12 +39,11 @@ pub use group::{slot_of, GroupCursor, GroupInfo, GroupMemberInfo, GroupUpdate, S
 pub use subscription::{StartAt, Subscription};
 
 use crate::config::{Durability, ServerConfig};
+pub use crate::engine::Retention;
+use crate::engine::{Chunk, Engine, EventRecord, StorageError, StoredStream, StreamMeta};
 use crate::error::Error;
 use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot, WriteRefusal};
-pub use crate::storage::Retention;
-use crate::storage::{
-    Chunk, EventRecord, StorageError, Store, StoreOptions, StoredStream, StreamMeta,
-};
+use crate::storage::{Store, StoreOptions};
 use cache::{CacheBudget, SharedReads, TailCache};
 use command::{AppendJob, WriterCommand};
 use commit::Committer;
@@ -493,7 +492,7 @@ impl Stream {
     #[allow(clippy::too_many_arguments)]
     fn read(
         &self,
-        store: &Store,
+        engine: &dyn Engine,
         offset: u64,
         end: u64,
         max_events: usize,
@@ -512,7 +511,7 @@ impl Stream {
         // only when the tail cache misses, off the live-tail path.
         let share = || !type_filtered && self.shared.has_group_members();
         let matches = |t: &[u8], k: &[u8]| filter.matches_parts(t, k);
-        let keep: crate::storage::Keep<'_> = &matches;
+        let keep: crate::engine::Keep<'_> = &matches;
         let mut slices = Vec::new();
         let mut position = offset;
         let mut events = 0;
@@ -547,7 +546,7 @@ impl Stream {
             let chunks = match cached {
                 Some(chunks) => chunks,
                 None => {
-                    let read = store
+                    let read = engine
                         .read_chunks(
                             self.meta.id,
                             position,
@@ -666,7 +665,7 @@ const MAX_SCAN_BYTES: usize = 1 << 20;
 
 /// The set of streams.
 pub struct Log {
-    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
     config: LogConfig,
     /// Taken on close, so no stream can start after it.
     committer: Mutex<Option<Committer>>,
@@ -748,14 +747,14 @@ impl Log {
         })
         .await
         .map_err(|e| Error::StorageFailed(e.to_string()))??;
-        let store = Arc::new(store);
+        let engine: Arc<dyn Engine> = Arc::new(store);
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(config.metrics_stream_labels));
         let cache_budget = CacheBudget::new(config.stream_cache_budget_bytes);
         let opened = (Instant::now(), config.clock.now_unix_nanos());
         let committer = Committer::start(
-            store.clone(),
+            engine.clone(),
             config.durability,
             config.commit_queue_bytes,
             metrics.clone(),
@@ -764,7 +763,7 @@ impl Log {
             .min_free_bytes
             .unwrap_or_else(|| crate::durability::space::default_floor(&config.data_dir));
         let log = Arc::new(Log {
-            store,
+            engine,
             config,
             committer: Mutex::new(Some(committer)),
             streams: RwLock::new(BTreeMap::new()),
@@ -785,7 +784,7 @@ impl Log {
         }
         log.tasks.spawn(expire_idempotency_keys(log.clone()));
         log.tasks.spawn(housekeeping(log.clone()));
-        info!(path = %log.store.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
+        info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)
     }
 
@@ -810,7 +809,7 @@ impl Log {
         ));
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
-            store: self.store.clone(),
+            engine: self.engine.clone(),
             committer,
             shared: shared.clone(),
             name: stored.name.clone(),
@@ -864,14 +863,14 @@ impl Log {
         self.check_free_space()?;
         self.check_stream_count(name)?;
         let meta = StreamMeta {
-            id: self.store.new_stream_id()?,
+            id: self.engine.new_stream_id()?,
             created_unix_nanos: self.now(),
             offset_floor: 0,
             next_offset: 0,
             bytes: 0,
             retention,
         };
-        self.store.put_stream(name, &meta)?;
+        self.engine.put_stream(name, &meta)?;
         let stream = self.start_stream(StoredStream {
             name: name.to_string(),
             meta,
@@ -933,7 +932,7 @@ impl Log {
     /// Whether writes are refused right now, and why: a failed write or
     /// sync (until a restart), or the free space below the floor.
     pub fn write_refusal(&self) -> WriteRefusal {
-        match self.store.failure() {
+        match self.engine.failure() {
             Some(reason) => WriteRefusal {
                 reason: Some(format!(
                     "storage failed ({reason}): every write is refused until the server is restarted"
@@ -1058,7 +1057,7 @@ impl Log {
         let head = stream.shared.head();
         check_offset(&stream.name, offset, head)?;
         let (slices, examined) = stream.read(
-            &self.store,
+            self.engine.as_ref(),
             offset,
             head.next_offset,
             max_events,
@@ -1084,7 +1083,7 @@ impl Log {
     ) -> Result<Subscription, Error> {
         let next_offset = self.resolve_start(stream, start)?;
         let stream = self.get(stream)?;
-        Subscription::new(self.store.clone(), stream, next_offset, filter)
+        Subscription::new(self.engine.clone(), stream, next_offset, filter)
     }
 
     /// Joins `member` to consumer `group` and opens its subscription,
@@ -1118,7 +1117,7 @@ impl Log {
                 check_offset(&stream.name, offset, head)?;
                 offset
             }
-            StartAt::Time(time_unix_nanos) => self.store.offset_at_time(
+            StartAt::Time(time_unix_nanos) => self.engine.offset_at_time(
                 stream.meta.id,
                 head.first_offset,
                 head.next_offset,
@@ -1142,9 +1141,9 @@ impl Log {
         Ok(stream.info())
     }
 
-    /// The store (for other owners of data in the data dir, e.g. API keys).
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// The storage engine (for other owners of data in it, e.g. API keys).
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
     }
 
     /// Describes a stream.
@@ -1332,7 +1331,7 @@ impl Log {
         if let Some(committer) = committer {
             let _ = tokio::task::spawn_blocking(move || committer.finish()).await;
         }
-        let store = self.store.clone();
+        let store = self.engine.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
             .map_err(|e| Error::StorageFailed(e.to_string()))??;

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use super::group::{GroupCursor, GroupUpdate};
 use super::{check_offset, EventFilter, EventSlice, Head, Stream};
+use crate::engine::{Chunk, Engine};
 use crate::error::Error;
-use crate::storage::{Chunk, Store};
 
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub enum StartAt {
 
 /// A cursor over one stream.
 pub struct Subscription {
-    store: Arc<Store>,
+    engine: Arc<dyn Engine>,
     stream: Arc<Stream>,
     /// The stream's committed head; waited on at the head.
     head_rx: watch::Receiver<Head>,
@@ -49,7 +49,7 @@ pub struct Subscription {
 
 impl Subscription {
     pub(super) fn new(
-        store: Arc<Store>,
+        engine: Arc<dyn Engine>,
         stream: Arc<Stream>,
         next_offset: u64,
         filter: EventFilter,
@@ -57,7 +57,7 @@ impl Subscription {
         let head_rx = stream.shared.head_tx.subscribe();
         check_offset(&stream.name, next_offset, *head_rx.borrow())?;
         Ok(Subscription {
-            store,
+            engine,
             stream,
             head_rx,
             next_offset,
@@ -112,10 +112,10 @@ impl Subscription {
             return Ok(Vec::new());
         }
         let select = self.group.as_ref().map(|group| {
-            move |offset: u64, record: &crate::storage::EventRecord| group.selects(offset, record)
+            move |offset: u64, record: &crate::engine::EventRecord| group.selects(offset, record)
         });
         let (slices, examined) = self.stream.read(
-            &self.store,
+            self.engine.as_ref(),
             self.next_offset,
             head.next_offset,
             max_events,

@@ -4,8 +4,8 @@
 //! converts, and the error says which rule was broken.
 
 use super::{Head, MAX_STREAM_NAME_LEN, MIN_RETENTION_AGE, MIN_RETENTION_BYTES};
+use crate::engine::{EventRecord, Retention};
 use crate::error::Error;
-use crate::storage::{EventRecord, Retention};
 
 /// The longest event key and content type, in bytes (the filter grammar's
 /// limit, so every key can be selected).

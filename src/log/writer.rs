@@ -20,11 +20,11 @@ use super::command::{AppendJob, ConsumerChange, WriterCommand};
 use super::commit::{Change, Commit, Committer};
 use super::consumer::{apply_change, ConsumerState};
 use super::{AppendOutcome, StreamShared};
-use crate::error::Error;
-use crate::storage::{
-    Chunk, EncodedChunk, EventRecord, IdempotencyRecord, Pending, Retention, Store, StreamMeta,
+use crate::engine::{
+    Chunk, EncodedChunk, Engine, EventRecord, IdempotencyRecord, Prepared, Retention, StreamMeta,
     TARGET_CHUNK_BYTES,
 };
+use crate::error::Error;
 
 /// The most events one group commit takes from the queue; later jobs wait
 /// for the next group.
@@ -36,7 +36,7 @@ const MAX_TRIM_CHUNKS: usize = 4096;
 
 /// The writer's state. Owns the stream's authoritative next offset.
 pub(crate) struct Writer {
-    pub(crate) store: Arc<Store>,
+    pub(crate) engine: Arc<dyn Engine>,
     pub(crate) committer: Committer,
     pub(crate) shared: Arc<StreamShared>,
     pub(crate) name: String,
@@ -149,7 +149,7 @@ impl Writer {
                         consumer: name.clone(),
                     }),
                     Some(_) => self
-                        .store
+                        .engine
                         .delete_consumer(self.meta.id, &name)
                         .map_err(Error::from)
                         .map(|record| {
@@ -174,7 +174,7 @@ impl Writer {
                 ) {
                     None => Ok(None),
                     Some(record) => self
-                        .store
+                        .engine
                         .put_consumer(self.meta.id, &name, &record)
                         .map_err(Error::from)
                         .map(|logged| {
@@ -196,7 +196,7 @@ impl Writer {
     /// committer, or answers at once when it failed or wrote nothing.
     async fn commit_change(
         &mut self,
-        written: Result<Option<Pending>, Error>,
+        written: Result<Option<Prepared>, Error>,
         reply: oneshot::Sender<Result<(), Error>>,
     ) {
         match written {
@@ -242,8 +242,8 @@ impl Writer {
         let mut below = head.first_offset;
         let mut bytes = self.meta.bytes;
         let visited =
-            self.store
-                .visit_oldest_chunks(self.meta.id, MAX_TRIM_CHUNKS, |chunk, size| {
+            self.engine
+                .visit_oldest_chunks(self.meta.id, MAX_TRIM_CHUNKS, &mut |chunk, size| {
                     if chunk.end_offset() > head.next_offset {
                         return false;
                     }
@@ -270,7 +270,7 @@ impl Writer {
         let mut meta = self.meta;
         meta.offset_floor = below;
         meta.bytes = bytes;
-        let record = match self.store.trim(&self.name, &meta, below) {
+        let record = match self.engine.trim(&self.name, &meta, below) {
             Ok(record) => record,
             Err(e) => {
                 error!(stream = %self.name, error = %e, "retention could not trim the stream");
@@ -300,7 +300,7 @@ impl Writer {
         }
         let window = i64::try_from(self.idempotency_window.as_nanos()).unwrap_or(i64::MAX);
         let cutoff = self.clock.now_unix_nanos().saturating_sub(window);
-        let expired = match self.store.expired_idempotency(self.meta.id, cutoff) {
+        let expired = match self.engine.expired_idempotency(self.meta.id, cutoff) {
             Ok(keys) => keys,
             Err(e) => {
                 error!(stream = %self.name, error = %e, "cannot scan idempotency keys");
@@ -315,7 +315,7 @@ impl Writer {
             return;
         }
         let count = expired.len();
-        match self.store.forget_idempotency(self.meta.id, &expired) {
+        match self.engine.forget_idempotency(self.meta.id, &expired) {
             Ok(record) => {
                 tracing::debug!(stream = %self.name, count, "forgetting expired idempotency keys");
                 self.committer
@@ -353,8 +353,10 @@ impl Writer {
         .and_then(|write| {
             let logged = match write {
                 None => return Ok(None),
-                Some(GroupWrite::Put(record)) => self.store.put_group(self.meta.id, &name, &record),
-                Some(GroupWrite::Remove) => self.store.delete_group(self.meta.id, &name),
+                Some(GroupWrite::Put(record)) => {
+                    self.engine.put_group(self.meta.id, &name, &record)
+                }
+                Some(GroupWrite::Remove) => self.engine.delete_group(self.meta.id, &name),
             };
             logged.map(Some).map_err(Error::from)
         });
@@ -377,7 +379,7 @@ impl Writer {
             ..self.meta
         };
         let written = self
-            .store
+            .engine
             .write_meta(&self.name, &meta)
             .map_err(Error::from);
         if written.is_ok() {
@@ -444,7 +446,7 @@ impl Writer {
         if !encoded.is_empty() || !new_keys.is_empty() {
             let keys: Vec<(&str, IdempotencyRecord)> =
                 new_keys.iter().map(|(k, r)| (k.as_str(), *r)).collect();
-            match self.store.write_group(&self.name, &meta, encoded, &keys) {
+            match self.engine.write_group(&self.name, &meta, encoded, &keys) {
                 Ok(logged) => {
                     record = Some(logged);
                     self.unpublished_keys.extend(new_keys);
@@ -494,7 +496,7 @@ impl Writer {
             {
                 Some((_, record)) => Some(*record),
                 None => self
-                    .store
+                    .engine
                     .get_idempotency(self.meta.id, key)?
                     .filter(|r| !self.expired(r)),
             };
@@ -540,7 +542,7 @@ impl Writer {
     /// Returns whether the stream is gone (the writer stops then); after
     /// a failed deletion the stream and its writer stay.
     async fn delete(&mut self, reply: oneshot::Sender<Result<(), Error>>) -> bool {
-        let record = match self.store.delete_stream(&self.name, self.meta.id) {
+        let record = match self.engine.delete_stream(&self.name, self.meta.id) {
             Ok(record) => record,
             Err(e) => {
                 let _ = reply.send(Err(e.into()));

@@ -81,7 +81,7 @@ impl Server {
             .transpose()?;
         let log = Log::open(LogConfig::from(&config)).await?;
         let keys = Arc::new(
-            KeyRing::load(log.store().clone())?
+            KeyRing::load(log.engine().clone())?
                 .with_limits(config.max_subscriptions_per_key, config.key_rate_limit)
                 .with_clock(config.clock.clone()),
         );

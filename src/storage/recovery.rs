@@ -73,7 +73,8 @@ impl Store {
             // A file without records (a restart right after a rotation)
             // would share its number with the next file: it holds nothing.
             if !file.legacy && file.records.is_empty() {
-                std::fs::remove_file(&file.path)?;
+                std::fs::remove_file(&file.path)
+                    .during(&file.path, "removing an empty log file")?;
             }
         }
         let mut replayed = 0;
@@ -92,9 +93,9 @@ impl Store {
         }
         let last = scan.next_seq().max(covered + 1) - 1;
         if replayed > 0 || !legacy.is_empty() {
-            self.checkpoint(last)?;
+            self.checkpoint_to(last)?;
             for path in &legacy {
-                std::fs::remove_file(path)?;
+                std::fs::remove_file(path).during(path, "removing a replayed version-1 log")?;
             }
             wal::sync_dir(&self.wal_dir)?;
             tracing::info!(
@@ -113,12 +114,12 @@ impl Store {
         offset: u64,
         bytes: u64,
     ) -> Result<(), StorageError> {
-        let data = std::fs::read(file)?;
+        let data = std::fs::read(file).during(file, "keeping a torn tail")?;
         let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
         let copy = self.wal_dir.join(format!("torn-{name}-at-{offset}.bin"));
         let start = (offset as usize).min(data.len());
         let end = (start + bytes as usize).min(data.len());
-        std::fs::write(&copy, &data[start..end])?;
+        std::fs::write(&copy, &data[start..end]).during(&copy, "keeping a torn tail")?;
         tracing::warn!(
             file = %file.display(),
             offset,

@@ -169,21 +169,24 @@ impl RepairPlan {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let evidence = self.wal_dir.join(format!("damaged-{secs}"));
-        std::fs::create_dir_all(&evidence)?;
+        let keeping = "keeping the damaged log's evidence";
+        std::fs::create_dir_all(&evidence).during(&evidence, keeping)?;
         for (path, cut) in &self.cuts {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("wal");
             if *cut <= wal::FILE_HEADER_LEN {
-                std::fs::rename(path, evidence.join(name))?;
+                std::fs::rename(path, evidence.join(name)).during(path, keeping)?;
                 continue;
             }
-            let data = std::fs::read(path)?;
-            std::fs::write(
-                evidence.join(format!("{name}-from-{cut}.bin")),
-                &data[*cut as usize..],
-            )?;
-            let file = std::fs::OpenOptions::new().write(true).open(path)?;
-            file.set_len(*cut)?;
-            file.sync_all()?;
+            let data = std::fs::read(path).during(path, keeping)?;
+            let copy = evidence.join(format!("{name}-from-{cut}.bin"));
+            std::fs::write(&copy, &data[*cut as usize..]).during(&copy, keeping)?;
+            let cutting = "cutting the log at the damage";
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .during(path, cutting)?;
+            file.set_len(*cut).during(path, cutting)?;
+            file.sync_all().during(path, cutting)?;
         }
         wal::sync_dir(&evidence)?;
         wal::sync_dir(&self.wal_dir)?;

@@ -98,12 +98,14 @@ impl Store {
                 what: name.to_string(),
                 source,
             })?
-            .ok_or_else(|| std::io::Error::other("no such stream"))?;
+            .ok_or_else(|| std::io::Error::other("no such stream"))
+            .during(self.path(), "damaging a chunk (tests)")?;
         let (key, value) = self
             .tree
             .get_lt(chunk_key(meta.id, offset + 1))
             .during(self.path(), "damaging a chunk (tests)")?
-            .ok_or_else(|| std::io::Error::other("no such chunk"))?;
+            .ok_or_else(|| std::io::Error::other("no such chunk"))
+            .during(self.path(), "damaging a chunk (tests)")?;
         if remove {
             self.tree
                 .remove(key)

@@ -140,3 +140,45 @@ fn statuses_are_built_only_by_the_one_mapping() {
         offenders.join("\n")
     );
 }
+
+/// The engine seam (`src/engine.rs`) is the only way the stream layer, the
+/// API and auth reach storage: outside `storage/` and the seam itself, the
+/// sled store is named only where an engine is chosen (`Log::open`) and by
+/// the offline tools that work on a sled data dir. A test of the layer may
+/// name it to build a real store.
+#[test]
+fn storage_is_reached_only_through_the_engine_seam() {
+    const ALLOWED: &[&str] = &[
+        "src/storage/",
+        "src/engine.rs",
+        // Chooses and opens the engine.
+        "src/log/mod.rs",
+        // Offline tools on a sled data dir.
+        "src/cli/verify.rs",
+        "src/cli/repair.rs",
+        "src/cli/keys.rs",
+        // The event size limit is checked against sled's inline value size.
+        "src/config.rs",
+    ];
+    let mut offenders = Vec::new();
+    for (path, text) in sources() {
+        if ALLOWED.iter().any(|a| path.starts_with(a)) {
+            continue;
+        }
+        // Unit tests may open a real sled store to test their layer on.
+        let code = match text.find("#[cfg(test)]") {
+            Some(tests) => &text[..tests],
+            None => &text[..],
+        };
+        for (n, line) in code_lines(code) {
+            if line.contains("storage::") {
+                offenders.push(format!("{path}:{n}: {}", line.trim()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "storage named outside the engine seam:\n{}",
+        offenders.join("\n")
+    );
+}

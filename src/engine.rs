@@ -1,0 +1,240 @@
+//! The engine seam: everything the stream layer (`log`) and the key ring
+//! (`auth`) ask of storage, as one trait, so a second storage engine (a
+//! distributed one, such as NATS JetStream) can be added without touching
+//! `api/`, `auth` or the stream logic.
+//!
+//! The default engine is the embedded sled store ([`crate::storage::Store`],
+//! with its write-ahead log); nothing above this module names it except
+//! `Log::open`, which chooses it, and the offline tools (`verify`,
+//! `repair`, `keys`) that work on a sled data dir.
+//!
+//! # Shape
+//! A change is prepared first and written later: a stream's writer asks the
+//! engine to *prepare* a change ([`Engine::write_group`],
+//! [`Engine::put_consumer`], [`Engine::trim`] …), which builds everything
+//! that does not need the serial section (keys, encoded records, the
+//! write-ahead log payload) and writes nothing. The prepared changes of
+//! many writers are then made durable together by [`Engine::commit`] (one
+//! group commit, `log/commit.rs`), and only then published to readers. A
+//! [`Prepared`] change is opaque above the seam: only the engine that made
+//! it can commit it.
+//!
+//! Reads ([`Engine::read_chunks`], [`Engine::offset_at_time`]) see only what
+//! was committed; the stream layer never reads past the published head, so
+//! it never shows an event a crash could take back.
+//!
+//! # The head belongs to whoever commits
+//! With sled, only our own writer appends, so the published head moves
+//! when a group commit returns (`StreamShared::publish`). With a
+//! distributed engine the head can also move because another server
+//! appended: such an engine drives the same `publish` from what it
+//! observes (its own follower of the stream), and the writer learns the new
+//! head from the engine's answer to a conditional append (the engine, not
+//! the writer, is then the one place that enforces dense offsets). Readers
+//! and subscriptions are unchanged either way: they follow the published
+//! head, whoever moved it.
+//!
+//! # Records
+//! The records that cross the seam (chunks of events, stream metadata,
+//! consumer and group state, idempotency records) and their binary codec
+//! are engine-neutral: a distributed engine stores the same encoded chunk
+//! as one message. They are defined next to the sled store, in
+//! `storage::codec`, and re-exported here, which is where everything above
+//! the seam takes them from.
+
+use std::any::Any;
+use std::path::Path;
+
+pub use crate::storage::{
+    Chunk, ChunkHeader, CodecError, ConsumerRecord, EncodedChunk, EventRecord, GroupRecord,
+    IdempotencyRecord, Keep, Rendering, Retention, StorageError, StoredStream, StreamMeta,
+    TARGET_CHUNK_BYTES,
+};
+
+/// A change an engine has prepared and not yet written. Opaque above the
+/// seam; [`Engine::commit`] of the engine that prepared it writes it.
+pub struct Prepared {
+    size: usize,
+    inner: Box<dyn Any + Send>,
+}
+
+impl Prepared {
+    /// Wraps an engine's own change, holding about `size` bytes.
+    pub fn new<T: Any + Send>(inner: T, size: usize) -> Prepared {
+        Prepared {
+            size,
+            inner: Box::new(inner),
+        }
+    }
+
+    /// About how many bytes the change holds in memory until committed
+    /// (what the commit queue's byte bound counts).
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The engine's own change back, or `None` when another engine
+    /// prepared it (a programming error the engine reports).
+    pub fn into_inner<T: Any>(self) -> Option<T> {
+        self.inner.downcast::<T>().ok().map(|b| *b)
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the stream layer needs from storage. Every method is synchronous
+/// and short except [`Engine::commit`] (a write and a sync),
+/// [`Engine::checkpoint`] and [`Engine::close`]; callers run those off the
+/// async executor's hot path.
+pub trait Engine: Send + Sync + 'static {
+    // ---- streams ----
+
+    /// Every stream, with its first offset, head, consumers and groups,
+    /// after recovery (what an unfinished append left past a head is gone).
+    fn load_streams(&self) -> Result<Vec<StoredStream>, StorageError>;
+
+    /// A stream id never handed out before by this engine.
+    fn new_stream_id(&self) -> Result<u64, StorageError>;
+
+    /// Creates a stream (or rewrites its metadata), durably before it
+    /// returns (creating a stream is rare; it is not group-committed).
+    fn put_stream(&self, name: &str, meta: &StreamMeta) -> Result<(), StorageError>;
+
+    /// Prepares a settings change of a stream's metadata.
+    fn write_meta(&self, name: &str, meta: &StreamMeta) -> Result<Prepared, StorageError>;
+
+    /// Prepares an appended group: its chunks, the idempotency keys it
+    /// remembers, and the stream's metadata with the new head, all or
+    /// nothing once committed.
+    fn write_group(
+        &self,
+        name: &str,
+        meta: &StreamMeta,
+        chunks: Vec<EncodedChunk>,
+        idempotency: &[(&str, IdempotencyRecord)],
+    ) -> Result<Prepared, StorageError>;
+
+    /// Prepares retention: removes the chunks below `below` and writes the
+    /// metadata (whose `offset_floor` is `below`).
+    fn trim(&self, name: &str, meta: &StreamMeta, below: u64) -> Result<Prepared, StorageError>;
+
+    /// Prepares a stream's deletion with everything it holds.
+    fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError>;
+
+    // ---- events ----
+
+    /// The chunks holding `[offset, end)` in order, from the one holding
+    /// `offset`, until they hold `max_events` events from `offset` on or
+    /// about `max_bytes` were read (at least one chunk). With `keep`, only
+    /// the records it selects are decoded. Damage is an error, never a gap.
+    fn read_chunks(
+        &self,
+        stream_id: u64,
+        offset: u64,
+        end: u64,
+        max_events: usize,
+        max_bytes: usize,
+        keep: Option<Keep<'_>>,
+    ) -> Result<Vec<Chunk>, StorageError>;
+
+    /// The first offset in `[first, end)` appended at or after the time
+    /// (`end` when none): O(log n) chunk lookups.
+    fn offset_at_time(
+        &self,
+        stream_id: u64,
+        first: u64,
+        end: u64,
+        time_unix_nanos: i64,
+    ) -> Result<u64, StorageError>;
+
+    /// Shows `visit` the header and encoded size of the oldest chunks, in
+    /// order, until it returns false or `limit` were shown (retention's
+    /// question).
+    fn visit_oldest_chunks(
+        &self,
+        stream_id: u64,
+        limit: usize,
+        visit: &mut dyn FnMut(ChunkHeader, u64) -> bool,
+    ) -> Result<(), StorageError>;
+
+    // ---- idempotency ----
+
+    /// A remembered idempotency key of a stream.
+    fn get_idempotency(
+        &self,
+        stream_id: u64,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StorageError>;
+
+    /// The keys remembered before the cutoff (and any undecodable).
+    fn expired_idempotency(
+        &self,
+        stream_id: u64,
+        cutoff_unix_nanos: i64,
+    ) -> Result<Vec<String>, StorageError>;
+
+    /// Prepares forgetting idempotency keys (expiry).
+    fn forget_idempotency(&self, stream_id: u64, keys: &[String])
+        -> Result<Prepared, StorageError>;
+
+    // ---- consumers and groups ----
+
+    /// Prepares saving a durable consumer.
+    fn put_consumer(
+        &self,
+        stream_id: u64,
+        name: &str,
+        record: &ConsumerRecord,
+    ) -> Result<Prepared, StorageError>;
+
+    /// Prepares removing a durable consumer.
+    fn delete_consumer(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError>;
+
+    /// Prepares saving a consumer group's slot offsets.
+    fn put_group(
+        &self,
+        stream_id: u64,
+        name: &str,
+        record: &GroupRecord,
+    ) -> Result<Prepared, StorageError>;
+
+    /// Prepares removing a consumer group.
+    fn delete_group(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError>;
+
+    // ---- API keys (opaque records: `auth` encodes them) ----
+
+    /// Every stored API key record, by id.
+    fn api_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError>;
+
+    /// Saves an API key record, durably before it returns.
+    fn put_api_key(&self, id: &str, record: Vec<u8>) -> Result<(), StorageError>;
+
+    // ---- durability ----
+
+    /// Makes prepared changes durable and visible to reads, in order, all
+    /// with one sync where the engine can. A change whose write failed is
+    /// never applied. Returns what a checkpoint may now cover, when one is
+    /// due (engines without checkpoints return `None`).
+    fn commit(&self, changes: Vec<Prepared>) -> Result<Option<u64>, StorageError>;
+
+    /// Makes the engine's state durable up to what `covered` names (from
+    /// [`Engine::commit`]) so the records it covers can go. Slow: run it in
+    /// the background.
+    fn checkpoint(&self, covered: u64) -> Result<(), StorageError>;
+
+    /// Why writes are refused, once a write or sync failed (until restart).
+    fn failure(&self) -> Option<String>;
+
+    /// The last checkpoint on shutdown (nothing to replay on the next
+    /// start).
+    fn close(&self) -> Result<(), StorageError>;
+
+    /// Where the engine keeps its files (for logs and disk metrics).
+    fn path(&self) -> &Path;
+}
