@@ -405,6 +405,27 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Fills the volume at `mount` with `filler` until `left` bytes are free.
+/// The server may take space between the measure and the write (the log
+/// preallocates its next stretch in the background): then measure again.
+fn fill_to(mount: &std::path::Path, filler: &std::path::Path, left: u64) {
+    for _ in 0..10 {
+        let _ = std::fs::remove_file(filler);
+        let free = pullstream::durability::space::free_bytes(mount).unwrap();
+        match std::fs::write(filler, vec![1u8; free.saturating_sub(left) as usize]) {
+            Ok(()) => return,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(e) => panic!("filling {}: {e}", mount.display()),
+        }
+    }
+    panic!(
+        "could not fill {} (the server kept taking space)",
+        mount.display()
+    );
+}
+
 /// A real full disk: a 64 MiB tmpfs as the data dir (root only).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_full_disk_refuses_writes_until_space_returns() {
@@ -420,8 +441,7 @@ async fn a_real_full_disk_refuses_writes_until_space_returns() {
     append(&mut client, "a", events(0..50)).await;
     // Fill the disk to 1 MiB free, below the floor.
     let filler = mount.path().join("filler");
-    let free = pullstream::durability::space::free_bytes(mount.path()).unwrap();
-    std::fs::write(&filler, vec![1u8; (free - (1 << 20)) as usize]).unwrap();
+    fill_to(mount.path(), &filler, 1 << 20);
     let status = try_change(&mut client, Change::Append).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
