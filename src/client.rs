@@ -151,13 +151,33 @@ pub struct ResumingSubscription {
     backoff: Duration,
     /// How many times it has reconnected (for callers that report it).
     pub reconnects: u64,
+    on_reconnect: Option<Box<dyn FnMut(&Reconnecting<'_>) + Send>>,
 }
 
-/// Statuses worth reconnecting for: the server is away or restarting.
-fn worth_retrying(status: &tonic::Status) -> bool {
+/// What a [`ResumingSubscription`] tells its reconnect hook
+/// ([`ResumingSubscription::on_reconnect`]) before each wait.
+#[derive(Debug)]
+pub struct Reconnecting<'a> {
+    /// What went wrong.
+    pub reason: &'a str,
+    /// How long it waits before reconnecting.
+    pub delay: Duration,
+    /// The offset it asks to resume from (`None` before the first
+    /// response: the request's own start). A durable consumer or a group
+    /// member resumes at its cursor saved on the server instead.
+    pub resume_from: Option<u64>,
+}
+
+/// Statuses worth reconnecting for: the server is away or restarting. A
+/// connection reset mid-stream reaches tonic as INTERNAL (an HTTP/2
+/// error), so INTERNAL is retried too.
+pub fn worth_retrying(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::Internal
     )
 }
 
@@ -175,11 +195,18 @@ impl ConnectOptions {
             stream: None,
             backoff: Duration::from_millis(100),
             reconnects: 0,
+            on_reconnect: None,
         }
     }
 }
 
 impl ResumingSubscription {
+    /// Calls `hook` before each reconnect (to tell a user what happens).
+    pub fn on_reconnect(mut self, hook: impl FnMut(&Reconnecting<'_>) + Send + 'static) -> Self {
+        self.on_reconnect = Some(Box::new(hook));
+        self
+    }
+
     /// The next response (events, or a heartbeat with the cursor); an error
     /// only for a status no reconnect can fix. Connection problems are
     /// retried here, for as long as it takes.
@@ -189,15 +216,15 @@ impl ResumingSubscription {
                 match self.open().await {
                     Ok(stream) => self.stream = Some(stream),
                     // Could not connect, or the server is away: retry.
-                    Err(None) => {
-                        self.wait().await;
+                    Err(Opening::Unreachable(reason)) => {
+                        self.wait(&reason).await;
                         continue;
                     }
-                    Err(Some(status)) if worth_retrying(&status) => {
-                        self.wait().await;
+                    Err(Opening::Refused(status)) if worth_retrying(&status) => {
+                        self.wait(&describe(&status)).await;
                         continue;
                     }
-                    Err(Some(status)) => return Err(status),
+                    Err(Opening::Refused(status)) => return Err(status),
                 }
             }
             let stream = self.stream.as_mut().expect("opened above");
@@ -212,33 +239,57 @@ impl ResumingSubscription {
                 }
                 Ok(None) => {
                     self.stream = None;
-                    self.wait().await;
+                    self.wait("the server ended the subscription").await;
                 }
                 Err(status) if worth_retrying(&status) => {
                     self.stream = None;
-                    self.wait().await;
+                    self.wait(&describe(&status)).await;
                 }
                 Err(status) => return Err(status),
             }
         }
     }
 
-    /// The subscription's stream; `Err(None)` when the server cannot be
-    /// reached at all.
-    async fn open(
-        &mut self,
-    ) -> Result<tonic::Streaming<crate::proto::SubscribeResponse>, Option<tonic::Status>> {
-        let mut client = self.options.event_log().await.map_err(|_| None)?;
+    /// The subscription's stream.
+    async fn open(&mut self) -> Result<tonic::Streaming<crate::proto::SubscribeResponse>, Opening> {
+        let mut client = self
+            .options
+            .event_log()
+            .await
+            .map_err(|e| Opening::Unreachable(e.to_string()))?;
         Ok(client
             .subscribe(self.request.clone())
             .await
-            .map_err(Some)?
+            .map_err(Opening::Refused)?
             .into_inner())
     }
 
-    async fn wait(&mut self) {
+    async fn wait(&mut self, reason: &str) {
         self.reconnects += 1;
+        if let Some(hook) = &mut self.on_reconnect {
+            let resume_from = match self.request.start {
+                Some(crate::proto::subscribe_request::Start::Offset(offset)) => Some(offset),
+                _ => None,
+            };
+            hook(&Reconnecting {
+                reason,
+                delay: self.backoff,
+                resume_from,
+            });
+        }
         tokio::time::sleep(self.backoff).await;
         self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Why a subscription could not be opened.
+enum Opening {
+    /// No connection (the server is down or unreachable).
+    Unreachable(String),
+    /// The server answered the call with a status.
+    Refused(tonic::Status),
+}
+
+fn describe(status: &tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }

@@ -1,6 +1,8 @@
 //! `pullstream tail`: print a stream's events as JSON lines and follow it
-//! live. Survives server restarts: on a lost connection it reconnects with
-//! backoff and resumes from its cursor, so no event is missed or repeated.
+//! live. Survives server restarts: it reads through the client library's
+//! [`ResumingSubscription`](crate::client::ResumingSubscription), which
+//! reconnects with backoff and resumes from its cursor, so no event is
+//! missed or repeated.
 //! As a durable consumer (`--consumer`) the cursor lives on the server:
 //! with `--commit` it is committed after each printed batch, so the next
 //! run continues where this one stopped.
@@ -8,9 +10,8 @@
 use std::io::Write;
 use std::time::Duration;
 
-use tonic::Code;
-
-use super::{check_client_args, connect, json, status_error, ClientArgs};
+use super::{check_client_args, json, status_error, ClientArgs};
+use crate::client::{worth_retrying, Client, ConnectOptions, Reconnecting};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// Arguments of `pullstream tail`.
@@ -86,44 +87,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     if args.commit && args.consumer.is_none() && args.group.is_none() {
         anyhow::bail!("--commit needs --consumer NAME or --group NAME --member ID: there is nothing to commit to");
     }
-    let mut start = args.from;
-    let mut remaining = args.limit;
-    let mut backoff = Duration::from_millis(100);
-    let stdout = std::io::stdout();
-    loop {
-        if remaining == Some(0) {
-            return Ok(());
-        }
-        let result = follow(&args, &mut start, &mut remaining, &stdout, &mut backoff).await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(Interruption::Fatal(e)) => return Err(e),
-            Err(Interruption::Retry(reason)) => {
-                eprintln!("connection lost ({reason}); reconnecting in {backoff:?} and resuming from {start:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
+    if args.limit == Some(0) {
+        return Ok(());
     }
-}
-
-enum Interruption {
-    /// Worth reconnecting: the server went away or is restarting.
-    Retry(String),
-    /// Not worth retrying: bad arguments, unknown stream, trimmed cursor.
-    Fatal(anyhow::Error),
-}
-
-async fn follow(
-    args: &TailArgs,
-    start: &mut Start,
-    remaining: &mut Option<u64>,
-    stdout: &std::io::Stdout,
-    backoff: &mut Duration,
-) -> Result<(), Interruption> {
-    let mut client = connect(&args.client)
-        .await
-        .map_err(|e| Interruption::Retry(e.to_string()))?;
+    let options = args.client.options();
     let filter = (!args.types.is_empty() || !args.keys.is_empty()).then(|| pb::EventFilter {
         types: args.types.clone(),
         keys: args.keys.clone(),
@@ -132,28 +99,36 @@ async fn follow(
         group: args.group.clone().unwrap_or_default(),
         member: args.member.clone().unwrap_or_default(),
         stream: args.stream.clone(),
-        start: Some(*start),
+        start: Some(args.from),
         max_batch_events: 0,
         consumer: args.consumer.clone().unwrap_or_default(),
         filter,
         version: args.version.clone().unwrap_or_default(),
     };
-    let mut stream = client
-        .subscribe(request)
-        .await
-        .map_err(classify)?
-        .into_inner();
+    let from = args.from;
+    // The library reconnects with backoff and resumes from the cursor of
+    // the last response; this only says so.
+    let mut subscription =
+        options
+            .subscribe_resuming(request)
+            .on_reconnect(move |r: &Reconnecting<'_>| {
+                let resume = match r.resume_from {
+                    Some(offset) => format!("offset {offset}"),
+                    None => format!("{from:?}"),
+                };
+                eprintln!(
+                    "connection lost ({}); reconnecting in {:?} and resuming from {resume}",
+                    r.reason, r.delay
+                );
+            });
+    let mut committer = Committer {
+        options,
+        client: None,
+    };
+    let mut remaining = args.limit;
+    let stdout = std::io::stdout();
     loop {
-        let response = match stream.message().await {
-            Ok(Some(response)) => response,
-            Ok(None) => {
-                return Err(Interruption::Retry(
-                    "the server ended the subscription".into(),
-                ))
-            }
-            Err(status) => return Err(classify(status)),
-        };
-        *backoff = Duration::from_millis(100);
+        let response = subscription.next().await.map_err(status_error)?;
         if let Some(a) = &response.assignment {
             eprintln!(
                 "group {}: generation {}, {} of {} slots{}",
@@ -177,16 +152,15 @@ async fn follow(
             .unwrap_or_default();
         let mut cursor = response.next_offset;
         {
-            // Stopping early (--limit) leaves the cursor after the last
-            // printed event.
             let mut out = stdout.lock();
             for event in &response.events {
                 let slot = crate::log::slot_of(event.key.as_bytes(), event.offset) as u32;
                 if revoked.contains(&slot) {
                     continue;
                 }
-                if remaining.is_some_and(|n| n == 0) {
-                    // Stopped early: the cursor is after the last printed event.
+                if remaining == Some(0) {
+                    // Stopped early (--limit): the cursor is after the
+                    // last printed event.
                     break;
                 }
                 let line = json::event(event);
@@ -199,7 +173,7 @@ async fn follow(
                     *n -= 1;
                 }
             }
-            if !remaining.is_some_and(|n| n == 0) {
+            if remaining != Some(0) {
                 // Every event of the response was printed: its cursor holds
                 // (with a filter it may be past the last event).
                 cursor = response.next_offset;
@@ -207,40 +181,78 @@ async fn follow(
             let _ = out.flush();
         }
         if args.commit && !response.events.is_empty() {
-            if let (Some(group), Some(member)) = (&args.group, &args.member) {
-                client
-                    .commit_group(pb::CommitGroupRequest {
-                        stream: args.stream.clone(),
-                        group: group.clone(),
-                        member: member.clone(),
-                        next_offset: cursor,
-                    })
-                    .await
-                    .map_err(classify)?;
-            }
-            if let Some(consumer) = &args.consumer {
-                client
-                    .commit_cursor(pb::CommitCursorRequest {
-                        stream: args.stream.clone(),
-                        consumer: consumer.clone(),
-                        next_offset: cursor,
-                    })
-                    .await
-                    .map_err(classify)?;
-            }
+            committer.commit(&args, cursor).await?;
         }
-        if remaining.is_some_and(|n| n == 0) {
+        if remaining == Some(0) {
             return Ok(());
         }
-        *start = Start::Offset(cursor);
     }
 }
 
-fn classify(status: tonic::Status) -> Interruption {
-    match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal => {
-            Interruption::Retry(format!("{:?}: {}", status.code(), status.message()))
+/// Commits the tail's progress on a connection of its own, reconnecting
+/// with backoff while the server is away (a commit is the cursor to
+/// resume at, so it must not be skipped).
+struct Committer {
+    options: ConnectOptions,
+    client: Option<Client>,
+}
+
+impl Committer {
+    async fn commit(&mut self, args: &TailArgs, cursor: u64) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = self.try_commit(args, cursor).await;
+            let reason = match result {
+                Ok(()) => return Ok(()),
+                Err(Attempt::Unreachable(reason)) => reason,
+                Err(Attempt::Refused(status)) if worth_retrying(&status) => {
+                    format!("{:?}: {}", status.code(), status.message())
+                }
+                Err(Attempt::Refused(status)) => return Err(status_error(status)),
+            };
+            self.client = None;
+            eprintln!("committing offset {cursor} failed ({reason}); retrying in {backoff:?}");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        _ => Interruption::Fatal(status_error(status)),
     }
+
+    async fn try_commit(&mut self, args: &TailArgs, cursor: u64) -> Result<(), Attempt> {
+        if self.client.is_none() {
+            let client = self
+                .options
+                .event_log()
+                .await
+                .map_err(|e| Attempt::Unreachable(e.to_string()))?;
+            self.client = Some(client);
+        }
+        let client = self.client.as_mut().expect("connected above");
+        if let (Some(group), Some(member)) = (&args.group, &args.member) {
+            client
+                .commit_group(pb::CommitGroupRequest {
+                    stream: args.stream.clone(),
+                    group: group.clone(),
+                    member: member.clone(),
+                    next_offset: cursor,
+                })
+                .await
+                .map_err(Attempt::Refused)?;
+        }
+        if let Some(consumer) = &args.consumer {
+            client
+                .commit_cursor(pb::CommitCursorRequest {
+                    stream: args.stream.clone(),
+                    consumer: consumer.clone(),
+                    next_offset: cursor,
+                })
+                .await
+                .map_err(Attempt::Refused)?;
+        }
+        Ok(())
+    }
+}
+
+enum Attempt {
+    Unreachable(String),
+    Refused(tonic::Status),
 }

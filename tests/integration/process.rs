@@ -313,6 +313,46 @@ fn the_cli_publishes_tails_and_lists_as_the_readme_shows() {
 
 #[test]
 fn tail_resumes_from_its_cursor_across_a_server_restart() {
+    tail_across_a_restart(&[]);
+}
+
+/// As a durable consumer committing after each batch: its commits reconnect
+/// too, and the cursor saved on the server ends after the last event.
+#[test]
+fn tail_commits_as_a_consumer_across_a_server_restart() {
+    let (dir, url) = tail_across_a_restart(&["--consumer", "c", "--commit"]);
+    let mut server = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            url.trim_start_matches("http://"),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().contains("address=") {}
+    std::thread::spawn(move || for _ in lines {});
+    let out = Command::new(BIN)
+        .args(["consumers", "info", "s", "c", "--server", &url])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["next_offset"], 10, "{info}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Tails 10 events with `extra` arguments, restarting the server after the
+/// fifth: every event once, in order. Returns the data dir and the URL.
+fn tail_across_a_restart(extra: &[&str]) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let port = {
         // Find a free port and reuse it for both server runs.
@@ -355,10 +395,13 @@ fn tail_resumes_from_its_cursor_across_a_server_restart() {
     publish(5);
     let mut tail = Command::new(BIN)
         .args(["tail", "s", "--limit", "10", "--server", &url])
+        .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let stderr = tail.stderr.take().unwrap();
+    let said = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap());
     let mut out = BufReader::new(tail.stdout.take().unwrap()).lines();
     let mut offsets = Vec::new();
     for _ in 0..5 {
@@ -376,8 +419,15 @@ fn tail_resumes_from_its_cursor_across_a_server_restart() {
     }
     assert!(tail.wait().unwrap().success());
     assert_eq!(offsets, (0..10).collect::<Vec<_>>());
+    // It said what it did, and where it resumed.
+    let said = said.join().unwrap();
+    assert!(
+        said.contains("connection lost") && said.contains("resuming from offset 5"),
+        "{said}"
+    );
     server.kill().unwrap();
     server.wait().unwrap();
+    (dir, url)
 }
 
 pub fn sigterm(child: &Child) {
