@@ -151,8 +151,11 @@ pub struct ResumingSubscription {
     backoff: Duration,
     /// How many times it has reconnected (for callers that report it).
     pub reconnects: u64,
-    on_reconnect: Option<Box<dyn FnMut(&Reconnecting<'_>) + Send>>,
+    on_reconnect: Option<ReconnectHook>,
 }
+
+/// A caller's hook told about each reconnect.
+type ReconnectHook = Box<dyn FnMut(&Reconnecting<'_>) + Send>;
 
 /// What a [`ResumingSubscription`] tells its reconnect hook
 /// ([`ResumingSubscription::on_reconnect`]) before each wait.
