@@ -35,7 +35,6 @@
 //! inline limit) and the server caps events well below that; the log splits
 //! large groups into chunks of about [`TARGET_CHUNK_BYTES`].
 
-pub mod codec;
 mod engine;
 mod keys;
 mod recovery;
@@ -52,9 +51,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::durability::fault::{Faults, Target};
 use crate::durability::wal::{self, FileEnd, Op, Wal, WalError};
 use crate::engine::Prepared;
-pub use codec::{
-    Chunk, ChunkHeader, CodecError, ConsumerRecord, EventRecord, GroupRecord, IdempotencyRecord,
-    Keep, Rendering, Retention, StreamMeta,
+pub use crate::engine::{
+    Chunk, ChunkHeader, CodecError, ConsumerRecord, EncodedChunk, EventRecord, GroupRecord,
+    IdempotencyRecord, Keep, Rendering, Retention, StorageError, StoredStream, StreamMeta,
 };
 use keys::*;
 
@@ -68,17 +67,6 @@ pub const MAX_INLINE_VALUE: usize = SEGMENT_SIZE / 4;
 
 /// How long opening waits for a locked data dir to be let go.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// The size the log aims for when it cuts a group commit into chunks.
-///
-/// Small on purpose: sled 0.34 splits a leaf at 16 entries, so a leaf holds
-/// up to 16 chunks, and its page cache keeps every leaf touched by the
-/// last few thousand page accesses whatever `cache_capacity` says. Memory
-/// therefore scales with the chunk size. Measured with `pullstream bench
-/// --workload catchup --events 10000000`: 64 KiB chunks left the server at
-/// 1.3 GiB after the catch-up read, 16 KiB at 0.9 GiB, 8 KiB at 0.47 GiB;
-/// 4 KiB saved little more and read slower.
-pub const TARGET_CHUNK_BYTES: usize = 8 << 10;
 
 /// How the store was asked to keep data.
 #[derive(Debug, Clone)]
@@ -97,102 +85,6 @@ pub struct StoreOptions {
     pub checkpoint_bytes: u64,
     /// Faults to inject under the log and the checkpoint (tests only).
     pub faults: Option<Arc<Faults>>,
-}
-
-/// Errors from the storage layer.
-#[derive(Debug, thiserror::Error)]
-pub enum StorageError {
-    /// Another process holds the data dir's lock.
-    #[error("data dir {path} is in use by another process: stop it, or pass another --data-dir")]
-    Locked {
-        /// The data dir.
-        path: PathBuf,
-    },
-    /// The data dir could not be opened.
-    #[error("cannot open data dir {path}: {source}")]
-    Open {
-        /// The data dir.
-        path: PathBuf,
-        /// What sled or the OS said.
-        #[source]
-        source: sled::Error,
-    },
-    /// An I/O error while reading or writing (the operation named).
-    #[error("storage I/O error while {op} in {}: {source}", path.display())]
-    Io {
-        /// What the store was doing.
-        op: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The write-ahead log failed, is damaged, or refuses writes.
-    #[error(transparent)]
-    Wal(#[from] WalError),
-    /// sled's recovered state is older than the last checkpoint made it.
-    #[error("sled in {} recovered only up to write-ahead log record {sled}, but the checkpoint marker says record {checkpoint} was made durable in it: sled lost data it had synced, so the server will not start. Restore the data dir from a backup, or run `pullstream verify --data-dir {}` to see what is left", path.display(), path.display())]
-    SledBehindCheckpoint {
-        /// The data dir.
-        path: PathBuf,
-        /// The sequence number sled recovered.
-        sled: u64,
-        /// The sequence number the checkpoint marker records.
-        checkpoint: u64,
-    },
-    /// sled failed during an operation (named, for the operator).
-    #[error("storage error while {op} in {path}: {source}")]
-    Sled {
-        /// What the store was doing.
-        op: &'static str,
-        /// The data dir.
-        path: PathBuf,
-        /// What sled said.
-        #[source]
-        source: sled::Error,
-    },
-    /// A stored chunk of events is damaged (checksum mismatch or bad
-    /// layout): its events are lost.
-    #[error("the chunk at offset {offset} of stream id {stream_id} is damaged in the data dir: {source}")]
-    CorruptChunk {
-        /// The stream's id.
-        stream_id: u64,
-        /// The chunk's first offset (from its key).
-        offset: u64,
-        /// What is wrong.
-        #[source]
-        source: CodecError,
-    },
-    /// A stored value could not be decoded.
-    #[error("corrupt {what} in the data dir: {source}")]
-    Corrupt {
-        /// Which value.
-        what: String,
-        /// Why it could not be decoded.
-        #[source]
-        source: CodecError,
-    },
-}
-
-/// A stream as found when the store opens.
-#[derive(Debug, Clone)]
-pub struct StoredStream {
-    /// The stream's name.
-    pub name: String,
-    /// Its durable metadata.
-    pub meta: StreamMeta,
-    /// Its first retained offset.
-    pub first_offset: u64,
-    /// Its head: the offset the next event gets.
-    pub next_offset: u64,
-    /// The append time of its last event, if any (appends never go back in
-    /// time, even if the clock does).
-    pub last_time_unix_nanos: Option<i64>,
-    /// Its durable consumers, in name order.
-    pub consumers: Vec<(String, ConsumerRecord)>,
-    /// Its consumer groups, in name order.
-    pub groups: Vec<(String, GroupRecord)>,
 }
 
 /// A change prepared by the store's write methods (inside a
@@ -228,10 +120,10 @@ pub(crate) trait During<T> {
 
 impl<T> During<T> for Result<T, sled::Error> {
     fn during(self, path: &Path, op: &'static str) -> Result<T, StorageError> {
-        self.map_err(|source| StorageError::Sled {
+        self.map_err(|source| StorageError::Engine {
             op,
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })
     }
 }
@@ -270,14 +162,6 @@ pub struct Damaged {
     pub end: Option<u64>,
     /// Why.
     pub reason: String,
-}
-
-/// One chunk to write, already encoded.
-pub struct EncodedChunk {
-    /// The chunk's first offset.
-    pub first_offset: u64,
-    /// The encoded value.
-    pub value: Vec<u8>,
 }
 
 /// The event store. Cheap to share behind an `Arc`; every method is
@@ -334,7 +218,12 @@ impl Store {
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                Err(source) => return Err(StorageError::Open { path, source }),
+                Err(source) => {
+                    return Err(StorageError::Open {
+                        path,
+                        source: Box::new(source),
+                    })
+                }
             }
         };
         let tree = db

@@ -214,7 +214,7 @@ fn losses(
             }
             source => StorageError::Open {
                 path: data_dir.to_path_buf(),
-                source,
+                source: Box::new(source),
             },
         })?;
     let tree = db
