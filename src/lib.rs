@@ -6,13 +6,16 @@
 //! - [`durability`]: the write-ahead log (format, the scan that tells a
 //!   torn tail from damage, the checkpoint marker), the free-space floor,
 //!   and the fault-injection seam tests use.
-//! - [`storage`]: the sled event store: key layout, chunk codec, the one
-//!   commit path (log, then apply), recovery on open, checkpoints, and
-//!   `repair`.
-//! - [`log`]: streams on top of storage: one writer per stream, group
-//!   commit, committed-head watch, tail cache, subscriptions, durable
-//!   consumers (cursors and takeover leases), key-shared consumer groups,
-//!   event filters, and retention (trimmed by each stream's writer).
+//! - [`engine`]: the seam between the stream layer and storage: the
+//!   [`engine::Engine`] trait, the opaque prepared change, and what crosses
+//!   it (the engine-neutral records and their codec, `StorageError`).
+//! - [`storage`]: the sled engine: key layout, the one commit path (log,
+//!   then apply), recovery on open, checkpoints, `verify` and `repair`.
+//! - [`log`]: streams on top of an engine: the registry, one writer per
+//!   stream (the stream's actor), group commit, committed-head watch, tail
+//!   cache, the one read path, subscriptions, durable consumers (cursors and
+//!   takeover leases), key-shared consumer groups, event filters, and
+//!   retention (trimmed by each stream's writer).
 //! - [`auth`]: API keys, tenants, scopes: who may call what, on which
 //!   streams.
 //! - [`api`]: the gRPC services (`EventLog`, `ApiKeys`): handlers,
@@ -32,10 +35,12 @@
 //! - [`bench`]: `pullstream bench`, the load generator behind the README's figures.
 //!
 //! # Architecture invariants
-//! - Only `storage` knows sled; only `proto` (the generated code and its
+//! - Only `storage` knows sled, and the stream layer, the API and auth
+//!   reach it only through `engine` (only `Log::open` and the offline
+//!   tools name `storage`); only `proto` (the generated code and its
 //!   codec), `api`, `server`, `client`, `cli` and `bench` know tonic;
 //!   a gRPC status is built only by the one `From<Error> for Status` in
-//!   `api`. (All three are checked on the source by
+//!   `api`. (All four are checked on the source by
 //!   `tests/integration/invariants.rs`.) Modules import one another
 //!   without cycles.
 //! - A call is authenticated from its headers before its body is read
@@ -49,7 +54,8 @@
 //!   saw is never reused, even after a crash.
 //! - Writers never wait for readers: subscribers follow the head through a
 //!   `watch` channel and read at their own pace.
-//! - Every change that must survive goes through `Store::commit`: in
+//! - Every change that must survive goes through `Engine::commit` (the
+//!   sled store's one commit path): in
 //!   `fsync` mode it is appended to the write-ahead log and synced first,
 //!   and applied to sled only then, so nothing is acknowledged before its
 //!   record is synced and a change whose write failed never reaches sled.

@@ -12,6 +12,7 @@ use super::{invalid, DEFAULT_PAGE, MAX_PAGE};
 use crate::engine::{EventRecord, Rendering};
 use crate::log::{self, EventFilter};
 use crate::proto as pb;
+pub use crate::proto::encode::timestamp;
 
 /// A filter from the request; `None` when absent or empty.
 pub(super) fn filter_from_proto(
@@ -178,13 +179,5 @@ pub(super) fn stream_info_to_proto(info: log::StreamInfo, name: String) -> pb::S
         approximate_bytes: info.approximate_bytes,
         created_time: Some(timestamp(info.created_unix_nanos)),
         retention: retention_to_proto(info.retention),
-    }
-}
-
-/// A protobuf timestamp from nanoseconds since the Unix epoch.
-pub fn timestamp(unix_nanos: i64) -> Timestamp {
-    Timestamp {
-        seconds: unix_nanos.div_euclid(1_000_000_000),
-        nanos: unix_nanos.rem_euclid(1_000_000_000) as i32,
     }
 }

@@ -26,15 +26,14 @@ use crate::proto::event_log_server::EventLog;
 use crate::proto::{self as pb, subscribe_request};
 
 mod convert;
-mod encode;
 mod keys;
 mod subscription;
+use crate::proto::encode::encode_events;
 pub use convert::timestamp;
 use convert::{
     consumer_info_to_proto, filter_from_proto, group_info_to_proto, page_size, record_from_proto,
     retention_from_proto, stream_info_to_proto, unix_nanos, version_from_proto,
 };
-use encode::encode_events;
 pub use keys::ApiKeysService;
 use subscription::{run_subscription, Delivery};
 /// Proto conversions for API keys (shared with the CLI).
@@ -220,7 +219,13 @@ impl EventLog for EventLogService {
             .read(&stream, request.offset, limit, MAX_RESPONSE_BYTES, &filter)?;
         Ok(Response::new(pb::ReadResponse {
             events: Vec::new(),
-            encoded_events: encode_events(&request.stream, &page.slices, version.as_bytes()),
+            encoded_events: encode_events(
+                &request.stream,
+                page.slices
+                    .iter()
+                    .map(|s| (s.chunk.time_unix_nanos, s.events())),
+                version.as_bytes(),
+            ),
             next_offset: page.next_offset,
             head_offset: page.head_offset,
         }))

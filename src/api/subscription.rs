@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::convert::timestamp;
-use super::encode::encode_events;
 use super::SUBSCRIBE_RESPONSE_BYTES;
 use crate::auth::{key_lost, KeyRing, Principal, SubscriptionSlot};
 use crate::error::Error;
 use crate::log::{self, ConsumerLease, Subscription};
 use crate::metrics::ActiveSubscription;
 use crate::proto as pb;
+use crate::proto::encode::encode_events;
 
 /// What one subscription delivers, and how.
 pub(super) struct Delivery {
@@ -118,7 +118,11 @@ pub(super) async fn run_subscription(
             let response = pb::SubscribeResponse {
                 assignment,
                 events: Vec::new(),
-                encoded_events: encode_events(&stream, &slices, &version),
+                encoded_events: encode_events(
+                    &stream,
+                    slices.iter().map(|s| (s.chunk.time_unix_nanos, s.events())),
+                    &version,
+                ),
                 next_offset: subscription.next_offset(),
                 head_offset: head.next_offset,
                 caught_up: sent_caught_up,

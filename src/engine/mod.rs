@@ -37,7 +37,7 @@
 //! # Records
 //! The records that cross the seam (chunks of events, stream metadata,
 //! consumer and group state, idempotency records) and their binary codec
-//! ([`records`]) are engine-neutral: a distributed engine stores the same
+//! (`records`) are engine-neutral: a distributed engine stores the same
 //! encoded chunk as one message. So are the errors ([`StorageError`]).
 //! Engines sit below this module and import it; it imports no engine.
 

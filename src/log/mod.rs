@@ -1,20 +1,20 @@
 //! The log: named, ordered, durable streams on top of an
 //! [`Engine`](crate::engine::Engine), with live tail for subscribers.
 //!
-//! Each stream has one [`writer`] task (the only place offsets are
+//! Each stream has one `writer` task (the only place offsets are
 //! assigned: the stream's actor, the one mutator of its appends, consumers,
-//! groups, retention, expiry and deletion), its [`stream`] state shared
+//! groups, retention, expiry and deletion), its `stream` state shared
 //! with readers (a committed-head `watch` channel subscribers wait on, and
-//! a [`cache`] of recently committed chunks), and the consumer and group
-//! state machines the writer applies ([`consumer`], [`group`]). Appends
-//! flow writer → engine → [`commit`] (one sync for many appends) →
+//! a `cache` of recently committed chunks), and the consumer and group
+//! state machines the writer applies (`consumer`, `group`). Appends
+//! flow writer → engine → `commit` (one sync for many appends) →
 //! publish: the head moves, the cache fills, callers are acknowledged.
 //! Readers never see past the committed head, so they never see an event
 //! that is not yet durable under the durability mode.
 //!
 //! This file holds the [`Log`]'s calls (what `api` uses); the set of
-//! streams is [`registry`]'s, the background turns [`housekeeping`]'s, the
-//! request rules [`validate`]'s, the settings [`settings`]'.
+//! streams is `registry`'s, the background turns `housekeeping`'s, the
+//! request rules `validate`'s, the settings `settings`'.
 
 mod cache;
 mod command;

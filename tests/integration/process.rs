@@ -320,21 +320,8 @@ fn tail_resumes_from_its_cursor_across_a_server_restart() {
 /// too, and the cursor saved on the server ends after the last event.
 #[test]
 fn tail_commits_as_a_consumer_across_a_server_restart() {
-    let (dir, url) = tail_across_a_restart(&["--consumer", "c", "--commit"]);
-    let mut server = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            url.trim_start_matches("http://"),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    while !lines.next().unwrap().unwrap().contains("address=") {}
-    std::thread::spawn(move || for _ in lines {});
+    let dir = tail_across_a_restart(&["--consumer", "c", "--commit"]);
+    let (mut server, url) = spawn_server(dir.path(), &[]);
     let out = Command::new(BIN)
         .args(["consumers", "info", "s", "c", "--server", &url])
         .output()
@@ -351,8 +338,8 @@ fn tail_commits_as_a_consumer_across_a_server_restart() {
 }
 
 /// Tails 10 events with `extra` arguments, restarting the server after the
-/// fifth: every event once, in order. Returns the data dir and the URL.
-fn tail_across_a_restart(extra: &[&str]) -> (tempfile::TempDir, String) {
+/// fifth: every event once, in order. Returns the data dir.
+fn tail_across_a_restart(extra: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let port = {
         // Find a free port and reuse it for both server runs.
@@ -427,7 +414,7 @@ fn tail_across_a_restart(extra: &[&str]) -> (tempfile::TempDir, String) {
     );
     server.kill().unwrap();
     server.wait().unwrap();
-    (dir, url)
+    dir
 }
 
 pub fn sigterm(child: &Child) {

@@ -1,24 +1,42 @@
 //! The server's event encoder: stored records straight to `Event`
-//! entries of a response (field 1), without building `Event` structs; the
-//! hand-written response types that carry them are in `proto::wire`, and
-//! `tests/integration/wire.rs` checks both against the proto.
+//! entries of a response (field 1), without building `Event` structs. It
+//! sits next to the hand-written response types that carry them
+//! (`wire.rs`), and `tests/integration/wire.rs` checks both against the
+//! proto: an `Event` field added to the proto but not encoded here fails it.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::encoding::{
     encode_key, encode_varint, encoded_len_varint, key_len, message, uint64, WireType,
 };
+use prost_types::Timestamp;
 
-use super::convert::timestamp;
-use crate::log::EventSlice;
+use crate::engine::EventRecord;
+
+/// A protobuf timestamp from nanoseconds since the Unix epoch.
+pub fn timestamp(unix_nanos: i64) -> Timestamp {
+    Timestamp {
+        seconds: unix_nanos.div_euclid(1_000_000_000),
+        nanos: unix_nanos.rem_euclid(1_000_000_000) as i32,
+    }
+}
 
 /// Encodes events as `events` entries (field 1) of a response, straight
-/// from stored records: no `Event` struct, no per-event strings. With a
-/// `version` pin, each event carries its rendering for that version.
-pub(super) fn encode_events(stream: &str, slices: &[EventSlice], version: &[u8]) -> Bytes {
+/// from stored records: no `Event` struct, no per-event strings. `chunks`
+/// gives each stored chunk's append time with its events and their
+/// offsets. With a `version` pin, each event carries its rendering for
+/// that version.
+pub fn encode_events<'a, E>(
+    stream: &str,
+    chunks: impl IntoIterator<Item = (i64, E)>,
+    version: &[u8],
+) -> Bytes
+where
+    E: Iterator<Item = (u64, &'a EventRecord)>,
+{
     let mut buf = BytesMut::new();
-    for slice in slices {
-        let time = timestamp(slice.chunk.time_unix_nanos);
-        for (offset, record) in slice.events() {
+    for (time_unix_nanos, events) in chunks {
+        let time = timestamp(time_unix_nanos);
+        for (offset, record) in events {
             let (data, content_type, label): (&[u8], &[u8], &[u8]) =
                 match record.rendering_for(version) {
                     Some(r) if !r.content_type.is_empty() => (&r.data, &r.content_type, &r.label),
@@ -71,7 +89,7 @@ pub(super) fn encode_events(stream: &str, slices: &[EventSlice], version: &[u8])
 }
 
 /// The size of a length-delimited field (omitted when empty, as proto3 does).
-pub(super) fn str_len(tag: u32, value: impl AsRef<[u8]>) -> usize {
+fn str_len(tag: u32, value: impl AsRef<[u8]>) -> usize {
     let len = value.as_ref().len();
     if len == 0 {
         0
@@ -80,7 +98,7 @@ pub(super) fn str_len(tag: u32, value: impl AsRef<[u8]>) -> usize {
     }
 }
 
-pub(super) fn put_str(tag: u32, value: impl AsRef<[u8]>, buf: &mut BytesMut) {
+fn put_str(tag: u32, value: impl AsRef<[u8]>, buf: &mut BytesMut) {
     let value = value.as_ref();
     if !value.is_empty() {
         encode_key(tag, WireType::LengthDelimited, buf);
