@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use pullstream::config::ServerConfig;
-use pullstream::proto::event_log_client::EventLogClient;
 use pullstream::proto::{self as pb, subscribe_request::Start};
 use pullstream::server::{ServeError, Server};
 use tempfile::TempDir;
@@ -14,7 +13,28 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::Streaming;
 
-pub type Client = EventLogClient<Channel>;
+/// The client library's `EventLog` client, as a Rust user of Pullstream
+/// connects.
+pub type Client = pullstream::client::Client;
+
+/// A client of the server at `url`, connected through the client library.
+pub async fn connect(url: &str) -> Client {
+    pullstream::client::ConnectOptions {
+        server: url.to_string(),
+        ..Default::default()
+    }
+    .event_log()
+    .await
+    .expect("connect")
+}
+
+/// A client on an existing channel (no key), typed as the library's.
+pub fn client_on(channel: Channel) -> Client {
+    pullstream::proto::event_log_client::EventLogClient::with_interceptor(
+        channel,
+        pullstream::client::ApiKeyHeader::new(None).unwrap(),
+    )
+}
 
 /// A running server. Dropping it without `stop` aborts the server task.
 pub struct TestServer {
@@ -82,10 +102,15 @@ impl TestServer {
 
     /// A connected client.
     pub async fn client(&self) -> Client {
-        EventLogClient::connect(format!("http://{}", self.addr))
-            .await
-            .expect("connect")
-            .max_decoding_message_size(64 << 20)
+        self.options().event_log().await.expect("connect")
+    }
+
+    /// How the client library reaches this server (no key, no TLS).
+    pub fn options(&self) -> pullstream::client::ConnectOptions {
+        pullstream::client::ConnectOptions {
+            server: format!("http://{}", self.addr),
+            ..Default::default()
+        }
     }
 
     /// A connected channel, for other services' clients.

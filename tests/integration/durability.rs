@@ -476,9 +476,7 @@ async fn crash_and_flip_record_32(
     let mut args = vec!["--durability", "fsync"];
     args.extend_from_slice(extra);
     let (mut child, url) = crate::process::spawn_server(dir.path(), &args);
-    let mut client = pb::event_log_client::EventLogClient::connect(url)
-        .await
-        .unwrap();
+    let mut client = connect(&url).await;
     for batch in 0..62 {
         append(&mut client, "s", events(batch * 2..batch * 2 + 2)).await;
     }
@@ -578,9 +576,7 @@ async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncate
     assert!(stdout.contains("events at offsets 62..123") && stdout.contains("Repaired"));
 
     let (mut child, url) = spawn_server(dir.path(), &["--durability", "fsync"]);
-    let mut client = pb::event_log_client::EventLogClient::connect(url)
-        .await
-        .unwrap();
+    let mut client = connect(&url).await;
     let kept = read_all(&mut client, "s").await;
     assert_eq!(kept.len(), 62);
     for (i, e) in kept.iter().enumerate() {
@@ -829,9 +825,7 @@ async fn repair_with_the_background_flush_keeps_a_gapless_prefix() {
         String::from_utf8_lossy(&repaired.stdout)
     );
     let (mut child, url) = crate::process::spawn_server(dir.path(), &["--durability", "fsync"]);
-    let mut client = pb::event_log_client::EventLogClient::connect(url)
-        .await
-        .unwrap();
+    let mut client = connect(&url).await;
     let kept = read_all(&mut client, "s").await;
     assert!(kept.len() >= 62 && kept.len() <= 124, "{}", kept.len());
     for (i, e) in kept.iter().enumerate() {
@@ -859,9 +853,7 @@ async fn sigterm_on_a_full_disk_exits_0_and_loses_nothing() {
     let data = mount.path().join("data");
     let flags = ["--durability", "fsync", "--min-free-bytes", "0"];
     let (mut child, url) = crate::process::spawn_server(&data, &flags);
-    let mut client = pb::event_log_client::EventLogClient::connect(url)
-        .await
-        .unwrap();
+    let mut client = connect(&url).await;
     let mut acked = 0;
     for batch in 0..20 {
         append(&mut client, "s", events(batch * 5..batch * 5 + 5)).await;
@@ -884,9 +876,7 @@ async fn sigterm_on_a_full_disk_exits_0_and_loses_nothing() {
 
     std::fs::remove_file(&filler).unwrap();
     let (mut child, url) = crate::process::spawn_server(&data, &flags);
-    let mut client = pb::event_log_client::EventLogClient::connect(url)
-        .await
-        .unwrap();
+    let mut client = connect(&url).await;
     let kept = read_all(&mut client, "s").await;
     assert_eq!(kept.len(), acked);
     for (i, e) in kept.iter().enumerate() {

@@ -516,7 +516,7 @@ async fn a_moved_slot_waits_until_its_old_owner_has_been_told() {
             .await
             .unwrap()
             .into_inner(),
-        client: pb::event_log_client::EventLogClient::new(channel),
+        client: client_on(channel),
         events: Vec::new(),
         generation: 0,
         slots: Vec::new(),

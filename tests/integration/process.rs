@@ -6,8 +6,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use pullstream::proto::event_log_client::EventLogClient;
-
 use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
@@ -35,7 +33,7 @@ async fn kill_9_loses_no_acknowledged_event() {
         let acked = acked.clone();
         let stop = stop.clone();
         producers.push(tokio::spawn(async move {
-            let mut client = EventLogClient::connect(url).await.unwrap();
+            let mut client = connect(&url).await;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let data = format!(r#"{{"p":{p},"i":{i}}}"#);
@@ -61,7 +59,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     let committer = {
         let (url, stop, committed) = (url.clone(), stop.clone(), committed.clone());
         tokio::spawn(async move {
-            let mut client = EventLogClient::connect(url).await.unwrap();
+            let mut client = connect(&url).await;
             let mut cursor = 0;
             while !stop.load(Ordering::Relaxed) {
                 let request = pullstream::proto::CommitCursorRequest {
