@@ -296,3 +296,122 @@ enum Opening {
 fn describe(status: &tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
+
+/// An open append pipeline (the proto's `AppendPipeline`): batches go out
+/// without waiting for each one's acknowledgement, and acknowledgements
+/// come back in the order the batches were sent.
+///
+/// The server stops reading while the agreed number of batches or bytes is
+/// unacknowledged, so a producer alternates: [`AppendPipeline::send`] while
+/// [`AppendPipeline::has_room`], [`AppendPipeline::ack`] otherwise (and
+/// after [`AppendPipeline::finish`] until it returns `None`). A failed
+/// batch ends the pipeline: `ack` returns its status (a `tonic::Status`
+/// inside the error, whose message starts with `batch <sequence>:`), and
+/// no later batch was written.
+pub struct AppendPipeline {
+    requests: Option<tokio::sync::mpsc::Sender<crate::proto::AppendPipelineRequest>>,
+    responses: tonic::Streaming<crate::proto::AppendPipelineResponse>,
+    /// The limits the server agreed to.
+    pub opened: crate::proto::PipelineOpened,
+    /// Bytes of each unacknowledged batch, oldest first.
+    in_flight: std::collections::VecDeque<u64>,
+    bytes_in_flight: u64,
+}
+
+impl AppendPipeline {
+    /// Opens a pipeline on `open.stream` over `client`.
+    pub async fn open(
+        client: &mut Client,
+        open: crate::proto::PipelineOpen,
+    ) -> anyhow::Result<AppendPipeline> {
+        use crate::proto::append_pipeline_request::Request;
+        use crate::proto::append_pipeline_response::Response;
+        let asked = open.max_in_flight_batches;
+        // Room for every batch the server may let us have in flight, plus
+        // the opening message: sends never wait on the channel.
+        let room = if asked == 0 { 1024 } else { asked as usize };
+        let (tx, rx) = tokio::sync::mpsc::channel(room + 1);
+        tx.try_send(crate::proto::AppendPipelineRequest {
+            request: Some(Request::Open(open)),
+        })
+        .expect("an empty channel has room");
+        let mut responses = client
+            .append_pipeline(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let opened = match responses.message().await? {
+            Some(crate::proto::AppendPipelineResponse {
+                response: Some(Response::Opened(opened)),
+            }) => opened,
+            _ => anyhow::bail!("the server did not open the append pipeline"),
+        };
+        Ok(AppendPipeline {
+            requests: Some(tx),
+            responses,
+            opened,
+            in_flight: std::collections::VecDeque::new(),
+            bytes_in_flight: 0,
+        })
+    }
+
+    /// Whether the server will read another batch now (the rule it
+    /// applies: fewer batches in flight than agreed, and fewer bytes, or
+    /// none at all).
+    pub fn has_room(&self) -> bool {
+        self.requests.is_some()
+            && self.in_flight.len() < self.opened.max_in_flight_batches as usize
+            && (self.in_flight.is_empty() || self.bytes_in_flight < self.opened.max_in_flight_bytes)
+    }
+
+    /// How many batches are sent and not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Sends a batch. Check [`AppendPipeline::has_room`] first: a batch
+    /// past the agreed limits waits in the connection until acks make room.
+    pub async fn send(&mut self, batch: crate::proto::PipelineBatch) -> anyhow::Result<()> {
+        use prost::Message;
+        let bytes = batch.encoded_len() as u64;
+        let Some(requests) = &self.requests else {
+            anyhow::bail!("the pipeline was finished: open a new one");
+        };
+        let request = crate::proto::AppendPipelineRequest {
+            request: Some(crate::proto::append_pipeline_request::Request::Batch(batch)),
+        };
+        if requests.send(request).await.is_err() {
+            // The call ended; its status is what the responses say.
+            return match self.responses.message().await {
+                Err(status) => Err(status.into()),
+                Ok(_) => Err(anyhow::anyhow!("the append pipeline ended")),
+            };
+        }
+        self.in_flight.push_back(bytes);
+        self.bytes_in_flight += bytes;
+        Ok(())
+    }
+
+    /// Ends the client's side: the server acknowledges what is in flight,
+    /// then ends the call.
+    pub fn finish(&mut self) {
+        self.requests = None;
+    }
+
+    /// The next acknowledgement, in the order the batches were sent;
+    /// `None` once the server ended the call after [`AppendPipeline::finish`].
+    pub async fn ack(&mut self) -> anyhow::Result<Option<crate::proto::PipelineAck>> {
+        use crate::proto::append_pipeline_response::Response;
+        match self.responses.message().await? {
+            None => Ok(None),
+            Some(crate::proto::AppendPipelineResponse {
+                response: Some(Response::Ack(ack)),
+            }) => {
+                if let Some(bytes) = self.in_flight.pop_front() {
+                    self.bytes_in_flight -= bytes;
+                }
+                Ok(Some(ack))
+            }
+            Some(_) => anyhow::bail!("the server sent something other than an acknowledgement"),
+        }
+    }
+}

@@ -154,6 +154,12 @@ pub struct ServeSettings {
     /// How long a call's request message may take to arrive; slower calls get DEADLINE_EXCEEDED [default: 30s]
     #[arg(long, env = "PULLSTREAM_REQUEST_BODY_TIMEOUT")]
     pub request_body_timeout: Option<HumanDuration>,
+    /// Most batches an append pipeline may have unacknowledged; clients asking for more get this [default: 64]
+    #[arg(long, env = "PULLSTREAM_MAX_PIPELINE_BATCHES")]
+    pub max_pipeline_batches: Option<u32>,
+    /// Most bytes of batches an append pipeline may have unacknowledged (one batch is always allowed) [default: 16777216]
+    #[arg(long, env = "PULLSTREAM_MAX_PIPELINE_BYTES")]
+    pub max_pipeline_bytes: Option<u64>,
     /// Label metrics by stream, consumer and group names (`acme/orders`); off, series add up under stream="_all" and lag is the largest, so the unauthenticated endpoint names nothing a tenant chose [default: false]
     #[arg(long, env = "PULLSTREAM_METRICS_STREAM_LABELS", num_args = 0..=1, default_missing_value = "true")]
     pub metrics_stream_labels: Option<bool>,
@@ -232,6 +238,8 @@ impl ServeSettings {
                 .max_request_bytes_in_flight
                 .or(fallback.max_request_bytes_in_flight),
             request_body_timeout: self.request_body_timeout.or(fallback.request_body_timeout),
+            max_pipeline_batches: self.max_pipeline_batches.or(fallback.max_pipeline_batches),
+            max_pipeline_bytes: self.max_pipeline_bytes.or(fallback.max_pipeline_bytes),
             metrics_stream_labels: self
                 .metrics_stream_labels
                 .or(fallback.metrics_stream_labels),
@@ -330,8 +338,13 @@ pub struct ServerConfig {
     pub max_concurrent_streams: u32,
     /// Bytes of request messages held at once, server-wide.
     pub max_request_bytes_in_flight: usize,
-    /// How long a request's body may take to arrive.
+    /// How long a request's body may take to arrive (for an append
+    /// pipeline: each of its messages, once begun).
     pub request_body_timeout: Duration,
+    /// Most unacknowledged batches per append pipeline.
+    pub max_pipeline_batches: u32,
+    /// Most unacknowledged bytes of batches per append pipeline.
+    pub max_pipeline_bytes: u64,
     /// Label metrics by stream, consumer and group names.
     pub metrics_stream_labels: bool,
     /// Allow the metrics endpoint off loopback.
@@ -423,6 +436,8 @@ impl TryFrom<ServeSettings> for ServerConfig {
             max_concurrent_streams: s.max_concurrent_streams.unwrap_or(256),
             max_request_bytes_in_flight: s.max_request_bytes_in_flight.unwrap_or(256 << 20),
             request_body_timeout: secs(s.request_body_timeout, 30),
+            max_pipeline_batches: s.max_pipeline_batches.unwrap_or(64),
+            max_pipeline_bytes: s.max_pipeline_bytes.unwrap_or(16 << 20),
             metrics_stream_labels: s.metrics_stream_labels.unwrap_or(false),
             metrics_insecure: s.metrics_insecure.unwrap_or(false),
             max_streams: s.max_streams.unwrap_or(10_000),
@@ -493,6 +508,12 @@ impl TryFrom<ServeSettings> for ServerConfig {
         }
         if config.max_concurrent_streams == 0 {
             return invalid("max-concurrent-streams", "must be at least 1".into());
+        }
+        if config.max_pipeline_batches == 0 || config.max_pipeline_batches > 1024 {
+            return invalid("max-pipeline-batches", "must be 1 to 1024".into());
+        }
+        if config.max_pipeline_bytes == 0 {
+            return invalid("max-pipeline-bytes", "must be at least 1".into());
         }
         if config.max_request_bytes_in_flight < config.max_batch_bytes + REQUEST_OVERHEAD_BYTES
             || config.max_request_bytes_in_flight > u32::MAX as usize

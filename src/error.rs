@@ -139,6 +139,20 @@ pub enum Error {
     /// A client took longer than the server allows to send its request.
     #[error("{0}")]
     RequestTimeout(String),
+    /// A batch of an append pipeline failed: the batch's own error, named
+    /// by the client's sequence number (its status code is the inner
+    /// error's).
+    #[error("batch {sequence}: {source}")]
+    InBatch {
+        /// The batch's sequence number, as the client sent it.
+        sequence: u64,
+        /// Why it failed.
+        source: Box<Error>,
+    },
+    /// A pipelined batch not written because an earlier batch of its
+    /// pipeline failed.
+    #[error("not written: an earlier batch of this append pipeline failed")]
+    PipelineStopped,
     /// An API key id that does not exist (for the caller's tenant).
     #[error("API key {} not found", shown(.0))]
     KeyNotFound(String),

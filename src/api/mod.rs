@@ -27,6 +27,7 @@ use crate::proto::{self as pb, subscribe_request};
 
 mod convert;
 mod keys;
+mod pipeline;
 mod subscription;
 use crate::proto::encode::encode_events;
 pub use convert::timestamp;
@@ -86,6 +87,8 @@ impl From<Error> for Status {
             Error::KeyNotFound(_) => Status::not_found(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::RequestTimeout(_) => Status::deadline_exceeded(message),
+            Error::InBatch { source, .. } => Status::new(Status::from(*source).code(), message),
+            Error::PipelineStopped => Status::aborted(message),
             Error::StreamExists(_) | Error::IdempotencyConflict { .. } => {
                 Status::already_exists(message)
             }
@@ -113,6 +116,13 @@ pub(crate) fn invalid(message: impl Into<String>) -> Status {
 pub struct ServiceConfig {
     /// Heartbeat period on idle subscriptions.
     pub heartbeat_interval: Duration,
+    /// Most unacknowledged batches per append pipeline.
+    pub max_pipeline_batches: u32,
+    /// Most unacknowledged bytes of batches per append pipeline.
+    pub max_pipeline_bytes: u64,
+    /// The server-wide budget of request bytes held at once (shared with
+    /// admission): unacknowledged pipelined batches hold their bytes in it.
+    pub request_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// The `EventLog` implementation.
@@ -180,6 +190,9 @@ const ANY_SCOPE: &[Scope] = &[Scope::Publish, Scope::Subscribe, Scope::Admin];
 type SubscribeStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
 
+type PipelineStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::AppendPipelineResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl EventLog for EventLogService {
     async fn append(
@@ -202,6 +215,66 @@ impl EventLog for EventLogService {
             time: Some(timestamp(outcome.time_unix_nanos)),
             duplicate: outcome.duplicate,
         }))
+    }
+
+    type AppendPipelineStream = PipelineStream;
+
+    async fn append_pipeline(
+        &self,
+        request: Request<tonic::Streaming<pb::AppendPipelineRequest>>,
+    ) -> Result<Response<PipelineStream>, Status> {
+        let caller = self.caller(&request, &[Scope::Publish])?;
+        let mut inbound = request.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::AppendPipelineRequest {
+                request: Some(pb::append_pipeline_request::Request::Open(open)),
+            }) => open,
+            Some(_) => {
+                return Err(invalid(
+                    "the first message of an append pipeline must be `open` (a PipelineOpen naming the stream)",
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    "the append pipeline ended before its `open` message",
+                ))
+            }
+        };
+        let stream = caller.stream(&open.stream)?;
+        let max_batches = match open.max_in_flight_batches {
+            0 => self.config.max_pipeline_batches,
+            n => n.min(self.config.max_pipeline_batches),
+        };
+        let max_bytes = match open.max_in_flight_bytes {
+            0 => self.config.max_pipeline_bytes,
+            n => n.min(self.config.max_pipeline_bytes),
+        };
+        let (tx, rx) = mpsc::channel(pipeline::PIPELINE_BUFFER);
+        let opened = pb::AppendPipelineResponse {
+            response: Some(pb::append_pipeline_response::Response::Opened(
+                pb::PipelineOpened {
+                    stream: open.stream,
+                    max_in_flight_batches: max_batches,
+                    max_in_flight_bytes: max_bytes,
+                },
+            )),
+        };
+        tx.try_send(Ok(opened)).expect("an empty channel has room");
+        self.subscriptions.spawn(pipeline::run_pipeline(
+            pipeline::Pipeline {
+                log: self.log.clone(),
+                keys: self.keys.clone(),
+                caller,
+                stream,
+                max_batches: max_batches as usize,
+                max_bytes,
+                budget: self.config.request_budget.clone(),
+            },
+            inbound,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn read(

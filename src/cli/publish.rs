@@ -1,6 +1,7 @@
 //! `pullstream publish`: append one event given by flags, or NDJSON events
-//! read from stdin (one object per line, sent in batches), and print each
-//! acknowledgement as a JSON line.
+//! read from stdin (one object per line, sent in batches through one append
+//! pipeline, several in flight), and print each acknowledgement as a JSON
+//! line.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -11,6 +12,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use super::{connect, json, status_error, ClientArgs};
+use crate::client::AppendPipeline;
 use crate::proto as pb;
 
 /// Arguments of `pullstream publish`.
@@ -57,9 +59,13 @@ pub struct PublishArgs {
     /// Makes a retry of this command safe: the server appends the batch once
     #[arg(long, requires = "event_type")]
     idempotency_key: Option<String>,
-    /// Events per Append when reading stdin
+    /// Events per batch when reading stdin
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
+    /// Batches sent ahead of their acknowledgements when reading stdin (one
+    /// append pipeline; the server may lower it)
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    in_flight: u32,
 }
 
 /// One NDJSON input line.
@@ -198,41 +204,105 @@ async fn publish_stdin(client: &mut super::Client, args: &PublishArgs) -> anyhow
     if std::io::stdin().is_terminal() {
         eprintln!("reading NDJSON events from stdin (one per line; Ctrl-D to finish; --help for the format)");
     }
+    // One pipeline for the whole input: batches go out back to back and
+    // their acknowledgements come back in order.
+    let mut pipeline = AppendPipeline::open(
+        client,
+        pb::PipelineOpen {
+            stream: args.stream.clone(),
+            max_in_flight_batches: args.in_flight,
+            max_in_flight_bytes: 0,
+        },
+    )
+    .await
+    .map_err(pipeline_error)?;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let mut batch = Vec::new();
     let mut line_number = 0;
+    let mut sequence = 0;
+    let mut input_done = false;
+    // With --expected-next-offset, each batch expects the end of the one
+    // before it: nobody else may append in between.
     let mut expected = args.expected_next_offset;
     loop {
-        let line = lines.next_line().await.context("reading stdin")?;
-        let done = line.is_none();
-        if let Some(line) = line {
-            line_number += 1;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let event = serde_json::from_str::<InputEvent>(&line)
-                .map_err(anyhow::Error::from)
-                .and_then(InputEvent::into_proto)
-                .with_context(|| format!("stdin line {line_number}"))?;
-            batch.push(event);
-        }
-        if batch.len() >= args.batch as usize || (done && !batch.is_empty()) {
-            let request = pb::AppendRequest {
-                stream: args.stream.clone(),
-                events: std::mem::take(&mut batch),
-                expected_next_offset: expected,
-                idempotency_key: String::new(),
-            };
-            let response = client.append(request).await.map_err(status_error)?;
-            let ack = response.into_inner();
-            expected = expected.map(|_| ack.first_offset + u64::from(ack.count));
-            println!("{}", json::ack(&ack));
-        }
-        if done {
+        if input_done && batch.is_empty() {
             if line_number == 0 {
                 bail!("no events on stdin: pass --type (and --data), or pipe NDJSON events in");
             }
+            pipeline.finish();
+            while print_ack(&mut pipeline, &args.stream).await? {}
             return Ok(());
         }
+        let full = batch.len() >= args.batch as usize || (input_done && !batch.is_empty());
+        if full && pipeline.has_room() {
+            sequence += 1;
+            let events = std::mem::take(&mut batch);
+            let count = events.len() as u64;
+            pipeline
+                .send(pb::PipelineBatch {
+                    sequence,
+                    events,
+                    expected_next_offset: expected,
+                    idempotency_key: String::new(),
+                })
+                .await
+                .map_err(pipeline_error)?;
+            expected = expected.map(|e| e + count);
+            continue;
+        }
+        // Acknowledgements are printed as they come, while reading on.
+        let turn = tokio::select! {
+            biased;
+            acked = print_ack(&mut pipeline, &args.stream), if pipeline.in_flight() > 0 => {
+                if !acked? {
+                    bail!("the server ended the append pipeline with batches unacknowledged: they may or may not be written");
+                }
+                continue;
+            }
+            line = lines.next_line(), if !input_done && !full => line.context("reading stdin")?,
+        };
+        match turn {
+            None => input_done = true,
+            Some(line) => {
+                line_number += 1;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let event = serde_json::from_str::<InputEvent>(&line)
+                    .map_err(anyhow::Error::from)
+                    .and_then(InputEvent::into_proto)
+                    .with_context(|| format!("stdin line {line_number}"))?;
+                batch.push(event);
+            }
+        }
+    }
+}
+
+/// Prints the pipeline's next acknowledgement as a JSON line (as a unary
+/// Append's); false once the pipeline has ended.
+async fn print_ack(pipeline: &mut AppendPipeline, stream: &str) -> anyhow::Result<bool> {
+    match pipeline.ack().await.map_err(pipeline_error)? {
+        None => Ok(false),
+        Some(ack) => {
+            println!(
+                "{}",
+                json::ack(&pb::AppendResponse {
+                    stream: stream.to_string(),
+                    first_offset: ack.first_offset,
+                    count: ack.count,
+                    time: ack.time,
+                    duplicate: ack.duplicate,
+                })
+            );
+            Ok(true)
+        }
+    }
+}
+
+/// A pipeline's error as the other commands show a status.
+fn pipeline_error(error: anyhow::Error) -> anyhow::Error {
+    match error.downcast::<tonic::Status>() {
+        Ok(status) => status_error(status),
+        Err(other) => other,
     }
 }

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
+use super::command::PipelineGate;
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
 use crate::engine::{Chunk, Engine, Prepared};
@@ -60,6 +61,9 @@ pub(crate) enum Change {
         chunks: Vec<(Arc<Chunk>, usize)>,
         /// Every caller of the group with its answer.
         replies: Vec<(Reply, Result<AppendOutcome, Error>)>,
+        /// The pipelines with batches in the group: a failed commit stops
+        /// them, so none of their later batches is written.
+        pipelines: Vec<Arc<PipelineGate>>,
     },
     /// The stream's deletion.
     Deleted(oneshot::Sender<Result<(), Error>>),
@@ -104,7 +108,12 @@ impl Commit {
     fn fail(self, reason: &str) {
         let error = || Error::StorageFailed(reason.to_string());
         match self.change {
-            Change::Appended { replies, .. } => {
+            Change::Appended {
+                replies, pipelines, ..
+            } => {
+                for gate in pipelines {
+                    gate.fail();
+                }
                 for (reply, result) in replies {
                     let _ = reply.send(result.and(Err(error())));
                 }

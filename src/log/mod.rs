@@ -39,7 +39,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use command::ConsumerSettings;
+pub use command::{ConsumerSettings, PipelineGate};
 pub use consumer::{validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease};
 pub use filter::{EventFilter, TypePattern};
 pub use group::{slot_of, GroupCursor, GroupInfo, GroupMemberInfo, GroupUpdate, SLOT_COUNT};
@@ -110,6 +110,46 @@ pub struct AppendOutcome {
     pub time_unix_nanos: i64,
     /// True when this repeats an earlier append with the same key.
     pub duplicate: bool,
+}
+
+/// A queued batch of an append pipeline, waiting for its outcome.
+pub struct PendingAppend {
+    reply: oneshot::Receiver<Result<AppendOutcome, Error>>,
+    /// What to answer if the writer goes away before answering.
+    gone: Error,
+    started: Instant,
+    /// Where a pipelined batch's latency is observed.
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl PendingAppend {
+    /// The batch's outcome, once durable under the durability mode (as
+    /// [`Log::append`] answers).
+    pub async fn outcome(self) -> Result<AppendOutcome, Error> {
+        self.await
+    }
+}
+
+/// Polling by reference keeps the outcome across `select!` turns that end
+/// in another branch.
+impl std::future::Future for PendingAppend {
+    type Output = Result<AppendOutcome, Error>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        let outcome = match std::future::Future::poll(std::pin::Pin::new(&mut this.reply), cx) {
+            std::task::Poll::Pending => return std::task::Poll::Pending,
+            std::task::Poll::Ready(Ok(outcome)) => outcome,
+            std::task::Poll::Ready(Err(_)) => Err(std::mem::replace(&mut this.gone, Error::ShuttingDown)),
+        };
+        if let Some(metrics) = &this.metrics {
+            metrics.observe_append(this.started.elapsed());
+        }
+        std::task::Poll::Ready(outcome)
+    }
 }
 
 /// The set of streams.
@@ -184,12 +224,40 @@ impl Log {
     /// durability mode.
     pub async fn append(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
         let started = Instant::now();
-        let outcome = self.append_timed(stream, batch).await;
+        let outcome = match self.enqueue(stream, batch, None).await {
+            Ok(pending) => pending.outcome().await,
+            Err(e) => Err(e),
+        };
         self.metrics.observe_append(started.elapsed());
         outcome
     }
 
-    async fn append_timed(&self, stream: &str, batch: AppendBatch) -> Result<AppendOutcome, Error> {
+    /// Queues one batch of an append pipeline behind the pipeline's
+    /// earlier ones and returns at once (after waiting for room in the
+    /// stream's writer queue, the pipeline's backpressure); the batch's
+    /// outcome comes from [`PendingAppend::outcome`]. The same checks and
+    /// semantics as [`Log::append`]; once a batch of `pipeline` fails, no
+    /// later one is written.
+    pub async fn append_pipelined(
+        &self,
+        stream: &str,
+        batch: AppendBatch,
+        pipeline: &Arc<PipelineGate>,
+    ) -> Result<PendingAppend, Error> {
+        if pipeline.failed() {
+            return Err(Error::PipelineStopped);
+        }
+        self.enqueue(stream, batch, Some(pipeline.clone())).await
+    }
+
+    /// Checks a batch and queues it to its stream's writer.
+    async fn enqueue(
+        &self,
+        stream: &str,
+        batch: AppendBatch,
+        pipeline: Option<Arc<PipelineGate>>,
+    ) -> Result<PendingAppend, Error> {
+        let started = Instant::now();
         self.validate_batch(&batch)?;
         self.check_free_space()?;
         let (stream, _) = self.get_or_create(
@@ -200,14 +268,39 @@ impl Log {
         let idempotency = (!batch.idempotency_key.is_empty())
             .then(|| (batch.idempotency_key.clone(), fingerprint(&batch)));
         let (reply, reply_rx) = oneshot::channel();
+        let is_pipelined = pipeline.is_some();
         let job = AppendJob {
             events: batch.events,
             expected_next_offset: batch.expected_next_offset,
             idempotency,
+            pipeline,
             reply,
         };
-        self.ask_writer(&stream, WriterCommand::Append(job), reply_rx)
+        if stream
+            .writer_tx
+            .send(WriterCommand::Append(job))
             .await
+            .is_err()
+        {
+            return Err(self.writer_gone(&stream));
+        }
+        Ok(PendingAppend {
+            reply: reply_rx,
+            gone: self.writer_gone(&stream),
+            started,
+            // A unary Append is timed by `append`, failures included.
+            metrics: is_pipelined.then(|| self.metrics.clone()),
+        })
+    }
+
+    /// The error for a stream whose writer is gone: the log is closing, or
+    /// the stream was deleted.
+    fn writer_gone(&self, stream: &Stream) -> Error {
+        if self.closing.is_cancelled() {
+            Error::ShuttingDown
+        } else {
+            Error::StreamNotFound(stream.name.clone())
+        }
     }
 
     /// Sends a command to a stream's writer and waits for its answer. A
@@ -219,13 +312,7 @@ impl Log {
         command: WriterCommand,
         answer: oneshot::Receiver<Result<T, Error>>,
     ) -> Result<T, Error> {
-        let gone = || {
-            if self.closing.is_cancelled() {
-                Error::ShuttingDown
-            } else {
-                Error::StreamNotFound(stream.name.clone())
-            }
-        };
+        let gone = || self.writer_gone(stream);
         stream.writer_tx.send(command).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }

@@ -392,6 +392,9 @@ impl Writer {
     async fn write_group(&mut self, jobs: Vec<AppendJob>) {
         if let Some(reason) = self.committer.failure() {
             for job in jobs {
+                if let Some(gate) = &job.pipeline {
+                    gate.fail();
+                }
                 let _ = job.reply.send(Err(Error::StorageFailed(reason.clone())));
             }
             return;
@@ -404,8 +407,20 @@ impl Writer {
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
         let mut new_keys: Vec<(String, IdempotencyRecord)> = Vec::new();
+        let mut pipelines = Vec::new();
         for job in jobs {
+            if let Some(gate) = &job.pipeline {
+                if gate.failed() {
+                    replies.push((job.reply, Err(Error::PipelineStopped)));
+                    continue;
+                }
+                pipelines.push(gate.clone());
+            }
             let result = self.accept(&job, time, &new_keys);
+            if let (Err(_), Some(gate)) = (&result, &job.pipeline) {
+                // Nothing after a failed batch of a pipeline is written.
+                gate.fail();
+            }
             match result {
                 Ok(outcome) if !outcome.duplicate => {
                     if let Some((key, fingerprint)) = job.idempotency {
@@ -455,6 +470,9 @@ impl Writer {
                     // The batch is atomic: nothing of it was written.
                     error!(stream = %self.name, error = %e, "append failed");
                     self.next_offset = group_first;
+                    for gate in pipelines {
+                        gate.fail();
+                    }
                     let reason = e.to_string();
                     for (reply, result) in replies {
                         let _ = reply.send(result.and(Err(Error::StorageFailed(reason.clone()))));
@@ -475,6 +493,7 @@ impl Writer {
                     next_offset: self.next_offset,
                     chunks: cached,
                     replies,
+                    pipelines,
                 },
             })
             .await;

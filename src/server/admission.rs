@@ -23,7 +23,10 @@
 //!   (`--max-request-bytes-in-flight`), held until the call's response is
 //!   ready: RESOURCE_EXHAUSTED when the budget is spent;
 //! - the body must be complete within `--request-body-timeout`
-//!   (DEADLINE_EXCEEDED), so a slow sender cannot hold its reservation.
+//!   (DEADLINE_EXCEEDED), so a slow sender cannot hold its reservation;
+//!   an append pipeline's body is long-lived, so there a message under way
+//!   must keep arriving (no gap longer than the timeout), while the
+//!   pipeline may idle between messages.
 //!
 //! Health and reflection stay open (load balancers and grpcurl call them
 //! without keys); their messages are capped small where they are added.
@@ -47,6 +50,8 @@ use crate::error::Error;
 /// The services whose calls need a key. Key management's messages are
 /// small, so its limit is [`Limits::small_message_bytes`].
 const EVENT_LOG: &str = "/pullstream.v1.EventLog/";
+/// The one call whose body is a long-lived stream of messages.
+const APPEND_PIPELINE: &str = "/pullstream.v1.EventLog/AppendPipeline";
 const API_KEYS: &str = "/pullstream.v1.ApiKeys/";
 
 /// A gRPC message frame starts with a compression flag and a 4-byte
@@ -81,12 +86,13 @@ pub(crate) struct AdmissionLayer {
 }
 
 impl AdmissionLayer {
-    pub(crate) fn new(keys: Arc<KeyRing>, limits: Limits) -> AdmissionLayer {
-        let permits = limits.bytes_in_flight.min(Semaphore::MAX_PERMITS);
+    /// `budget` holds `limits.bytes_in_flight` permits (shared with the
+    /// append pipelines, which hold their unacknowledged batches in it).
+    pub(crate) fn new(keys: Arc<KeyRing>, budget: Arc<Semaphore>, limits: Limits) -> AdmissionLayer {
         AdmissionLayer {
             shared: Arc::new(Shared {
                 keys,
-                budget: Arc::new(Semaphore::new(permits)),
+                budget,
                 limits,
             }),
         }
@@ -150,6 +156,7 @@ where
                 return Box::pin(async move { Ok(status.into_http()) });
             }
         };
+        let streaming = path == APPEND_PIPELINE;
         let (mut parts, body) = request.into_parts();
         parts.extensions.insert(principal);
         let held = Arc::new(Mutex::new(None));
@@ -162,7 +169,11 @@ where
             header: [0; FRAME_HEADER_BYTES],
             header_len: 0,
             remaining: 0,
-            deadline: Box::pin(tokio::time::sleep(self.shared.limits.body_timeout)),
+            // A pipeline may idle between messages; each message, once
+            // begun, must arrive in time. Any other body must arrive whole.
+            deadline: (!streaming)
+                .then(|| Box::pin(tokio::time::sleep(self.shared.limits.body_timeout))),
+            streaming,
             done: false,
         });
         let call = inner.call(http::Request::from_parts(parts, body));
@@ -190,7 +201,10 @@ struct Admitted {
     header_len: usize,
     /// Bytes of the current message still to come.
     remaining: usize,
-    deadline: Pin<Box<Sleep>>,
+    /// When the body (or, streaming, the message under way) is late.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// The append pipeline's body: the deadline runs per message.
+    streaming: bool,
     done: bool,
 }
 
@@ -266,7 +280,11 @@ impl http_body::Body for Admitted {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         let frame = match polled {
             Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
+                let late = match self.deadline.as_mut() {
+                    Some(deadline) => deadline.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if late {
                     self.done = true;
                     let timeout = self.shared.limits.body_timeout;
                     return Poll::Ready(Some(Err(Status::from(Error::RequestTimeout(format!(
@@ -288,6 +306,21 @@ impl http_body::Body for Admitted {
             if let Err(status) = self.check(&data) {
                 self.done = true;
                 return Poll::Ready(Some(Err(status)));
+            }
+            if self.streaming {
+                // Mid-message, the rest must keep coming: the deadline
+                // runs from the last data received (not from the message's
+                // start, since the pipeline itself stops reading while its
+                // batches are unacknowledged). Between messages, none.
+                let mid_message = self.header_len > 0 || self.remaining > 0;
+                let timeout = self.shared.limits.body_timeout;
+                match (mid_message, self.deadline.as_mut()) {
+                    (true, Some(deadline)) => {
+                        deadline.as_mut().reset(tokio::time::Instant::now() + timeout)
+                    }
+                    (true, None) => self.deadline = Some(Box::pin(tokio::time::sleep(timeout))),
+                    (false, _) => self.deadline = None,
+                }
             }
         }
         Poll::Ready(Some(Ok(frame)))

@@ -140,11 +140,22 @@ impl Server {
         }
         let cancel = CancellationToken::new();
         let subscriptions = TaskTracker::new();
+        // Request bytes held at once, server-wide: admission reserves each
+        // message as it arrives, append pipelines their unacknowledged
+        // batches.
+        let request_budget = Arc::new(tokio::sync::Semaphore::new(
+            config
+                .max_request_bytes_in_flight
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         let service = EventLogService::new(
             self.log.clone(),
             self.keys.clone(),
             ServiceConfig {
                 heartbeat_interval: config.heartbeat_interval,
+                max_pipeline_batches: config.max_pipeline_batches,
+                max_pipeline_bytes: config.max_pipeline_bytes,
+                request_budget: request_budget.clone(),
             },
             cancel.clone(),
             subscriptions.clone(),
@@ -171,6 +182,7 @@ impl Server {
         );
         let admission = admission::AdmissionLayer::new(
             self.keys.clone(),
+            request_budget,
             admission::Limits {
                 max_message_bytes: config.max_batch_bytes + REQUEST_OVERHEAD_BYTES,
                 max_message_flag: "--max-batch-bytes",
