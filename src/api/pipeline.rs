@@ -127,31 +127,62 @@ async fn drive(
                 };
                 let sequence = batch.sequence;
                 let bytes = batch.encoded_len() as u64;
-                let held = reserve(pipeline, bytes).map_err(|e| in_batch(sequence, e))?;
-                pipeline
-                    .keys
-                    .admit(&pipeline.caller)
-                    .map_err(|e| in_batch(sequence, e))?;
-                let batch = AppendBatch {
-                    events: batch.events.into_iter().map(record_from_proto).collect(),
-                    expected_next_offset: batch.expected_next_offset,
-                    idempotency_key: batch.idempotency_key,
-                };
-                let pending = pipeline
-                    .log
-                    .append_pipelined(&pipeline.stream, batch, &gate)
-                    .await
-                    .map_err(|e| in_batch(sequence, e))?;
-                bytes_in_flight += bytes;
-                in_flight.push_back(InFlight {
-                    sequence,
-                    bytes,
-                    pending,
-                    _held: held,
-                });
+                let queued = queue(pipeline, batch, bytes, &gate).await;
+                match queued {
+                    Ok((pending, held)) => {
+                        bytes_in_flight += bytes;
+                        in_flight.push_back(InFlight {
+                            sequence,
+                            bytes,
+                            pending,
+                            _held: held,
+                        });
+                    }
+                    Err(error) => {
+                        // The batches before it still get their answers,
+                        // so the client knows what was written.
+                        drain(&mut in_flight, tx).await?;
+                        return Err(in_batch(sequence, error));
+                    }
+                }
             }
         }
     }
+}
+
+/// Checks a batch and queues it to the stream's writer, holding its bytes
+/// in the request budget until it is acknowledged.
+async fn queue(
+    pipeline: &Pipeline,
+    batch: pb::PipelineBatch,
+    bytes: u64,
+    gate: &Arc<PipelineGate>,
+) -> Result<(PendingAppend, OwnedSemaphorePermit), Error> {
+    let held = reserve(pipeline, bytes)?;
+    pipeline.keys.admit(&pipeline.caller)?;
+    let batch = AppendBatch {
+        events: batch.events.into_iter().map(record_from_proto).collect(),
+        expected_next_offset: batch.expected_next_offset,
+        idempotency_key: batch.idempotency_key,
+    };
+    let pending = pipeline
+        .log
+        .append_pipelined(&pipeline.stream, batch, gate)
+        .await?;
+    Ok((pending, held))
+}
+
+/// Answers every batch in flight, in order: the first that failed is the
+/// pipeline's error.
+async fn drain(
+    in_flight: &mut VecDeque<InFlight>,
+    tx: &mpsc::Sender<Result<pb::AppendPipelineResponse, Status>>,
+) -> Result<(), Error> {
+    while let Some(done) = in_flight.pop_front() {
+        let outcome = done.pending.await.map_err(|e| in_batch(done.sequence, e))?;
+        let _ = tx.send(Ok(ack(done.sequence, outcome))).await;
+    }
+    Ok(())
 }
 
 /// What one turn of the loop brought.

@@ -456,6 +456,7 @@ mod tests {
                     events: 3,
                     next_offset: 3,
                     chunks: Vec::new(),
+                    pipelines: Vec::new(),
                     replies: vec![(
                         reply,
                         Ok(AppendOutcome {

@@ -143,7 +143,9 @@ impl std::future::Future for PendingAppend {
         let outcome = match std::future::Future::poll(std::pin::Pin::new(&mut this.reply), cx) {
             std::task::Poll::Pending => return std::task::Poll::Pending,
             std::task::Poll::Ready(Ok(outcome)) => outcome,
-            std::task::Poll::Ready(Err(_)) => Err(std::mem::replace(&mut this.gone, Error::ShuttingDown)),
+            std::task::Poll::Ready(Err(_)) => {
+                Err(std::mem::replace(&mut this.gone, Error::ShuttingDown))
+            }
         };
         if let Some(metrics) = &this.metrics {
             metrics.observe_append(this.started.elapsed());

@@ -88,7 +88,11 @@ pub(crate) struct AdmissionLayer {
 impl AdmissionLayer {
     /// `budget` holds `limits.bytes_in_flight` permits (shared with the
     /// append pipelines, which hold their unacknowledged batches in it).
-    pub(crate) fn new(keys: Arc<KeyRing>, budget: Arc<Semaphore>, limits: Limits) -> AdmissionLayer {
+    pub(crate) fn new(
+        keys: Arc<KeyRing>,
+        budget: Arc<Semaphore>,
+        limits: Limits,
+    ) -> AdmissionLayer {
         AdmissionLayer {
             shared: Arc::new(Shared {
                 keys,
@@ -315,9 +319,9 @@ impl http_body::Body for Admitted {
                 let mid_message = self.header_len > 0 || self.remaining > 0;
                 let timeout = self.shared.limits.body_timeout;
                 match (mid_message, self.deadline.as_mut()) {
-                    (true, Some(deadline)) => {
-                        deadline.as_mut().reset(tokio::time::Instant::now() + timeout)
-                    }
+                    (true, Some(deadline)) => deadline
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + timeout),
                     (true, None) => self.deadline = Some(Box::pin(tokio::time::sleep(timeout))),
                     (false, _) => self.deadline = None,
                 }

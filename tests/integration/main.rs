@@ -14,6 +14,7 @@ mod groups;
 mod invariants;
 mod limits;
 pub mod operability;
+mod pipeline;
 pub mod process;
 mod retention;
 mod selection;
