@@ -149,6 +149,17 @@ pub enum Error {
         /// Why it failed.
         source: Box<Error>,
     },
+    /// An append whose fencing token is not the stream's current one: a
+    /// newer producer has fenced this one off.
+    #[error("fencing token {} does not match stream {}'s current token {}: another producer has taken over; nothing was written", shown(given), shown(stream), shown(current))]
+    Fenced {
+        /// The stream.
+        stream: String,
+        /// The token the append carried.
+        given: String,
+        /// The stream's current token (empty: none set).
+        current: String,
+    },
     /// A pipelined batch not written because an earlier batch of its
     /// pipeline failed.
     #[error("not written: an earlier batch of this append pipeline failed")]

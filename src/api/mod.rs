@@ -95,7 +95,9 @@ impl From<Error> for Status {
             Error::OffsetPastHead { .. } | Error::OffsetTrimmed { .. } => {
                 Status::out_of_range(message)
             }
-            Error::WrongExpectedOffset { .. } => Status::failed_precondition(message),
+            Error::WrongExpectedOffset { .. } | Error::Fenced { .. } => {
+                Status::failed_precondition(message)
+            }
             Error::DataLoss { .. } => Status::data_loss(message),
             Error::ShuttingDown | Error::StorageFailed(_) => Status::unavailable(message),
             Error::DiskFull { .. } => Status::resource_exhausted(message),
@@ -206,6 +208,7 @@ impl EventLog for EventLogService {
             events: request.events.into_iter().map(record_from_proto).collect(),
             expected_next_offset: request.expected_next_offset,
             idempotency_key: request.idempotency_key,
+            fencing_token: request.fencing_token,
         };
         let outcome = self.log.append(&stream, batch).await?;
         Ok(Response::new(pb::AppendResponse {
@@ -268,6 +271,7 @@ impl EventLog for EventLogService {
                 stream,
                 max_batches: max_batches as usize,
                 max_bytes,
+                fencing_token: open.fencing_token,
                 budget: self.config.request_budget.clone(),
             },
             inbound,
@@ -275,6 +279,22 @@ impl EventLog for EventLogService {
             self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn set_fence(
+        &self,
+        request: Request<pb::SetFenceRequest>,
+    ) -> Result<Response<pb::SetFenceResponse>, Status> {
+        let caller = self.caller(&request, &[Scope::Publish])?;
+        let request = request.into_inner();
+        let stream = caller.stream(&request.stream)?;
+        self.log
+            .set_fence(&stream, request.token.clone(), request.expected_token)
+            .await?;
+        Ok(Response::new(pb::SetFenceResponse {
+            stream: request.stream,
+            token: request.token,
+        }))
     }
 
     async fn read(

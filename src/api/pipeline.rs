@@ -43,6 +43,8 @@ pub(super) struct Pipeline {
     pub(super) stream: String,
     pub(super) max_batches: usize,
     pub(super) max_bytes: u64,
+    /// The token every batch carries (empty: unfenced).
+    pub(super) fencing_token: String,
     /// The server-wide request budget the unacknowledged batches hold.
     pub(super) budget: Arc<Semaphore>,
 }
@@ -164,6 +166,7 @@ async fn queue(
         events: batch.events.into_iter().map(record_from_proto).collect(),
         expected_next_offset: batch.expected_next_offset,
         idempotency_key: batch.idempotency_key,
+        fencing_token: pipeline.fencing_token.clone(),
     };
     let pending = pipeline
         .log

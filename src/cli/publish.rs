@@ -59,6 +59,9 @@ pub struct PublishArgs {
     /// Makes a retry of this command safe: the server appends the batch once
     #[arg(long, requires = "event_type")]
     idempotency_key: Option<String>,
+    /// Write only while this is the stream's fencing token (see `pullstream streams fence`)
+    #[arg(long)]
+    fencing_token: Option<String>,
     /// Events per batch when reading stdin
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: u32,
@@ -194,6 +197,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         events: vec![event],
         expected_next_offset: args.expected_next_offset,
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+        fencing_token: args.fencing_token.clone().unwrap_or_default(),
     };
     let response = client.append(request).await.map_err(status_error)?;
     println!("{}", json::ack(response.get_ref()));
@@ -212,6 +216,7 @@ async fn publish_stdin(client: &mut super::Client, args: &PublishArgs) -> anyhow
             stream: args.stream.clone(),
             max_in_flight_batches: args.in_flight,
             max_in_flight_bytes: 0,
+            fencing_token: args.fencing_token.clone().unwrap_or_default(),
         },
     )
     .await

@@ -46,6 +46,16 @@ enum StreamsCommand {
         /// The stream
         stream: String,
     },
+    /// Set the stream's fencing token: appends carrying another token are refused from then on (fences off older producers)
+    Fence {
+        /// The stream
+        stream: String,
+        /// The new token ("" removes it)
+        token: String,
+        /// Only if this is the current token ("" for none)
+        #[arg(long)]
+        expected: Option<String>,
+    },
 }
 
 /// Runs `pullstream streams`.
@@ -76,6 +86,25 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
             } else {
                 print_table(&streams);
             }
+        }
+        StreamsCommand::Fence {
+            stream,
+            token,
+            expected,
+        } => {
+            let set = client
+                .set_fence(pb::SetFenceRequest {
+                    stream,
+                    token,
+                    expected_token: expected,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({ "stream": set.stream, "fencing_token": set.token })
+            );
         }
         StreamsCommand::Info { stream } => {
             let info = client

@@ -82,6 +82,8 @@ pub struct StoredStream {
     pub consumers: Vec<(String, ConsumerRecord)>,
     /// Its consumer groups, in name order.
     pub groups: Vec<(String, GroupRecord)>,
+    /// Its producers' fencing token (empty: none set).
+    pub fence: String,
 }
 
 /// One chunk to write, already encoded.
@@ -164,6 +166,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Prepares retention: removes the chunks below `below` and writes the
     /// metadata (whose `offset_floor` is `below`).
     fn trim(&self, name: &str, meta: &StreamMeta, below: u64) -> Result<Prepared, StorageError>;
+
+    /// Prepares setting the stream's fencing token (empty clears it).
+    fn put_fence(&self, stream_id: u64, token: &str) -> Result<Prepared, StorageError>;
 
     /// Prepares a stream's deletion with everything it holds.
     fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError>;

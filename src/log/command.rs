@@ -36,6 +36,13 @@ pub(crate) enum WriterCommand {
         change: GroupChange,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Set the producers' fencing token (empty clears it), if the current
+    /// one is `expected` (when given); answered once durable.
+    SetFence {
+        token: String,
+        expected: Option<String>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
     /// Replace the retention policy; answered once durable.
     SetRetention {
         retention: Retention,
@@ -55,6 +62,8 @@ pub(crate) struct AppendJob {
     pub(crate) expected_next_offset: Option<u64>,
     /// The idempotency key with the batch's fingerprint.
     pub(crate) idempotency: Option<(String, u128)>,
+    /// The fencing token the batch carries (empty: unfenced).
+    pub(crate) fencing_token: String,
     /// The pipeline the batch belongs to, if any.
     pub(crate) pipeline: Option<Arc<PipelineGate>>,
     pub(crate) reply: Reply,

@@ -376,6 +376,7 @@ mod tests {
         );
         let metrics = Arc::new(Metrics::default());
         let stored = StoredStream {
+            fence: String::new(),
             name: "s".into(),
             meta: StreamMeta {
                 id: 1,

@@ -88,6 +88,9 @@ pub const MAX_STREAM_NAME_LEN: usize = 200;
 /// The longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
+/// The longest fencing token, in bytes.
+pub const MAX_FENCING_TOKEN_LEN: usize = 200;
+
 /// A batch to append.
 #[derive(Debug, Clone, Default)]
 pub struct AppendBatch {
@@ -97,6 +100,9 @@ pub struct AppendBatch {
     pub expected_next_offset: Option<u64>,
     /// Makes retries safe; empty means none.
     pub idempotency_key: String,
+    /// Fences off older producers: when set, the batch is written only if
+    /// it is the stream's current fencing token.
+    pub fencing_token: String,
 }
 
 /// The outcome of an append.
@@ -275,6 +281,7 @@ impl Log {
             events: batch.events,
             expected_next_offset: batch.expected_next_offset,
             idempotency,
+            fencing_token: batch.fencing_token,
             pipeline,
             reply,
         };
@@ -329,6 +336,12 @@ impl Log {
                 "the batch has {} events; the most allowed is {}: split it",
                 batch.events.len(),
                 self.config.max_batch_events
+            ));
+        }
+        if batch.fencing_token.len() > MAX_FENCING_TOKEN_LEN {
+            return invalid(format!(
+                "the fencing token is {} bytes; the most allowed is {MAX_FENCING_TOKEN_LEN}",
+                batch.fencing_token.len()
             ));
         }
         if batch.idempotency_key.len() > MAX_IDEMPOTENCY_KEY_LEN {
@@ -491,6 +504,39 @@ impl Log {
         )
         .await?;
         Ok(stream.info())
+    }
+
+    /// Sets the stream's fencing token (empty clears it): from then on, an
+    /// append carrying another token gets FAILED_PRECONDITION. With
+    /// `expected`, only if that is the current token. Creates the stream
+    /// when missing and auto-create is on (a producer may fence first).
+    pub async fn set_fence(
+        &self,
+        name: &str,
+        token: String,
+        expected: Option<String>,
+    ) -> Result<(), Error> {
+        for t in std::iter::once(&token).chain(&expected) {
+            if t.len() > MAX_FENCING_TOKEN_LEN {
+                return Err(Error::InvalidArgument(format!(
+                    "the fencing token is {} bytes; the most allowed is {MAX_FENCING_TOKEN_LEN}",
+                    t.len()
+                )));
+            }
+        }
+        let (stream, _) =
+            self.get_or_create(name, self.config.auto_create_streams, Retention::default())?;
+        let (reply, reply_rx) = oneshot::channel();
+        self.ask_writer(
+            &stream,
+            WriterCommand::SetFence {
+                token,
+                expected,
+                reply,
+            },
+            reply_rx,
+        )
+        .await
     }
 
     /// The server's metrics.

@@ -157,6 +157,7 @@ impl Log {
             limits: self.config.limits,
             clock: self.config.clock.clone(),
             unpublished_keys: Vec::new(),
+            fence: stored.fence.clone(),
             closing: self.closing.clone(),
         };
         self.tasks.spawn(writer.run(writer_rx));
@@ -209,6 +210,7 @@ impl Log {
         };
         self.engine.put_stream(name, &meta)?;
         let stream = self.start_stream(StoredStream {
+            fence: String::new(),
             name: name.to_string(),
             meta,
             first_offset: 0,

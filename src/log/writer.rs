@@ -54,6 +54,8 @@ pub(crate) struct Writer {
     /// published: sled gets them only once they are durable, so a retry
     /// arriving meanwhile is found here.
     pub(crate) unpublished_keys: Vec<(String, IdempotencyRecord)>,
+    /// The producers' fencing token (empty: none).
+    pub(crate) fence: String,
     /// Cancelled when the log closes: the writer stops between groups.
     pub(crate) closing: CancellationToken,
 }
@@ -113,6 +115,11 @@ impl Writer {
                     WriterCommand::SetRetention { retention, reply } => {
                         self.set_retention(retention, reply).await
                     }
+                    WriterCommand::SetFence {
+                        token,
+                        expected,
+                        reply,
+                    } => self.set_fence(token, expected, reply).await,
                 }
             }
         }
@@ -389,6 +396,38 @@ impl Writer {
         self.commit_change(written.map(Some), reply).await;
     }
 
+    /// Sets the fencing token. Appends queued before it are decided with
+    /// the old token, those after it with the new one.
+    async fn set_fence(
+        &mut self,
+        token: String,
+        expected: Option<String>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) {
+        if let Some(reason) = self.committer.failure() {
+            let _ = reply.send(Err(Error::StorageFailed(reason)));
+            return;
+        }
+        if let Some(expected) = expected {
+            if expected != self.fence {
+                let _ = reply.send(Err(Error::Fenced {
+                    stream: self.name.clone(),
+                    given: expected,
+                    current: self.fence.clone(),
+                }));
+                return;
+            }
+        }
+        let written = self
+            .engine
+            .put_fence(self.meta.id, &token)
+            .map_err(Error::from);
+        if written.is_ok() {
+            self.fence = token;
+        }
+        self.commit_change(written.map(Some), reply).await;
+    }
+
     async fn write_group(&mut self, jobs: Vec<AppendJob>) {
         if let Some(reason) = self.committer.failure() {
             for job in jobs {
@@ -533,6 +572,13 @@ impl Writer {
                     duplicate: true,
                 });
             }
+        }
+        if !job.fencing_token.is_empty() && job.fencing_token != self.fence {
+            return Err(Error::Fenced {
+                stream: self.name.clone(),
+                given: job.fencing_token.clone(),
+                current: self.fence.clone(),
+            });
         }
         if let Some(expected) = job.expected_next_offset {
             if expected != self.next_offset {

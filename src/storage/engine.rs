@@ -56,6 +56,7 @@ impl Engine for Store {
                 next_offset,
                 last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
                 consumers: self.load_consumers(meta.id)?,
+                fence: self.load_fence(meta.id)?,
                 groups: self.load_groups(meta.id)?,
             });
         }
@@ -128,6 +129,15 @@ impl Engine for Store {
         self.prepare(ops)
     }
 
+    fn put_fence(&self, stream_id: u64, token: &str) -> Result<Prepared, StorageError> {
+        let key = named_key(FENCE_PREFIX, stream_id, "");
+        self.prepare(vec![if token.is_empty() {
+            Op::Remove(key)
+        } else {
+            Op::Insert(key, token.as_bytes().to_vec())
+        }])
+    }
+
     /// Removes a stream with all its chunks, idempotency keys, consumers
     /// and groups. The metadata goes first: a deletion cut short by a
     /// crash leaves unreachable records (keyed by the old id), never a
@@ -141,6 +151,7 @@ impl Engine for Store {
             IDEMPOTENCY_PREFIX,
             CONSUMER_PREFIX,
             GROUP_PREFIX,
+            FENCE_PREFIX,
         ] {
             let mut start = vec![prefix];
             start.extend_from_slice(&stream_id.to_be_bytes());
@@ -496,6 +507,14 @@ impl Store {
             groups.push((name, record));
         }
         Ok(groups)
+    }
+
+    fn load_fence(&self, stream_id: u64) -> Result<String, StorageError> {
+        let value = self
+            .tree
+            .get(named_key(FENCE_PREFIX, stream_id, ""))
+            .during(self.path(), "loading a fencing token")?;
+        Ok(value.map_or_else(String::new, |v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     fn load_consumers(

@@ -8,6 +8,7 @@ pub(super) const IDEMPOTENCY_PREFIX: u8 = b'i';
 pub(super) const CONSUMER_PREFIX: u8 = b'u';
 pub(super) const API_KEY_PREFIX: u8 = b'a';
 pub(super) const GROUP_PREFIX: u8 = b'g';
+pub(super) const FENCE_PREFIX: u8 = b'f';
 /// The last write-ahead log sequence number a checkpoint made durable in
 /// sled, written by the checkpoint itself just before sled's flush (so
 /// sled's prefix recovery keeps it only with everything before it).

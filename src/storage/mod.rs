@@ -9,6 +9,7 @@
 //! 'i' stream_id:u64 key       -> IdempotencyRecord    (remembered idempotency keys)
 //! 'u' stream_id:u64 name      -> ConsumerRecord       (durable consumers)
 //! 'g' stream_id:u64 name      -> GroupRecord          (consumer groups)
+//! 'f' stream_id:u64           -> fencing token        (UTF-8; absent: none)
 //! 'a' id                      -> API key record       (opaque: auth encodes it)
 //! "m/checkpoint"              -> u64                  (the last log record a checkpoint made durable)
 //! ```

@@ -19,7 +19,7 @@ fn open(stream: &str, batches: u32) -> pb::PipelineOpen {
     pb::PipelineOpen {
         stream: stream.into(),
         max_in_flight_batches: batches,
-        max_in_flight_bytes: 0,
+        ..Default::default()
     }
 }
 
@@ -111,6 +111,7 @@ async fn the_server_lowers_limits_past_its_maxima_and_zero_asks_for_them() {
         stream: "s".into(),
         max_in_flight_batches: 1000,
         max_in_flight_bytes: 1 << 30,
+        ..Default::default()
     };
     let pipeline = AppendPipeline::open(&mut client, asked_for_more)
         .await
@@ -559,5 +560,158 @@ async fn a_pipeline_needs_a_key_with_the_publish_scope() {
         status.message().starts_with("batch 1:"),
         "{}",
         status.message()
+    );
+}
+
+async fn set_fence(
+    client: &mut Client,
+    stream: &str,
+    token: &str,
+    expected: Option<&str>,
+) -> Result<pb::SetFenceResponse, tonic::Status> {
+    client
+        .set_fence(pb::SetFenceRequest {
+            stream: stream.into(),
+            token: token.into(),
+            expected_token: expected.map(str::to_string),
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Two producers racing: the successor fences the first off, and from
+/// that point none of the first's batches is written; the stream holds the
+/// first's events, then only the successor's. The fence is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_off_producer_never_interleaves_with_its_successor() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    set_fence(&mut client, "s", "a", None).await.unwrap();
+    // The first producer pipelines batches for as long as it may.
+    let mut first_client = server.client().await;
+    let first = tokio::spawn(async move {
+        let mut pipeline = AppendPipeline::open(
+            &mut first_client,
+            pb::PipelineOpen {
+                fencing_token: "a".into(),
+                ..open("s", 8)
+            },
+        )
+        .await
+        .unwrap();
+        let batches = (0..100_000)
+            .map(|b| batch(b, tagged("a", b as usize, 1)))
+            .collect();
+        run(&mut pipeline, batches).await
+    });
+    // Once it has written some, its successor takes over.
+    while stream_head(&mut client, "s").await < 50 {
+        tokio::task::yield_now().await;
+    }
+    set_fence(&mut client, "s", "b", Some("a")).await.unwrap();
+    let mut successor = server.client().await;
+    let mut pipeline = AppendPipeline::open(
+        &mut successor,
+        pb::PipelineOpen {
+            fencing_token: "b".into(),
+            ..open("s", 8)
+        },
+    )
+    .await
+    .unwrap();
+    let (acks, status) = within(run(
+        &mut pipeline,
+        (0..20)
+            .map(|b| batch(b, tagged("b", b as usize, 1)))
+            .collect(),
+    ))
+    .await;
+    assert!(status.is_none(), "{status:?}");
+    assert_eq!(acks.len(), 20);
+    let (first_acks, first_status) = within(first).await.unwrap();
+    let status = first_status.expect("the first producer is fenced off");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("current token \"b\""),
+        "{}",
+        status.message()
+    );
+    let stored = read_all(&mut client, "s").await;
+    let owners: Vec<char> = stored.iter().map(|e| e.data[1] as char).collect();
+    let switch = owners
+        .iter()
+        .position(|&o| o == 'b')
+        .expect("the successor wrote");
+    assert!(owners[..switch].iter().all(|&o| o == 'a'));
+    assert!(
+        owners[switch..].iter().all(|&o| o == 'b'),
+        "no interleaving"
+    );
+    assert_eq!(
+        switch,
+        first_acks.len(),
+        "every acknowledged batch of the first, and no other"
+    );
+    assert_eq!(owners.len() - switch, 20);
+
+    // Unary appends are fenced the same way; unfenced ones are not checked.
+    let fenced = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: tagged("a", 0, 1),
+            fencing_token: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
+    append(&mut client, "s", tagged("x", 0, 1)).await;
+    // A replacement that expects the wrong current token is refused.
+    let refused = set_fence(&mut client, "s", "c", Some("a"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let too_long = set_fence(&mut client, "s", &"t".repeat(201), None)
+        .await
+        .unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument, "{too_long:?}");
+
+    // The fence survives a restart.
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    let fenced = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: tagged("a", 0, 1),
+            fencing_token: "a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
+    let ok = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: tagged("b", 20, 1),
+            fencing_token: "b".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    // Cleared: a token no longer matches anything; unfenced appends pass.
+    set_fence(&mut client, "s", "", Some("b")).await.unwrap();
+    append(&mut client, "s", tagged("x", 1, 1)).await;
+    let ok = client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: tagged("a", 0, 1),
+            fencing_token: "a".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        ok.expect_err("a token on an unfenced stream does not match")
+            .code(),
+        Code::FailedPrecondition
     );
 }
