@@ -78,6 +78,12 @@ pub struct BenchArgs {
     /// append: concurrent producers (repeatable)
     #[arg(long = "producers", default_values_t = [1, 64])]
     producers: Vec<usize>,
+    /// append: each producer sends through one append pipeline instead of unary Appends
+    #[arg(long)]
+    pipeline: bool,
+    /// append --pipeline: batches each producer keeps in flight (repeatable)
+    #[arg(long = "in-flight", default_values_t = [8], requires = "pipeline", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    in_flight: Vec<u32>,
     /// append and tail: how long each run lasts
     #[arg(long, default_value = "5s")]
     duration: HumanDuration,
@@ -122,14 +128,22 @@ pub struct BenchArgs {
 /// One run of one workload with one set of parameters.
 #[derive(Debug, Clone, Copy)]
 enum Scenario {
-    Append { batch: usize, producers: usize },
+    Append {
+        batch: usize,
+        producers: usize,
+        /// Batches in flight per producer through a pipeline; `None`:
+        /// unary Appends.
+        in_flight: Option<u32>,
+    },
     Catchup,
     Tail,
     Fanout,
     Filtered,
     Committing,
     Soak,
-    Group { members: usize },
+    Group {
+        members: usize,
+    },
 }
 
 /// One measured run.
@@ -225,9 +239,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for workload in workloads {
         match workload {
             Workload::Append => {
+                let in_flight: Vec<Option<u32>> = if args.pipeline {
+                    args.in_flight.iter().copied().map(Some).collect()
+                } else {
+                    vec![None]
+                };
                 for &batch in &args.batches {
                     for &producers in &args.producers {
-                        scenarios.push(Scenario::Append { batch, producers });
+                        for &in_flight in &in_flight {
+                            scenarios.push(Scenario::Append {
+                                batch,
+                                producers,
+                                in_flight,
+                            });
+                        }
                     }
                 }
             }
@@ -274,9 +299,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             event_bytes: args.event_bytes,
         };
         let outcome = match scenario {
-            Scenario::Append { batch, producers } => {
-                workloads::append(&ctx, batch, producers, args.duration.0).await?
-            }
+            Scenario::Append {
+                batch,
+                producers,
+                in_flight,
+            } => workloads::append(&ctx, batch, producers, in_flight, args.duration.0).await?,
             Scenario::Catchup => workloads::catchup(&ctx, args.events).await?,
             Scenario::Tail => {
                 workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?

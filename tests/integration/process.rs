@@ -495,6 +495,98 @@ fn bench_runs_every_workload_and_reports_json() {
     assert!(stdout.contains("events/s"));
 }
 
+#[test]
+fn bench_appends_through_pipelines() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--workload",
+            "append",
+            "--pipeline",
+            "--in-flight",
+            "1",
+        ])
+        .args(["--in-flight", "4", "--duration", "300ms", "--batch", "10"])
+        .args(["--producers", "2", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let results = summary["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (result, in_flight) in results.iter().zip([1, 4]) {
+        assert!(
+            result["failures"].as_array().unwrap().is_empty(),
+            "{result}"
+        );
+        let figures = &result["figures"];
+        assert_eq!(figures["pipeline_in_flight"], in_flight);
+        let events = figures["events"].as_u64().unwrap();
+        assert!(events > 0 && events % 10 == 0, "{figures}");
+        assert!(figures["ack_latency"]["samples"].as_u64().unwrap() * 10 == events);
+    }
+    assert!(stdout.contains("pipeline in-flight=4"), "{stdout}");
+}
+
+/// `publish` from stdin sends every batch through one pipeline: acks in
+/// order, each batch expecting the end of the one before; a failing batch
+/// is named and stops the rest.
+#[test]
+fn publish_from_stdin_pipelines_its_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let lines: String = (0..250)
+        .map(|i| format!("{{\"type\":\"t\",\"data\":{i}}}\n"))
+        .collect();
+    let args = ["publish", "s", "--batch", "100", "--in-flight", "2"];
+    let out = run_cli(
+        &url,
+        &[&args[..], &["--expected-next-offset", "0"]].concat(),
+        Some(&lines),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let acks = json_lines(&out);
+    let firsts: Vec<u64> = acks
+        .iter()
+        .map(|a| a["first_offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(firsts, [0, 100, 200]);
+    assert_eq!(acks[2]["count"], 50);
+    let out = run_cli(
+        &url,
+        &[&args[..], &["--expected-next-offset", "5"]].concat(),
+        Some(&lines),
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("FailedPrecondition: batch 1:"), "{stderr}");
+    let out = run_cli(&url, &["tail", "s", "--from", "249", "--limit", "1"], None);
+    assert_eq!(
+        json_lines(&out)[0]["offset"],
+        249,
+        "nothing more was written"
+    );
+    let out = run_cli(&url, &["streams", "info", "s"], None);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["next_offset"], 250);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
 /// Runs a client command against `url` with `stdin`, returning its output.
 pub fn run_cli(url: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let mut child = Command::new(BIN)

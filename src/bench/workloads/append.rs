@@ -8,17 +8,24 @@ use serde_json::json;
 
 use super::*;
 use crate::bench::{histogram, latency, BenchContext, Outcome, Progress};
+use crate::client::AppendPipeline;
 use crate::proto::{self as pb};
 
 /// `append`: producers append batches back to back for `duration`, each
-/// waiting for its acknowledgement before sending the next.
+/// waiting for its acknowledgement before sending the next; or, with
+/// `in_flight`, each through one append pipeline keeping that many
+/// batches in flight (ack latency is then send to acknowledgement).
 pub(crate) async fn append(
     ctx: &BenchContext,
     batch: usize,
     producers: usize,
+    in_flight: Option<u32>,
     duration: Duration,
 ) -> anyhow::Result<Outcome> {
-    let name = format!("append batch={batch} producers={producers}");
+    let name = match in_flight {
+        None => format!("append batch={batch} producers={producers}"),
+        Some(n) => format!("append batch={batch} producers={producers} pipeline in-flight={n}"),
+    };
     let stream = fresh_stream("append");
     let mut clients = Vec::with_capacity(producers);
     for _ in 0..producers {
@@ -34,6 +41,12 @@ pub(crate) async fn append(
         let events: Vec<_> = (0..batch)
             .map(|i| event(ctx.event_bytes, (p * batch + i) as u64, 0))
             .collect();
+        if let Some(in_flight) = in_flight {
+            tasks.push(tokio::spawn(async move {
+                pipelined(client, stream, events, in_flight, deadline, counter).await
+            }));
+            continue;
+        }
         tasks.push(tokio::spawn(async move {
             let mut acks = histogram();
             let mut acked = 0u64;
@@ -76,10 +89,66 @@ pub(crate) async fn append(
         summary: format!("{rate:>10.0} events/s {mb:>7.1} MB/s  ack {ack_text}"),
         figures: json!({
             "workload": "append", "batch": batch, "producers": producers,
+            "pipeline_in_flight": in_flight,
             "events": total, "seconds": seconds, "events_per_sec": rate, "mb_per_sec": mb,
             "ack_latency": ack_json,
         }),
         name,
         failures,
     })
+}
+
+/// One producer through an append pipeline: sends while the pipeline has
+/// room, reads acknowledgements otherwise, until `deadline`; then drains.
+async fn pipelined(
+    mut client: crate::client::Client,
+    stream: String,
+    events: Vec<pb::NewEvent>,
+    in_flight: u32,
+    deadline: Instant,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<(hdrhistogram::Histogram<u64>, u64)> {
+    let mut pipeline = AppendPipeline::open(
+        &mut client,
+        pb::PipelineOpen {
+            stream,
+            max_in_flight_batches: in_flight,
+            ..Default::default()
+        },
+    )
+    .await
+    .context("opening an append pipeline")?;
+    let mut acks = histogram();
+    let mut acked = 0u64;
+    let mut sent_at = std::collections::VecDeque::new();
+    let mut sequence = 0;
+    let mut finished = false;
+    loop {
+        if !finished && Instant::now() >= deadline {
+            pipeline.finish();
+            finished = true;
+        }
+        if !finished && pipeline.has_room() {
+            sequence += 1;
+            sent_at.push_back(Instant::now());
+            pipeline
+                .send(pb::PipelineBatch {
+                    sequence,
+                    events: events.clone(),
+                    ..Default::default()
+                })
+                .await
+                .context("pipelined append failed")?;
+            continue;
+        }
+        match pipeline.ack().await.context("pipelined append failed")? {
+            None => return Ok((acks, acked)),
+            Some(ack) => {
+                let sent: Instant = sent_at.pop_front().context("an ack for no batch")?;
+                acks.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                acked += u64::from(ack.count);
+                counter.fetch_add(u64::from(ack.count), Ordering::Relaxed);
+            }
+        }
+    }
 }
