@@ -1,15 +1,20 @@
 """End-to-end check of the client examples against a real server (run by CI).
 
 Starts `pullstream serve` on a temp data dir with an API key (and TLS with
---tls), then drives the Python producer and a consumer example (Python by
-default, or the command given with --consumer, e.g. the Node one):
+--tls), then drives the Python producers (unary and pipelined) and a
+consumer example (Python by default, or the command given with --consumer, e.g. the Node one):
 
   1. a wrong API key is refused with UNAUTHENTICATED;
   2. the consumer (durable, filtered to `order.*`) gets the matching events
      in order, committing as it goes;
   3. the server restarts under it; it reconnects and resumes from its
      committed cursor: the next events arrive once each, none missing;
-  4. a consumer of a stream that does not exist fails with NOT_FOUND.
+  4. a consumer of a stream that does not exist fails with NOT_FOUND;
+  5. 1,000 events through an append pipeline are acknowledged in order
+     with dense offsets; the same run again (same idempotency keys) is
+     acknowledged as duplicates at the same offsets; a batch that fails
+     its expected offset ends the pipeline with FAILED_PRECONDITION naming
+     it.
 
 Any difference from the expected offsets, types or status codes fails it.
 
@@ -170,6 +175,27 @@ def main():
             capture_output=True, text=True, env=env, timeout=60)
         if missing.returncode == 0 or "NOT_FOUND" not in missing.stderr:
             fail(f"a missing stream did not fail with NOT_FOUND: {missing.returncode} {missing.stderr}")
+
+        # 5. Bulk through an append pipeline: acknowledgements in order, dense;
+        # a resend with the same idempotency keys writes nothing again; a
+        # failing batch is named.
+        def pipeline(*arguments):
+            return subprocess.run([sys.executable, str(HERE / "pipeline_producer.py"), *arguments],
+                                  capture_output=True, text=True, env=env, timeout=120)
+
+        for attempt in ("first", "resend"):
+            out = pipeline("bulk", "--count", "1000", "--batch", "50", "--in-flight", "4")
+            if out.returncode != 0:
+                fail(f"the pipeline producer failed ({attempt}): {out.stderr}")
+            acks = [json.loads(l) for l in out.stdout.splitlines()]
+            if [(a["sequence"], a["first_offset"], a["count"]) for a in acks] != [
+                    (i + 1, i * 50, 50) for i in range(20)]:
+                fail(f"unexpected pipeline acknowledgements ({attempt}): {acks}")
+            if any(a["duplicate"] != (attempt == "resend") for a in acks):
+                fail(f"duplicate flags wrong on the {attempt}: {acks}")
+        bad = pipeline("bulk2", "--count", "100", "--batch", "10", "--expected-next-offset", "3")
+        if bad.returncode == 0 or "FAILED_PRECONDITION: batch 1:" not in bad.stderr:
+            fail(f"a failing pipelined batch was not named: {bad.returncode} {bad.stderr}")
 
         server.stop()
     print(f"e2e passed ({'TLS, ' if args.tls else ''}API key; consumer: {args.consumer})")
