@@ -19,7 +19,7 @@
 //! - [`auth`]: API keys, tenants, scopes: who may call what, on which
 //!   streams.
 //! - [`api`]: the gRPC services (`EventLog`, `ApiKeys`): handlers,
-//!   conversions, the subscription loop, the event encoder; maps
+//!   conversions, the subscription loop, the append pipeline loop; maps
 //!   [`error::Error`] to status codes in one place.
 //! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
 //!   name no tenant's streams unless asked.
