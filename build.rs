@@ -20,6 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Event payloads are shared between the tail cache and every
         // subscriber's response: `Bytes` makes those clones reference counts.
         .bytes(".pullstream.v1.Event.data")
+        // An appended payload is decoded as a slice of the request's buffer
+        // and stored as it is: no copy, no allocation per event.
+        .bytes(".pullstream.v1.NewEvent.data")
+        .bytes(".pullstream.v1.PayloadVersion.data")
         // Hand-written so the server can send pre-encoded events (src/proto/wire.rs).
         .extern_path(
             ".pullstream.v1.SubscribeResponse",

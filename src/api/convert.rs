@@ -155,7 +155,7 @@ pub(super) fn record_from_proto(event: pb::NewEvent) -> EventRecord {
         .map(|(label, v)| Rendering {
             label: label.into(),
             content_type: v.content_type.into(),
-            data: v.data.into(),
+            data: v.data,
         })
         .collect();
     renderings.sort_unstable();
@@ -163,7 +163,7 @@ pub(super) fn record_from_proto(event: pb::NewEvent) -> EventRecord {
         event_type: event.r#type.into(),
         key: event.key.into(),
         content_type: event.content_type.into(),
-        data: event.data.into(),
+        data: event.data,
         metadata,
         renderings,
     }

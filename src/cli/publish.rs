@@ -124,13 +124,19 @@ impl InputEvent {
             let content_type = rendering
                 .content_type
                 .unwrap_or_else(|| default_type.to_string());
-            versions.insert(label, pb::PayloadVersion { data, content_type });
+            versions.insert(
+                label,
+                pb::PayloadVersion {
+                    data: data.into(),
+                    content_type,
+                },
+            );
         }
         let (data, default_type) = payload(self.data, self.data_base64)?;
         Ok(pb::NewEvent {
             r#type: self.event_type,
             key: self.key,
-            data,
+            data: data.into(),
             content_type: self
                 .content_type
                 .unwrap_or_else(|| default_type.to_string()),
@@ -178,7 +184,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             Ok((
                 label.to_string(),
                 pb::PayloadVersion {
-                    data: data.as_bytes().to_vec(),
+                    data: data.as_bytes().to_vec().into(),
                     content_type: String::new(),
                 },
             ))
@@ -187,7 +193,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let event = pb::NewEvent {
         r#type: event_type,
         key: args.key.clone().unwrap_or_default(),
-        data: args.data.clone().into_bytes(),
+        data: args.data.clone().into_bytes().into(),
         content_type: args.content_type.clone(),
         metadata,
         versions,

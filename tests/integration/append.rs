@@ -115,7 +115,7 @@ async fn every_field_round_trips() {
     let sent = pb::NewEvent {
         r#type: "invoice.paid".into(),
         key: "in_123".into(),
-        data: vec![0, 1, 2, 255],
+        data: vec![0, 1, 2, 255].into(),
         content_type: "application/octet-stream".into(),
         metadata: [
             ("trace".to_string(), "abc".to_string()),
@@ -157,7 +157,7 @@ async fn idempotent_retry_returns_the_original_and_writes_nothing() {
 
     // The same key with a different batch is refused and writes nothing.
     let mut different = request.clone();
-    different.events[1].data = b"changed".to_vec();
+    different.events[1].data = b"changed".to_vec().into();
     let status = client.append(different).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
     assert!(status.message().contains("order-42"));

@@ -175,7 +175,7 @@ pub fn event(event_type: &str, data: &str) -> pb::NewEvent {
     pb::NewEvent {
         r#type: event_type.to_string(),
         key: String::new(),
-        data: data.as_bytes().to_vec(),
+        data: data.as_bytes().to_vec().into(),
         content_type: "application/json".to_string(),
         metadata: Default::default(),
         versions: Default::default(),

@@ -298,7 +298,7 @@ async fn a_pinned_version_gets_the_newest_rendering_at_or_below_it() {
         let server = TestServer::start().await;
         let mut client = server.client().await;
         let rendering = |data: &str| pb::PayloadVersion {
-            data: data.as_bytes().to_vec(),
+            data: data.as_bytes().to_vec().into(),
             content_type: String::new(),
         };
         let versions: HashMap<String, pb::PayloadVersion> = [

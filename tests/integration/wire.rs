@@ -160,13 +160,13 @@ fn full_event() -> pb::NewEvent {
     pb::NewEvent {
         r#type: "order.created".into(),
         key: "order-7".into(),
-        data: br#"{"total":42}"#.to_vec(),
+        data: br#"{"total":42}"#.to_vec().into(),
         content_type: "application/json".into(),
         metadata: [("trace".to_string(), "abc".to_string())].into(),
         versions: [(
             "v2".to_string(),
             pb::PayloadVersion {
-                data: br#"{"amount":42}"#.to_vec(),
+                data: br#"{"amount":42}"#.to_vec().into(),
                 content_type: "application/json".into(),
             },
         )]

@@ -30,7 +30,7 @@ fn event(bytes: usize, seq: u64, stamp: u64) -> pb::NewEvent {
     pb::NewEvent {
         r#type: "bench.event".into(),
         key: format!("k{}", seq % 1024),
-        data,
+        data: data.into(),
         content_type: "application/octet-stream".into(),
         metadata: Default::default(),
         versions: Default::default(),
