@@ -370,6 +370,8 @@ impl AppendPipeline {
 
     /// Sends a batch. Check [`AppendPipeline::has_room`] first: a batch
     /// past the agreed limits waits in the connection until acks make room.
+    /// Fails once the server has ended the call; [`AppendPipeline::ack`]
+    /// then returns the acknowledgements still unread and the status.
     pub async fn send(&mut self, batch: crate::proto::PipelineBatch) -> anyhow::Result<()> {
         use prost::Message;
         let bytes = batch.encoded_len() as u64;
@@ -380,11 +382,10 @@ impl AppendPipeline {
             request: Some(crate::proto::append_pipeline_request::Request::Batch(batch)),
         };
         if requests.send(request).await.is_err() {
-            // The call ended; its status is what the responses say.
-            return match self.responses.message().await {
-                Err(status) => Err(status.into()),
-                Ok(_) => Err(anyhow::anyhow!("the append pipeline ended")),
-            };
+            // The server ended the call. Its acknowledgements still to be
+            // read, then its status, come from `ack`.
+            self.requests = None;
+            anyhow::bail!("the append pipeline has ended: read what `ack` returns for why");
         }
         self.in_flight.push_back(bytes);
         self.bytes_in_flight += bytes;

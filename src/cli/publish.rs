@@ -249,15 +249,20 @@ async fn publish_stdin(client: &mut super::Client, args: &PublishArgs) -> anyhow
             sequence += 1;
             let events = std::mem::take(&mut batch);
             let count = events.len() as u64;
-            pipeline
+            let sent = pipeline
                 .send(pb::PipelineBatch {
                     sequence,
                     events,
                     expected_next_offset: expected,
                     idempotency_key: String::new(),
                 })
-                .await
-                .map_err(pipeline_error)?;
+                .await;
+            if sent.is_err() {
+                // The server ended the call: print what it acknowledged,
+                // then fail with its status.
+                while print_ack(&mut pipeline, &args.stream).await? {}
+                bail!("the server ended the append pipeline without a status");
+            }
             expected = expected.map(|e| e + count);
             continue;
         }

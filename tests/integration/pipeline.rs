@@ -55,8 +55,15 @@ async fn run(
                 Err(e) => return (acks, Some(status(e))),
             }
         }
-        if let Err(e) = pipeline.send(b).await {
-            return (acks, Some(status(e)));
+        if pipeline.send(b).await.is_err() {
+            // The call ended: what was acknowledged, then why.
+            loop {
+                match pipeline.ack().await {
+                    Ok(Some(ack)) => acks.push(ack),
+                    Ok(None) => panic!("the pipeline ended without a status"),
+                    Err(e) => return (acks, Some(status(e))),
+                }
+            }
         }
     }
     pipeline.finish();
@@ -563,6 +570,23 @@ async fn a_pipeline_needs_a_key_with_the_publish_scope() {
     );
 }
 
+/// A unary Append of one tagged event carrying `token`.
+async fn fenced_append(
+    client: &mut Client,
+    producer: &str,
+    token: &str,
+) -> Result<pb::AppendResponse, tonic::Status> {
+    client
+        .append(pb::AppendRequest {
+            stream: "s".into(),
+            events: tagged(producer, 0, 1),
+            fencing_token: token.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
 async fn set_fence(
     client: &mut Client,
     stream: &str,
@@ -655,15 +679,7 @@ async fn a_fenced_off_producer_never_interleaves_with_its_successor() {
     assert_eq!(owners.len() - switch, 20);
 
     // Unary appends are fenced the same way; unfenced ones are not checked.
-    let fenced = client
-        .append(pb::AppendRequest {
-            stream: "s".into(),
-            events: tagged("a", 0, 1),
-            fencing_token: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let fenced = fenced_append(&mut client, "a", "a").await.unwrap_err();
     assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
     append(&mut client, "s", tagged("x", 0, 1)).await;
     // A replacement that expects the wrong current token is refused.
@@ -679,39 +695,70 @@ async fn a_fenced_off_producer_never_interleaves_with_its_successor() {
     // The fence survives a restart.
     let server = server.restart().await;
     let mut client = server.client().await;
-    let fenced = client
-        .append(pb::AppendRequest {
-            stream: "s".into(),
-            events: tagged("a", 0, 1),
-            fencing_token: "a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let fenced = fenced_append(&mut client, "a", "a").await.unwrap_err();
     assert_eq!(fenced.code(), Code::FailedPrecondition, "{fenced:?}");
-    let ok = client
-        .append(pb::AppendRequest {
-            stream: "s".into(),
-            events: tagged("b", 20, 1),
-            fencing_token: "b".into(),
-            ..Default::default()
-        })
-        .await;
+    let ok = fenced_append(&mut client, "b", "b").await;
     assert!(ok.is_ok(), "{ok:?}");
     // Cleared: a token no longer matches anything; unfenced appends pass.
     set_fence(&mut client, "s", "", Some("b")).await.unwrap();
     append(&mut client, "s", tagged("x", 1, 1)).await;
-    let ok = client
-        .append(pb::AppendRequest {
-            stream: "s".into(),
-            events: tagged("a", 0, 1),
-            fencing_token: "a".into(),
-            ..Default::default()
-        })
-        .await;
+    let ok = fenced_append(&mut client, "a", "a").await;
     assert_eq!(
         ok.expect_err("a token on an unfenced stream does not match")
             .code(),
         Code::FailedPrecondition
     );
+}
+
+/// A failed sync under a pipeline: the batches of the failed group and
+/// every later one fail (the first failure is named), and after a restart
+/// the stream holds exactly the acknowledged batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_sync_under_a_pipeline_loses_nothing_acknowledged_and_writes_nothing_after() {
+    use pullstream::durability::fault::{Failure, Faults, Target};
+    let faults = std::sync::Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    faults.fail_nth(Target::WalSync, 5, Failure::Io, 0);
+    let mut pipeline = AppendPipeline::open(&mut client, open("s", 8))
+        .await
+        .unwrap();
+    let batches = (0..200)
+        .map(|b| batch(b, tagged("p", b as usize * 10, 10)))
+        .collect();
+    let (acks, status) = within(run(&mut pipeline, batches)).await;
+    let status = status.expect("the sync failed");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let named = format!("batch {}:", acks.len());
+    assert!(status.message().starts_with(&named), "{}", status.message());
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    let stored = read_all(&mut client, "s").await;
+    assert_eq!(
+        stored.len(),
+        acks.len() * 10,
+        "exactly the acknowledged batches"
+    );
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(e.data, format!("\"p/{i}\"").into_bytes());
+    }
+}
+
+/// Shutdown ends an open pipeline with UNAVAILABLE, after what was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_a_pipeline_with_unavailable() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let mut pipeline = AppendPipeline::open(&mut client, open("s", 4))
+        .await
+        .unwrap();
+    pipeline.send(batch(1, tagged("p", 0, 1))).await.unwrap();
+    assert_eq!(within(pipeline.ack()).await.unwrap().unwrap().sequence, 1);
+    let stopping = tokio::spawn(server.stop());
+    let error = within(pipeline.ack()).await.expect_err("the call ends");
+    let status = error.downcast::<tonic::Status>().expect("a status");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    within(stopping).await.unwrap();
 }

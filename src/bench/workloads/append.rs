@@ -131,14 +131,18 @@ async fn pipelined(
         if !finished && pipeline.has_room() {
             sequence += 1;
             sent_at.push_back(Instant::now());
-            pipeline
+            let sent = pipeline
                 .send(pb::PipelineBatch {
                     sequence,
                     events: events.clone(),
                     ..Default::default()
                 })
-                .await
-                .context("pipelined append failed")?;
+                .await;
+            if sent.is_err() {
+                // The server ended the call: its status comes with the acks.
+                sent_at.pop_back();
+                finished = true;
+            }
             continue;
         }
         match pipeline.ack().await.context("pipelined append failed")? {
