@@ -85,6 +85,12 @@ pub(super) async fn run_subscription(
     let mut sent_caught_up = false;
     loop {
         let before = subscription.next_offset();
+        // Storage reads happen off the async workers: the events due now
+        // are brought in first, and while they are encoded and sent the
+        // next ones are read ahead.
+        subscription
+            .prepare(max_events, SUBSCRIBE_RESPONSE_BYTES)
+            .await;
         let slices = match subscription.poll(max_events, SUBSCRIBE_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
@@ -92,6 +98,7 @@ pub(super) async fn run_subscription(
                 return;
             }
         };
+        subscription.read_ahead(max_events, SUBSCRIBE_RESPONSE_BYTES);
         let moved = subscription.next_offset() != before;
         let at_head = subscription.next_offset() >= subscription.head().next_offset;
         if moved

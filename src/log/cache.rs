@@ -99,6 +99,17 @@ impl TailCache {
         }
     }
 
+    /// Whether a cached chunk holds `offset`.
+    pub(crate) fn holds(&self, offset: u64) -> bool {
+        self.chunks
+            .front()
+            .is_some_and(|(c, _)| c.first_offset <= offset)
+            && self
+                .chunks
+                .back()
+                .is_some_and(|(c, _)| offset < c.end_offset())
+    }
+
     /// The cached chunks from the one holding `offset` on, at most
     /// `max_chunks` of them; `None` when `offset` is older than the cache.
     pub(crate) fn chunks_from(&self, offset: u64, max_chunks: usize) -> Option<Vec<Arc<Chunk>>> {

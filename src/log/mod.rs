@@ -23,6 +23,7 @@ mod consumer;
 mod filter;
 mod group;
 mod housekeeping;
+mod read_ahead;
 mod registry;
 mod settings;
 mod stream;
@@ -30,7 +31,7 @@ mod subscription;
 mod validate;
 mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -174,6 +175,8 @@ pub struct Log {
     creating: Mutex<()>,
     /// What every stream's tail cache and shared reads draw on.
     cache_budget: CacheBudget,
+    /// What every subscription's reads ahead draw on.
+    read_ahead: read_ahead::ReadAheadBudget,
     /// Appends and creations are refused below this many free bytes under
     /// the data dir (0: no floor). Read on every Append: one `statvfs`
     /// (about a microsecond) against an append's ~0.5 ms, and never stale,
@@ -392,16 +395,23 @@ impl Log {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         check_offset(&stream.name, offset, head)?;
-        let (slices, examined) = stream.read(
-            self.engine.as_ref(),
-            offset,
-            head.next_offset,
-            max_events,
-            max_bytes,
-            filter,
-            None,
-            &mut None,
-        )?;
+        let read = || {
+            stream.read(
+                self.engine.as_ref(),
+                offset,
+                head.next_offset,
+                max_events,
+                max_bytes,
+                filter,
+                None,
+                &mut VecDeque::new(),
+            )
+        };
+        let (slices, examined) = if stream.in_memory(offset) {
+            read()
+        } else {
+            read_ahead::off_the_workers(read)
+        }?;
         Ok(ReadPage {
             slices,
             next_offset: offset + examined,
@@ -419,7 +429,13 @@ impl Log {
     ) -> Result<Subscription, Error> {
         let next_offset = self.resolve_start(stream, start)?;
         let stream = self.get(stream)?;
-        Subscription::new(self.engine.clone(), stream, next_offset, filter)
+        Subscription::new(
+            self.engine.clone(),
+            stream,
+            next_offset,
+            filter,
+            self.read_ahead.clone(),
+        )
     }
 
     /// Joins `member` to consumer `group` and opens its subscription,

@@ -18,6 +18,7 @@ use super::cache::{CacheBudget, SharedReads, TailCache};
 use super::command::WriterCommand;
 use super::commit::Committer;
 use super::housekeeping::{expire_idempotency_keys, housekeeping};
+use super::read_ahead::{ReadAheadBudget, READ_AHEAD_BUDGET_BYTES};
 use super::stream::{Stream, StreamShared};
 use super::validate::validate_stored_name;
 use super::writer::Writer;
@@ -106,6 +107,7 @@ impl Log {
             streams: RwLock::new(BTreeMap::new()),
             creating: Mutex::new(()),
             cache_budget,
+            read_ahead: ReadAheadBudget::new(READ_AHEAD_BUDGET_BYTES),
             min_free_bytes,
             tasks,
             closing,

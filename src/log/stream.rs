@@ -311,14 +311,26 @@ impl Stream {
         }
     }
 
+    /// Whether the event at `offset` is in the tail cache, so reading it
+    /// touches no storage.
+    pub(super) fn in_memory(&self, offset: u64) -> bool {
+        self.shared
+            .cache
+            .lock()
+            .expect("tail cache lock")
+            .holds(offset)
+    }
+
     /// Reads committed events from `offset` up to `end`: at most
     /// `max_events` passing `filter` and about `max_bytes` of them (always
     /// at least one when any is available), examining at most
     /// [`MAX_SCAN_EVENTS`]. Returns the slices and how many events were
-    /// examined (the cursor's advance). Serves from `leftover` (a chunk the
-    /// caller's previous read did not finish), then the tail cache, then
-    /// storage; leaves in `leftover` the last chunk if this read did not
-    /// finish it, so a reader decodes each stored chunk once.
+    /// examined (the cursor's advance). Serves from `ahead` (chunks the
+    /// caller holds: what its previous read did not finish, or read ahead
+    /// of it), then the tail cache, then storage; leaves in `ahead` what
+    /// this read did not finish, so a reader decodes each stored chunk
+    /// once. `ahead` is a contiguous run of chunks; those wholly behind
+    /// `offset` are dropped, and a run not holding `offset` is stale.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn read(
         &self,
@@ -329,7 +341,7 @@ impl Stream {
         max_bytes: usize,
         filter: &EventFilter,
         select: Option<Select<'_>>,
-        leftover: &mut Option<Arc<Chunk>>,
+        ahead: &mut VecDeque<Arc<Chunk>>,
     ) -> Result<(Vec<EventSlice>, u64), Error> {
         let type_filtered = !filter.is_empty();
         // Events pass a filter or a group member's selection: count only
@@ -353,10 +365,16 @@ impl Stream {
                 && position - offset < MAX_SCAN_EVENTS
         };
         while more(position, events, bytes) {
-            let unfinished = leftover.take().filter(|c| c.contains(position));
-            let cached = match unfinished {
-                Some(chunk) => Some(vec![chunk]),
-                None => self
+            while ahead.front().is_some_and(|c| c.end_offset() <= position) {
+                ahead.pop_front();
+            }
+            if ahead.front().is_some_and(|c| !c.contains(position)) {
+                ahead.clear();
+            }
+            let held = !ahead.is_empty();
+            let cached = match held {
+                true => Some(ahead.iter().cloned().collect()),
+                false => self
                     .shared
                     .cache
                     .lock()
@@ -449,8 +467,8 @@ impl Stream {
                     stop += 1;
                     position += 1;
                 }
-                if stop < chunk.records.len() {
-                    *leftover = Some(chunk.clone());
+                if stop < chunk.records.len() && !held {
+                    ahead.push_back(chunk.clone());
                 }
                 if picked.as_ref().is_none_or(|p| !p.is_empty()) {
                     slices.push(EventSlice {

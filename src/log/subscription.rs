@@ -8,11 +8,13 @@
 //! head it waits on the stream's head `watch` channel. Writers never wait
 //! for subscribers; a slow subscriber only falls behind.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::group::{GroupCursor, GroupUpdate};
+use super::read_ahead::{off_the_workers, Pending, ReadAheadBudget};
 use super::{check_offset, EventFilter, EventSlice, Head, Stream};
 use crate::engine::{Chunk, Engine};
 use crate::error::Error;
@@ -40,9 +42,17 @@ pub struct Subscription {
     next_offset: u64,
     /// Which events to deliver; the cursor moves past the others.
     filter: EventFilter,
-    /// The last chunk read but not delivered to the end, so the next poll
-    /// does not read and decode it again.
-    leftover: Option<Arc<Chunk>>,
+    /// Chunks in memory at and after the cursor, not yet delivered (a
+    /// contiguous run): the last one read but not delivered to the end, so
+    /// the next poll does not read and decode it again, and those read
+    /// ahead (see `read_ahead`).
+    ahead: VecDeque<Arc<Chunk>>,
+    /// The read ahead running now, if any.
+    reading: Option<Pending>,
+    /// The budget shares of the chunks read ahead, each with the offset
+    /// its chunks end at: given back once the cursor passes it.
+    shares: VecDeque<(u64, OwnedSemaphorePermit)>,
+    budget: ReadAheadBudget,
     /// As a consumer group member: which slots to deliver, from where.
     group: Option<GroupCursor>,
 }
@@ -53,6 +63,7 @@ impl Subscription {
         stream: Arc<Stream>,
         next_offset: u64,
         filter: EventFilter,
+        budget: ReadAheadBudget,
     ) -> Result<Subscription, Error> {
         let head_rx = stream.shared.head_tx.subscribe();
         check_offset(&stream.name, next_offset, *head_rx.borrow())?;
@@ -62,7 +73,10 @@ impl Subscription {
             head_rx,
             next_offset,
             filter,
-            leftover: None,
+            ahead: VecDeque::new(),
+            reading: None,
+            shares: VecDeque::new(),
+            budget,
             group: None,
         })
     }
@@ -104,7 +118,9 @@ impl Subscription {
         if let Some(group) = &mut self.group {
             if let Some(rewind) = group.refresh(self.next_offset)? {
                 self.next_offset = rewind;
-                self.leftover = None;
+                self.ahead.clear();
+                self.reading = None;
+                self.shares.clear();
             }
         }
         check_offset(&self.stream.name, self.next_offset, head)?;
@@ -114,21 +130,132 @@ impl Subscription {
         let select = self.group.as_ref().map(|group| {
             move |offset: u64, record: &crate::engine::EventRecord| group.selects(offset, record)
         });
-        let (slices, examined) = self.stream.read(
-            self.engine.as_ref(),
-            self.next_offset,
-            head.next_offset,
-            max_events,
-            max_bytes,
-            &self.filter,
-            select.as_ref().map(|s| s as _),
-            &mut self.leftover,
-        )?;
+        let in_memory = self.holds(self.next_offset) || self.stream.in_memory(self.next_offset);
+        let mut read = || {
+            self.stream.read(
+                self.engine.as_ref(),
+                self.next_offset,
+                head.next_offset,
+                max_events,
+                max_bytes,
+                &self.filter,
+                select.as_ref().map(|s| s as _),
+                &mut self.ahead,
+            )
+        };
+        let (slices, examined) = if in_memory {
+            read()
+        } else {
+            off_the_workers(read)
+        }?;
         self.next_offset += examined;
+        while self
+            .shares
+            .front()
+            .is_some_and(|(end, _)| *end <= self.next_offset)
+        {
+            self.shares.pop_front();
+        }
         if let Some(group) = &self.group {
             group.delivered(self.next_offset);
         }
         Ok(slices)
+    }
+
+    /// Before a [`Subscription::poll`]: brings the events at the cursor
+    /// into memory without blocking an async worker. Takes the read ahead
+    /// started after the previous poll, if it is still wanted; and when
+    /// neither it nor the tail cache holds the cursor's next event, reads
+    /// from storage on the blocking pool, up to the poll's limits. For a
+    /// filtered or group subscription (whose reads scan and select) the
+    /// poll itself reads, off the workers.
+    pub async fn prepare(&mut self, max_events: usize, max_bytes: usize) {
+        if let Some(pending) = self.reading.take() {
+            let from = pending.from;
+            if from == self.ahead_end() {
+                if let Some((chunks, share)) = pending.finish().await {
+                    self.hold(from, chunks, share);
+                }
+            }
+        }
+        let head = self.head().next_offset;
+        if !self.plain()
+            || self.next_offset >= head
+            || self.holds(self.next_offset)
+            || self.stream.in_memory(self.next_offset)
+        {
+            return;
+        }
+        let from = self.next_offset;
+        let read = Pending::start(
+            self.engine.clone(),
+            self.stream.meta.id,
+            (from, head),
+            (max_events, max_bytes),
+            None,
+        );
+        if let Some((chunks, share)) = read.finish().await {
+            self.hold(from, chunks, share);
+        }
+    }
+
+    /// After a [`Subscription::poll`] of a subscription still behind the
+    /// head: starts reading the chunks after those in memory on the
+    /// blocking pool, so they are there for the next poll while this one's
+    /// events are sent. One read ahead at a time, of at most the poll's
+    /// limits, and only within the server-wide budget; none for filtered
+    /// or group subscriptions, nor where the tail cache takes over.
+    pub fn read_ahead(&mut self, max_events: usize, max_bytes: usize) {
+        if self.reading.is_some() || !self.plain() {
+            return;
+        }
+        let from = self.ahead_end();
+        let head = self.head().next_offset;
+        if from >= head || self.stream.in_memory(from) {
+            return;
+        }
+        let Some(share) = self.budget.take(max_bytes) else {
+            return;
+        };
+        self.reading = Some(Pending::start(
+            self.engine.clone(),
+            self.stream.meta.id,
+            (from, head),
+            (max_events, max_bytes),
+            Some(share),
+        ));
+    }
+
+    /// Reading ahead is for subscriptions that deliver every event.
+    fn plain(&self) -> bool {
+        self.filter.is_empty() && self.group.is_none()
+    }
+
+    /// Whether a chunk held in memory holds `offset`.
+    fn holds(&self, offset: u64) -> bool {
+        self.ahead.iter().any(|c| c.contains(offset))
+    }
+
+    /// Where the chunks held in memory from the cursor on end: the cursor
+    /// itself when none are.
+    fn ahead_end(&self) -> u64 {
+        match self.ahead.back() {
+            Some(chunk) if chunk.end_offset() > self.next_offset => chunk.end_offset(),
+            _ => self.next_offset,
+        }
+    }
+
+    /// Holds `chunks`, read from `from`, after those already held (which
+    /// end there), or instead of them when they do not.
+    fn hold(&mut self, from: u64, chunks: Vec<Arc<Chunk>>, share: Option<OwnedSemaphorePermit>) {
+        if self.ahead.back().map(|c| c.end_offset()) != Some(from) {
+            self.ahead.clear();
+        }
+        let end = chunks.last().map(|c| c.end_offset());
+        self.ahead.extend(chunks);
+        if let (Some(end), Some(share)) = (end, share) {
+            self.shares.push_back((end, share));
+        }
     }
 
     /// Waits until [`Subscription::poll`] has something to say: new events,
