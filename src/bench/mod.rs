@@ -46,6 +46,8 @@ pub enum Workload {
     Soak,
     /// A key-shared consumer group of 1, 2 and 4 members with simulated work per event: scaling and server CPU per event
     Group,
+    /// A no-op unary call (the health check) against a single-event Append, one at a time: what an Append costs above any call (not in the default set)
+    Floor,
 }
 
 /// Arguments of `pullstream bench`.
@@ -144,6 +146,7 @@ enum Scenario {
     Group {
         members: usize,
     },
+    Floor,
 }
 
 /// One measured run.
@@ -262,6 +265,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Filtered => scenarios.push(Scenario::Filtered),
             Workload::Committing => scenarios.push(Scenario::Committing),
             Workload::Soak => scenarios.push(Scenario::Soak),
+            Workload::Floor => scenarios.push(Scenario::Floor),
             Workload::Group => {
                 for &members in &args.members {
                     scenarios.push(Scenario::Group { members });
@@ -311,6 +315,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
             Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
             Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
+            Scenario::Floor => workloads::floor(&ctx, args.duration.0).await?,
             Scenario::Group { members } => {
                 workloads::group(&ctx, members, args.group_events, args.work.0).await?
             }

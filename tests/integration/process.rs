@@ -538,6 +538,48 @@ fn bench_appends_through_pipelines() {
     assert!(stdout.contains("pipeline in-flight=4"), "{stdout}");
 }
 
+/// `bench --workload floor` times health checks and then single-event
+/// Appends on the same kind of connection, and every acknowledged append
+/// is in its stream (the workload checks; a failure fails the run).
+#[test]
+fn bench_measures_the_call_floor_against_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--workload", "floor", "--duration", "300ms"])
+        .args(["--durability", "buffered", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let results = summary["results"].as_array().unwrap();
+    assert_eq!(results.len(), 1);
+    assert!(results[0]["failures"].as_array().unwrap().is_empty());
+    let figures = &results[0]["figures"];
+    assert_eq!(figures["workload"], "floor");
+    for latency in ["health_check_latency", "append_latency"] {
+        assert!(
+            figures[latency]["samples"].as_u64().unwrap() > 0,
+            "{figures}"
+        );
+    }
+    let above = figures["append_p50_above_floor_us"].as_i64().unwrap();
+    let p50 = |l: &str| (figures[l]["p50_ms"].as_f64().unwrap() * 1000.0).round() as i64;
+    assert!(
+        (above - (p50("append_latency") - p50("health_check_latency"))).abs() <= 1,
+        "{figures}"
+    );
+    assert!(stdout.contains("above the no-op call"), "{stdout}");
+}
+
 /// `publish` from stdin sends every batch through one pipeline: acks in
 /// order, each batch expecting the end of the one before; a failing batch
 /// is named and stops the rest.

@@ -5,12 +5,14 @@
 
 mod append;
 mod catchup;
+mod floor;
 mod group;
 mod soak;
 mod tail;
 
 pub(crate) use append::append;
 pub(crate) use catchup::{catchup, committing_catchup, filtered_catchup};
+pub(crate) use floor::floor;
 pub(crate) use group::group;
 pub(crate) use soak::{soak, SoakSettings};
 pub(crate) use tail::{fanout, tail};
