@@ -395,23 +395,16 @@ impl Log {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         check_offset(&stream.name, offset, head)?;
-        let read = || {
-            stream.read(
-                self.engine.as_ref(),
-                offset,
-                head.next_offset,
-                max_events,
-                max_bytes,
-                filter,
-                None,
-                &mut VecDeque::new(),
-            )
-        };
-        let (slices, examined) = if stream.in_memory(offset) {
-            read()
-        } else {
-            read_ahead::off_the_workers(read)
-        }?;
+        let (slices, examined) = stream.read(
+            self.engine.as_ref(),
+            offset,
+            head.next_offset,
+            max_events,
+            max_bytes,
+            filter,
+            None,
+            &mut VecDeque::new(),
+        )?;
         Ok(ReadPage {
             slices,
             next_offset: offset + examined,

@@ -5,9 +5,10 @@
 //! can wait on the disk (sled faults pages in from its file). On an async
 //! worker that wait stalls every task queued behind it there: other
 //! subscribers' events and heartbeats, appends' acknowledgements. So such
-//! reads run where blocking is allowed: [`off_the_workers`] for a read the
-//! caller needs now (the tokio worker hands its other tasks to another
-//! thread first), and [`Pending`] for the chunks a catching-up subscriber
+//! reads run where blocking is allowed: [`off_the_workers`] around every
+//! storage read of the one read path (the tokio worker hands its other
+//! tasks to another thread first; reads served from memory pay nothing),
+//! and [`Pending`] for the chunks a catching-up subscriber
 //! needs next, read on the blocking pool while its current response is
 //! encoded and sent, so the disk and the network overlap instead of
 //! taking turns.

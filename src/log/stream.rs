@@ -18,6 +18,7 @@ use super::cache::{SharedReads, TailCache};
 use super::command::WriterCommand;
 use super::consumer::ConsumerState;
 use super::group;
+use super::read_ahead::off_the_workers;
 use super::{EventFilter, RATE_WINDOW};
 use crate::engine::{
     Chunk, Engine, EventRecord, Retention, StorageError, StoredStream, StreamMeta,
@@ -394,8 +395,9 @@ impl Stream {
             let chunks = match cached {
                 Some(chunks) => chunks,
                 None => {
-                    let read = engine
-                        .read_chunks(
+                    // Storage may wait on the disk: not on an async worker.
+                    let read = off_the_workers(|| {
+                        engine.read_chunks(
                             self.meta.id,
                             position,
                             end,
@@ -412,11 +414,12 @@ impl Stream {
                             // Decode only what the filter passes.
                             type_filtered.then_some(keep),
                         )
-                        .map_err(|e| match e {
-                            // The damage starts where the chunk does.
-                            StorageError::CorruptChunk { offset, .. } => self.lost(offset, None),
-                            other => other.into(),
-                        });
+                    })
+                    .map_err(|e| match e {
+                        // The damage starts where the chunk does.
+                        StorageError::CorruptChunk { offset, .. } => self.lost(offset, None),
+                        other => other.into(),
+                    });
                     let chunks: Vec<Arc<Chunk>> = match read {
                         Ok(chunks) => chunks.into_iter().map(Arc::new).collect(),
                         // Serve what came before; the next read gets it.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 
 use super::group::{GroupCursor, GroupUpdate};
-use super::read_ahead::{off_the_workers, Pending, ReadAheadBudget};
+use super::read_ahead::{Pending, ReadAheadBudget};
 use super::{check_offset, EventFilter, EventSlice, Head, Stream};
 use crate::engine::{Chunk, Engine};
 use crate::error::Error;
@@ -130,24 +130,16 @@ impl Subscription {
         let select = self.group.as_ref().map(|group| {
             move |offset: u64, record: &crate::engine::EventRecord| group.selects(offset, record)
         });
-        let in_memory = self.holds(self.next_offset) || self.stream.in_memory(self.next_offset);
-        let mut read = || {
-            self.stream.read(
-                self.engine.as_ref(),
-                self.next_offset,
-                head.next_offset,
-                max_events,
-                max_bytes,
-                &self.filter,
-                select.as_ref().map(|s| s as _),
-                &mut self.ahead,
-            )
-        };
-        let (slices, examined) = if in_memory {
-            read()
-        } else {
-            off_the_workers(read)
-        }?;
+        let (slices, examined) = self.stream.read(
+            self.engine.as_ref(),
+            self.next_offset,
+            head.next_offset,
+            max_events,
+            max_bytes,
+            &self.filter,
+            select.as_ref().map(|s| s as _),
+            &mut self.ahead,
+        )?;
         self.next_offset += examined;
         while self
             .shares
