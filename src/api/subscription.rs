@@ -85,12 +85,9 @@ pub(super) async fn run_subscription(
     let mut sent_caught_up = false;
     loop {
         let before = subscription.next_offset();
-        // Storage reads happen off the async workers: the events due now
-        // are brought in first, and while they are encoded and sent the
-        // next ones are read ahead.
-        subscription
-            .prepare(max_events, SUBSCRIBE_RESPONSE_BYTES)
-            .await;
+        // Storage reads happen off the async workers: the poll's own, and
+        // the next response's, read ahead while this one is sent.
+        subscription.prepare().await;
         let slices = match subscription.poll(max_events, SUBSCRIBE_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {

@@ -154,14 +154,12 @@ impl Subscription {
         Ok(slices)
     }
 
-    /// Before a [`Subscription::poll`]: brings the events at the cursor
-    /// into memory without blocking an async worker. Takes the read ahead
-    /// started after the previous poll, if it is still wanted; and when
-    /// neither it nor the tail cache holds the cursor's next event, reads
-    /// from storage on the blocking pool, up to the poll's limits. For a
-    /// filtered or group subscription (whose reads scan and select) the
-    /// poll itself reads, off the workers.
-    pub async fn prepare(&mut self, max_events: usize, max_bytes: usize) {
+    /// Before a [`Subscription::poll`]: takes the read ahead started after
+    /// the previous poll, if it is still wanted (the cursor did not move
+    /// elsewhere). Anything else the poll needs from storage it reads
+    /// itself, off the workers. Takes no lock, so a live subscriber at the
+    /// head pays nothing for it.
+    pub async fn prepare(&mut self) {
         if let Some(pending) = self.reading.take() {
             let from = pending.from;
             if from == self.ahead_end() {
@@ -169,25 +167,6 @@ impl Subscription {
                     self.hold(from, chunks, share);
                 }
             }
-        }
-        let head = self.head().next_offset;
-        if !self.plain()
-            || self.next_offset >= head
-            || self.holds(self.next_offset)
-            || self.stream.in_memory(self.next_offset)
-        {
-            return;
-        }
-        let from = self.next_offset;
-        let read = Pending::start(
-            self.engine.clone(),
-            self.stream.meta.id,
-            (from, head),
-            (max_events, max_bytes),
-            None,
-        );
-        if let Some((chunks, share)) = read.finish().await {
-            self.hold(from, chunks, share);
         }
     }
 
@@ -221,11 +200,6 @@ impl Subscription {
     /// Reading ahead is for subscriptions that deliver every event.
     fn plain(&self) -> bool {
         self.filter.is_empty() && self.group.is_none()
-    }
-
-    /// Whether a chunk held in memory holds `offset`.
-    fn holds(&self, offset: u64) -> bool {
-        self.ahead.iter().any(|c| c.contains(offset))
     }
 
     /// Where the chunks held in memory from the cursor on end: the cursor
