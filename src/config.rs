@@ -178,6 +178,12 @@ pub struct ServeSettings {
     /// Most members one consumer group may have at once [default: 1000]
     #[arg(long, env = "PULLSTREAM_MAX_MEMBERS_PER_GROUP")]
     pub max_members_per_group: Option<usize>,
+    /// Let browser pages from these origins call the HTTP API and gRPC-Web (CORS), comma-separated, e.g. https://app.example.com; `*` for any origin [default: off]
+    #[arg(long, env = "PULLSTREAM_HTTP_CORS_ORIGIN")]
+    pub http_cors_origin: Option<String>,
+    /// How long the server keeps one Server-Sent Events response open before ending it, so buffering proxies deliver what they hold; browsers reconnect and resume by themselves [default: 60s]
+    #[arg(long, env = "PULLSTREAM_SSE_MAX_DURATION")]
+    pub sse_max_duration: Option<HumanDuration>,
 }
 
 impl ServeSettings {
@@ -254,6 +260,8 @@ impl ServeSettings {
             max_members_per_group: self
                 .max_members_per_group
                 .or(fallback.max_members_per_group),
+            http_cors_origin: self.http_cors_origin.or(fallback.http_cors_origin),
+            sse_max_duration: self.sse_max_duration.or(fallback.sse_max_duration),
         }
     }
 }
@@ -357,6 +365,11 @@ pub struct ServerConfig {
     pub max_groups_per_stream: usize,
     /// Most members per consumer group.
     pub max_members_per_group: usize,
+    /// Origins allowed to call the HTTP API and gRPC-Web from a browser
+    /// (empty: CORS off; `*`: any).
+    pub http_cors_origins: Vec<String>,
+    /// How long one Server-Sent Events response stays open.
+    pub sse_max_duration: Duration,
 }
 
 /// The PEM files of the server's TLS.
@@ -444,6 +457,14 @@ impl TryFrom<ServeSettings> for ServerConfig {
             max_consumers_per_stream: s.max_consumers_per_stream.unwrap_or(1000),
             max_groups_per_stream: s.max_groups_per_stream.unwrap_or(100),
             max_members_per_group: s.max_members_per_group.unwrap_or(1000),
+            http_cors_origins: s
+                .http_cors_origin
+                .iter()
+                .flat_map(|list| list.split(','))
+                .map(|origin| origin.trim().trim_end_matches('/').to_string())
+                .filter(|origin| !origin.is_empty())
+                .collect(),
+            sse_max_duration: secs(s.sse_max_duration, 60),
             tls: match (s.tls_cert, s.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles {
                     cert,
@@ -528,6 +549,21 @@ impl TryFrom<ServeSettings> for ServerConfig {
         }
         if config.request_body_timeout < Duration::from_millis(100) {
             return invalid("request-body-timeout", "must be at least 100ms".into());
+        }
+        for origin in &config.http_cors_origins {
+            let valid = origin == "*"
+                || (matches!(origin.split_once("://"),
+                        Some(("http" | "https", host)) if !host.is_empty() && !host.contains('/'))
+                    && http::HeaderValue::from_str(origin).is_ok());
+            if !valid {
+                return invalid(
+                    "http-cors-origin",
+                    format!("{origin:?} is not an origin: write scheme://host[:port], like https://app.example.com, or * for any"),
+                );
+            }
+        }
+        if config.sse_max_duration < Duration::from_secs(1) {
+            return invalid("sse-max-duration", "must be at least 1s".into());
         }
         if config.idempotency_window.is_zero() {
             return invalid("idempotency-window", "must be more than 0s".into());

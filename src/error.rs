@@ -19,6 +19,10 @@ pub enum Error {
     /// A malformed request; the message says what to fix.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request (message or HTTP body) larger than the server accepts;
+    /// the message names the limit and the flag that raises it.
+    #[error("{0}")]
+    TooLarge(String),
     /// The stream does not exist (or was deleted).
     #[error("stream {} not found", shown(.0))]
     StreamNotFound(String),

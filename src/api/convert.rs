@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost_types::Timestamp;
-use tonic::Status;
 
-use super::{invalid, DEFAULT_PAGE, MAX_PAGE};
+use super::{DEFAULT_PAGE, MAX_PAGE};
 use crate::engine::{EventRecord, Rendering};
+use crate::error::Error;
 use crate::log::{self, EventFilter};
 use crate::proto as pb;
 pub use crate::proto::encode::timestamp;
@@ -17,7 +17,7 @@ pub use crate::proto::encode::timestamp;
 /// A filter from the request; `None` when absent or empty.
 pub(super) fn filter_from_proto(
     filter: Option<pb::EventFilter>,
-) -> Result<Option<EventFilter>, Status> {
+) -> Result<Option<EventFilter>, Error> {
     match filter {
         Some(f) if !f.types.is_empty() || !f.keys.is_empty() => {
             Ok(Some(EventFilter::new(f.types, f.keys)?))
@@ -27,7 +27,7 @@ pub(super) fn filter_from_proto(
 }
 
 /// A payload version pin from the request; `None` when empty.
-pub(super) fn version_from_proto(version: String) -> Result<Option<String>, Status> {
+pub(super) fn version_from_proto(version: String) -> Result<Option<String>, Error> {
     if version.is_empty() {
         return Ok(None);
     }
@@ -36,9 +36,9 @@ pub(super) fn version_from_proto(version: String) -> Result<Option<String>, Stat
 }
 
 /// Nanoseconds since the Unix epoch from a protobuf timestamp.
-pub(super) fn unix_nanos(t: &Timestamp) -> Result<i64, Status> {
+pub(super) fn unix_nanos(t: &Timestamp) -> Result<i64, Error> {
     if !(0..1_000_000_000).contains(&t.nanos) {
-        return Err(invalid(format!(
+        return Err(Error::InvalidArgument(format!(
             "invalid start time: nanos {} must be within 0..1e9",
             t.nanos
         )));
@@ -95,7 +95,7 @@ pub(super) fn group_info_to_proto(info: log::GroupInfo, stream: String) -> pb::G
 /// A retention policy from its protobuf form (unset keeps everything).
 pub(super) fn retention_from_proto(
     policy: Option<pb::RetentionPolicy>,
-) -> Result<log::Retention, Status> {
+) -> Result<log::Retention, Error> {
     let Some(policy) = policy else {
         return Ok(log::Retention::default());
     };
@@ -103,7 +103,10 @@ pub(super) fn retention_from_proto(
         None => 0,
         Some(age) => Duration::try_from(age)
             .map_err(|_| {
-                invalid("retention max_age must be a positive duration (or unset for no age limit)")
+                Error::InvalidArgument(
+                    "retention max_age must be a positive duration (or unset for no age limit)"
+                        .into(),
+                )
             })?
             .as_nanos()
             .try_into()
@@ -131,11 +134,11 @@ fn retention_to_proto(retention: log::Retention) -> Option<pb::RetentionPolicy> 
     })
 }
 
-pub(super) fn page_size(requested: u32, field: &str) -> Result<usize, Status> {
+pub(super) fn page_size(requested: u32, field: &str) -> Result<usize, Error> {
     match requested {
         0 => Ok(DEFAULT_PAGE as usize),
         n if n <= MAX_PAGE => Ok(n as usize),
-        n => Err(invalid(format!(
+        n => Err(Error::InvalidArgument(format!(
             "{field} {n} is too large: the most is {MAX_PAGE}"
         ))),
     }

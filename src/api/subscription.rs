@@ -10,7 +10,6 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use super::convert::timestamp;
 use super::SUBSCRIBE_RESPONSE_BYTES;
@@ -58,7 +57,7 @@ pub(super) async fn lease_lost(lease: &Option<ConsumerLease>) -> Error {
 /// events keeps an up-to-date cursor without a message per skipped event.
 pub(super) async fn run_subscription(
     delivery: Delivery,
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Error>>,
     heartbeat: Duration,
     shutdown: CancellationToken,
 ) {

@@ -245,7 +245,7 @@ impl Admitted {
                 Some(flag) => format!("the server's {flag} plus framing"),
                 None => "a fixed limit for this service".to_string(),
             };
-            return Err(Status::from(Error::InvalidArgument(format!(
+            return Err(Status::from(Error::TooLarge(format!(
                 "request message of {length} bytes exceeds the largest accepted, {} bytes ({raise})",
                 self.max_message_bytes
             ))));

@@ -26,7 +26,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::api::{ApiKeysService, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
+use crate::api::{ApiKeysService, Calls, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 use crate::auth::KeyRing;
 use crate::config::{ServerConfig, REQUEST_OVERHEAD_BYTES};
 use crate::error::Error;
@@ -148,7 +148,7 @@ impl Server {
                 .max_request_bytes_in_flight
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
-        let service = EventLogService::new(
+        let calls = Arc::new(Calls::new(
             self.log.clone(),
             self.keys.clone(),
             ServiceConfig {
@@ -159,8 +159,8 @@ impl Server {
             },
             cancel.clone(),
             subscriptions.clone(),
-        );
-        let service = EventLogServer::new(service)
+        ));
+        let service = EventLogServer::new(EventLogService::new(calls.clone()))
             .max_decoding_message_size(config.max_batch_bytes + REQUEST_OVERHEAD_BYTES)
             .max_encoding_message_size(
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,

@@ -1,0 +1,517 @@
+//! The calls behind both front ends: each EventLog operation once, from
+//! an authenticated caller and a request message to a response message or
+//! an [`Error`].
+//!
+//! The gRPC service (`super::EventLogService`) and the HTTP JSON API
+//! (`crate::http`) are thin shells over these: they authenticate from
+//! their own headers, translate their own wire form, and map the error
+//! through the one table in `super::status`. So every rule (scopes,
+//! tenants, validation, limits, start positions, subscription slots) is
+//! written once, here or below.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::convert::{
+    consumer_info_to_proto, filter_from_proto, group_info_to_proto, page_size, record_from_proto,
+    retention_from_proto, stream_info_to_proto, timestamp, unix_nanos, version_from_proto,
+};
+use super::subscription::{run_subscription, Delivery};
+use super::{ServiceConfig, DEFAULT_PAGE, MAX_PAGE, MAX_RESPONSE_BYTES, SUBSCRIPTION_BUFFER};
+use crate::auth::{KeyRing, Principal, Scope};
+use crate::error::Error;
+use crate::log::{AppendBatch, ConsumerSettings, Log, StartAt};
+use crate::metrics::ActiveSubscription;
+use crate::proto::encode::encode_events;
+use crate::proto::{self as pb, subscribe_request};
+
+/// Any scope: describing streams needs only a valid key.
+const ANY_SCOPE: &[Scope] = &[Scope::Publish, Scope::Subscribe, Scope::Admin];
+
+/// The responses of one subscription, ended by the error that stopped it.
+pub type SubscriptionResponses = mpsc::Receiver<Result<pb::SubscribeResponse, Error>>;
+
+/// INVALID_ARGUMENT for a request rejected before it reaches the log.
+fn bad(message: impl Into<String>) -> Error {
+    Error::InvalidArgument(message.into())
+}
+
+/// The operations, over one log and key ring; see the module docs.
+pub struct Calls {
+    pub(super) log: Arc<Log>,
+    pub(super) keys: Arc<KeyRing>,
+    pub(super) config: ServiceConfig,
+    /// Cancelled when the server shuts down: subscriptions end with UNAVAILABLE.
+    pub(super) shutdown: CancellationToken,
+    /// Subscription and pipeline tasks, so shutdown can wait for them to end.
+    pub(super) subscriptions: TaskTracker,
+}
+
+impl Calls {
+    /// The calls over `log`.
+    pub fn new(
+        log: Arc<Log>,
+        keys: Arc<KeyRing>,
+        config: ServiceConfig,
+        shutdown: CancellationToken,
+        subscriptions: TaskTracker,
+    ) -> Calls {
+        Calls {
+            log,
+            keys,
+            config,
+            shutdown,
+            subscriptions,
+        }
+    }
+
+    /// The key ring callers authenticate against.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.keys
+    }
+
+    /// The log the calls operate on.
+    pub fn log(&self) -> &Arc<Log> {
+        &self.log
+    }
+
+    /// The service settings (heartbeat interval, pipeline limits, the
+    /// request budget).
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Resolves when the server starts shutting down.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// Checks the caller's key has one of `scopes` and is within its rate.
+    pub(super) fn authorize(
+        &self,
+        caller: Principal,
+        scopes: &[Scope],
+    ) -> Result<Principal, Error> {
+        caller.require(scopes)?;
+        self.keys.admit(&caller)?;
+        Ok(caller)
+    }
+
+    /// Appends a batch (Append).
+    pub async fn append(
+        &self,
+        caller: Principal,
+        request: pb::AppendRequest,
+    ) -> Result<pb::AppendResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Publish])?;
+        let stream = caller.stream(&request.stream)?;
+        let batch = AppendBatch {
+            events: request.events.into_iter().map(record_from_proto).collect(),
+            expected_next_offset: request.expected_next_offset,
+            idempotency_key: request.idempotency_key,
+            fencing_token: request.fencing_token,
+        };
+        let outcome = self.log.append(&stream, batch).await?;
+        Ok(pb::AppendResponse {
+            stream: request.stream,
+            first_offset: outcome.first_offset,
+            count: outcome.count,
+            time: Some(timestamp(outcome.time_unix_nanos)),
+            duplicate: outcome.duplicate,
+        })
+    }
+
+    /// Sets or clears a stream's fencing token (SetFence).
+    pub async fn set_fence(
+        &self,
+        caller: Principal,
+        request: pb::SetFenceRequest,
+    ) -> Result<pb::SetFenceResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Publish])?;
+        let stream = caller.stream(&request.stream)?;
+        self.log
+            .set_fence(&stream, request.token.clone(), request.expected_token)
+            .await?;
+        Ok(pb::SetFenceResponse {
+            stream: request.stream,
+            token: request.token,
+        })
+    }
+
+    /// Reads one page of events (Read).
+    pub async fn read(
+        &self,
+        caller: Principal,
+        request: pb::ReadRequest,
+    ) -> Result<pb::ReadResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let stream = caller.stream(&request.stream)?;
+        let limit = page_size(request.limit, "limit")?;
+        let filter = filter_from_proto(request.filter)?.unwrap_or_default();
+        let version = version_from_proto(request.version)?.unwrap_or_default();
+        let page = self
+            .log
+            .read(&stream, request.offset, limit, MAX_RESPONSE_BYTES, &filter)?;
+        Ok(pb::ReadResponse {
+            events: Vec::new(),
+            encoded_events: encode_events(
+                &request.stream,
+                page.slices
+                    .iter()
+                    .map(|s| (s.chunk.time_unix_nanos, s.events())),
+                version.as_bytes(),
+            ),
+            next_offset: page.next_offset,
+            head_offset: page.head_offset,
+        })
+    }
+
+    /// Opens a subscription (Subscribe): its task sends responses into the returned channel and ends it with the error that stopped it.
+    pub async fn subscribe(
+        &self,
+        caller: Principal,
+        request: pb::SubscribeRequest,
+    ) -> Result<SubscriptionResponses, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let slot = self.keys.subscription_slot(&caller)?;
+        let stream = caller.stream(&request.stream)?;
+        let start = match request.start {
+            None => StartAt::Earliest,
+            Some(subscribe_request::Start::Offset(offset)) => StartAt::Offset(offset),
+            Some(subscribe_request::Start::Position(p)) => match pb::StartPosition::try_from(p) {
+                Ok(pb::StartPosition::Unspecified | pb::StartPosition::Earliest) => {
+                    StartAt::Earliest
+                }
+                Ok(pb::StartPosition::Latest) => StartAt::Latest,
+                Err(_) => {
+                    return Err(bad(format!(
+                        "unknown start position {p}: use EARLIEST, LATEST, an offset or a time"
+                    )))
+                }
+            },
+            Some(subscribe_request::Start::Time(t)) => StartAt::Time(unix_nanos(&t)?),
+        };
+        let max_events = if request.max_batch_events == 0 {
+            DEFAULT_PAGE as usize
+        } else {
+            request.max_batch_events.min(MAX_PAGE) as usize
+        };
+        let filter = filter_from_proto(request.filter)?;
+        let version = version_from_proto(request.version)?;
+        let (subscription, lease, version) = if !request.group.is_empty() {
+            if !request.consumer.is_empty() {
+                return Err(bad("give either consumer or group (with member), not both"));
+            }
+            if request.member.is_empty() {
+                return Err(bad(
+                    "a group subscription needs a member id: each worker passes its own, stable one",
+                ));
+            }
+            let subscription = self
+                .log
+                .subscribe_group(
+                    &stream,
+                    &request.group,
+                    &request.member,
+                    start,
+                    filter.unwrap_or_default(),
+                )
+                .await?;
+            (subscription, None, version.unwrap_or_default())
+        } else if !request.member.is_empty() {
+            return Err(bad("member is only meaningful with group"));
+        } else if request.consumer.is_empty() {
+            let subscription = self
+                .log
+                .subscribe(&stream, start, filter.unwrap_or_default())?;
+            (subscription, None, version.unwrap_or_default())
+        } else {
+            let settings = ConsumerSettings { filter, version };
+            let (lease, cursor, filter, version) = self
+                .log
+                .open_consumer(&stream, &request.consumer, start, settings)
+                .await?;
+            let subscription = self
+                .log
+                .subscribe(&stream, StartAt::Offset(cursor), filter)?;
+            (subscription, Some(lease), version)
+        };
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
+        self.subscriptions.spawn(run_subscription(
+            Delivery {
+                stream: request.stream,
+                subscription,
+                lease,
+                key: (self.keys.clone(), caller, slot),
+                version: Bytes::from(version),
+                max_events,
+                metrics: (
+                    self.log.stream_metrics(&stream)?.delivered_events,
+                    ActiveSubscription::new(self.log.metrics()),
+                ),
+            },
+            tx,
+            self.config.heartbeat_interval,
+            self.shutdown.clone(),
+        ));
+        Ok(rx)
+    }
+
+    /// Creates a stream (CreateStream).
+    pub async fn create_stream(
+        &self,
+        caller: Principal,
+        request: pb::CreateStreamRequest,
+    ) -> Result<pb::CreateStreamResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Publish, Scope::Admin])?;
+        let retention = retention_from_proto(request.retention)?;
+        let name = request.stream;
+        let info = self
+            .log
+            .create_stream(&caller.stream(&name)?, retention)
+            .await?;
+        Ok(pb::CreateStreamResponse {
+            stream: Some(stream_info_to_proto(info, name)),
+        })
+    }
+
+    /// Describes a stream (GetStream).
+    pub async fn get_stream(
+        &self,
+        caller: Principal,
+        request: pb::GetStreamRequest,
+    ) -> Result<pb::GetStreamResponse, Error> {
+        let caller = self.authorize(caller, ANY_SCOPE)?;
+        let name = request.stream;
+        let info = self.log.stream_info(&caller.stream(&name)?)?;
+        Ok(pb::GetStreamResponse {
+            stream: Some(stream_info_to_proto(info, name)),
+        })
+    }
+
+    /// Lists the caller's streams a page at a time (ListStreams).
+    pub async fn list_streams(
+        &self,
+        caller: Principal,
+        request: pb::ListStreamsRequest,
+    ) -> Result<pb::ListStreamsResponse, Error> {
+        let caller = self.authorize(caller, ANY_SCOPE)?;
+        let limit = page_size(request.page_size, "page_size")?;
+        // An empty token gives the tenant's prefix: its first page.
+        let after = crate::auth::stored_stream_name(&caller.tenant, &request.page_token);
+        // Only the caller's tenant's streams its key may use. One more than
+        // asked tells whether another page exists.
+        let visible = |stored: &str| caller.own_name(stored).is_some_and(|n| caller.may_use(n));
+        let mut streams = self.log.list_streams(&after, limit + 1, &visible);
+        let more = streams.len() > limit;
+        streams.truncate(limit);
+        let streams: Vec<pb::StreamInfo> = streams
+            .into_iter()
+            .map(|info| {
+                let name = caller.own_name(&info.name).unwrap_or_default().to_string();
+                stream_info_to_proto(info, name)
+            })
+            .collect();
+        let next_page_token = match streams.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
+        };
+        Ok(pb::ListStreamsResponse {
+            streams,
+            next_page_token,
+        })
+    }
+
+    /// Deletes a stream and everything in it (DeleteStream).
+    pub async fn delete_stream(
+        &self,
+        caller: Principal,
+        request: pb::DeleteStreamRequest,
+    ) -> Result<pb::DeleteStreamResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Admin])?;
+        let name = request.stream;
+        self.log.delete_stream(&caller.stream(&name)?).await?;
+        Ok(pb::DeleteStreamResponse {})
+    }
+
+    /// Saves a durable consumer's cursor (CommitCursor).
+    pub async fn commit_cursor(
+        &self,
+        caller: Principal,
+        request: pb::CommitCursorRequest,
+    ) -> Result<pb::CommitCursorResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let info = self
+            .log
+            .commit_cursor(
+                &caller.stream(&request.stream)?,
+                &request.consumer,
+                request.next_offset,
+            )
+            .await?;
+        Ok(pb::CommitCursorResponse {
+            consumer: Some(consumer_info_to_proto(info, request.stream)),
+        })
+    }
+
+    /// Describes a durable consumer (GetConsumer).
+    pub async fn get_consumer(
+        &self,
+        caller: Principal,
+        request: pb::GetConsumerRequest,
+    ) -> Result<pb::GetConsumerResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let info = self
+            .log
+            .consumer_info(&caller.stream(&request.stream)?, &request.consumer)?;
+        Ok(pb::GetConsumerResponse {
+            consumer: Some(consumer_info_to_proto(info, request.stream)),
+        })
+    }
+
+    /// Lists a stream's durable consumers (ListConsumers).
+    pub async fn list_consumers(
+        &self,
+        caller: Principal,
+        request: pb::ListConsumersRequest,
+    ) -> Result<pb::ListConsumersResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let name = request.stream;
+        let consumers = self.log.list_consumers(&caller.stream(&name)?)?;
+        Ok(pb::ListConsumersResponse {
+            consumers: consumers
+                .into_iter()
+                .map(|c| consumer_info_to_proto(c, name.clone()))
+                .collect(),
+        })
+    }
+
+    /// Changes a stream's retention (UpdateStream).
+    pub async fn update_stream(
+        &self,
+        caller: Principal,
+        request: pb::UpdateStreamRequest,
+    ) -> Result<pb::UpdateStreamResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Admin])?;
+        let retention = retention_from_proto(request.retention)?;
+        let info = self
+            .log
+            .update_stream(&caller.stream(&request.stream)?, retention)
+            .await?;
+        Ok(pb::UpdateStreamResponse {
+            stream: Some(stream_info_to_proto(info, request.stream)),
+        })
+    }
+
+    /// Describes the server and the caller's streams (GetServerStatus).
+    pub async fn get_server_status(
+        &self,
+        caller: Principal,
+        _request: pb::GetServerStatusRequest,
+    ) -> Result<pb::GetServerStatusResponse, Error> {
+        let caller = self.authorize(caller, ANY_SCOPE)?;
+        let (started, uptime) = self.log.opened();
+        let visible = |stored: &str| caller.own_name(stored).is_some_and(|n| caller.may_use(n));
+        let start = crate::auth::stored_stream_name(&caller.tenant, "");
+        let mut streams = Vec::new();
+        // A stream deleted between listing and describing is left out.
+        for info in self.log.list_streams(&start, usize::MAX, &visible) {
+            let (Ok(rate), Ok(consumers), Ok(damaged)) = (
+                self.log.append_rate(&info.name),
+                self.log.list_consumers(&info.name),
+                self.log.damaged_ranges(&info.name),
+            ) else {
+                continue;
+            };
+            let name = caller.own_name(&info.name).unwrap_or_default().to_string();
+            streams.push(pb::StreamStatus {
+                consumers: consumers
+                    .into_iter()
+                    .map(|c| consumer_info_to_proto(c, name.clone()))
+                    .collect(),
+                stream: Some(stream_info_to_proto(info, name)),
+                append_rate: rate,
+                damaged: damaged
+                    .into_iter()
+                    .map(|(first_offset, end_offset)| pb::DamagedRange {
+                        first_offset,
+                        end_offset,
+                    })
+                    .collect(),
+            });
+        }
+        Ok(pb::GetServerStatusResponse {
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            start_time: Some(timestamp(started)),
+            uptime: prost_types::Duration::try_from(uptime).ok(),
+            streams,
+            write_refusal: self.log.write_refusal().reason.unwrap_or_default(),
+        })
+    }
+
+    /// Saves a group member's progress (CommitGroup).
+    pub async fn commit_group(
+        &self,
+        caller: Principal,
+        request: pb::CommitGroupRequest,
+    ) -> Result<pb::CommitGroupResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let info = self
+            .log
+            .commit_group(
+                &caller.stream(&request.stream)?,
+                &request.group,
+                &request.member,
+                request.next_offset,
+            )
+            .await?;
+        Ok(pb::CommitGroupResponse {
+            group: Some(group_info_to_proto(info, request.stream)),
+        })
+    }
+
+    /// Describes a consumer group (GetGroup).
+    pub async fn get_group(
+        &self,
+        caller: Principal,
+        request: pb::GetGroupRequest,
+    ) -> Result<pb::GetGroupResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let info = self
+            .log
+            .group_info(&caller.stream(&request.stream)?, &request.group)?;
+        Ok(pb::GetGroupResponse {
+            group: Some(group_info_to_proto(info, request.stream)),
+        })
+    }
+
+    /// Deletes a consumer group (DeleteGroup).
+    pub async fn delete_group(
+        &self,
+        caller: Principal,
+        request: pb::DeleteGroupRequest,
+    ) -> Result<pb::DeleteGroupResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Admin])?;
+        self.log
+            .delete_group(&caller.stream(&request.stream)?, &request.group)
+            .await?;
+        Ok(pb::DeleteGroupResponse {})
+    }
+
+    /// Deletes a durable consumer (DeleteConsumer).
+    pub async fn delete_consumer(
+        &self,
+        caller: Principal,
+        request: pb::DeleteConsumerRequest,
+    ) -> Result<pb::DeleteConsumerResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Admin])?;
+        self.log
+            .delete_consumer(&caller.stream(&request.stream)?, &request.consumer)
+            .await?;
+        Ok(pb::DeleteConsumerResponse {})
+    }
+}
