@@ -21,6 +21,9 @@
 //! - [`api`]: the gRPC services (`EventLog`, `ApiKeys`): handlers,
 //!   conversions, the subscription loop, the append pipeline loop; maps
 //!   [`error::Error`] to status codes in one place.
+//! - [`http`]: the HTTP JSON API (`/v1`: pages, long-polls, Server-Sent
+//!   Events, streams, consumers, status), a shell over `api`'s calls,
+//!   served on the gRPC listener.
 //! - [`metrics`]: Prometheus metrics, per server, with bounded labels that
 //!   name no tenant's streams unless asked.
 //! - [`clock`]: the wall clock every comparison with stored times reads
@@ -76,6 +79,7 @@ pub mod config;
 pub mod durability;
 pub mod engine;
 pub mod error;
+pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod names;

@@ -15,6 +15,7 @@ mod connections;
 mod handshake;
 mod health;
 mod metrics_endpoint;
+mod split;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -165,6 +166,17 @@ impl Server {
             .max_encoding_message_size(
                 MAX_RESPONSE_BYTES + config.max_event_bytes + REQUEST_OVERHEAD_BYTES,
             );
+        let http = crate::http::router(
+            calls.clone(),
+            crate::http::HttpSettings {
+                max_body_bytes: 2 * config.max_batch_bytes + REQUEST_OVERHEAD_BYTES,
+                body_timeout: config.request_body_timeout,
+                sse_max_duration: config.sse_max_duration,
+                cors_origins: config.http_cors_origins.clone(),
+            },
+        );
+        let split =
+            split::SplitLayer::new(http, crate::http::cors_layer(&config.http_cors_origins));
         let handshake_timeout = config.handshake_timeout;
         let connections = connections::ConnectionLimit::new(config.max_connections);
         let incoming = tokio_stream::StreamExt::filter_map(
@@ -191,7 +203,7 @@ impl Server {
                 body_timeout: config.request_body_timeout,
             },
         );
-        info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC");
+        info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC, gRPC-Web and the HTTP API");
 
         let metrics_task = self.metrics_listener.take().map(|listener| {
             let metrics_address = metrics_address.expect("bound");
@@ -226,6 +238,10 @@ impl Server {
             // whose calls are refused unread can make a connection buffer
             // at most 64 KiB (1024 connections: 64 MiB).
             .http2_adaptive_window(Some(true))
+            // HTTP/1.1 for the JSON API, SSE and gRPC-Web (browsers and
+            // proxies that strip HTTP/2); gRPC itself stays on HTTP/2.
+            .accept_http1(true)
+            .layer(split)
             .layer(admission)
             .add_service(service)
             .add_service(

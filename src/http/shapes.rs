@@ -1,0 +1,363 @@
+//! The JSON forms of the API's messages: what `POST .../events` takes, and
+//! how events, streams, consumers and the server's status are written.
+//!
+//! Payloads: an event's `data` is written as JSON when its content type is
+//! JSON (`application/json`, `…+json`, or none) and its bytes parse as
+//! JSON, exactly as stored; otherwise as `data_base64`. An appended event
+//! gives one of the two; `data` is stored as its JSON text with content
+//! type `application/json` unless another is named.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+
+use crate::error::Error;
+use crate::proto as pb;
+
+/// The body of `POST /v1/streams/{stream}/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppendBody {
+    /// The batch, appended atomically.
+    pub events: Vec<NewEventBody>,
+    /// Append only if the stream's next offset is this (else 412).
+    #[serde(default)]
+    pub expected_next_offset: Option<u64>,
+    /// The producer's fencing token, if the stream is fenced.
+    #[serde(default)]
+    pub fencing_token: String,
+}
+
+/// One event of an append.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewEventBody {
+    /// What happened, e.g. `invoice.paid`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// The entity it is about.
+    #[serde(default)]
+    pub key: String,
+    /// The payload as any JSON value.
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
+    /// The payload as base64 bytes (standard alphabet, padded).
+    #[serde(default)]
+    pub data_base64: Option<String>,
+    /// The payload's media type.
+    #[serde(default)]
+    pub content_type: String,
+    /// Free-form string attributes.
+    #[serde(default)]
+    pub metadata: HashMap<String, String>,
+    /// Extra renderings by version label.
+    #[serde(default)]
+    pub versions: HashMap<String, VersionBody>,
+}
+
+/// One rendering of a payload, in an append.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionBody {
+    /// The payload as any JSON value.
+    #[serde(default)]
+    pub data: Option<Box<RawValue>>,
+    /// The payload as base64 bytes.
+    #[serde(default)]
+    pub data_base64: Option<String>,
+    /// Its media type; empty means the event's.
+    #[serde(default)]
+    pub content_type: String,
+}
+
+/// A payload from `data` or `data_base64` (not both), and the content type
+/// to store with it.
+fn payload(
+    data: Option<Box<RawValue>>,
+    data_base64: Option<String>,
+    content_type: String,
+    what: &str,
+) -> Result<(bytes::Bytes, String), Error> {
+    match (data, data_base64) {
+        (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
+            "{what} gives both `data` and `data_base64`: give one"
+        ))),
+        (Some(raw), None) => {
+            let content_type = if content_type.is_empty() {
+                "application/json".to_string()
+            } else {
+                content_type
+            };
+            let text: Box<str> = raw.into();
+            Ok((bytes::Bytes::from(text.into_boxed_bytes()), content_type))
+        }
+        (None, Some(encoded)) => {
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(encoded.as_bytes())
+                .map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "{what}: `data_base64` is not valid base64 ({e})"
+                    ))
+                })?;
+            Ok((data.into(), content_type))
+        }
+        (None, None) => Ok((bytes::Bytes::new(), content_type)),
+    }
+}
+
+impl AppendBody {
+    /// The Append request this body stands for.
+    pub fn into_request(
+        self,
+        stream: String,
+        idempotency_key: String,
+    ) -> Result<pb::AppendRequest, Error> {
+        let mut events = Vec::with_capacity(self.events.len());
+        for (i, event) in self.events.into_iter().enumerate() {
+            let what = format!("event {i}");
+            let (data, content_type) =
+                payload(event.data, event.data_base64, event.content_type, &what)?;
+            let mut versions = HashMap::with_capacity(event.versions.len());
+            for (label, version) in event.versions {
+                let (data, content_type) = payload(
+                    version.data,
+                    version.data_base64,
+                    version.content_type,
+                    &format!("{what}, version {label:?}"),
+                )?;
+                versions.insert(label, pb::PayloadVersion { data, content_type });
+            }
+            events.push(pb::NewEvent {
+                r#type: event.event_type,
+                key: event.key,
+                data,
+                content_type,
+                metadata: event.metadata,
+                versions,
+            });
+        }
+        Ok(pb::AppendRequest {
+            stream,
+            events,
+            expected_next_offset: self.expected_next_offset,
+            idempotency_key,
+            fencing_token: self.fencing_token,
+        })
+    }
+}
+
+/// RFC 3339 text of a protobuf timestamp (UTC, nanoseconds).
+pub fn time(t: &Option<prost_types::Timestamp>) -> Value {
+    match t {
+        None => Value::Null,
+        Some(t) => {
+            let since_epoch = Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
+            Value::String(
+                humantime::format_rfc3339_nanos(SystemTime::UNIX_EPOCH + since_epoch).to_string(),
+            )
+        }
+    }
+}
+
+/// Whether a content type says JSON.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
+}
+
+/// An event as the HTTP API writes it.
+pub fn event(event: &pb::Event) -> Value {
+    let mut out = Map::new();
+    out.insert("stream".into(), json!(event.stream));
+    out.insert("offset".into(), json!(event.offset));
+    out.insert("type".into(), json!(event.r#type));
+    out.insert("key".into(), json!(event.key));
+    out.insert("time".into(), time(&event.time));
+    out.insert("content_type".into(), json!(event.content_type));
+    let as_json = is_json(&event.content_type)
+        .then(|| serde_json::from_slice::<Value>(&event.data).ok())
+        .flatten();
+    match as_json {
+        Some(value) => out.insert("data".into(), value),
+        None => out.insert(
+            "data_base64".into(),
+            json!(base64::engine::general_purpose::STANDARD.encode(&event.data)),
+        ),
+    };
+    out.insert("metadata".into(), json!(event.metadata));
+    out.insert("version".into(), json!(event.version));
+    Value::Object(out)
+}
+
+/// A retention policy (`null` when the stream keeps everything).
+fn retention(policy: &Option<pb::RetentionPolicy>) -> Value {
+    match policy {
+        None => Value::Null,
+        Some(p) => json!({
+            "max_age": p.max_age.and_then(|d| Duration::try_from(d).ok())
+                .map(|d| humantime::format_duration(d).to_string()),
+            "max_events": p.max_events,
+            "max_bytes": p.max_bytes,
+        }),
+    }
+}
+
+/// A stream's description.
+pub fn stream(info: &pb::StreamInfo) -> Value {
+    json!({
+        "name": info.name,
+        "first_offset": info.first_offset,
+        "next_offset": info.next_offset,
+        "event_count": info.event_count,
+        "approximate_bytes": info.approximate_bytes,
+        "created_time": time(&info.created_time),
+        "retention": retention(&info.retention),
+    })
+}
+
+/// A filter (`null` when none).
+fn filter(filter: &Option<pb::EventFilter>) -> Value {
+    match filter {
+        None => Value::Null,
+        Some(f) => json!({ "types": f.types, "keys": f.keys }),
+    }
+}
+
+/// A durable consumer's description.
+pub fn consumer(info: &pb::ConsumerInfo) -> Value {
+    json!({
+        "stream": info.stream,
+        "name": info.name,
+        "next_offset": info.next_offset,
+        "lag": info.lag,
+        "last_commit_time": time(&info.last_commit_time),
+        "created_time": time(&info.created_time),
+        "filter": filter(&info.filter),
+        "version": info.version,
+        "active": info.active,
+        "cursor_trimmed": info.cursor_trimmed,
+    })
+}
+
+/// The server's status, as `GET /v1/status` writes it.
+pub fn status(status: &pb::GetServerStatusResponse) -> Value {
+    json!({
+        "server_version": status.server_version,
+        "start_time": time(&status.start_time),
+        "uptime_seconds": status.uptime.map_or(0, |u| u.seconds),
+        "write_refusal": status.write_refusal,
+        "streams": status.streams.iter().map(|s| json!({
+            "stream": s.stream.as_ref().map(stream),
+            "append_rate": s.append_rate,
+            "consumers": s.consumers.iter().map(consumer).collect::<Vec<_>>(),
+            "damaged": s.damaged.iter().map(|d| json!({
+                "first_offset": d.first_offset,
+                "end_offset": d.end_offset,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A retention policy from `PUT /v1/streams/{stream}`'s body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionBody {
+    /// Events older than this are trimmed (`7d`, `12h`).
+    #[serde(default)]
+    pub max_age: Option<String>,
+    /// At most this many events are kept.
+    #[serde(default)]
+    pub max_events: u64,
+    /// At most about this many bytes are kept.
+    #[serde(default)]
+    pub max_bytes: u64,
+}
+
+/// The body of `PUT /v1/streams/{stream}` (optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamBody {
+    /// The stream's retention; absent keeps everything.
+    #[serde(default)]
+    pub retention: Option<RetentionBody>,
+}
+
+impl RetentionBody {
+    /// The proto form.
+    pub fn into_proto(self) -> Result<pb::RetentionPolicy, Error> {
+        let max_age = match self.max_age {
+            None => None,
+            Some(text) => {
+                let age = humantime::parse_duration(&text).map_err(|e| {
+                    Error::InvalidArgument(format!(
+                        "retention max_age {text:?}: {e} (write durations like 12h or 7d)"
+                    ))
+                })?;
+                Some(prost_types::Duration::try_from(age).map_err(|_| {
+                    Error::InvalidArgument(format!("retention max_age {text:?} is too long"))
+                })?)
+            }
+        };
+        Ok(pb::RetentionPolicy {
+            max_age,
+            max_events: self.max_events,
+            max_bytes: self.max_bytes,
+        })
+    }
+}
+
+/// The body of `POST .../consumers/{name}/commit`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    /// The offset the consumer resumes from: one past the last event it
+    /// processed (a page's `next_offset`).
+    pub next_offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_payloads_are_written_as_json_and_others_as_base64() {
+        let mut e = pb::Event {
+            data: bytes::Bytes::from_static(br#"{"a":1}"#),
+            content_type: "application/json".into(),
+            ..Default::default()
+        };
+        assert_eq!(event(&e)["data"], json!({"a": 1}));
+        e.content_type = "application/vnd.x+json; charset=utf-8".into();
+        assert_eq!(event(&e)["data"], json!({"a": 1}));
+        e.content_type = "text/plain".into();
+        assert_eq!(event(&e)["data_base64"], json!("eyJhIjoxfQ=="));
+        e.content_type = String::new();
+        e.data = bytes::Bytes::from_static(b"\xff not json");
+        assert!(event(&e).get("data").is_none());
+    }
+
+    #[test]
+    fn an_appended_payload_is_one_of_data_and_data_base64() {
+        let body: AppendBody = serde_json::from_str(
+            r#"{"events":[{"type":"a","data":{"x": [1, 2]}},{"type":"b","data_base64":"AAE=","content_type":"application/octet-stream"}]}"#,
+        )
+        .unwrap();
+        let request = body.into_request("s".into(), String::new()).unwrap();
+        assert_eq!(&request.events[0].data[..], br#"{"x": [1, 2]}"#);
+        assert_eq!(request.events[0].content_type, "application/json");
+        assert_eq!(&request.events[1].data[..], &[0, 1]);
+        let both: AppendBody =
+            serde_json::from_str(r#"{"events":[{"type":"a","data":1,"data_base64":"AA=="}]}"#)
+                .unwrap();
+        assert!(both.into_request("s".into(), String::new()).is_err());
+    }
+}
