@@ -90,7 +90,7 @@ pub(super) async fn run_subscription(
         let slices = match subscription.poll(max_events, SUBSCRIBE_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
-                let _ = last_word.send(Err(error.into()));
+                let _ = last_word.send(Err(error));
                 return;
             }
         };
@@ -134,15 +134,15 @@ pub(super) async fn run_subscription(
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },
                 _ = shutdown.cancelled() => {
-                    let _ = last_word.send(Err(Error::ShuttingDown.into()));
+                    let _ = last_word.send(Err(Error::ShuttingDown));
                     return;
                 }
                 error = lease_lost(&lease) => {
-                    let _ = last_word.send(Err(error.into()));
+                    let _ = last_word.send(Err(error));
                     return;
                 }
                 error = key_lost(&keys, &principal) => {
-                    let _ = last_word.send(Err(error.into()));
+                    let _ = last_word.send(Err(error));
                     return;
                 }
             }
@@ -162,15 +162,15 @@ pub(super) async fn run_subscription(
             _ = tokio::time::sleep_until(idle_until) => send_now = true,
             _ = tx.closed() => return,
             _ = shutdown.cancelled() => {
-                let _ = last_word.send(Err(Error::ShuttingDown.into()));
+                let _ = last_word.send(Err(Error::ShuttingDown));
                 return;
             }
             error = lease_lost(&lease) => {
-                let _ = last_word.send(Err(error.into()));
+                let _ = last_word.send(Err(error));
                 return;
             }
             error = key_lost(&keys, &principal) => {
-                let _ = last_word.send(Err(error.into()));
+                let _ = last_word.send(Err(error));
                 return;
             }
         }

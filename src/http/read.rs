@@ -358,6 +358,6 @@ fn server_sent_events(
         }
     });
     stream::once(async move { hint })
-        .chain(followed.flat_map(|events| stream::iter(events)))
+        .chain(followed.flat_map(stream::iter))
         .map(Ok)
 }

@@ -11,6 +11,7 @@ mod bad_input;
 mod consumers;
 mod durability;
 mod groups;
+mod http;
 mod invariants;
 mod limits;
 pub mod operability;
