@@ -350,7 +350,7 @@ async fn list_streams(
     ok(
         StatusCode::OK,
         json!({
-            "streams": page.streams.iter().map(shapes::stream).collect::<Vec<_>>(),
+            "streams": page.streams.iter().map(crate::proto::json::stream_info).collect::<Vec<_>>(),
             "next_page_token": page.next_page_token,
         }),
     )
@@ -368,7 +368,10 @@ async fn get_stream(
         .await?;
     ok(
         StatusCode::OK,
-        info.stream.as_ref().map(shapes::stream).into(),
+        info.stream
+            .as_ref()
+            .map(crate::proto::json::stream_info)
+            .into(),
     )
 }
 
@@ -411,7 +414,10 @@ async fn put_stream(
         }
         Err(e) => return Err(e.into()),
     };
-    ok(status, info.as_ref().map(shapes::stream).into())
+    ok(
+        status,
+        info.as_ref().map(crate::proto::json::stream_info).into(),
+    )
 }
 
 async fn delete_stream(
@@ -445,7 +451,7 @@ async fn append(State(api): State<Api>, Path(stream): Path<String>, request: Req
             "stream": appended.stream,
             "first_offset": appended.first_offset,
             "count": appended.count,
-            "time": shapes::time(&appended.time),
+            "time": crate::proto::json::time_text(appended.time.as_ref()),
             "duplicate": appended.duplicate,
         }),
     )
@@ -463,7 +469,7 @@ async fn list_consumers(
         .await?;
     ok(
         StatusCode::OK,
-        json!({ "consumers": list.consumers.iter().map(shapes::consumer).collect::<Vec<_>>() }),
+        json!({ "consumers": list.consumers.iter().map(crate::proto::json::consumer_info).collect::<Vec<_>>() }),
     )
 }
 
@@ -479,7 +485,10 @@ async fn get_consumer(
         .await?;
     ok(
         StatusCode::OK,
-        info.consumer.as_ref().map(shapes::consumer).into(),
+        info.consumer
+            .as_ref()
+            .map(crate::proto::json::consumer_info)
+            .into(),
     )
 }
 
@@ -515,6 +524,9 @@ async fn commit_consumer(
         .await?;
     ok(
         StatusCode::OK,
-        info.consumer.as_ref().map(shapes::consumer).into(),
+        info.consumer
+            .as_ref()
+            .map(crate::proto::json::consumer_info)
+            .into(),
     )
 }

@@ -34,7 +34,7 @@ use prost::Message;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{principal, shapes, Answer, Api, HEAD_OFFSET_HEADER, NEXT_OFFSET_HEADER};
+use super::{principal, Answer, Api, HEAD_OFFSET_HEADER, NEXT_OFFSET_HEADER};
 use crate::api::{error_message, http_status, SubscriptionResponses, MAX_PAGE};
 use crate::error::Error;
 use crate::proto::{self as pb, subscribe_request};
@@ -285,7 +285,7 @@ async fn page(
         return Err(Error::ShuttingDown.into());
     };
     let body = json!({
-        "events": events.iter().map(shapes::event).collect::<Vec<_>>(),
+        "events": events.iter().map(crate::proto::json::event).collect::<Vec<_>>(),
         "next_offset": latest.next_offset,
         "head_offset": latest.head_offset,
         "caught_up": latest.caught_up,
@@ -341,7 +341,7 @@ fn server_sent_events(
                             SseEvent::default()
                                 .id(resume.to_string())
                                 .event(e.r#type.clone())
-                                .data(shapes::event(e).to_string())
+                                .data(crate::proto::json::event(e).to_string())
                         })
                         .collect()
                 };

@@ -1,22 +1,21 @@
-//! The JSON forms of the API's messages: what `POST .../events` takes, and
-//! how events, streams, consumers and the server's status are written.
+//! The JSON bodies the HTTP API takes (appends, stream settings, commits),
+//! and its status page; events, streams and consumers are written in the
+//! one JSON form (`proto::json`) the CLI prints too.
 //!
-//! Payloads: an event's `data` is written as JSON when its content type is
-//! JSON (`application/json`, `…+json`, or none) and its bytes parse as
-//! JSON, exactly as stored; otherwise as `data_base64`. An appended event
-//! gives one of the two; `data` is stored as its JSON text with content
-//! type `application/json` unless another is named.
+//! An appended event gives its payload as `data` (any JSON value, stored
+//! as its JSON text with content type `application/json` unless another
+//! is named) or `data_base64` (bytes), not both.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::error::Error;
 use crate::proto as pb;
+use crate::proto::json::{consumer_info, stream_info, time_text};
 
 /// The body of `POST /v1/streams/{stream}/events`.
 #[derive(Debug, Deserialize)]
@@ -150,115 +149,17 @@ impl AppendBody {
     }
 }
 
-/// RFC 3339 text of a protobuf timestamp (UTC, nanoseconds).
-pub fn time(t: &Option<prost_types::Timestamp>) -> Value {
-    match t {
-        None => Value::Null,
-        Some(t) => {
-            let since_epoch = Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32);
-            Value::String(
-                humantime::format_rfc3339_nanos(SystemTime::UNIX_EPOCH + since_epoch).to_string(),
-            )
-        }
-    }
-}
-
-/// Whether a content type says JSON.
-fn is_json(content_type: &str) -> bool {
-    let essence = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
-}
-
-/// An event as the HTTP API writes it.
-pub fn event(event: &pb::Event) -> Value {
-    let mut out = Map::new();
-    out.insert("stream".into(), json!(event.stream));
-    out.insert("offset".into(), json!(event.offset));
-    out.insert("type".into(), json!(event.r#type));
-    out.insert("key".into(), json!(event.key));
-    out.insert("time".into(), time(&event.time));
-    out.insert("content_type".into(), json!(event.content_type));
-    let as_json = is_json(&event.content_type)
-        .then(|| serde_json::from_slice::<Value>(&event.data).ok())
-        .flatten();
-    match as_json {
-        Some(value) => out.insert("data".into(), value),
-        None => out.insert(
-            "data_base64".into(),
-            json!(base64::engine::general_purpose::STANDARD.encode(&event.data)),
-        ),
-    };
-    out.insert("metadata".into(), json!(event.metadata));
-    out.insert("version".into(), json!(event.version));
-    Value::Object(out)
-}
-
-/// A retention policy (`null` when the stream keeps everything).
-fn retention(policy: &Option<pb::RetentionPolicy>) -> Value {
-    match policy {
-        None => Value::Null,
-        Some(p) => json!({
-            "max_age": p.max_age.and_then(|d| Duration::try_from(d).ok())
-                .map(|d| humantime::format_duration(d).to_string()),
-            "max_events": p.max_events,
-            "max_bytes": p.max_bytes,
-        }),
-    }
-}
-
-/// A stream's description.
-pub fn stream(info: &pb::StreamInfo) -> Value {
-    json!({
-        "name": info.name,
-        "first_offset": info.first_offset,
-        "next_offset": info.next_offset,
-        "event_count": info.event_count,
-        "approximate_bytes": info.approximate_bytes,
-        "created_time": time(&info.created_time),
-        "retention": retention(&info.retention),
-    })
-}
-
-/// A filter (`null` when none).
-fn filter(filter: &Option<pb::EventFilter>) -> Value {
-    match filter {
-        None => Value::Null,
-        Some(f) => json!({ "types": f.types, "keys": f.keys }),
-    }
-}
-
-/// A durable consumer's description.
-pub fn consumer(info: &pb::ConsumerInfo) -> Value {
-    json!({
-        "stream": info.stream,
-        "name": info.name,
-        "next_offset": info.next_offset,
-        "lag": info.lag,
-        "last_commit_time": time(&info.last_commit_time),
-        "created_time": time(&info.created_time),
-        "filter": filter(&info.filter),
-        "version": info.version,
-        "active": info.active,
-        "cursor_trimmed": info.cursor_trimmed,
-    })
-}
-
 /// The server's status, as `GET /v1/status` writes it.
 pub fn status(status: &pb::GetServerStatusResponse) -> Value {
     json!({
         "server_version": status.server_version,
-        "start_time": time(&status.start_time),
+        "start_time": time_text(status.start_time.as_ref()),
         "uptime_seconds": status.uptime.map_or(0, |u| u.seconds),
         "write_refusal": status.write_refusal,
         "streams": status.streams.iter().map(|s| json!({
-            "stream": s.stream.as_ref().map(stream),
+            "stream": s.stream.as_ref().map(stream_info),
             "append_rate": s.append_rate,
-            "consumers": s.consumers.iter().map(consumer).collect::<Vec<_>>(),
+            "consumers": s.consumers.iter().map(consumer_info).collect::<Vec<_>>(),
             "damaged": s.damaged.iter().map(|d| json!({
                 "first_offset": d.first_offset,
                 "end_offset": d.end_offset,
@@ -327,23 +228,6 @@ pub struct CommitBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_payloads_are_written_as_json_and_others_as_base64() {
-        let mut e = pb::Event {
-            data: bytes::Bytes::from_static(br#"{"a":1}"#),
-            content_type: "application/json".into(),
-            ..Default::default()
-        };
-        assert_eq!(event(&e)["data"], json!({"a": 1}));
-        e.content_type = "application/vnd.x+json; charset=utf-8".into();
-        assert_eq!(event(&e)["data"], json!({"a": 1}));
-        e.content_type = "text/plain".into();
-        assert_eq!(event(&e)["data_base64"], json!("eyJhIjoxfQ=="));
-        e.content_type = String::new();
-        e.data = bytes::Bytes::from_static(b"\xff not json");
-        assert!(event(&e).get("data").is_none());
-    }
 
     #[test]
     fn an_appended_payload_is_one_of_data_and_data_base64() {

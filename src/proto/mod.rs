@@ -12,6 +12,7 @@ tonic::include_proto!("pullstream.v1");
 
 pub mod codec;
 pub mod encode;
+pub mod json;
 pub mod wire;
 pub use wire::{ReadResponse, SubscribeResponse};
 
