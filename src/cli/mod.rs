@@ -6,6 +6,7 @@ mod consumers;
 mod groups;
 mod json;
 mod keys;
+mod listen;
 mod publish;
 mod repair;
 mod status;
@@ -90,6 +91,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print a stream's events as JSON lines, following new ones live
     Tail(tail::TailArgs),
+    /// Deliver a stream to a local webhook handler (POST per event, signed, retried, in order) as a durable consumer
+    Listen(listen::ListenArgs),
     /// List, inspect, create and delete streams
     Streams(streams::StreamsArgs),
     /// List, inspect, commit and delete a stream's durable consumers
@@ -115,6 +118,7 @@ impl Cli {
             Command::Serve { config, settings } => return serve(config, *settings).await,
             Command::Publish(args) => publish::run(args).await,
             Command::Tail(args) => tail::run(args).await,
+            Command::Listen(args) => listen::run(args).await,
             Command::Streams(args) => streams::run(args).await,
             Command::Consumers(args) => consumers::run(args).await,
             Command::Keys(args) => keys::run(args).await,
