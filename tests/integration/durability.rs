@@ -60,7 +60,7 @@ async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::St
 
 /// The store of a stopped server's data dir, opened directly (to damage
 /// it as a bad disk would).
-fn open_store(data_dir: &std::path::Path) -> pullstream::storage::Store {
+pub(crate) fn open_store(data_dir: &std::path::Path) -> pullstream::storage::Store {
     pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
         path: data_dir.to_path_buf(),
         cache_bytes: 8 << 20,

@@ -914,3 +914,158 @@ async fn the_openapi_document_describes_every_route_it_lists() {
         }
     }
 }
+
+/// A TCP proxy in front of the server that cuts every connection after
+/// `cut_after` bytes of response, the way a proxy with a response-size or
+/// idle limit does; returns its address.
+async fn cutting_proxy(upstream: std::net::SocketAddr, cut_after: usize) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let server = tokio::net::TcpStream::connect(upstream).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                });
+                let mut sent = 0;
+                let mut buffer = vec![0u8; 4096];
+                while sent < cut_after {
+                    let n = match server_read.read(&mut buffer).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(cut_after - sent),
+                    };
+                    if client_write.write_all(&buffer[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                // Cut: mid-event, quite likely.
+                up.abort();
+            });
+        }
+    });
+    address
+}
+
+#[tokio::test]
+async fn a_proxy_cutting_the_connection_mid_event_loses_and_repeats_nothing() {
+    let server = TestServer::start().await;
+    let http = Http::new(&server);
+    let events: Vec<Value> = (0..60)
+        .map(|i| json!({ "type": "n.x", "data": { "i": i, "pad": "p".repeat(i * 7) } }))
+        .collect();
+    http.append("s", Value::Array(events)).await;
+    let proxy = cutting_proxy(server.addr, 1500).await;
+    let through = Http {
+        base: format!("http://{proxy}"),
+        client: reqwest::Client::new(),
+        key: None,
+    };
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last_id: Option<String> = None;
+    let mut cuts = 0;
+    while seen.len() < 60 {
+        let response = sse_request(&through, "", last_id.as_deref())
+            .send()
+            .await
+            .unwrap();
+        let (events, ended) = read_sse(response, |e| data_events(e).len() + seen.len() >= 60).await;
+        // A cut leaves an incomplete event in the buffer: never surfaced.
+        for e in data_events(&events) {
+            let event: Value = serde_json::from_str(e.data.as_deref().unwrap()).unwrap();
+            seen.push(event["offset"].as_u64().unwrap());
+            last_id = e.id.clone();
+        }
+        cuts += usize::from(ended);
+        assert!(cuts < 200, "no progress through the proxy");
+    }
+    assert_eq!(seen, (0..60).collect::<Vec<u64>>());
+    assert!(cuts >= 3, "the proxy cut the stream ({cuts} times)");
+}
+
+#[tokio::test]
+async fn limits_and_shutdown_answer_with_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = offline_keys(dir.path(), &[("acme", &[Scope::Publish, Scope::Subscribe])]);
+    let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
+    config.max_subscriptions_per_key = 1;
+    let server = TestServer::start_in(dir, config).await;
+    let http = Http::keyed(&server, &keys[0]);
+    http.append("s", typed(&["a"])).await;
+    // One subscription per key: a second read while SSE is open is 429.
+    let open = sse_request(&http, "", None).send().await.unwrap();
+    assert_eq!(open.status(), 200);
+    let (status, error) = http.get("/v1/streams/s/events").await;
+    assert_eq!(status, 429, "{error}");
+    assert_eq!(error["code"], "RESOURCE_EXHAUSTED");
+    // Shutting down ends the open SSE response with an UNAVAILABLE error
+    // event (the browser reconnects elsewhere or later).
+    let reading = tokio::spawn(read_sse(open, |e| {
+        e.iter().any(|e| e.event.as_deref() == Some("error"))
+    }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.stop().await;
+    let (events, _) = within(reading).await.unwrap();
+    let error = events
+        .iter()
+        .find(|e| e.event.as_deref() == Some("error"))
+        .expect("an error event");
+    let error: Value = serde_json::from_str(error.data.as_deref().unwrap()).unwrap();
+    assert_eq!(error["code"], "UNAVAILABLE", "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_storage_is_data_loss_over_http_never_a_skip() {
+    let server = TestServer::start().await;
+    let http = Http::new(&server);
+    for _ in 0..3 {
+        http.append("s", typed(&["a", "b", "c", "d", "e"])).await;
+    }
+    let (dir, config) = server.stop().await;
+    {
+        let store = crate::durability::open_store(&config.data_dir);
+        store.damage_chunk_for_tests("s", 5, false).unwrap();
+    }
+    let server = TestServer::start_in(dir, config).await;
+    let http = Http::new(&server);
+    let (status, page) = http.get("/v1/streams/s/events?limit=1000").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(
+        page["events"].as_array().unwrap().len(),
+        5,
+        "what precedes the damage"
+    );
+    assert_eq!(page["next_offset"], 5);
+    let (status, error) = http.get("/v1/streams/s/events?offset=5").await;
+    assert_eq!(status, 500, "{error}");
+    assert_eq!(error["code"], "DATA_LOSS");
+    assert!(
+        error["message"].as_str().unwrap().contains("from offset 5"),
+        "{error}"
+    );
+    // SSE delivers up to the damage, then says so.
+    let response = sse_request(&http, "", None).send().await.unwrap();
+    let (events, _) = read_sse(response, |e| {
+        e.iter().any(|e| e.event.as_deref() == Some("error"))
+    })
+    .await;
+    assert_eq!(
+        data_events(&events)
+            .iter()
+            .filter(|e| e.event.as_deref() != Some("error"))
+            .count(),
+        5
+    );
+    let error = events
+        .iter()
+        .find(|e| e.event.as_deref() == Some("error"))
+        .unwrap();
+    assert!(error.data.as_deref().unwrap().contains("DATA_LOSS"));
+}

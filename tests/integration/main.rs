@@ -10,7 +10,7 @@ pub mod auth;
 mod bad_input;
 mod browser;
 mod consumers;
-mod durability;
+pub mod durability;
 mod groups;
 mod http;
 mod invariants;
