@@ -48,6 +48,8 @@ pub enum Workload {
     Group,
     /// A no-op unary call (the health check) against a single-event Append, one at a time: what an Append costs above any call (not in the default set)
     Floor,
+    /// The HTTP JSON API: appends of 100 and 1 event, and a catch-up by Server-Sent Events and by pages (not in the default set)
+    Http,
 }
 
 /// Arguments of `pullstream bench`.
@@ -147,6 +149,7 @@ enum Scenario {
         members: usize,
     },
     Floor,
+    Http,
 }
 
 /// One measured run.
@@ -266,6 +269,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Workload::Committing => scenarios.push(Scenario::Committing),
             Workload::Soak => scenarios.push(Scenario::Soak),
             Workload::Floor => scenarios.push(Scenario::Floor),
+            Workload::Http => scenarios.push(Scenario::Http),
             Workload::Group => {
                 for &members in &args.members {
                     scenarios.push(Scenario::Group { members });
@@ -316,6 +320,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
             Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
             Scenario::Floor => workloads::floor(&ctx, args.duration.0).await?,
+            Scenario::Http => workloads::http(&ctx, args.duration.0, args.events).await?,
             Scenario::Group { members } => {
                 workloads::group(&ctx, members, args.group_events, args.work.0).await?
             }

@@ -27,8 +27,8 @@ use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::IntoResponse;
+use bytes::Bytes;
 use futures_util::stream::{self, Stream, StreamExt};
 use prost::Message;
 use serde_json::json;
@@ -235,12 +235,16 @@ pub(super) async fn events(
     let request = query.request(stream, resume)?;
     let responses = api.calls.subscribe(caller, request).await?;
     let deadline = Instant::now() + api.settings.sse_max_duration;
-    let sse = Sse::new(server_sent_events(responses, deadline));
-    let mut response = sse.into_response();
+    let body = axum::body::Body::from_stream(server_sent_events(responses, deadline));
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // nginx and similar proxies: do not buffer this response.
-    response
-        .headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
 
@@ -298,66 +302,102 @@ async fn page(
     Ok(response)
 }
 
-/// The SSE events of a subscription until `deadline`; see the module docs.
+/// One Server-Sent Event, appended to `out` in the `text/event-stream`
+/// format. Every field here is one line by construction: ids are numbers,
+/// event types cannot hold whitespace or control characters (the log's
+/// type rule), and data is compact JSON (serde escapes newlines).
+fn write_event(
+    out: &mut String,
+    id: Option<u64>,
+    event: Option<&str>,
+    data: Option<&str>,
+    comment: Option<&str>,
+) {
+    use std::fmt::Write as _;
+    if let Some(comment) = comment {
+        let _ = writeln!(out, ": {comment}");
+    }
+    if let Some(id) = id {
+        let _ = writeln!(out, "id: {id}");
+    }
+    if let Some(event) = event {
+        let _ = writeln!(out, "event: {event}");
+    }
+    if let Some(data) = data {
+        let _ = writeln!(out, "data: {data}");
+    }
+    out.push('\n');
+}
+
+/// The SSE text of one subscription response: its events, or a
+/// heartbeat comment carrying the cursor.
+fn response_text(response: &pb::SubscribeResponse) -> String {
+    let events = events_of(response);
+    let mut out = String::with_capacity(64 + response.encoded_events.len() * 2);
+    if events.is_empty() {
+        write_event(
+            &mut out,
+            Some(response.next_offset),
+            None,
+            None,
+            Some("heartbeat"),
+        );
+        return out;
+    }
+    let last = events.len() - 1;
+    for (i, e) in events.iter().enumerate() {
+        // The last event of a response carries the response's cursor,
+        // past what a filter skipped after it.
+        let resume = if i == last {
+            response.next_offset
+        } else {
+            e.offset + 1
+        };
+        let data = crate::proto::json::event(e).to_string();
+        write_event(&mut out, Some(resume), Some(&e.r#type), Some(&data), None);
+    }
+    out
+}
+
+/// The SSE body of a subscription until `deadline`, one chunk per
+/// subscription response (written once, not per event: a response of
+/// hundreds of events is one write); see the module docs.
 fn server_sent_events(
     responses: SubscriptionResponses,
     deadline: Instant,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let hint = SseEvent::default()
-        .retry(RECONNECT_HINT)
-        .comment("pullstream: events follow; reconnect with Last-Event-ID to resume");
+) -> impl Stream<Item = Result<Bytes, Infallible>> {
+    let mut hint = format!("retry: {}\n", RECONNECT_HINT.as_millis());
+    write_event(
+        &mut hint,
+        None,
+        None,
+        None,
+        Some("pullstream: events follow; reconnect with Last-Event-ID to resume"),
+    );
     let followed = stream::unfold(Some(responses), move |state| async move {
         let mut responses = state?;
+        let mut out = String::new();
         let next = match tokio::time::timeout_at(deadline, responses.recv()).await {
             Ok(next) => next,
             Err(_) => {
-                let closing = SseEvent::default().comment(
+                write_event(&mut out, None, None, None, Some(
                     "pullstream: this response's time is up (--sse-max-duration); reconnect with Last-Event-ID",
-                );
-                return Some((vec![closing], None));
+                ));
+                return Some((out, None));
             }
         };
         match next {
-            Some(Ok(response)) => {
-                let events = events_of(&response);
-                let written: Vec<SseEvent> = if events.is_empty() {
-                    vec![SseEvent::default()
-                        .comment("heartbeat")
-                        .id(response.next_offset.to_string())]
-                } else {
-                    let last = events.len() - 1;
-                    events
-                        .iter()
-                        .enumerate()
-                        .map(|(i, e)| {
-                            // The last event of a response carries the
-                            // response's cursor, past what a filter skipped
-                            // after it.
-                            let resume = if i == last {
-                                response.next_offset
-                            } else {
-                                e.offset + 1
-                            };
-                            SseEvent::default()
-                                .id(resume.to_string())
-                                .event(e.r#type.clone())
-                                .data(crate::proto::json::event(e).to_string())
-                        })
-                        .collect()
-                };
-                Some((written, Some(responses)))
-            }
+            Some(Ok(response)) => Some((response_text(&response), Some(responses))),
             Some(Err(error)) => {
                 let (_, code) = http_status(&error);
-                let event = SseEvent::default()
-                    .event("error")
-                    .data(json!({ "code": code, "message": error_message(&error) }).to_string());
-                Some((vec![event], None))
+                let data = json!({ "code": code, "message": error_message(&error) }).to_string();
+                write_event(&mut out, None, Some("error"), Some(&data), None);
+                Some((out, None))
             }
             None => None,
         }
     });
     stream::once(async move { hint })
-        .chain(followed.flat_map(stream::iter))
-        .map(Ok)
+        .chain(followed)
+        .map(|text| Ok(Bytes::from(text)))
 }

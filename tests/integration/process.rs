@@ -580,6 +580,47 @@ fn bench_measures_the_call_floor_against_append() {
     assert!(stdout.contains("above the no-op call"), "{stdout}");
 }
 
+/// `bench --workload http`: HTTP appends of 100 and 1 and a catch-up by
+/// SSE and by pages, every offset checked by the workload itself.
+#[test]
+fn bench_measures_the_http_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args(["bench", "--workload", "http", "--duration", "300ms"])
+        .args(["--events", "3000", "--durability", "buffered", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let result = &summary["results"][0];
+    assert!(
+        result["failures"].as_array().unwrap().is_empty(),
+        "{result}"
+    );
+    let figures = &result["figures"];
+    assert_eq!(figures["workload"], "http");
+    assert_eq!(figures["append"][0]["batch"], 100);
+    assert_eq!(figures["append"][1]["batch"], 1);
+    for rate in ["sse_events_per_second", "pages_events_per_second"] {
+        assert!(figures[rate].as_f64().unwrap() > 0.0, "{figures}");
+    }
+    assert!(
+        figures["append"][0]["ack_latency"]["samples"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+}
+
 /// `publish` from stdin sends every batch through one pipeline: acks in
 /// order, each batch expecting the end of the one before; a failing batch
 /// is named and stops the rest.

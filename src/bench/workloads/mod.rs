@@ -7,6 +7,7 @@ mod append;
 mod catchup;
 mod floor;
 mod group;
+mod http;
 mod soak;
 mod tail;
 
@@ -14,6 +15,7 @@ pub(crate) use append::append;
 pub(crate) use catchup::{catchup, committing_catchup, filtered_catchup};
 pub(crate) use floor::floor;
 pub(crate) use group::group;
+pub(crate) use http::http;
 pub(crate) use soak::{soak, SoakSettings};
 pub(crate) use tail::{fanout, tail};
 
