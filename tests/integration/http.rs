@@ -1069,3 +1069,55 @@ async fn damaged_storage_is_data_loss_over_http_never_a_skip() {
         .unwrap();
     assert!(error.data.as_deref().unwrap().contains("DATA_LOSS"));
 }
+
+#[tokio::test]
+async fn payload_versions_are_appended_and_pinned_over_http() {
+    let server = TestServer::start().await;
+    let http = Http::new(&server);
+    http.append(
+        "s",
+        json!([{ "type": "invoice.paid", "data": { "amount": 10 },
+                 "versions": { "2024-06-01": { "data": { "amount_cents": 1000 } },
+                               "2025-01-01": { "data_base64": "AAE=", "content_type": "application/octet-stream" } } }]),
+    )
+    .await;
+    let (_, page) = http.get("/v1/streams/s/events").await;
+    assert_eq!(page["events"][0]["data"], json!({ "amount": 10 }));
+    assert!(page["events"][0].get("version").is_none());
+    let (_, page) = http.get("/v1/streams/s/events?version=2024-12-31").await;
+    assert_eq!(page["events"][0]["data"], json!({ "amount_cents": 1000 }));
+    assert_eq!(page["events"][0]["version"], "2024-06-01");
+    let (_, page) = http.get("/v1/streams/s/events?version=2025-06-01").await;
+    assert_eq!(page["events"][0]["data_base64"], "AAE=");
+    assert_eq!(
+        page["events"][0]["content_type"],
+        "application/octet-stream"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_does_not_arrive_in_time_is_408_and_writes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server =
+        TestServer::start_with(|c| c.request_body_timeout = Duration::from_millis(300)).await;
+    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    socket
+        .write_all(b"POST /v1/streams/s/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"events\":")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("}") {
+        let n = within(socket.read(&mut buffer)).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("DEADLINE_EXCEEDED"), "{answer}");
+    assert!(answer.contains("--request-body-timeout"), "{answer}");
+    let (status, _) = Http::new(&server).get("/v1/streams/s").await;
+    assert_eq!(status, 404, "nothing was written");
+}
