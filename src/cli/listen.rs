@@ -21,8 +21,8 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
+use super::committer::{CommitTo, Committer};
 use super::{check_client_args, status_error, ClientArgs};
-use crate::client::{worth_retrying, Client, ConnectOptions};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// Arguments of `pullstream listen`.
@@ -46,8 +46,8 @@ pub struct ListenArgs {
     /// The durable consumer to deliver as: its cursor on the server says what was delivered
     #[arg(long, default_value = "listen")]
     consumer: String,
-    /// Where a new consumer starts: earliest, latest, or an offset
-    #[arg(long, default_value = "earliest", value_parser = parse_from)]
+    /// Where a new consumer starts: earliest, latest, an offset, or an RFC 3339 time
+    #[arg(long, default_value = "earliest", value_parser = super::tail::parse_from)]
     from: Start,
     /// Only events whose type matches this pattern (repeatable)
     #[arg(long = "type", value_name = "PATTERN")]
@@ -85,17 +85,6 @@ enum Body {
     Event,
     /// The payload exactly as appended, with the event's content type.
     Data,
-}
-
-fn parse_from(s: &str) -> Result<Start, String> {
-    match s {
-        "earliest" => Ok(Start::Position(pb::StartPosition::Earliest as i32)),
-        "latest" => Ok(Start::Position(pb::StartPosition::Latest as i32)),
-        n => n
-            .parse()
-            .map(Start::Offset)
-            .map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
-    }
 }
 
 /// The first wait after a failed attempt; it doubles up to --max-backoff.
@@ -205,10 +194,11 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         "forwarding {:?} to {target} as consumer {:?}",
         args.stream, args.consumer
     );
-    let mut committer = Committer {
+    let mut committer = Committer::new(
         options,
-        client: None,
-    };
+        args.stream.clone(),
+        CommitTo::Consumer(args.consumer.clone()),
+    );
     let human = !args.json;
     let colour = human && std::io::stdout().is_terminal();
     loop {
@@ -223,7 +213,7 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
             } else {
                 event.offset + 1
             };
-            committer.commit(&args, cursor).await?;
+            committer.commit(cursor).await?;
         }
     }
 }
@@ -370,56 +360,6 @@ fn report(
         event.r#type,
         latency.as_secs_f64() * 1000.0
     );
-}
-
-/// Commits the consumer's cursor on a connection of its own, reconnecting
-/// with backoff while the server is away (the cursor is where a restart
-/// resumes, so it is not skipped).
-struct Committer {
-    options: ConnectOptions,
-    client: Option<Client>,
-}
-
-impl Committer {
-    async fn commit(&mut self, args: &ListenArgs, cursor: u64) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if self.client.is_none() {
-                match self.options.event_log().await {
-                    Ok(client) => self.client = Some(client),
-                    Err(e) => {
-                        eprintln!(
-                            "committing offset {cursor} failed ({e}); retrying in {backoff:?}"
-                        );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                }
-            }
-            let client = self.client.as_mut().expect("connected above");
-            let committed = client
-                .commit_cursor(pb::CommitCursorRequest {
-                    stream: args.stream.clone(),
-                    consumer: args.consumer.clone(),
-                    next_offset: cursor,
-                })
-                .await;
-            match committed {
-                Ok(_) => return Ok(()),
-                Err(status) if worth_retrying(&status) => {
-                    self.client = None;
-                    eprintln!(
-                        "committing offset {cursor} failed ({}); retrying in {backoff:?}",
-                        status.message()
-                    );
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(status) => return Err(status_error(status)),
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! commands (`publish`, `tail`, `streams`, `consumers`) in one binary. Client commands
 //! talk to a server over gRPC with the same generated client an SDK uses.
 
+mod committer;
 mod consumers;
 mod groups;
 mod json;

@@ -8,10 +8,10 @@
 //! run continues where this one stopped.
 
 use std::io::Write;
-use std::time::Duration;
 
+use super::committer::{CommitTo, Committer};
 use super::{check_client_args, json, status_error, ClientArgs};
-use crate::client::{worth_retrying, Client, ConnectOptions, Reconnecting};
+use crate::client::Reconnecting;
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// Arguments of `pullstream tail`.
@@ -58,7 +58,7 @@ pub struct TailArgs {
     version: Option<String>,
 }
 
-fn parse_from(s: &str) -> Result<Start, String> {
+pub(super) fn parse_from(s: &str) -> Result<Start, String> {
     match s {
         "earliest" => Ok(Start::Position(pb::StartPosition::Earliest as i32)),
         "latest" => Ok(Start::Position(pb::StartPosition::Latest as i32)),
@@ -121,10 +121,15 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     r.reason, r.delay
                 );
             });
-    let mut committer = Committer {
-        options,
-        client: None,
-    };
+    let mut committer = match (&args.consumer, &args.group, &args.member) {
+        (_, Some(group), Some(member)) => Some(CommitTo::Group {
+            group: group.clone(),
+            member: member.clone(),
+        }),
+        (Some(consumer), _, _) => Some(CommitTo::Consumer(consumer.clone())),
+        _ => None,
+    }
+    .map(|to| Committer::new(options, args.stream.clone(), to));
     let mut remaining = args.limit;
     let stdout = std::io::stdout();
     loop {
@@ -180,79 +185,13 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             }
             let _ = out.flush();
         }
-        if args.commit && !response.events.is_empty() {
-            committer.commit(&args, cursor).await?;
+        if let (true, false, Some(committer)) =
+            (args.commit, response.events.is_empty(), committer.as_mut())
+        {
+            committer.commit(cursor).await?;
         }
         if remaining == Some(0) {
             return Ok(());
         }
     }
-}
-
-/// Commits the tail's progress on a connection of its own, reconnecting
-/// with backoff while the server is away (a commit is the cursor to
-/// resume at, so it must not be skipped).
-struct Committer {
-    options: ConnectOptions,
-    client: Option<Client>,
-}
-
-impl Committer {
-    async fn commit(&mut self, args: &TailArgs, cursor: u64) -> anyhow::Result<()> {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let result = self.try_commit(args, cursor).await;
-            let reason = match result {
-                Ok(()) => return Ok(()),
-                Err(Attempt::Unreachable(reason)) => reason,
-                Err(Attempt::Refused(status)) if worth_retrying(&status) => {
-                    format!("{:?}: {}", status.code(), status.message())
-                }
-                Err(Attempt::Refused(status)) => return Err(status_error(status)),
-            };
-            self.client = None;
-            eprintln!("committing offset {cursor} failed ({reason}); retrying in {backoff:?}");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-        }
-    }
-
-    async fn try_commit(&mut self, args: &TailArgs, cursor: u64) -> Result<(), Attempt> {
-        if self.client.is_none() {
-            let client = self
-                .options
-                .event_log()
-                .await
-                .map_err(|e| Attempt::Unreachable(e.to_string()))?;
-            self.client = Some(client);
-        }
-        let client = self.client.as_mut().expect("connected above");
-        if let (Some(group), Some(member)) = (&args.group, &args.member) {
-            client
-                .commit_group(pb::CommitGroupRequest {
-                    stream: args.stream.clone(),
-                    group: group.clone(),
-                    member: member.clone(),
-                    next_offset: cursor,
-                })
-                .await
-                .map_err(Attempt::Refused)?;
-        }
-        if let Some(consumer) = &args.consumer {
-            client
-                .commit_cursor(pb::CommitCursorRequest {
-                    stream: args.stream.clone(),
-                    consumer: consumer.clone(),
-                    next_offset: cursor,
-                })
-                .await
-                .map_err(Attempt::Refused)?;
-        }
-        Ok(())
-    }
-}
-
-enum Attempt {
-    Unreachable(String),
-    Refused(tonic::Status),
 }
