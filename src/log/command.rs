@@ -7,12 +7,11 @@
 //! the other's request path, so the writer depends on the state machines
 //! and not the other way round.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::commit::Reply;
+use super::commit::{PipelineGate, Reply};
 use super::filter::EventFilter;
 use crate::engine::{EventRecord, Retention};
 use crate::error::Error;
@@ -67,27 +66,6 @@ pub(crate) struct AppendJob {
     /// The pipeline the batch belongs to, if any.
     pub(crate) pipeline: Option<Arc<PipelineGate>>,
     pub(crate) reply: Reply,
-}
-
-/// What the batches of one append pipeline share in the writer: once one
-/// of them fails, no later one is written (they are answered
-/// [`Error::PipelineStopped`]). Only the writer sets it, while deciding a
-/// group, so a batch queued behind a failed one never reaches storage.
-#[derive(Debug, Default)]
-pub struct PipelineGate {
-    failed: AtomicBool,
-}
-
-impl PipelineGate {
-    /// Marks the pipeline failed.
-    pub(crate) fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
-    }
-
-    /// Whether a batch of the pipeline has failed.
-    pub fn failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
-    }
 }
 
 /// What a subscription asks of its consumer.

@@ -25,12 +25,12 @@
 //! slower than the writers pushes back on the writers (and through their
 //! bounded command queues on producers) instead of growing memory.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
-use super::command::PipelineGate;
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
 use crate::engine::{Chunk, Engine, Prepared};
@@ -325,6 +325,27 @@ fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+/// What the batches of one append pipeline share in the writer: once one
+/// of them fails, no later one is written (they are answered
+/// [`Error::PipelineStopped`]). Only the writer sets it, while deciding a
+/// group, so a batch queued behind a failed one never reaches storage.
+#[derive(Debug, Default)]
+pub struct PipelineGate {
+    failed: AtomicBool,
+}
+
+impl PipelineGate {
+    /// Marks the pipeline failed.
+    pub(crate) fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether a batch of the pipeline has failed.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
     }
 }
 

@@ -40,7 +40,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use command::{ConsumerSettings, PipelineGate};
+pub use command::ConsumerSettings;
+pub use commit::PipelineGate;
 pub use consumer::{validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease};
 pub use filter::{EventFilter, TypePattern};
 pub use group::{slot_of, GroupCursor, GroupInfo, GroupMemberInfo, GroupUpdate, SLOT_COUNT};
