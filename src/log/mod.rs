@@ -272,6 +272,11 @@ impl Log {
         let started = Instant::now();
         self.validate_batch(&batch)?;
         self.check_free_space()?;
+        if self.config.auto_create_streams && self.get(stream).is_err() {
+            // A batch a new stream would refuse must not create it: a new
+            // stream is at offset 0 and has no fencing token.
+            refused_by_a_new_stream(stream, &batch)?;
+        }
         let (stream, _) = self.get_or_create(
             stream,
             self.config.auto_create_streams,
@@ -647,6 +652,26 @@ fn fingerprint(batch: &AppendBatch) -> u128 {
         records: batch.events.clone(),
     };
     xxhash_rust::xxh3::xxh3_128(&chunk.encode_unchecked())
+}
+
+/// Whether a new, empty stream would refuse `batch` (its precondition or
+/// fencing token), so appending it to a missing stream creates nothing.
+fn refused_by_a_new_stream(stream: &str, batch: &AppendBatch) -> Result<(), Error> {
+    if !batch.fencing_token.is_empty() {
+        return Err(Error::Fenced {
+            stream: stream.to_string(),
+            given: batch.fencing_token.clone(),
+            current: String::new(),
+        });
+    }
+    match batch.expected_next_offset {
+        Some(expected) if expected != 0 => Err(Error::WrongExpectedOffset {
+            stream: stream.to_string(),
+            expected,
+            actual: 0,
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

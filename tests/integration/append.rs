@@ -299,3 +299,52 @@ async fn large_groups_are_split_into_chunks_and_read_back_whole() {
     assert!(events[..1000].iter().all(|e| e.data.len() == 1024));
     assert_eq!(events[1000].data.len(), 1_000_002);
 }
+
+/// An append a new stream would refuse (a precondition past 0, a fencing
+/// token) does not create the stream it is refused on.
+#[tokio::test]
+async fn a_refused_append_to_a_missing_stream_creates_nothing() {
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let refused = [
+        pb::AppendRequest {
+            stream: "new".into(),
+            events: vec![event("a", "{}")],
+            expected_next_offset: Some(5),
+            ..Default::default()
+        },
+        pb::AppendRequest {
+            stream: "new".into(),
+            events: vec![event("a", "{}")],
+            fencing_token: "producer-2".into(),
+            ..Default::default()
+        },
+    ];
+    for request in refused {
+        let status = client.append(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(
+            status.message().contains("nothing was written"),
+            "{status:?}"
+        );
+        let missing = client
+            .get_stream(pb::GetStreamRequest {
+                stream: "new".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound, "the stream was not created");
+    }
+    // Expecting 0 matches a new stream: it is created and appended to.
+    let ack = client
+        .append(pb::AppendRequest {
+            stream: "new".into(),
+            events: vec![event("a", "{}")],
+            expected_next_offset: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ack.first_offset, 0);
+}
