@@ -34,6 +34,25 @@ impl std::fmt::Display for Durability {
     }
 }
 
+/// A listen address: `IP:PORT`, or `HOST:PORT` resolved now (its first
+/// address, so `localhost:50051` listens on loopback).
+fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = value.parse() {
+        return Ok(address);
+    }
+    use std::net::ToSocketAddrs;
+    let mut addresses = value.to_socket_addrs().map_err(|e| {
+        format!("{value:?} is not an address to listen on ({e}): write IP:PORT or HOST:PORT, like 127.0.0.1:50051 or localhost:50051")
+    })?;
+    // Prefer IPv4 loopback for `localhost`, where both resolve.
+    let all: Vec<SocketAddr> = addresses.by_ref().collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{value:?} resolves to no address"))
+}
+
 /// A duration written as `10s`, `500ms`, `24h` (humantime syntax).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -63,8 +82,8 @@ pub struct ServeSettings {
     /// Directory holding the event store [default: ./pullstream-data]
     #[arg(long, env = "PULLSTREAM_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address to listen on for gRPC [default: 127.0.0.1:50051]
-    #[arg(long, env = "PULLSTREAM_LISTEN")]
+    /// Address to listen on for gRPC, gRPC-Web and the HTTP API, as IP:PORT or HOST:PORT (e.g. localhost:50051) [default: 127.0.0.1:50051]
+    #[arg(long, env = "PULLSTREAM_LISTEN", value_parser = parse_listen)]
     pub listen: Option<SocketAddr>,
     /// When appends are acknowledged: after fdatasync, or after the write [default: fsync]
     #[arg(long, env = "PULLSTREAM_DURABILITY")]

@@ -43,7 +43,17 @@ fn limit_malloc_arenas() {
 }
 
 async fn run() -> ExitCode {
-    let cli = Cli::parse();
+    // Usage errors (a bad flag or value, in flags or PULLSTREAM_*
+    // variables) exit 64 (EX_USAGE), as bad settings do; --help and
+    // --version print and exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(64);
+        }
+    };
     // The server logs at info by default; client commands keep stderr quiet
     // (warnings only) so their stdout is clean for scripts. RUST_LOG overrides.
     let default_level = if cli.is_server() { "info" } else { "warn" };

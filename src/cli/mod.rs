@@ -160,17 +160,18 @@ async fn serve(config_file: Option<PathBuf>, settings: ServeSettings) -> ExitCod
         Err(e) => return usage(e.to_string()),
     };
     let listen = config.listen;
-    let server = match Server::open(config).await {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    // Bind first: a busy port fails before the data dir is created.
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("error: cannot listen on {listen}: {e} (is another server running there? pass --listen)");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::open(config).await {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };

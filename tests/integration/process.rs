@@ -997,7 +997,11 @@ fn the_cli_sets_retention_and_shows_server_status() {
     assert!(!small.status.success());
     assert!(String::from_utf8_lossy(&small.stderr).contains("InvalidArgument"));
     let unparsable = cli(&["streams", "update", "orders", "--max-age", "soon"]);
-    assert_eq!(unparsable.status.code(), Some(2), "a usage error");
+    assert_eq!(
+        unparsable.status.code(),
+        Some(64),
+        "a usage error (EX_USAGE)"
+    );
     assert!(String::from_utf8_lossy(&unparsable.stderr).contains("7d"));
     let info = ok(&["streams", "info", "orders"]);
     assert_eq!(info["retention"], serde_json::json!({"max_age": "7days"}));
@@ -1132,10 +1136,71 @@ fn the_cli_reads_as_a_group_member_and_describes_the_group() {
     let half = cli(&["tail", "orders", "--group", "g"], None);
     assert_eq!(
         half.status.code(),
-        Some(2),
-        "clap: --group requires --member"
+        Some(64),
+        "a usage error: --group requires --member"
     );
 
     sigterm(&server);
     assert!(server.wait().unwrap().success());
+}
+
+/// Usage errors exit 64 like bad settings; a busy port fails before the
+/// data dir is created; `--listen` takes a host name.
+#[test]
+fn serve_usage_errors_busy_ports_and_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    for (args, env) in [
+        (vec!["--heartbeat-interval", "bogus"], None),
+        (vec!["--durability", "sometimes"], None),
+        (vec![], Some(("PULLSTREAM_HEARTBEAT_INTERVAL", "bogus"))),
+        (vec!["--listen", "no-such-host.invalid:1"], None),
+    ] {
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&args);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        let out = command.output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {out:?}");
+        assert!(!data_dir.exists(), "{args:?}: nothing created");
+    }
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &busy.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    assert!(!data_dir.exists(), "a busy port creates no data dir");
+    let free = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut server = Command::new(BIN)
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &format!("localhost:{free}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut connected = false;
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", free)).is_ok() {
+            connected = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert!(connected, "localhost:{free} listens on loopback");
 }
