@@ -197,6 +197,98 @@ pub enum Error {
     Storage(StorageError),
 }
 
+impl Error {
+    /// The same error with every stream name passed through `name`: the API
+    /// shows a tenant's caller its own names (`orders`), not the stored
+    /// ones (`acme/orders`).
+    pub fn with_stream_names(self, name: &dyn Fn(String) -> String) -> Error {
+        match self {
+            Error::InvalidStreamName { name: n, reason } => Error::InvalidStreamName {
+                name: name(n),
+                reason,
+            },
+            Error::StreamNotFound(s) => Error::StreamNotFound(name(s)),
+            Error::StreamExists(s) => Error::StreamExists(name(s)),
+            Error::ConsumerNotFound { stream, consumer } => Error::ConsumerNotFound {
+                stream: name(stream),
+                consumer,
+            },
+            Error::ConsumerSessionEnded {
+                stream,
+                consumer,
+                reason,
+            } => Error::ConsumerSessionEnded {
+                stream: name(stream),
+                consumer,
+                reason,
+            },
+            Error::GroupNotFound { stream, group } => Error::GroupNotFound {
+                stream: name(stream),
+                group,
+            },
+            Error::MemberNotFound {
+                stream,
+                group,
+                member,
+            } => Error::MemberNotFound {
+                stream: name(stream),
+                group,
+                member,
+            },
+            Error::OffsetPastHead {
+                stream,
+                offset,
+                head,
+            } => Error::OffsetPastHead {
+                stream: name(stream),
+                offset,
+                head,
+            },
+            Error::OffsetTrimmed {
+                stream,
+                offset,
+                first,
+            } => Error::OffsetTrimmed {
+                stream: name(stream),
+                offset,
+                first,
+            },
+            Error::DataLoss { stream, first, end } => Error::DataLoss {
+                stream: name(stream),
+                first,
+                end,
+            },
+            Error::WrongExpectedOffset {
+                stream,
+                expected,
+                actual,
+            } => Error::WrongExpectedOffset {
+                stream: name(stream),
+                expected,
+                actual,
+            },
+            Error::IdempotencyConflict { stream, key } => Error::IdempotencyConflict {
+                stream: name(stream),
+                key,
+            },
+            Error::Fenced {
+                stream,
+                given,
+                current,
+            } => Error::Fenced {
+                stream: name(stream),
+                given,
+                current,
+            },
+            Error::InBatch { sequence, source } => Error::InBatch {
+                sequence,
+                source: Box::new(source.with_stream_names(name)),
+            },
+            other => other,
+        }
+    }
+}
+
 impl From<StorageError> for Error {
     /// A failed write or sync of the log (or a log refusing writes since
     /// one) is the one storage failure a client sees as such: the change

@@ -90,6 +90,10 @@ impl Calls {
         &self.shutdown
     }
 
+    // Each call below answers errors in the caller's own stream names
+    // (`orders`, not the stored `acme/orders`): the public method wraps
+    // the `_inner` one that does the work.
+
     /// Checks the caller's key has one of `scopes` and is within its rate.
     pub(super) fn authorize(
         &self,
@@ -103,6 +107,17 @@ impl Calls {
 
     /// Appends a batch (Append).
     pub async fn append(
+        &self,
+        caller: Principal,
+        request: pb::AppendRequest,
+    ) -> Result<pb::AppendResponse, Error> {
+        let view = caller.clone();
+        self.append_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn append_inner(
         &self,
         caller: Principal,
         request: pb::AppendRequest,
@@ -131,6 +146,17 @@ impl Calls {
         caller: Principal,
         request: pb::SetFenceRequest,
     ) -> Result<pb::SetFenceResponse, Error> {
+        let view = caller.clone();
+        self.set_fence_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn set_fence_inner(
+        &self,
+        caller: Principal,
+        request: pb::SetFenceRequest,
+    ) -> Result<pb::SetFenceResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Publish])?;
         let stream = caller.stream(&request.stream)?;
         self.log
@@ -144,6 +170,17 @@ impl Calls {
 
     /// Reads one page of events (Read).
     pub async fn read(
+        &self,
+        caller: Principal,
+        request: pb::ReadRequest,
+    ) -> Result<pb::ReadResponse, Error> {
+        let view = caller.clone();
+        self.read_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn read_inner(
         &self,
         caller: Principal,
         request: pb::ReadRequest,
@@ -172,6 +209,17 @@ impl Calls {
 
     /// Opens a subscription (Subscribe): its task sends responses into the returned channel and ends it with the error that stopped it.
     pub async fn subscribe(
+        &self,
+        caller: Principal,
+        request: pb::SubscribeRequest,
+    ) -> Result<SubscriptionResponses, Error> {
+        let view = caller.clone();
+        self.subscribe_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn subscribe_inner(
         &self,
         caller: Principal,
         request: pb::SubscribeRequest,
@@ -267,6 +315,17 @@ impl Calls {
         caller: Principal,
         request: pb::CreateStreamRequest,
     ) -> Result<pb::CreateStreamResponse, Error> {
+        let view = caller.clone();
+        self.create_stream_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn create_stream_inner(
+        &self,
+        caller: Principal,
+        request: pb::CreateStreamRequest,
+    ) -> Result<pb::CreateStreamResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Publish, Scope::Admin])?;
         let retention = retention_from_proto(request.retention)?;
         let name = request.stream;
@@ -285,6 +344,17 @@ impl Calls {
         caller: Principal,
         request: pb::GetStreamRequest,
     ) -> Result<pb::GetStreamResponse, Error> {
+        let view = caller.clone();
+        self.get_stream_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn get_stream_inner(
+        &self,
+        caller: Principal,
+        request: pb::GetStreamRequest,
+    ) -> Result<pb::GetStreamResponse, Error> {
         let caller = self.authorize(caller, ANY_SCOPE)?;
         let name = request.stream;
         let info = self.log.stream_info(&caller.stream(&name)?)?;
@@ -295,6 +365,17 @@ impl Calls {
 
     /// Lists the caller's streams a page at a time (ListStreams).
     pub async fn list_streams(
+        &self,
+        caller: Principal,
+        request: pb::ListStreamsRequest,
+    ) -> Result<pb::ListStreamsResponse, Error> {
+        let view = caller.clone();
+        self.list_streams_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn list_streams_inner(
         &self,
         caller: Principal,
         request: pb::ListStreamsRequest,
@@ -332,6 +413,17 @@ impl Calls {
         caller: Principal,
         request: pb::DeleteStreamRequest,
     ) -> Result<pb::DeleteStreamResponse, Error> {
+        let view = caller.clone();
+        self.delete_stream_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn delete_stream_inner(
+        &self,
+        caller: Principal,
+        request: pb::DeleteStreamRequest,
+    ) -> Result<pb::DeleteStreamResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Admin])?;
         let name = request.stream;
         self.log.delete_stream(&caller.stream(&name)?).await?;
@@ -340,6 +432,17 @@ impl Calls {
 
     /// Saves a durable consumer's cursor (CommitCursor).
     pub async fn commit_cursor(
+        &self,
+        caller: Principal,
+        request: pb::CommitCursorRequest,
+    ) -> Result<pb::CommitCursorResponse, Error> {
+        let view = caller.clone();
+        self.commit_cursor_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn commit_cursor_inner(
         &self,
         caller: Principal,
         request: pb::CommitCursorRequest,
@@ -364,6 +467,17 @@ impl Calls {
         caller: Principal,
         request: pb::GetConsumerRequest,
     ) -> Result<pb::GetConsumerResponse, Error> {
+        let view = caller.clone();
+        self.get_consumer_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn get_consumer_inner(
+        &self,
+        caller: Principal,
+        request: pb::GetConsumerRequest,
+    ) -> Result<pb::GetConsumerResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Subscribe])?;
         let info = self
             .log
@@ -375,6 +489,17 @@ impl Calls {
 
     /// Lists a stream's durable consumers (ListConsumers).
     pub async fn list_consumers(
+        &self,
+        caller: Principal,
+        request: pb::ListConsumersRequest,
+    ) -> Result<pb::ListConsumersResponse, Error> {
+        let view = caller.clone();
+        self.list_consumers_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn list_consumers_inner(
         &self,
         caller: Principal,
         request: pb::ListConsumersRequest,
@@ -396,6 +521,17 @@ impl Calls {
         caller: Principal,
         request: pb::UpdateStreamRequest,
     ) -> Result<pb::UpdateStreamResponse, Error> {
+        let view = caller.clone();
+        self.update_stream_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn update_stream_inner(
+        &self,
+        caller: Principal,
+        request: pb::UpdateStreamRequest,
+    ) -> Result<pb::UpdateStreamResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Admin])?;
         let retention = retention_from_proto(request.retention)?;
         let info = self
@@ -409,6 +545,17 @@ impl Calls {
 
     /// Describes the server and the caller's streams (GetServerStatus).
     pub async fn get_server_status(
+        &self,
+        caller: Principal,
+        request: pb::GetServerStatusRequest,
+    ) -> Result<pb::GetServerStatusResponse, Error> {
+        let view = caller.clone();
+        self.get_server_status_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn get_server_status_inner(
         &self,
         caller: Principal,
         _request: pb::GetServerStatusRequest,
@@ -459,6 +606,17 @@ impl Calls {
         caller: Principal,
         request: pb::CommitGroupRequest,
     ) -> Result<pb::CommitGroupResponse, Error> {
+        let view = caller.clone();
+        self.commit_group_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn commit_group_inner(
+        &self,
+        caller: Principal,
+        request: pb::CommitGroupRequest,
+    ) -> Result<pb::CommitGroupResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Subscribe])?;
         let info = self
             .log
@@ -480,6 +638,17 @@ impl Calls {
         caller: Principal,
         request: pb::GetGroupRequest,
     ) -> Result<pb::GetGroupResponse, Error> {
+        let view = caller.clone();
+        self.get_group_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn get_group_inner(
+        &self,
+        caller: Principal,
+        request: pb::GetGroupRequest,
+    ) -> Result<pb::GetGroupResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Subscribe])?;
         let info = self
             .log
@@ -495,6 +664,17 @@ impl Calls {
         caller: Principal,
         request: pb::DeleteGroupRequest,
     ) -> Result<pb::DeleteGroupResponse, Error> {
+        let view = caller.clone();
+        self.delete_group_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn delete_group_inner(
+        &self,
+        caller: Principal,
+        request: pb::DeleteGroupRequest,
+    ) -> Result<pb::DeleteGroupResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Admin])?;
         self.log
             .delete_group(&caller.stream(&request.stream)?, &request.group)
@@ -504,6 +684,17 @@ impl Calls {
 
     /// Deletes a durable consumer (DeleteConsumer).
     pub async fn delete_consumer(
+        &self,
+        caller: Principal,
+        request: pb::DeleteConsumerRequest,
+    ) -> Result<pb::DeleteConsumerResponse, Error> {
+        let view = caller.clone();
+        self.delete_consumer_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn delete_consumer_inner(
         &self,
         caller: Principal,
         request: pb::DeleteConsumerRequest,

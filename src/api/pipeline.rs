@@ -69,7 +69,7 @@ pub(super) async fn run_pipeline(
 ) {
     let result = drive(&pipeline, &mut inbound, &tx, &shutdown).await;
     if let Err(error) = result {
-        let _ = tx.send(Err(error.into())).await;
+        let _ = tx.send(Err(pipeline.caller.own_error(error).into())).await;
     }
 }
 

@@ -90,7 +90,7 @@ pub(super) async fn run_subscription(
         let slices = match subscription.poll(max_events, SUBSCRIBE_RESPONSE_BYTES) {
             Ok(slices) => slices,
             Err(error) => {
-                let _ = last_word.send(Err(error));
+                let _ = last_word.send(Err(principal.own_error(error)));
                 return;
             }
         };
@@ -138,11 +138,11 @@ pub(super) async fn run_subscription(
                     return;
                 }
                 error = lease_lost(&lease) => {
-                    let _ = last_word.send(Err(error));
+                    let _ = last_word.send(Err(principal.own_error(error)));
                     return;
                 }
                 error = key_lost(&keys, &principal) => {
-                    let _ = last_word.send(Err(error));
+                    let _ = last_word.send(Err(principal.own_error(error)));
                     return;
                 }
             }
@@ -166,11 +166,11 @@ pub(super) async fn run_subscription(
                 return;
             }
             error = lease_lost(&lease) => {
-                let _ = last_word.send(Err(error));
+                let _ = last_word.send(Err(principal.own_error(error)));
                 return;
             }
             error = key_lost(&keys, &principal) => {
-                let _ = last_word.send(Err(error));
+                let _ = last_word.send(Err(principal.own_error(error)));
                 return;
             }
         }

@@ -126,6 +126,14 @@ impl Principal {
         self.streams.is_empty() || self.streams.iter().any(|p| p.matches(name.as_bytes()))
     }
 
+    /// `error` as this caller should read it: its own stream names.
+    pub fn own_error(&self, error: Error) -> Error {
+        error.with_stream_names(&|stored| match self.own_name(&stored) {
+            Some(own) => own.to_string(),
+            None => stored,
+        })
+    }
+
     /// The caller's name for a stored stream name, when the stream belongs
     /// to the caller's tenant.
     pub fn own_name<'a>(&self, stored: &'a str) -> Option<&'a str> {

@@ -708,8 +708,23 @@ async fn keys_scopes_and_tenants_hold_over_http() {
     assert_eq!(page["events"][0]["stream"], "orders");
     // Another tenant sees none of it, and its own stream of that name is
     // another stream.
-    let (status, _) = globex.get("/v1/streams/orders").await;
+    let (status, error) = globex.get("/v1/streams/orders").await;
     assert_eq!(status, 404);
+    // Errors name the caller's own streams, never the stored `tenant/name`.
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("stream \"orders\" not found"), "{message}");
+    assert!(!message.contains("globex/"), "{message}");
+    let (status, error) = acme
+        .post(
+            "/v1/streams/orders/events",
+            json!({ "events": [{ "type": "a" }], "expected_next_offset": 9 }),
+        )
+        .await;
+    assert_eq!(status, 412);
+    assert!(
+        !error["message"].as_str().unwrap().contains("acme/"),
+        "{error}"
+    );
     let (_, list) = globex.get("/v1/streams").await;
     assert_eq!(list["streams"], json!([]));
     globex.append("orders", typed(&["g.one", "g.two"])).await;
