@@ -71,10 +71,42 @@ impl ApiKeyHeader {
     }
 }
 
+/// Why a connection failed, with its whole cause (tonic's own message is
+/// just "transport error") and what to check: TLS problems are named as
+/// such, not reported as a server that is not running.
+fn unreachable(server: &str, error: &tonic::transport::Error) -> anyhow::Error {
+    let mut cause = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        cause.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    let lower = cause.to_ascii_lowercase();
+    let hint = if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+    {
+        "a TLS problem: check that --tls-ca is the CA that signed the server's certificate, that the certificate names this host (subjectAltName), and that a server requiring client certificates gets --tls-cert and --tls-key"
+    } else if server.starts_with("http://") && lower.contains("connection reset") {
+        "the server closed the connection: if it serves TLS, use an https:// URL with --tls-ca"
+    } else {
+        "is `pullstream serve` running? set --server or PULLSTREAM_SERVER"
+    };
+    anyhow::anyhow!("cannot reach the server at {server}: {cause} ({hint})")
+}
+
 impl ConnectOptions {
     /// The endpoint these options describe; fails on settings that no
     /// retry can fix (a bad URL, missing or unreadable TLS files).
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
+            anyhow::bail!(
+                "--server {:?} has no scheme: write http://{} (or https://{} for a TLS server)",
+                self.server,
+                self.server,
+                self.server
+            );
+        }
         let mut endpoint = Endpoint::from_shared(self.server.clone())
             .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", self.server))?
             .connect_timeout(Duration::from_secs(5))
@@ -114,12 +146,11 @@ impl ConnectOptions {
     /// says what to check.
     pub async fn channel(&self) -> anyhow::Result<(Channel, ApiKeyHeader)> {
         let header = ApiKeyHeader::new(self.api_key.as_deref())?;
-        let channel = self.endpoint()?.connect().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the server at {}: {e} (is `pullstream serve` running? set --server or PULLSTREAM_SERVER)",
-                self.server
-            )
-        })?;
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(|e| unreachable(&self.server, &e))?;
         Ok((channel, header))
     }
 

@@ -1169,6 +1169,16 @@ fn serve_usage_errors_busy_ports_and_host_names() {
         assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {out:?}");
         assert!(!data_dir.exists(), "{args:?}: nothing created");
     }
+    // A client URL without a scheme says how to write it.
+    let out = Command::new(BIN)
+        .args(["streams", "list", "--server", "127.0.0.1:50051"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("write http://127.0.0.1:50051"),
+        "{out:?}"
+    );
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let out = Command::new(BIN)
         .arg("serve")

@@ -140,6 +140,22 @@ async fn a_tls_round_trip_and_the_cli_over_tls() {
         let out = cli(args(&["tail", "s", "--limit", "1"])).await.unwrap();
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"));
+        // A CA that did not sign the server's certificate: reported as a
+        // TLS problem with its cause, not as a server that is not running.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = make_pki(other_dir.path());
+        let wrong = other.ca.to_str().unwrap().to_string();
+        let out = cli(args(&["streams", "list", "--tls-ca", &wrong]))
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(stderr.contains("a TLS problem"), "{stderr}");
+        assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+        assert!(
+            !stderr.contains("is `pullstream serve` running"),
+            "{stderr}"
+        );
         server.stop().await;
     })
     .await;
