@@ -18,7 +18,7 @@ import threading
 
 import grpc
 
-from pullstream_client import connect, pb
+from pullstream_client import open_channel, pb, pb_grpc
 
 
 def main():
@@ -56,21 +56,30 @@ def main():
                 expected += len(events)
             yield pb.AppendPipelineRequest(batch=batch)
 
-    stub, metadata = connect()
-    responses = stub.AppendPipeline(requests(), metadata=metadata)
-    try:
-        for response in responses:
-            if response.HasField("opened"):
-                continue
-            ack = response.ack
-            room.release()
-            print(json.dumps({"sequence": ack.sequence, "first_offset": ack.first_offset,
-                              "count": ack.count, "duplicate": ack.duplicate}), flush=True)
-    except grpc.RpcError as e:
+    error = None
+    channel, metadata = open_channel()
+    with channel:
+        responses = pb_grpc.EventLogStub(channel).AppendPipeline(requests(), metadata=metadata)
+        try:
+            for response in responses:
+                if response.HasField("opened"):
+                    continue
+                ack = response.ack
+                room.release()
+                print(json.dumps({"sequence": ack.sequence, "first_offset": ack.first_offset,
+                                  "count": ack.count, "duplicate": ack.duplicate}), flush=True)
+        except grpc.RpcError as e:
+            error = f"{e.code().name}: {e.details()}"
+        # Stop the request generator (it may be waiting for room), and drop
+        # the call here rather than when the interpreter shuts down: gRPC's
+        # request thread may still hold the call's lock then, and collecting
+        # the call would wait for it forever.
         failed.set()
-        room.release()
+        room.release(args.in_flight)
+        del responses
+    if error:
         # The status code name first, so scripts can check it.
-        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 

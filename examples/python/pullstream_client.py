@@ -56,6 +56,15 @@ from pullstream.v1 import pullstream_pb2_grpc as pb_grpc  # noqa: E402
 
 def connect():
     """An EventLog stub and the call metadata (the API key, if any)."""
+    channel, metadata = open_channel()
+    return pb_grpc.EventLogStub(channel), metadata
+
+
+def open_channel():
+    """A channel to the server and the call metadata (the API key, if any).
+    Use it as a context manager (`with channel:`) where calls may still be
+    open when the program ends, so they are closed before the interpreter
+    shuts down."""
     server = os.environ.get("PULLSTREAM_SERVER", "http://127.0.0.1:50051")
     if server.startswith("https://"):
         target = server[len("https://"):]
@@ -67,4 +76,4 @@ def connect():
         channel = grpc.insecure_channel(target)
     key = os.environ.get("PULLSTREAM_API_KEY")
     metadata = [("authorization", f"Bearer {key}")] if key else []
-    return pb_grpc.EventLogStub(channel), metadata
+    return channel, metadata

@@ -43,8 +43,10 @@ pub const MAX_PAGE: u32 = 1000;
 /// The longest status message sent, in bytes.
 const MAX_STATUS_MESSAGE_BYTES: usize = 2048;
 
-/// Responses stop growing past this many bytes (at least one event each).
-pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+/// A Read page never passes this many bytes, except that one event always
+/// fits: under the 4 MiB every standard gRPC client accepts by default,
+/// with room for the response's own fields.
+pub const MAX_RESPONSE_BYTES: usize = (4 << 20) - (16 << 10);
 /// A subscription's responses stop growing past this many bytes (at least
 /// one event each): smaller than a Read page, since they queue.
 const SUBSCRIBE_RESPONSE_BYTES: usize = 256 << 10;

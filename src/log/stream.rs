@@ -359,13 +359,15 @@ impl Stream {
         let mut position = offset;
         let mut events = 0;
         let mut bytes = 0;
+        // Set when the next event would pass `max_bytes`.
+        let mut full = false;
         let more = |position: u64, events: usize, bytes: usize| {
             position < end
                 && events < max_events
                 && bytes < max_bytes
                 && position - offset < MAX_SCAN_EVENTS
         };
-        while more(position, events, bytes) {
+        while !full && more(position, events, bytes) {
             while ahead.front().is_some_and(|c| c.end_offset() <= position) {
                 ahead.pop_front();
             }
@@ -451,20 +453,23 @@ impl Stream {
                 let mut picked = filtered.then(Vec::new);
                 while stop < chunk.records.len() && more(position, events, bytes) {
                     let record = &chunk.records[stop];
-                    let pass = match &mut picked {
-                        None => true,
-                        Some(picked) => {
-                            let offset = chunk.first_offset + stop as u64;
-                            let pass = filter.matches(record)
-                                && select.is_none_or(|select| select(offset, record));
-                            if pass {
-                                picked.push(stop as u32);
-                            }
-                            pass
-                        }
-                    };
+                    let offset = chunk.first_offset + stop as u64;
+                    let pass = picked.is_none()
+                        || (filter.matches(record)
+                            && select.is_none_or(|select| select(offset, record)));
                     if pass {
-                        bytes += record.encoded_len();
+                        let size = record.encoded_len() + EVENT_OVERHEAD_BYTES + self.name.len();
+                        // A page never passes `max_bytes` (so it fits the
+                        // client's receive limit), except that one event
+                        // always fits.
+                        if events > 0 && bytes + size > max_bytes {
+                            full = true;
+                            break;
+                        }
+                        if let Some(picked) = &mut picked {
+                            picked.push(stop as u32);
+                        }
+                        bytes += size;
                         events += 1;
                     }
                     stop += 1;
@@ -473,7 +478,7 @@ impl Stream {
                 if stop < chunk.records.len() && !held {
                     ahead.push_back(chunk.clone());
                 }
-                if picked.as_ref().is_none_or(|p| !p.is_empty()) {
+                if picked.as_ref().map_or(stop > start, |p| !p.is_empty()) {
                     slices.push(EventSlice {
                         chunk,
                         start,
@@ -481,7 +486,7 @@ impl Stream {
                         picked,
                     });
                 }
-                if !more(position, events, bytes) {
+                if full || !more(position, events, bytes) {
                     break;
                 }
             }
@@ -509,6 +514,11 @@ impl Stream {
 
 /// A group member's choice of events: by offset and record.
 pub(crate) type Select<'a> = &'a dyn Fn(u64, &EventRecord) -> bool;
+
+/// What an event adds to a response beyond its record's encoding and its
+/// stream's name, at most: its offset, time, field tags and length prefix
+/// (counted so a page's limit holds for the encoded response).
+pub(crate) const EVENT_OVERHEAD_BYTES: usize = 32;
 
 /// How many bytes of chunks one storage read takes when a filter is on
 /// (without one, the read stops at the events wanted).

@@ -227,6 +227,77 @@ async fn a_subscription_response_holds_at_most_256_kib() {
     }
 }
 
+/// A client with gRPC's default 4 MiB receive limit reads and follows a
+/// stream of large events: no page or subscription response passes it
+/// (five 1 MB events, then a thousand of 16 KB).
+#[tokio::test]
+async fn every_response_fits_a_default_grpc_clients_4_mib_limit() {
+    use prost::Message;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    let big = format!("\"{}\"", "b".repeat(1_000_000));
+    for _ in 0..5 {
+        append(&mut client, "big", vec![event("t", &big)]).await;
+    }
+    let small = format!("\"{}\"", "s".repeat(16_000));
+    for _ in 0..20 {
+        append(
+            &mut client,
+            "big",
+            (0..50).map(|_| event("t", &small)).collect(),
+        )
+        .await;
+    }
+    // tonic's own default: 4 MiB, as in grpcio, grpc-go and grpc-java.
+    let mut default_client =
+        pb::event_log_client::EventLogClient::connect(format!("http://{}", server.addr))
+            .await
+            .unwrap();
+    let mut offset = 0;
+    let mut pages = 0;
+    while offset < 1005 {
+        let page = default_client
+            .read(pb::ReadRequest {
+                stream: "big".into(),
+                offset,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("a page within the default limit")
+            .into_inner();
+        assert!(!page.events.is_empty());
+        assert!(page.encoded_len() < 4 << 20, "{}", page.encoded_len());
+        assert_eq!(page.events[0].offset, offset);
+        offset = page.next_offset;
+        pages += 1;
+    }
+    assert_eq!(offset, 1005);
+    assert!(pages >= 6, "{pages} pages");
+    let mut sub = default_client
+        .subscribe(pb::SubscribeRequest {
+            stream: "big".into(),
+            start: Some(Start::Offset(0)),
+            max_batch_events: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut next_offset = 0;
+    while next_offset < 1005 {
+        let response = within(sub.message())
+            .await
+            .expect("a response within the default limit")
+            .unwrap();
+        assert!(response.encoded_len() < 4 << 20);
+        for event in &response.events {
+            assert_eq!(event.offset, next_offset);
+            next_offset += 1;
+        }
+    }
+}
+
 /// The commit queue is bounded in bytes: with the disk stalled, writers
 /// wait instead of piling their changes up, and once it moves again every
 /// append lands (no deadlock, nothing lost).
