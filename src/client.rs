@@ -76,9 +76,15 @@ impl ApiKeyHeader {
 /// such, not reported as a server that is not running.
 fn unreachable(server: &str, error: &tonic::transport::Error) -> anyhow::Error {
     let mut cause = error.to_string();
+    let mut last = cause.clone();
     let mut source = std::error::Error::source(error);
     while let Some(s) = source {
-        cause.push_str(&format!(": {s}"));
+        // Layers often repeat their inner error's text: say it once.
+        let text = s.to_string();
+        if !last.contains(&text) {
+            cause.push_str(&format!(": {text}"));
+        }
+        last = text;
         source = s.source();
     }
     let lower = cause.to_ascii_lowercase();
@@ -96,22 +102,28 @@ fn unreachable(server: &str, error: &tonic::transport::Error) -> anyhow::Error {
 }
 
 impl ConnectOptions {
+    /// The server's URL: `server` as given, with `http://` when it names no
+    /// scheme (`localhost:50051`, as `grpcurl` and `nats` take it).
+    pub fn url(&self) -> anyhow::Result<String> {
+        match self.server.split_once("://") {
+            None => Ok(format!("http://{}", self.server)),
+            Some(("http" | "https", _)) => Ok(self.server.clone()),
+            Some((scheme, rest)) => anyhow::bail!(
+                "--server {:?}: the scheme must be http:// or https:// (for a TLS server), not {scheme}:// (e.g. http://{rest})",
+                self.server
+            ),
+        }
+    }
+
     /// The endpoint these options describe; fails on settings that no
     /// retry can fix (a bad URL, missing or unreadable TLS files).
     pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        if !self.server.starts_with("http://") && !self.server.starts_with("https://") {
-            anyhow::bail!(
-                "--server {:?} has no scheme: write http://{} (or https://{} for a TLS server)",
-                self.server,
-                self.server,
-                self.server
-            );
-        }
-        let mut endpoint = Endpoint::from_shared(self.server.clone())
+        let server = self.url()?;
+        let mut endpoint = Endpoint::from_shared(server.clone())
             .map_err(|e| anyhow::anyhow!("invalid --server URL {:?}: {e}", self.server))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
-        if self.server.starts_with("https://") {
+        if server.starts_with("https://") {
             endpoint = endpoint
                 .tls_config(self.tls()?)
                 .map_err(|e| anyhow::anyhow!("TLS settings: {e}"))?;
@@ -146,11 +158,12 @@ impl ConnectOptions {
     /// says what to check.
     pub async fn channel(&self) -> anyhow::Result<(Channel, ApiKeyHeader)> {
         let header = ApiKeyHeader::new(self.api_key.as_deref())?;
+        let server = self.url()?;
         let channel = self
             .endpoint()?
             .connect()
             .await
-            .map_err(|e| unreachable(&self.server, &e))?;
+            .map_err(|e| unreachable(&server, &e))?;
         Ok((channel, header))
     }
 
@@ -325,7 +338,11 @@ enum Opening {
 }
 
 fn describe(status: &tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    format!(
+        "{}: {}",
+        crate::proto::code_name(status.code()),
+        status.message()
+    )
 }
 
 /// An open append pipeline (the proto's `AppendPipeline`): batches go out

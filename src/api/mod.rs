@@ -102,25 +102,23 @@ pub fn http_status(error: &Error) -> (http::StatusCode, &'static str) {
         Error::TooLarge(_) => return (H::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT"),
         _ => {}
     }
-    match error_code(error) {
-        Code::Ok => (H::OK, "OK"),
-        Code::Cancelled => (H::from_u16(499).expect("valid"), "CANCELLED"),
-        Code::Unknown => (H::INTERNAL_SERVER_ERROR, "UNKNOWN"),
-        Code::InvalidArgument => (H::BAD_REQUEST, "INVALID_ARGUMENT"),
-        Code::DeadlineExceeded => (H::REQUEST_TIMEOUT, "DEADLINE_EXCEEDED"),
-        Code::NotFound => (H::NOT_FOUND, "NOT_FOUND"),
-        Code::AlreadyExists => (H::CONFLICT, "ALREADY_EXISTS"),
-        Code::PermissionDenied => (H::FORBIDDEN, "PERMISSION_DENIED"),
-        Code::ResourceExhausted => (H::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED"),
-        Code::FailedPrecondition => (H::PRECONDITION_FAILED, "FAILED_PRECONDITION"),
-        Code::Aborted => (H::CONFLICT, "ABORTED"),
-        Code::OutOfRange => (H::BAD_REQUEST, "OUT_OF_RANGE"),
-        Code::Unimplemented => (H::NOT_IMPLEMENTED, "UNIMPLEMENTED"),
-        Code::Internal => (H::INTERNAL_SERVER_ERROR, "INTERNAL"),
-        Code::Unavailable => (H::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-        Code::DataLoss => (H::INTERNAL_SERVER_ERROR, "DATA_LOSS"),
-        Code::Unauthenticated => (H::UNAUTHORIZED, "UNAUTHENTICATED"),
-    }
+    let code = error_code(error);
+    let status = match code {
+        Code::Ok => H::OK,
+        Code::Cancelled => H::from_u16(499).expect("valid"),
+        Code::InvalidArgument | Code::OutOfRange => H::BAD_REQUEST,
+        Code::DeadlineExceeded => H::REQUEST_TIMEOUT,
+        Code::NotFound => H::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => H::CONFLICT,
+        Code::PermissionDenied => H::FORBIDDEN,
+        Code::ResourceExhausted => H::TOO_MANY_REQUESTS,
+        Code::FailedPrecondition => H::PRECONDITION_FAILED,
+        Code::Unimplemented => H::NOT_IMPLEMENTED,
+        Code::Unavailable => H::SERVICE_UNAVAILABLE,
+        Code::Unauthenticated => H::UNAUTHORIZED,
+        Code::Unknown | Code::Internal | Code::DataLoss => H::INTERNAL_SERVER_ERROR,
+    };
+    (status, crate::proto::code_name(code))
 }
 
 /// An error's message, bounded: echoed input is cut where the message is

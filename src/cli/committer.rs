@@ -56,7 +56,7 @@ impl Committer {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Unreachable(reason)) => reason,
                 Err(Attempt::Refused(status)) if worth_retrying(&status) => {
-                    format!("{:?}: {}", status.code(), status.message())
+                    status_error(status).to_string()
                 }
                 Err(Attempt::Refused(status)) => return Err(status_error(status)),
             };

@@ -57,7 +57,7 @@ pub struct ListenArgs {
     keys: Vec<String>,
     /// Deliver each event's payload rendering for this version label
     #[arg(long, value_name = "LABEL")]
-    version: Option<String>,
+    payload_version: Option<String>,
     /// Standard Webhooks signing secret (`whsec_` + base64); generated and printed when not given
     #[arg(long, env = "PULLSTREAM_SIGNING_SECRET", hide_env_values = true)]
     signing_secret: Option<String>,
@@ -180,7 +180,7 @@ pub async fn run(args: ListenArgs) -> anyhow::Result<()> {
         max_batch_events: 0,
         consumer: args.consumer.clone(),
         filter,
-        version: args.version.clone().unwrap_or_default(),
+        version: args.payload_version.clone().unwrap_or_default(),
         group: String::new(),
         member: String::new(),
     };

@@ -26,21 +26,24 @@ use crate::server::{shutdown_signal, Server};
 
 /// Ordered, durable event streams that consumers pull over gRPC.
 #[derive(Debug, Parser)]
-#[command(name = "pullstream", version, about, long_about = None)]
+#[command(name = "pullstream", version, propagate_version = true, about, long_about = None)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-/// Connection settings shared by the client commands.
+/// Connection settings shared by the client commands (listed after each
+/// command's own options, under their own heading).
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Connection")]
 pub struct ClientArgs {
-    /// Server URL
+    /// Server URL: http://HOST:PORT, https://HOST:PORT for TLS (HOST:PORT alone means http://)
     #[arg(
         long,
         global = true,
         env = "PULLSTREAM_SERVER",
-        default_value = "http://127.0.0.1:50051"
+        default_value = "http://127.0.0.1:50051",
+        value_parser = parse_server
     )]
     server: String,
     /// API key (`ps_...`), needed once the server has keys
@@ -60,6 +63,16 @@ pub struct ClientArgs {
     /// PEM private key of --tls-cert
     #[arg(long, global = true, env = "PULLSTREAM_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+/// A `--server` value as a URL (a bad scheme is a usage error).
+fn parse_server(s: &str) -> Result<String, String> {
+    ConnectOptions {
+        server: s.to_string(),
+        ..Default::default()
+    }
+    .url()
+    .map_err(|e| e.to_string())
 }
 
 /// The client the commands use.
@@ -208,5 +221,9 @@ fn endpoint(args: &ClientArgs) -> anyhow::Result<tonic::transport::Endpoint> {
 
 /// Describes a gRPC error for a person: the code and the server's message.
 fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    anyhow::anyhow!(
+        "{}: {}",
+        crate::proto::code_name(status.code()),
+        status.message()
+    )
 }

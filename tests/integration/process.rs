@@ -303,7 +303,7 @@ fn the_cli_publishes_tails_and_lists_as_the_readme_shows() {
 
     let out = cli(&["tail", "missing"], None);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NOT_FOUND"));
 
     server.kill().unwrap();
     server.wait().unwrap();
@@ -406,8 +406,12 @@ fn tail_across_a_restart(extra: &[&str]) -> tempfile::TempDir {
     assert_eq!(offsets, (0..10).collect::<Vec<_>>());
     // It said what it did, and where it resumed.
     let said = said.join().unwrap();
+    let resumed = match extra.contains(&"--consumer") {
+        true => "resuming from the consumer's cursor",
+        false => "resuming from offset 5",
+    };
     assert!(
-        said.contains("connection lost") && said.contains("resuming from offset 5"),
+        said.contains("connection lost") && said.contains(resumed) && said.contains("reconnected"),
         "{said}"
     );
     server.kill().unwrap();
@@ -656,7 +660,7 @@ fn publish_from_stdin_pipelines_its_batches() {
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("FailedPrecondition: batch 1:"), "{stderr}");
+    assert!(stderr.contains("FAILED_PRECONDITION: batch 1:"), "{stderr}");
     let out = run_cli(&url, &["tail", "s", "--from", "249", "--limit", "1"], None);
     assert_eq!(
         json_lines(&out)[0]["offset"],
@@ -787,7 +791,7 @@ fn the_cli_drives_durable_consumers_filters_times_and_versions() {
             "orders",
             "--from",
             &shipped_time,
-            "--version",
+            "--payload-version",
             "2024-06-01",
             "--limit",
             "1",
@@ -803,7 +807,7 @@ fn the_cli_drives_durable_consumers_filters_times_and_versions() {
             "orders",
             "--from",
             "2",
-            "--version",
+            "--payload-version",
             "2024-06-01",
             "--limit",
             "1",
@@ -824,6 +828,167 @@ fn the_cli_drives_durable_consumers_filters_times_and_versions() {
 
     server.kill().unwrap();
     server.wait().unwrap();
+}
+
+/// `tail` stops at the head when asked, starts relative to the head or the
+/// clock, never changes a consumer without `--commit`, never ignores
+/// `--from` for an existing consumer, and reports a server it cannot
+/// reach once, not at every retry.
+#[test]
+fn tail_stops_at_the_head_starts_relative_and_leaves_consumers_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str]| run_cli(&url, args, None);
+    let offsets = |out: &std::process::Output| -> Vec<u64> {
+        json_lines(out)
+            .iter()
+            .map(|e| e["offset"].as_u64().unwrap())
+            .collect()
+    };
+    let events: String = (0..5)
+        .map(|i| format!("{{\"type\":\"order.created\",\"data\":{i}}}\n"))
+        .collect();
+    json_lines(&run_cli(&url, &["publish", "orders"], Some(&events)));
+
+    // At the head: everything, or fewer than --limit, and exit 0.
+    assert_eq!(
+        offsets(&cli(&["tail", "orders", "--no-follow"])),
+        vec![0, 1, 2, 3, 4]
+    );
+    assert_eq!(
+        offsets(&cli(&[
+            "tail",
+            "orders",
+            "--no-follow",
+            "--count",
+            "10",
+            "--type",
+            "nope"
+        ])),
+        Vec::<u64>::new()
+    );
+    assert_eq!(
+        offsets(&cli(&["tail", "orders", "--from", "-2", "--no-follow"])),
+        vec![3, 4]
+    );
+    assert_eq!(
+        offsets(&cli(&["tail", "orders", "--from", "-50", "--limit", "1"])),
+        vec![0]
+    );
+    assert_eq!(
+        offsets(&cli(&["tail", "orders", "--since", "1h", "--limit", "5"])).len(),
+        5
+    );
+    let out = cli(&["tail", "orders", "--since", "soon"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a duration"));
+
+    // Without --commit, a missing consumer is not created...
+    let out = cli(&["tail", "orders", "--consumer", "billing", "--no-follow"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --commit to create it"));
+    assert!(!cli(&["consumers", "info", "orders", "billing"])
+        .status
+        .success());
+    // ...and an existing one is read from its cursor, with its filter,
+    // and left as it was.
+    let made = cli(&[
+        "tail",
+        "orders",
+        "--consumer",
+        "billing",
+        "--commit",
+        "--from",
+        "1",
+        "--limit",
+        "2",
+        "--type",
+        "order.>",
+    ]);
+    assert_eq!(offsets(&made), vec![1, 2]);
+    let info = |cli: &dyn Fn(&[&str]) -> std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&cli(&["consumers", "info", "orders", "billing"]).stdout).unwrap()
+    };
+    let before = info(&cli);
+    let peek = cli(&[
+        "tail",
+        "orders",
+        "--consumer",
+        "billing",
+        "--no-follow",
+        "--type",
+        "other",
+    ]);
+    assert_eq!(
+        offsets(&peek),
+        Vec::<u64>::new(),
+        "the given filter applies to the read"
+    );
+    let peek = cli(&["tail", "orders", "--consumer", "billing", "--no-follow"]);
+    assert_eq!(
+        offsets(&peek),
+        vec![3, 4],
+        "from the cursor, with the saved filter"
+    );
+    assert!(String::from_utf8_lossy(&peek.stderr).contains("without committing"));
+    let after = info(&cli);
+    assert_eq!(
+        (
+            &before["next_offset"],
+            &before["filter"],
+            &before["last_commit_time"]
+        ),
+        (
+            &after["next_offset"],
+            &after["filter"],
+            &after["last_commit_time"]
+        ),
+        "a read without --commit changed the consumer"
+    );
+    assert_eq!(after["filter"]["types"][0], "order.>");
+    // --from for an existing consumer is refused, saying how to move it.
+    let out = cli(&[
+        "tail",
+        "orders",
+        "--consumer",
+        "billing",
+        "--commit",
+        "--from",
+        "0",
+    ]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("already exists, at offset 3") && said.contains("consumers commit"),
+        "{said}"
+    );
+
+    // `tail --version` is the program's version, not a payload version.
+    let out = cli(&["tail", "--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+
+    // A server that is not there is reported once, with the cause, while
+    // tail keeps retrying (several attempts in three seconds).
+    let mut tail = Command::new(BIN)
+        .args(["tail", "orders"])
+        .env("PULLSTREAM_SERVER", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    tail.kill().unwrap();
+    let said = std::io::read_to_string(tail.stderr.take().unwrap()).unwrap();
+    tail.wait().unwrap();
+    assert_eq!(said.matches("cannot reach the server").count(), 1, "{said}");
+    assert!(
+        said.contains("Connection refused") && said.contains("retrying"),
+        "{said}"
+    );
 }
 
 #[test]
@@ -995,7 +1160,7 @@ fn the_cli_sets_retention_and_shows_server_status() {
     assert!(String::from_utf8_lossy(&nothing.stderr).contains("nothing to change"));
     let small = cli(&["streams", "update", "orders", "--max-bytes", "10KiB"]);
     assert!(!small.status.success());
-    assert!(String::from_utf8_lossy(&small.stderr).contains("InvalidArgument"));
+    assert!(String::from_utf8_lossy(&small.stderr).contains("INVALID_ARGUMENT"));
     let unparsable = cli(&["streams", "update", "orders", "--max-age", "soon"]);
     assert_eq!(
         unparsable.status.code(),
@@ -1128,7 +1293,7 @@ fn the_cli_reads_as_a_group_member_and_describes_the_group() {
 
     let missing = cli(&["groups", "info", "orders", "nope"], None);
     assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("NotFound"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("NOT_FOUND"));
     let lonely = cli(&["tail", "orders", "--commit"], None);
     assert!(!lonely.status.success());
     assert!(String::from_utf8_lossy(&lonely.stderr)
@@ -1169,14 +1334,14 @@ fn serve_usage_errors_busy_ports_and_host_names() {
         assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {out:?}");
         assert!(!data_dir.exists(), "{args:?}: nothing created");
     }
-    // A client URL without a scheme says how to write it.
+    // A client URL with a scheme other than http(s) says how to write it.
     let out = Command::new(BIN)
-        .args(["streams", "list", "--server", "127.0.0.1:50051"])
+        .args(["streams", "list", "--server", "grpc://127.0.0.1:50051"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("write http://127.0.0.1:50051"),
+        String::from_utf8_lossy(&out.stderr).contains("e.g. http://127.0.0.1:50051"),
         "{out:?}"
     );
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
