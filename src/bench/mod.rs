@@ -91,9 +91,10 @@ pub struct BenchArgs {
     /// append and tail: how long each run lasts
     #[arg(long, default_value = "5s")]
     duration: HumanDuration,
-    /// catchup, filtered, committing: events stored, then read
-    #[arg(long, default_value_t = 1_000_000)]
-    events: u64,
+    /// catchup, filtered, committing, http: events stored, then read (default
+    /// 1,000,000); append: events to append in all, instead of --duration
+    #[arg(long)]
+    events: Option<u64>,
     /// tail: live subscribers
     #[arg(long, default_value_t = 16)]
     subscribers: usize,
@@ -279,7 +280,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     match &args.server {
         Some(url) => eprintln!(
-            "pullstream bench: server {url} (external), {}-byte events",
+            "pullstream bench: server {url} (external{}), {}-byte events",
+            if std::env::args().any(|a| a == "--server" || a.starts_with("--server=")) {
+                ", from --server"
+            } else {
+                ", from PULLSTREAM_SERVER: unset it to benchmark a fresh embedded server"
+            },
             args.event_bytes
         ),
         None => eprintln!(
@@ -287,6 +293,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.durability, args.event_bytes
         ),
     }
+    let stored = args.events.unwrap_or(1_000_000);
     let mut outcomes = Vec::new();
     for scenario in scenarios {
         // Each run gets a server of its own, so runs do not see each
@@ -311,16 +318,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 batch,
                 producers,
                 in_flight,
-            } => workloads::append(&ctx, batch, producers, in_flight, args.duration.0).await?,
-            Scenario::Catchup => workloads::catchup(&ctx, args.events).await?,
+            } => {
+                let until = workloads::Until::new(args.duration.0, args.events);
+                workloads::append(&ctx, batch, producers, in_flight, until).await?
+            }
+            Scenario::Catchup => workloads::catchup(&ctx, stored).await?,
             Scenario::Tail => {
                 workloads::tail(&ctx, args.subscribers, args.rate, args.duration.0).await?
             }
             Scenario::Fanout => workloads::fanout(&ctx, args.idle_subscriptions).await?,
-            Scenario::Filtered => workloads::filtered_catchup(&ctx, args.events).await?,
-            Scenario::Committing => workloads::committing_catchup(&ctx, args.events).await?,
+            Scenario::Filtered => workloads::filtered_catchup(&ctx, stored).await?,
+            Scenario::Committing => workloads::committing_catchup(&ctx, stored).await?,
             Scenario::Floor => workloads::floor(&ctx, args.duration.0).await?,
-            Scenario::Http => workloads::http(&ctx, args.duration.0, args.events).await?,
+            Scenario::Http => workloads::http(&ctx, args.duration.0, stored).await?,
             Scenario::Group { members } => {
                 workloads::group(&ctx, members, args.group_events, args.work.0).await?
             }

@@ -542,6 +542,69 @@ fn bench_appends_through_pipelines() {
     assert!(stdout.contains("pipeline in-flight=4"), "{stdout}");
 }
 
+/// `bench --events N` appends N events in all (unary and pipelined), and
+/// says which server it measures and why.
+#[test]
+fn bench_append_honours_events_and_names_its_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--workload",
+            "append",
+            "--events",
+            "2000",
+            "--batch",
+            "100",
+        ])
+        .args(["--producers", "3", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fresh embedded server"));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    for result in summary["results"].as_array().unwrap() {
+        assert!(
+            result["failures"].as_array().unwrap().is_empty(),
+            "{result}"
+        );
+        assert_eq!(result["figures"]["events"], 2000, "{result}");
+    }
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "--workload",
+            "append",
+            "--events",
+            "500",
+            "--batch",
+            "50",
+        ])
+        .args(["--producers", "1", "--pipeline", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    assert_eq!(summary["results"][0]["figures"]["events"], 500);
+    // A server from the environment is named as such.
+    let out = Command::new(BIN)
+        .args(["bench", "--workload", "floor", "--duration", "10ms"])
+        .env("PULLSTREAM_SERVER", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("from PULLSTREAM_SERVER: unset it"),
+        "{out:?}"
+    );
+}
+
 /// `bench --workload floor` times health checks and then single-event
 /// Appends on the same kind of connection, and every acknowledged append
 /// is in its stream (the workload checks; a failure fails the run).

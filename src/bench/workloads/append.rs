@@ -11,6 +11,40 @@ use crate::bench::{histogram, latency, BenchContext, Outcome, Progress};
 use crate::client::AppendPipeline;
 use crate::proto::{self as pb};
 
+/// How long an append run lasts: a time, or a number of events in all
+/// (`--events`), claimed a batch at a time by the producers.
+#[derive(Clone)]
+pub(crate) enum Until {
+    Deadline(Instant),
+    Events {
+        claimed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+        total: u64,
+    },
+}
+
+impl Until {
+    /// For `duration`, or for `events` in all when given.
+    pub(crate) fn new(duration: Duration, events: Option<u64>) -> Until {
+        match events {
+            Some(total) => Until::Events {
+                claimed: Default::default(),
+                total,
+            },
+            None => Until::Deadline(Instant::now() + duration),
+        }
+    }
+
+    /// Whether a producer may send another batch of `n` events.
+    fn claim(&self, n: usize) -> bool {
+        match self {
+            Until::Deadline(deadline) => Instant::now() < *deadline,
+            Until::Events { claimed, total } => {
+                claimed.fetch_add(n as u64, Ordering::Relaxed) < *total
+            }
+        }
+    }
+}
+
 /// `append`: producers append batches back to back for `duration`, each
 /// waiting for its acknowledgement before sending the next; or, with
 /// `in_flight`, each through one append pipeline keeping that many
@@ -20,7 +54,7 @@ pub(crate) async fn append(
     batch: usize,
     producers: usize,
     in_flight: Option<u32>,
-    duration: Duration,
+    until: Until,
 ) -> anyhow::Result<Outcome> {
     let name = match in_flight {
         None => format!("append batch={batch} producers={producers}"),
@@ -33,24 +67,29 @@ pub(crate) async fn append(
     }
     let progress = Progress::start(name.clone());
     let started = Instant::now();
-    let deadline = started + duration;
+    // A deadline counts from here, after the clients connected.
+    let until = match until {
+        Until::Deadline(deadline) => Until::Deadline(deadline.max(started)),
+        events => events,
+    };
     let mut tasks = Vec::new();
     for (p, mut client) in clients.into_iter().enumerate() {
         let counter = progress.counter();
         let stream = stream.clone();
+        let until = until.clone();
         let events: Vec<_> = (0..batch)
             .map(|i| event(ctx.event_bytes, (p * batch + i) as u64, 0))
             .collect();
         if let Some(in_flight) = in_flight {
             tasks.push(tokio::spawn(async move {
-                pipelined(client, stream, events, in_flight, deadline, counter).await
+                pipelined(client, stream, events, in_flight, until, counter).await
             }));
             continue;
         }
         tasks.push(tokio::spawn(async move {
             let mut acks = histogram();
             let mut acked = 0u64;
-            while Instant::now() < deadline {
+            while until.claim(batch) {
                 let request = pb::AppendRequest {
                     stream: stream.clone(),
                     events: events.clone(),
@@ -99,13 +138,13 @@ pub(crate) async fn append(
 }
 
 /// One producer through an append pipeline: sends while the pipeline has
-/// room, reads acknowledgements otherwise, until `deadline`; then drains.
+/// room, reads acknowledgements otherwise, `until` it is done; then drains.
 async fn pipelined(
     mut client: crate::client::Client,
     stream: String,
     events: Vec<pb::NewEvent>,
     in_flight: u32,
-    deadline: Instant,
+    until: Until,
     counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> anyhow::Result<(hdrhistogram::Histogram<u64>, u64)> {
     let mut pipeline = AppendPipeline::open(
@@ -124,11 +163,12 @@ async fn pipelined(
     let mut sequence = 0;
     let mut finished = false;
     loop {
-        if !finished && Instant::now() >= deadline {
-            pipeline.finish();
-            finished = true;
-        }
         if !finished && pipeline.has_room() {
+            if !until.claim(events.len()) {
+                pipeline.finish();
+                finished = true;
+                continue;
+            }
             sequence += 1;
             sent_at.push_back(Instant::now());
             let sent = pipeline

@@ -11,7 +11,7 @@ mod http;
 mod soak;
 mod tail;
 
-pub(crate) use append::append;
+pub(crate) use append::{append, Until};
 pub(crate) use catchup::{catchup, committing_catchup, filtered_catchup};
 pub(crate) use floor::floor;
 pub(crate) use group::group;
