@@ -1106,7 +1106,7 @@ fn open_mode_is_refused_on_a_non_loopback_address_unless_insecure() {
     let url = url.replace("0.0.0.0", "127.0.0.1");
     let out = run_cli(&url, &["publish", "s", "--type", "t"], None);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"));
     let with_key = |args: &[&str]| {
         let mut all = args.to_vec();
         all.extend(["--api-key", key.as_str()]);
