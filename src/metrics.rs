@@ -22,6 +22,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -119,9 +120,21 @@ pub struct StreamSnapshot {
     /// Approximate stored bytes.
     pub bytes: u64,
     /// Durable consumers with their lag.
-    pub consumers: Vec<(String, u64)>,
+    pub consumers: Vec<ConsumerLag>,
     /// Consumer groups with their lag (head minus low watermark).
     pub groups: Vec<(String, u64)>,
+}
+
+/// A durable consumer's lag, in events and in time.
+#[derive(Debug, Clone, Default)]
+pub struct ConsumerLag {
+    /// The consumer's name.
+    pub name: String,
+    /// The head minus the cursor.
+    pub events: u64,
+    /// The age of the event at the cursor (the oldest one not passed), in
+    /// seconds; 0 when the consumer has no lag.
+    pub seconds: f64,
 }
 
 /// The server's metrics.
@@ -151,6 +164,7 @@ pub struct Metrics {
     stream_first: Family<StreamLabel, Gauge>,
     stream_bytes: Family<StreamLabel, Gauge>,
     consumer_lag: Family<ConsumerLabels, Gauge>,
+    consumer_lag_seconds: Family<ConsumerLabels, Gauge<f64, AtomicU64>>,
     group_lag: Family<GroupLabels, Gauge>,
     data_dir_bytes: Gauge,
     data_dir_free_bytes: Gauge,
@@ -203,6 +217,7 @@ impl Metrics {
             stream_first: Family::default(),
             stream_bytes: Family::default(),
             consumer_lag: Family::default(),
+            consumer_lag_seconds: Family::default(),
             group_lag: Family::default(),
             data_dir_bytes: Gauge::default(),
             data_dir_free_bytes: Gauge::default(),
@@ -294,6 +309,12 @@ impl Metrics {
             "consumer_lag_events",
             "Events between a durable consumer's cursor and the head",
             m.consumer_lag.clone(),
+        );
+        registry.register_with_unit(
+            "consumer_lag",
+            "Age of the oldest event a durable consumer has not passed (0 when it has no lag)",
+            Unit::Seconds,
+            m.consumer_lag_seconds.clone(),
         );
         registry.register(
             "group_lag_events",
@@ -415,9 +436,11 @@ impl Metrics {
             family.clear();
         }
         self.consumer_lag.clear();
+        self.consumer_lag_seconds.clear();
         self.group_lag.clear();
         let mut lag_series = 0;
         let (mut max_consumer_lag, mut max_group_lag) = (None::<u64>, None::<u64>);
+        let mut max_lag_seconds = None::<f64>;
         for s in streams {
             let label = self.label(&s.name);
             // Streams past the cap add up under one label.
@@ -431,8 +454,9 @@ impl Metrics {
                 .get_or_create(&label)
                 .inc_by(s.bytes as i64);
             if !self.stream_labels {
-                for (_, lag) in &s.consumers {
-                    max_consumer_lag = max_consumer_lag.max(Some(*lag));
+                for lag in &s.consumers {
+                    max_consumer_lag = max_consumer_lag.max(Some(lag.events));
+                    max_lag_seconds = Some(max_lag_seconds.unwrap_or(0.0).max(lag.seconds));
                 }
                 for (_, lag) in &s.groups {
                     max_group_lag = max_group_lag.max(Some(*lag));
@@ -444,17 +468,21 @@ impl Metrics {
             if label.stream != s.name {
                 continue;
             }
-            for (consumer, lag) in &s.consumers {
+            for lag in &s.consumers {
                 if lag_series == MAX_CONSUMER_SERIES {
                     break;
                 }
                 lag_series += 1;
+                let labels = ConsumerLabels {
+                    stream: s.name.clone(),
+                    consumer: lag.name.clone(),
+                };
                 self.consumer_lag
-                    .get_or_create(&ConsumerLabels {
-                        stream: s.name.clone(),
-                        consumer: consumer.clone(),
-                    })
-                    .set(*lag as i64);
+                    .get_or_create(&labels)
+                    .set(lag.events as i64);
+                self.consumer_lag_seconds
+                    .get_or_create(&labels)
+                    .set(lag.seconds);
             }
             for (group, lag) in &s.groups {
                 if lag_series == MAX_CONSUMER_SERIES {
@@ -469,13 +497,17 @@ impl Metrics {
                     .set(*lag as i64);
             }
         }
+        let max_labels = ConsumerLabels {
+            stream: ALL_STREAMS.to_string(),
+            consumer: MAX_LAG.to_string(),
+        };
         if let Some(lag) = max_consumer_lag {
-            self.consumer_lag
-                .get_or_create(&ConsumerLabels {
-                    stream: ALL_STREAMS.to_string(),
-                    consumer: MAX_LAG.to_string(),
-                })
-                .set(lag as i64);
+            self.consumer_lag.get_or_create(&max_labels).set(lag as i64);
+        }
+        if let Some(seconds) = max_lag_seconds {
+            self.consumer_lag_seconds
+                .get_or_create(&max_labels)
+                .set(seconds);
         }
         if let Some(lag) = max_group_lag {
             self.group_lag
@@ -533,6 +565,14 @@ pub fn resident_bytes() -> u64 {
 mod tests {
     use super::*;
 
+    fn lag(name: &str, events: u64, seconds: f64) -> ConsumerLag {
+        ConsumerLag {
+            name: name.into(),
+            events,
+            seconds,
+        }
+    }
+
     #[test]
     fn streams_past_the_cap_share_one_label_and_deleted_ones_free_theirs() {
         let metrics = Metrics::new(true);
@@ -565,7 +605,7 @@ mod tests {
             next_offset: 42,
             first_offset: 7,
             bytes: 1000,
-            consumers: vec![("billing".into(), 12)],
+            consumers: vec![lag("billing", 12, 2.5)],
             groups: vec![("shippers".into(), 30)],
         };
         let text = metrics.encode(
@@ -580,6 +620,12 @@ mod tests {
         assert!(text.contains("pullstream_stream_first_offset{stream=\"orders\"} 7"));
         assert!(text
             .contains("pullstream_consumer_lag_events{stream=\"orders\",consumer=\"billing\"} 12"));
+        assert!(
+            text.contains(
+                "pullstream_consumer_lag_seconds{stream=\"orders\",consumer=\"billing\"} 2.5"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("pullstream_group_lag_events{stream=\"orders\",group=\"shippers\"} 30")
         );
@@ -621,7 +667,7 @@ mod tests {
                 next_offset: 4,
                 first_offset: 0,
                 bytes: 10,
-                consumers: vec![("salaries".into(), 3), ("audit".into(), 1)],
+                consumers: vec![lag("salaries", 3, 1.0), lag("audit", 1, 7.0)],
                 groups: vec![("workers".into(), 2)],
             },
             StreamSnapshot {
@@ -629,7 +675,7 @@ mod tests {
                 next_offset: 1,
                 first_offset: 0,
                 bytes: 10,
-                consumers: vec![("c".into(), 0)],
+                consumers: vec![lag("c", 0, 0.0)],
                 groups: Vec::new(),
             },
         ];
@@ -645,6 +691,10 @@ mod tests {
         assert!(text.contains("pullstream_stream_next_offset{stream=\"_all\"} 5"));
         assert!(
             text.contains("pullstream_consumer_lag_events{stream=\"_all\",consumer=\"_max\"} 3")
+        );
+        assert!(
+            text.contains("pullstream_consumer_lag_seconds{stream=\"_all\",consumer=\"_max\"} 7.0"),
+            "{text}"
         );
         assert!(text.contains("pullstream_group_lag_events{stream=\"_all\",group=\"_max\"} 2"));
     }

@@ -597,6 +597,13 @@ impl Calls {
             uptime: prost_types::Duration::try_from(uptime).ok(),
             streams,
             write_refusal: self.log.write_refusal().reason.unwrap_or_default(),
+            scopes: caller
+                .scopes()
+                .iter()
+                .map(|&s| super::keys::scope_to_proto(s) as i32)
+                .collect(),
+            api_key_id: caller.key_id.clone().unwrap_or_default(),
+            tenant: caller.tenant.clone(),
         })
     }
 

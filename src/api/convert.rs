@@ -65,6 +65,10 @@ pub(super) fn consumer_info_to_proto(info: log::ConsumerInfo, stream: String) ->
         version: info.version,
         active: info.active,
         cursor_trimmed: info.cursor_trimmed,
+        oldest_pending_time: info.pending_since_unix_nanos.map(timestamp),
+        lag_time: info
+            .pending_age
+            .and_then(|age| prost_types::Duration::try_from(age).ok()),
     }
 }
 

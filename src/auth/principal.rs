@@ -34,6 +34,11 @@ impl Principal {
         }
     }
 
+    /// What the caller may do.
+    pub fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+
     /// Fails with PERMISSION_DENIED unless the key has one of `scopes`.
     pub fn require(&self, scopes: &[Scope]) -> Result<(), Error> {
         if scopes.iter().any(|s| self.scopes.contains(s)) {

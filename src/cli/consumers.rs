@@ -135,11 +135,11 @@ fn print_table(stream: &str, consumers: &[pb::ConsumerInfo]) {
         .unwrap_or(0)
         .max(8);
     println!(
-        "{:<width$}  {:>12}  {:>12}  {:<6}  {:<30}  FILTER / VERSION",
-        "CONSUMER", "NEXT", "LAG", "ACTIVE", "LAST COMMIT"
+        "{:<width$}  {:>12}  {:>12}  {:>10}  {:<6}  {:<16}  FILTER / VERSION",
+        "CONSUMER", "NEXT", "LAG", "LAG TIME", "ACTIVE", "LAST COMMIT"
     );
+    let now = std::time::SystemTime::now();
     for c in consumers {
-        let committed = json::time_text(c.last_commit_time.as_ref());
         let mut settings = c
             .filter
             .as_ref()
@@ -156,12 +156,13 @@ fn print_table(stream: &str, consumers: &[pb::ConsumerInfo]) {
             settings.push_str(&format!("version={}", c.version));
         }
         println!(
-            "{:<width$}  {:>12}  {:>12}  {:<6}  {:<30}  {}",
+            "{:<width$}  {:>12}  {:>12}  {:>10}  {:<6}  {:<16}  {}",
             c.name,
             c.next_offset,
             c.lag,
+            json::lag_time_text(c),
             if c.active { "yes" } else { "no" },
-            committed.as_str().unwrap_or("never"),
+            json::ago_text(c.last_commit_time.as_ref(), now),
             if settings.is_empty() { "-" } else { &settings }
         );
     }

@@ -17,7 +17,8 @@ use crate::storage::{Store, StoreOptions};
 /// Arguments of `pullstream keys`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
-    pullstream keys create --data-dir ./pullstream-data --tenant acme --scope admin\n  \
+    pullstream keys create --data-dir ./pullstream-data --scope admin --scope publish --scope subscribe\n  \
+    pullstream keys create --data-dir ./pullstream-data --tenant acme --scope publish\n  \
     pullstream keys create --api-key $ADMIN_KEY --scope publish --streams 'orders.>' --expires 90d\n  \
     pullstream keys list --data-dir ./pullstream-data\n  \
     pullstream keys revoke 3f9a0c1b2d4e5f60 --api-key $ADMIN_KEY\n\n\

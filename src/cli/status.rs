@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-
 use super::{connect, json, status_error, ClientArgs};
 use crate::proto as pb;
 
@@ -29,7 +27,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
+        println!("{}", serde_json::to_string_pretty(&json::status(&status))?);
     } else {
         print!("{}", render(&args.client.server, &status));
     }
@@ -40,31 +38,6 @@ fn uptime(status: &pb::GetServerStatusResponse) -> Duration {
     status.uptime.map_or(Duration::ZERO, |u| {
         // Whole seconds read better in a table.
         Duration::from_secs(u.seconds.max(0) as u64)
-    })
-}
-
-fn to_json(status: &pb::GetServerStatusResponse) -> serde_json::Value {
-    let streams: Vec<_> = status
-        .streams
-        .iter()
-        .map(|s| {
-            let mut stream = json::stream_info(&s.stream.clone().unwrap_or_default());
-            stream["append_rate"] = json!(s.append_rate);
-            stream["consumers"] = s.consumers.iter().map(json::consumer_info).collect();
-            stream["damaged"] = s
-                .damaged
-                .iter()
-                .map(|d| json!({ "first_offset": d.first_offset, "end_offset": d.end_offset }))
-                .collect();
-            stream
-        })
-        .collect();
-    json!({
-        "server_version": status.server_version,
-        "start_time": json::time_text(status.start_time.as_ref()),
-        "uptime_seconds": uptime(status).as_secs(),
-        "write_refusal": (!status.write_refusal.is_empty()).then_some(&status.write_refusal),
-        "streams": streams,
     })
 }
 
@@ -79,6 +52,21 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
         status.server_version,
         humantime::format_duration(uptime(status)),
         started.as_str().unwrap_or("-")
+    );
+    let scopes: Vec<&str> = status.scopes.iter().map(|&s| json::scope_name(s)).collect();
+    let _ = writeln!(
+        out,
+        "tenant {}, {}",
+        status.tenant,
+        if status.api_key_id.is_empty() {
+            "open server (no API keys): every scope".to_string()
+        } else {
+            format!(
+                "key {} with scopes {}",
+                status.api_key_id,
+                scopes.join(", ")
+            )
+        }
     );
     if !status.write_refusal.is_empty() {
         let _ = writeln!(
@@ -149,20 +137,21 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
         .max(8);
     let _ = writeln!(
         out,
-        "\n{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:<6}  LAST COMMIT",
-        "STREAM", "CONSUMER", "NEXT", "LAG", "ACTIVE"
+        "\n{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:>10}  {:<6}  LAST COMMIT",
+        "STREAM", "CONSUMER", "NEXT", "LAG", "LAG TIME", "ACTIVE"
     );
+    let now = std::time::SystemTime::now();
     for c in &consumers {
-        let committed = json::time_text(c.last_commit_time.as_ref());
         let _ = writeln!(
             out,
-            "{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:<6}  {}",
+            "{:<width$}  {:<consumer_width$}  {:>12}  {:>12}  {:>10}  {:<6}  {}",
             c.stream,
             c.name,
             c.next_offset,
             c.lag,
+            json::lag_time_text(c),
             if c.active { "yes" } else { "no" },
-            committed.as_str().unwrap_or("never"),
+            json::ago_text(c.last_commit_time.as_ref(), now),
         );
     }
     for c in consumers.iter().filter(|c| c.cursor_trimmed) {

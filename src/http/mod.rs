@@ -318,7 +318,7 @@ async fn status(State(api): State<Api>, headers: HeaderMap) -> Answer {
         .calls
         .get_server_status(caller, pb::GetServerStatusRequest {})
         .await?;
-    ok(StatusCode::OK, shapes::status(&status))
+    ok(StatusCode::OK, crate::proto::json::status(&status))
 }
 
 #[derive(serde::Deserialize)]

@@ -11,11 +11,9 @@ use std::collections::HashMap;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{json, Value};
 
 use crate::error::Error;
 use crate::proto as pb;
-use crate::proto::json::{consumer_info, stream_info, time_text};
 
 /// The body of `POST /v1/streams/{stream}/events`.
 #[derive(Debug, Deserialize)]
@@ -147,25 +145,6 @@ impl AppendBody {
             fencing_token: self.fencing_token,
         })
     }
-}
-
-/// The server's status, as `GET /v1/status` writes it.
-pub fn status(status: &pb::GetServerStatusResponse) -> Value {
-    json!({
-        "server_version": status.server_version,
-        "start_time": time_text(status.start_time.as_ref()),
-        "uptime_seconds": status.uptime.map_or(0, |u| u.seconds),
-        "write_refusal": status.write_refusal,
-        "streams": status.streams.iter().map(|s| json!({
-            "stream": s.stream.as_ref().map(stream_info),
-            "append_rate": s.append_rate,
-            "consumers": s.consumers.iter().map(consumer_info).collect::<Vec<_>>(),
-            "damaged": s.damaged.iter().map(|d| json!({
-                "first_offset": d.first_offset,
-                "end_offset": d.end_offset,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// A retention policy from `PUT /v1/streams/{stream}`'s body.

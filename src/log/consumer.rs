@@ -54,6 +54,12 @@ pub struct ConsumerInfo {
     pub active: bool,
     /// Whether retention trimmed events at or past its cursor.
     pub cursor_trimmed: bool,
+    /// The append time of the event at the cursor (the oldest one the
+    /// consumer has not passed), nanoseconds since the Unix epoch; `None`
+    /// when it has no lag, or that event cannot be read.
+    pub pending_since_unix_nanos: Option<i64>,
+    /// How long ago that was, by the server's clock.
+    pub pending_age: Option<std::time::Duration>,
 }
 
 /// A consumer in memory: its stored record and its open subscription.
@@ -164,6 +170,8 @@ fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> Consumer
         version: r.version.clone(),
         active: state.lease.is_some(),
         cursor_trimmed: r.next_offset < head.first_offset,
+        pending_since_unix_nanos: None,
+        pending_age: None,
     }
 }
 
@@ -248,7 +256,10 @@ impl Log {
             stream: stream.name.clone(),
             consumer: name.to_string(),
         })?;
-        Ok(info(&stream.name, name, state, head))
+        let mut info = info(&stream.name, name, state, head);
+        drop(consumers);
+        self.add_lag_time(&stream, &mut info);
+        Ok(info)
     }
 
     /// Lists a stream's consumers in name order.
@@ -256,10 +267,24 @@ impl Log {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         let consumers = stream.shared.consumers.lock().expect("consumers lock");
-        Ok(consumers
+        let mut infos: Vec<ConsumerInfo> = consumers
             .iter()
             .map(|(name, state)| info(&stream.name, name, state, head))
-            .collect())
+            .collect();
+        drop(consumers);
+        for info in &mut infos {
+            self.add_lag_time(&stream, info);
+        }
+        Ok(infos)
+    }
+
+    /// Fills in a consumer's lag in time (a chunk read: called without
+    /// the consumers lock held).
+    fn add_lag_time(&self, stream: &super::Stream, info: &mut ConsumerInfo) {
+        let since = self.append_time_at(stream, info.next_offset);
+        info.pending_since_unix_nanos = since;
+        info.pending_age = since
+            .map(|t| std::time::Duration::from_nanos(self.now().saturating_sub(t).max(0) as u64));
     }
 
     /// Deletes a consumer; its open subscription ends.

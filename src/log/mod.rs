@@ -53,7 +53,7 @@ pub use subscription::{StartAt, Subscription};
 pub use crate::engine::Retention;
 use crate::engine::{Chunk, Engine, EventRecord};
 use crate::error::Error;
-use crate::metrics::{Metrics, StreamMetrics, StreamSnapshot, WriteRefusal};
+use crate::metrics::{ConsumerLag, Metrics, StreamMetrics, StreamSnapshot, WriteRefusal};
 use cache::CacheBudget;
 use command::{AppendJob, WriterCommand};
 use commit::Committer;
@@ -418,6 +418,31 @@ impl Log {
         })
     }
 
+    /// The append time of the event at `offset` (nanoseconds since the
+    /// Unix epoch): for lag in time, the age of the oldest event a consumer
+    /// has not passed. `None` at or past the head, before the first
+    /// retained offset, or when storage cannot give the event (reads of it
+    /// report the damage).
+    pub(crate) fn append_time_at(&self, stream: &Stream, offset: u64) -> Option<i64> {
+        let head = stream.shared.head();
+        if offset < head.first_offset || offset >= head.next_offset {
+            return None;
+        }
+        let (slices, _) = stream
+            .read(
+                self.engine.as_ref(),
+                offset,
+                head.next_offset,
+                1,
+                usize::MAX,
+                &EventFilter::default(),
+                None,
+                &mut VecDeque::new(),
+            )
+            .ok()?;
+        slices.first().map(|slice| slice.chunk.time_unix_nanos)
+    }
+
     /// Opens a subscription at `start`, delivering the events that pass
     /// `filter`.
     pub fn subscribe(
@@ -578,11 +603,18 @@ impl Log {
                     .lock()
                     .expect("consumers lock")
                     .iter()
-                    .map(|(name, c)| {
-                        (
-                            name.clone(),
-                            head.next_offset.saturating_sub(c.record.next_offset),
-                        )
+                    .map(|(name, c)| (name.clone(), c.record.next_offset))
+                    .collect::<Vec<_>>();
+                // Ages are read after the lock is let go (a chunk read each).
+                let now = self.now();
+                let consumers = consumers
+                    .into_iter()
+                    .map(|(name, cursor)| ConsumerLag {
+                        name,
+                        events: head.next_offset.saturating_sub(cursor),
+                        seconds: self
+                            .append_time_at(s, cursor)
+                            .map_or(0.0, |t| now.saturating_sub(t).max(0) as f64 / 1e9),
                     })
                     .collect();
                 let groups = s

@@ -113,6 +113,8 @@ pub fn consumer_info(info: &pb::ConsumerInfo) -> Value {
         "created_time": time_text(info.created_time.as_ref()),
         "active": info.active,
         "cursor_trimmed": info.cursor_trimmed,
+        "oldest_pending_time": time_text(info.oldest_pending_time.as_ref()),
+        "lag_seconds": info.lag_time.map(|d| d.seconds as f64 + f64::from(d.nanos) / 1e9),
     });
     if let Some(filter) = &info.filter {
         out["filter"] = json!({ "types": filter.types, "keys": filter.keys });
@@ -159,4 +161,37 @@ mod tests {
         assert!(event(&e).get("data").is_none());
         assert!(event(&e).get("key").is_none(), "empty fields are left out");
     }
+}
+
+/// A scope's name as the CLI and the README write it (`publish`).
+pub fn scope_name(scope: i32) -> &'static str {
+    match pb::Scope::try_from(scope) {
+        Ok(pb::Scope::Publish) => "publish",
+        Ok(pb::Scope::Subscribe) => "subscribe",
+        Ok(pb::Scope::Admin) => "admin",
+        _ => "unknown",
+    }
+}
+
+/// The server's status, as `GET /v1/status` and `pullstream status --json`
+/// write it.
+pub fn status(status: &pb::GetServerStatusResponse) -> Value {
+    json!({
+        "server_version": status.server_version,
+        "start_time": time_text(status.start_time.as_ref()),
+        "uptime_seconds": status.uptime.map_or(0, |u| u.seconds),
+        "write_refusal": status.write_refusal,
+        "tenant": status.tenant,
+        "scopes": status.scopes.iter().map(|&s| scope_name(s)).collect::<Vec<_>>(),
+        "api_key_id": (!status.api_key_id.is_empty()).then_some(&status.api_key_id),
+        "streams": status.streams.iter().map(|s| json!({
+            "stream": s.stream.as_ref().map(stream_info),
+            "append_rate": s.append_rate,
+            "consumers": s.consumers.iter().map(consumer_info).collect::<Vec<_>>(),
+            "damaged": s.damaged.iter().map(|d| json!({
+                "first_offset": d.first_offset,
+                "end_offset": d.end_offset,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -360,3 +360,70 @@ async fn a_stalled_subscriber_taken_over_still_gets_its_final_status() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn lag_in_time_is_the_age_of_the_oldest_event_not_passed() {
+    within(async {
+        let server = TestServer::start_with(|c| {
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.metrics_stream_labels = true;
+        })
+        .await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(3, "old")).await;
+        let appended = pullstream::clock::system_now_unix_nanos();
+        // Two hours later (by the server's clock) three more arrive.
+        server
+            .config
+            .clock
+            .advance(std::time::Duration::from_secs(2 * 3600));
+        append(&mut client, "s", events(3, "new")).await;
+        commit(&mut client, "s", "behind", 1).await.unwrap();
+        commit(&mut client, "s", "recent", 3).await.unwrap();
+        commit(&mut client, "s", "done", 6).await.unwrap();
+
+        let list = list_consumers(&mut client, "s").await;
+        let by_name = |name: &str| list.iter().find(|c| c.name == name).unwrap().clone();
+        // The event at offset 1 was appended two hours before "now".
+        let behind = by_name("behind");
+        let age = behind.lag_time.unwrap();
+        assert!((2 * 3600..2 * 3600 + 60).contains(&age.seconds), "{age:?}");
+        let since = behind.oldest_pending_time.unwrap();
+        assert!((since.seconds - appended / 1_000_000_000).abs() <= 60);
+        // The event at offset 3 is new: seconds old, not hours.
+        let recent = by_name("recent");
+        assert!(recent.lag_time.unwrap().seconds < 60);
+        // No lag: no lag in time.
+        let done = by_name("done");
+        assert_eq!(done.lag, 0);
+        assert!(done.lag_time.is_none() && done.oldest_pending_time.is_none());
+        // GetConsumer and the status say the same.
+        let got = get_consumer(&mut client, "s", "behind").await.unwrap();
+        assert!(got.lag_time.unwrap().seconds >= 2 * 3600);
+        let status = client
+            .get_server_status(pb::GetServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let in_status = &status.streams[0].consumers;
+        assert!(in_status
+            .iter()
+            .any(|c| c.name == "behind" && c.lag_time.unwrap().seconds >= 2 * 3600));
+
+        // The metrics carry it in seconds.
+        let (_, text) =
+            crate::operability::http_get(server.metrics_addr.unwrap(), "/metrics").await;
+        let seconds: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("pullstream_consumer_lag_seconds{stream=\"s\",consumer=\"behind\"} ")
+            })
+            .unwrap_or_else(|| panic!("no lag seconds in:\n{text}"))
+            .parse()
+            .unwrap();
+        assert!(seconds >= 7200.0, "{seconds}");
+        assert!(text.contains("pullstream_consumer_lag_seconds{stream=\"s\",consumer=\"done\"} 0"));
+        server.stop().await;
+    })
+    .await;
+}

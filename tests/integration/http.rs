@@ -663,6 +663,13 @@ async fn streams_are_created_described_listed_and_deleted() {
     assert_eq!(status, 200);
     assert_eq!(status_body["streams"].as_array().unwrap().len(), 2);
     assert_eq!(status_body["write_refusal"], "");
+    // An open server: the default tenant, every scope, no key.
+    assert_eq!(status_body["tenant"], "default");
+    assert_eq!(
+        status_body["scopes"],
+        serde_json::json!(["publish", "subscribe", "admin"])
+    );
+    assert!(status_body["api_key_id"].is_null());
 }
 
 #[tokio::test]
@@ -695,6 +702,14 @@ async fn keys_scopes_and_tenants_hold_over_http() {
     let reader = Http::keyed(&server, &keys[1]);
     let globex = Http::keyed(&server, &keys[2]);
     acme.append("orders", typed(&["a"])).await;
+    // Status says whose streams these are and what the key may do.
+    let (_, mine) = reader.get("/v1/status").await;
+    assert_eq!(mine["tenant"], "acme");
+    assert_eq!(mine["scopes"], serde_json::json!(["subscribe"]));
+    assert_eq!(
+        mine["api_key_id"].as_str().unwrap(),
+        keys[1].split('_').nth(1).unwrap()
+    );
     let (status, error) = reader
         .post(
             "/v1/streams/orders/events",

@@ -1265,17 +1265,25 @@ fn the_cli_sets_retention_and_shows_server_status() {
         .find(|l| l.contains("billing"))
         .expect("a row for billing");
     let columns: Vec<_> = billing.split_whitespace().collect();
-    assert_eq!(
-        &columns[..5],
-        ["orders", "billing", "1", "2", "no"],
-        "{billing}"
+    // Lag in events and in time (seconds here), then when it last
+    // committed, as an age.
+    assert_eq!(&columns[..4], ["orders", "billing", "1", "2"], "{billing}");
+    assert!(columns[4].ends_with('s'), "{billing}");
+    assert_eq!(columns[5], "no", "{billing}");
+    assert!(billing.trim_end().ends_with("ago"), "{billing}");
+    // Whose streams these are.
+    assert!(
+        table.contains("tenant default, open server (no API keys): every scope"),
+        "{table}"
     );
 
     let status = ok(&["status", "--json"]);
     assert_eq!(status["server_version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(status["streams"][0]["name"], "orders");
-    assert_eq!(status["streams"][0]["next_offset"], 3);
+    assert_eq!(status["tenant"], "default");
+    assert_eq!(status["streams"][0]["stream"]["name"], "orders");
+    assert_eq!(status["streams"][0]["stream"]["next_offset"], 3);
     assert_eq!(status["streams"][0]["consumers"][0]["lag"], 2);
+    assert!(status["streams"][0]["consumers"][0]["lag_seconds"].is_f64());
     assert!(status["uptime_seconds"].is_u64());
 
     sigterm(&server);
@@ -1441,4 +1449,62 @@ fn serve_usage_errors_busy_ports_and_host_names() {
     server.kill().unwrap();
     let _ = server.wait();
     assert!(connected, "localhost:{free} listens on loopback");
+}
+
+/// The README's first key: made offline without `--tenant`, it sees the
+/// streams written before keys existed, and `status` says whose they are.
+#[test]
+fn the_first_key_sees_the_data_written_before_keys_existed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    json_lines(&run_cli(
+        &url,
+        &["publish", "orders", "--type", "order.created"],
+        None,
+    ));
+    sigterm(&server);
+    assert!(server.wait().unwrap().success());
+
+    let created = Command::new(BIN)
+        .args(["keys", "create", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--scope",
+            "admin",
+            "--scope",
+            "publish",
+            "--scope",
+            "subscribe",
+        ])
+        .output()
+        .unwrap();
+    let created = json_lines(&created).remove(0);
+    assert_eq!(created["tenant"], "default");
+    let key = created["key"].as_str().unwrap();
+    let id = created["id"].as_str().unwrap();
+
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let with_key = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--api-key", key]);
+        run_cli(&url, &all, None)
+    };
+    let status = with_key(&["status", "--json"]);
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["tenant"], "default");
+    assert_eq!(status["api_key_id"], id);
+    assert_eq!(status["streams"][0]["stream"]["name"], "orders");
+    let table = with_key(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!(
+            "tenant default, key {id} with scopes publish, subscribe, admin"
+        )),
+        "{table}"
+    );
+    let read = json_lines(&with_key(&["tail", "orders", "--no-follow"]));
+    assert_eq!(read[0]["type"], "order.created");
+    server.kill().unwrap();
+    server.wait().unwrap();
 }
