@@ -2,6 +2,7 @@
 //! commands (`publish`, `tail`, `streams`, `consumers`) in one binary. Client commands
 //! talk to a server over gRPC with the same generated client an SDK uses.
 
+mod certs;
 mod committer;
 mod consumers;
 mod groups;
@@ -121,6 +122,8 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Report what damage in the write-ahead log loses, and truncate it there with --yes (server stopped)
     Repair(repair::RepairArgs),
+    /// Make a development CA with server and client certificates for TLS and mutual TLS
+    Certs(certs::CertsArgs),
     /// Check every stored event offline (server stopped): checksums, gaps, heads; non-zero exit on damage
     Verify(verify::VerifyArgs),
 }
@@ -141,6 +144,7 @@ impl Cli {
             Command::Bench(args) => crate::bench::run(args).await,
             Command::Repair(args) => repair::run(args).await,
             Command::Verify(args) => verify::run(args).await,
+            Command::Certs(args) => certs::run(args).await,
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

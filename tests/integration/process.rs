@@ -1508,3 +1508,100 @@ fn the_first_key_sees_the_data_written_before_keys_existed() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// `certs create` makes what mutual TLS needs, and the README's recipe
+/// with it works: the server takes the files, a client with the CA and
+/// its certificate gets in, one without the client certificate does not.
+#[test]
+fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
+    let certs = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["certs", "create", "--out"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    for name in [
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "client.pem",
+        "client.key",
+    ] {
+        assert!(listing.contains(name), "{listing}");
+        assert!(certs.path().join(name).exists(), "{name}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |name: &str| {
+        std::fs::metadata(certs.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("server.key"), 0o600);
+    assert_eq!(mode("ca.key"), 0o600);
+    // Made once: a second run refuses to overwrite unless --force.
+    let again = Command::new(BIN)
+        .args(["certs", "create", "--out"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+
+    let file = |name: &str| certs.path().join(name).to_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(
+        dir.path(),
+        &[
+            "--tls-cert",
+            &file("server.pem"),
+            "--tls-key",
+            &file("server.key"),
+            "--tls-client-ca",
+            &file("ca.pem"),
+        ],
+    );
+    // The default names include 127.0.0.1 (an IP SAN) and localhost.
+    let port = url.rsplit(':').next().unwrap();
+    for host in ["127.0.0.1", "localhost"] {
+        let url = format!("https://{host}:{port}");
+        let out = run_cli(
+            &url,
+            &[
+                "publish",
+                "orders",
+                "--type",
+                "t",
+                "--tls-ca",
+                &file("ca.pem"),
+                "--tls-cert",
+                &file("client.pem"),
+                "--tls-key",
+                &file("client.key"),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{host}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let url = format!("https://127.0.0.1:{port}");
+    let out = run_cli(
+        &url,
+        &["streams", "list", "--tls-ca", &file("ca.pem")],
+        None,
+    );
+    assert!(!out.status.success(), "no client certificate, no entry");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
