@@ -180,7 +180,7 @@ fn make(hosts: &[String], client_name: &str, valid_for: Duration) -> anyhow::Res
 fn ymd(time: SystemTime) -> (i32, u8, u8) {
     let text = humantime::format_rfc3339_seconds(time).to_string();
     let part = |range: std::ops::Range<usize>| text[range].parse().unwrap_or(1);
-    (part(0..4) as i32, part(5..7) as u8, part(8..10) as u8)
+    (part(0..4), part(5..7) as u8, part(8..10) as u8)
 }
 
 fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
