@@ -72,6 +72,21 @@ pub enum Error {
         /// The member id.
         member: String,
     },
+    /// ResetGroup while members are connected.
+    #[error(
+        "consumer group {} of stream {} has connected members ({}): stop them before resetting its offsets",
+        shown(group),
+        shown(stream),
+        members.iter().map(|m| shown(m).to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    GroupActive {
+        /// The stream.
+        stream: String,
+        /// The group.
+        group: String,
+        /// Its connected members.
+        members: Vec<String>,
+    },
     /// CreateStream on a stream that exists.
     #[error("stream {} already exists", shown(.0))]
     StreamExists(String),
@@ -270,6 +285,15 @@ impl Error {
             Error::IdempotencyConflict { stream, key } => Error::IdempotencyConflict {
                 stream: name(stream),
                 key,
+            },
+            Error::GroupActive {
+                stream,
+                group,
+                members,
+            } => Error::GroupActive {
+                stream: name(stream),
+                group,
+                members,
             },
             Error::Fenced {
                 stream,

@@ -230,17 +230,7 @@ impl Calls {
         let start = match request.start {
             None => StartAt::Earliest,
             Some(subscribe_request::Start::Offset(offset)) => StartAt::Offset(offset),
-            Some(subscribe_request::Start::Position(p)) => match pb::StartPosition::try_from(p) {
-                Ok(pb::StartPosition::Unspecified | pb::StartPosition::Earliest) => {
-                    StartAt::Earliest
-                }
-                Ok(pb::StartPosition::Latest) => StartAt::Latest,
-                Err(_) => {
-                    return Err(bad(format!(
-                        "unknown start position {p}: use EARLIEST, LATEST, an offset or a time"
-                    )))
-                }
-            },
+            Some(subscribe_request::Start::Position(p)) => start_position(p)?,
             Some(subscribe_request::Start::Time(t)) => StartAt::Time(unix_nanos(&t)?),
         };
         let max_events = if request.max_batch_events == 0 {
@@ -448,12 +438,21 @@ impl Calls {
         request: pb::CommitCursorRequest,
     ) -> Result<pb::CommitCursorResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let to = match &request.time {
+            Some(t) => StartAt::Time(unix_nanos(t)?),
+            None => StartAt::Offset(request.next_offset),
+        };
+        let clear = crate::log::ClearSettings {
+            filter: request.clear_filter,
+            version: request.clear_version,
+        };
         let info = self
             .log
             .commit_cursor(
                 &caller.stream(&request.stream)?,
                 &request.consumer,
-                request.next_offset,
+                to,
+                clear,
             )
             .await?;
         Ok(pb::CommitCursorResponse {
@@ -505,13 +504,23 @@ impl Calls {
         request: pb::ListConsumersRequest,
     ) -> Result<pb::ListConsumersResponse, Error> {
         let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let limit = page_size(request.page_size, "page_size")?;
         let name = request.stream;
-        let consumers = self.log.list_consumers(&caller.stream(&name)?)?;
+        let mut consumers =
+            self.log
+                .list_consumers(&caller.stream(&name)?, &request.page_token, limit + 1)?;
+        let more = consumers.len() > limit;
+        consumers.truncate(limit);
+        let next_page_token = match consumers.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
+        };
         Ok(pb::ListConsumersResponse {
             consumers: consumers
                 .into_iter()
                 .map(|c| consumer_info_to_proto(c, name.clone()))
                 .collect(),
+            next_page_token,
         })
     }
 
@@ -569,7 +578,7 @@ impl Calls {
         for info in self.log.list_streams(&start, usize::MAX, &visible) {
             let (Ok(rate), Ok(consumers), Ok(damaged)) = (
                 self.log.append_rate(&info.name),
-                self.log.list_consumers(&info.name),
+                self.log.list_consumers(&info.name, "", usize::MAX),
                 self.log.damaged_ranges(&info.name),
             ) else {
                 continue;
@@ -604,7 +613,23 @@ impl Calls {
                 .collect(),
             api_key_id: caller.key_id.clone().unwrap_or_default(),
             tenant: caller.tenant.clone(),
+            limits: Some(self.limits()),
         })
+    }
+
+    /// The server's limits, as GetServerStatus reports them.
+    fn limits(&self) -> pb::ServerLimits {
+        let log = self.log.config();
+        pb::ServerLimits {
+            max_event_bytes: log.max_event_bytes as u64,
+            max_batch_events: log.max_batch_events as u32,
+            max_batch_bytes: log.max_batch_bytes as u64,
+            heartbeat_interval: prost_types::Duration::try_from(self.config.heartbeat_interval)
+                .ok(),
+            idempotency_window: prost_types::Duration::try_from(log.idempotency_window).ok(),
+            max_pipeline_batches: self.config.max_pipeline_batches,
+            max_pipeline_bytes: self.config.max_pipeline_bytes,
+        }
     }
 
     /// Saves a group member's progress (CommitGroup).
@@ -665,6 +690,83 @@ impl Calls {
         })
     }
 
+    /// Lists a stream's consumer groups (ListGroups).
+    pub async fn list_groups(
+        &self,
+        caller: Principal,
+        request: pb::ListGroupsRequest,
+    ) -> Result<pb::ListGroupsResponse, Error> {
+        let view = caller.clone();
+        self.list_groups_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn list_groups_inner(
+        &self,
+        caller: Principal,
+        request: pb::ListGroupsRequest,
+    ) -> Result<pb::ListGroupsResponse, Error> {
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let limit = page_size(request.page_size, "page_size")?;
+        let mut groups = self.log.list_groups(
+            &caller.stream(&request.stream)?,
+            &request.page_token,
+            limit + 1,
+        )?;
+        let more = groups.len() > limit;
+        groups.truncate(limit);
+        let next_page_token = match groups.last() {
+            Some(last) if more => last.name.clone(),
+            _ => String::new(),
+        };
+        Ok(pb::ListGroupsResponse {
+            groups: groups
+                .into_iter()
+                .map(|g| group_info_to_proto(g, request.stream.clone()))
+                .collect(),
+            next_page_token,
+        })
+    }
+
+    /// Moves every slot of an idle group (ResetGroup).
+    pub async fn reset_group(
+        &self,
+        caller: Principal,
+        request: pb::ResetGroupRequest,
+    ) -> Result<pb::ResetGroupResponse, Error> {
+        let view = caller.clone();
+        self.reset_group_inner(caller, request)
+            .await
+            .map_err(|e| view.own_error(e))
+    }
+
+    async fn reset_group_inner(
+        &self,
+        caller: Principal,
+        request: pb::ResetGroupRequest,
+    ) -> Result<pb::ResetGroupResponse, Error> {
+        use pb::reset_group_request::To;
+        let caller = self.authorize(caller, &[Scope::Subscribe])?;
+        let to = match request.to {
+            None => {
+                return Err(bad(
+                    "give where to reset the group to: an offset, a time or a position",
+                ))
+            }
+            Some(To::Offset(offset)) => StartAt::Offset(offset),
+            Some(To::Time(t)) => StartAt::Time(unix_nanos(&t)?),
+            Some(To::Position(p)) => start_position(p)?,
+        };
+        let info = self
+            .log
+            .reset_group(&caller.stream(&request.stream)?, &request.group, to)
+            .await?;
+        Ok(pb::ResetGroupResponse {
+            group: Some(group_info_to_proto(info, request.stream)),
+        })
+    }
+
     /// Deletes a consumer group (DeleteGroup).
     pub async fn delete_group(
         &self,
@@ -711,5 +813,16 @@ impl Calls {
             .delete_consumer(&caller.stream(&request.stream)?, &request.consumer)
             .await?;
         Ok(pb::DeleteConsumerResponse {})
+    }
+}
+
+/// A StartPosition enum value as a start.
+fn start_position(p: i32) -> Result<StartAt, Error> {
+    match pb::StartPosition::try_from(p) {
+        Ok(pb::StartPosition::Unspecified | pb::StartPosition::Earliest) => Ok(StartAt::Earliest),
+        Ok(pb::StartPosition::Latest) => Ok(StartAt::Latest),
+        Err(_) => Err(bad(format!(
+            "unknown start position {p}: use EARLIEST, LATEST, an offset or a time"
+        ))),
     }
 }

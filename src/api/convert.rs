@@ -39,7 +39,7 @@ pub(super) fn version_from_proto(version: String) -> Result<Option<String>, Erro
 pub(super) fn unix_nanos(t: &Timestamp) -> Result<i64, Error> {
     if !(0..1_000_000_000).contains(&t.nanos) {
         return Err(Error::InvalidArgument(format!(
-            "invalid start time: nanos {} must be within 0..1e9",
+            "invalid time: nanos {} must be within 0..1e9",
             t.nanos
         )));
     }

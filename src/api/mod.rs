@@ -76,7 +76,9 @@ pub fn error_code(error: &Error) -> Code {
         Error::InBatch { source, .. } => error_code(source),
         Error::StreamExists(_) | Error::IdempotencyConflict { .. } => Code::AlreadyExists,
         Error::OffsetPastHead { .. } | Error::OffsetTrimmed { .. } => Code::OutOfRange,
-        Error::WrongExpectedOffset { .. } | Error::Fenced { .. } => Code::FailedPrecondition,
+        Error::WrongExpectedOffset { .. } | Error::Fenced { .. } | Error::GroupActive { .. } => {
+            Code::FailedPrecondition
+        }
         Error::DataLoss { .. } => Code::DataLoss,
         Error::ShuttingDown | Error::StorageFailed(_) | Error::Storage(StorageError::Wal(_)) => {
             Code::Unavailable
@@ -388,6 +390,26 @@ impl EventLog for EventLogService {
             self.calls
                 .delete_group(caller, request.into_inner())
                 .await?,
+        ))
+    }
+
+    async fn list_groups(
+        &self,
+        request: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let caller = self.calls.principal(&request)?;
+        Ok(Response::new(
+            self.calls.list_groups(caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn reset_group(
+        &self,
+        request: Request<pb::ResetGroupRequest>,
+    ) -> Result<Response<pb::ResetGroupResponse>, Status> {
+        let caller = self.calls.principal(&request)?;
+        Ok(Response::new(
+            self.calls.reset_group(caller, request.into_inner()).await?,
         ))
     }
 

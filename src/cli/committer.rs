@@ -93,6 +93,7 @@ impl Committer {
                     stream: self.stream.clone(),
                     consumer: consumer.clone(),
                     next_offset: cursor,
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ())

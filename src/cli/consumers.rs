@@ -31,13 +31,23 @@ enum ConsumersCommand {
         consumer: String,
     },
     /// Set a consumer's cursor (creating the consumer): where its next subscription starts
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["next_offset", "time"])))]
     Commit {
         /// The stream
         stream: String,
         /// The consumer
         consumer: String,
         /// The offset its next subscription starts at (rewinds are allowed)
-        next_offset: u64,
+        next_offset: Option<u64>,
+        /// Instead of an offset: the first event appended at or after this time (RFC 3339, or a duration ago such as 1h)
+        #[arg(long, value_parser = super::tail::parse_time)]
+        time: Option<prost_types::Timestamp>,
+        /// Also remove the consumer's saved filter (its next subscription gets every event)
+        #[arg(long)]
+        clear_filter: bool,
+        /// Also remove the consumer's saved payload version
+        #[arg(long)]
+        clear_version: bool,
     },
     /// Delete a consumer; its open subscription ends
     Delete {
@@ -53,14 +63,24 @@ pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
     match args.command {
         ConsumersCommand::List { stream, json } => {
-            let consumers = client
-                .list_consumers(pb::ListConsumersRequest {
-                    stream: stream.clone(),
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .consumers;
+            let mut consumers = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_consumers(pb::ListConsumersRequest {
+                        stream: stream.clone(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                consumers.extend(page.consumers);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
             if json {
                 let list: Vec<_> = consumers.iter().map(json::consumer_info).collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -80,12 +100,18 @@ pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
             stream,
             consumer,
             next_offset,
+            time,
+            clear_filter,
+            clear_version,
         } => {
             let info = client
                 .commit_cursor(pb::CommitCursorRequest {
                     stream,
                     consumer,
-                    next_offset,
+                    next_offset: next_offset.unwrap_or_default(),
+                    clear_filter,
+                    clear_version,
+                    time,
                 })
                 .await
                 .map_err(status_error)?

@@ -1,5 +1,5 @@
-//! `pullstream groups`: inspect and delete a stream's key-shared consumer
-//! groups.
+//! `pullstream groups`: list, inspect, reset and delete a stream's
+//! key-shared consumer groups.
 
 use serde_json::json;
 
@@ -17,6 +17,34 @@ pub struct GroupsArgs {
 
 #[derive(Debug, clap::Subcommand)]
 enum GroupsCommand {
+    /// A stream's groups with their members and lag (a table; --json for scripts)
+    List {
+        /// The stream
+        stream: String,
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move every slot of a group to an offset or a time (no member may be connected)
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["to_offset", "to_time", "to_earliest", "to_latest"])))]
+    Reset {
+        /// The stream
+        stream: String,
+        /// The group
+        group: String,
+        /// Members resume at this offset
+        #[arg(long)]
+        to_offset: Option<u64>,
+        /// Members resume at the first event appended at or after this time (RFC 3339, or a duration ago such as 1h)
+        #[arg(long, value_parser = super::tail::parse_time)]
+        to_time: Option<prost_types::Timestamp>,
+        /// Members resume at the first retained event
+        #[arg(long)]
+        to_earliest: bool,
+        /// Members resume at the head (skipping everything stored)
+        #[arg(long)]
+        to_latest: bool,
+    },
     /// Members of a group with their slots and lag, and the group's low watermark
     Info {
         /// The stream
@@ -40,6 +68,66 @@ enum GroupsCommand {
 pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
     match args.command {
+        GroupsCommand::List { stream, json } => {
+            let mut groups = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = client
+                    .list_groups(pb::ListGroupsRequest {
+                        stream: stream.clone(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                groups.extend(page.groups);
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            if json {
+                let list: Vec<_> = groups.iter().map(to_json).collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                print_list(&stream, &groups);
+            }
+        }
+        GroupsCommand::Reset {
+            stream,
+            group,
+            to_offset,
+            to_time,
+            to_earliest,
+            to_latest,
+        } => {
+            use pb::reset_group_request::To;
+            let to = match (to_offset, to_time) {
+                (Some(offset), _) => To::Offset(offset),
+                (_, Some(time)) => To::Time(time),
+                _ if to_latest => To::Position(pb::StartPosition::Latest as i32),
+                _ => {
+                    debug_assert!(to_earliest);
+                    To::Position(pb::StartPosition::Earliest as i32)
+                }
+            };
+            let info = client
+                .reset_group(pb::ResetGroupRequest {
+                    stream,
+                    group,
+                    to: Some(to),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .group
+                .unwrap_or_default();
+            eprintln!(
+                "reset group {} of stream {}: its members resume at offset {}",
+                info.name, info.stream, info.low_watermark
+            );
+        }
         GroupsCommand::Info {
             stream,
             group,
@@ -89,6 +177,35 @@ fn to_json(info: &pb::GroupInfo) -> serde_json::Value {
             "lag": m.lag,
         })).collect::<Vec<_>>(),
     })
+}
+
+fn print_list(stream: &str, groups: &[pb::GroupInfo]) {
+    if groups.is_empty() {
+        eprintln!(
+            "stream {stream} has no consumer groups yet: `pullstream tail {stream} --group NAME --member ID --commit` creates one"
+        );
+        return;
+    }
+    let width = groups
+        .iter()
+        .map(|g| g.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(5);
+    println!(
+        "{:<width$}  {:>7}  {:>13}  {:>12}  {:>10}",
+        "GROUP", "MEMBERS", "LOW WATERMARK", "LAG", "GENERATION"
+    );
+    for g in groups {
+        println!(
+            "{:<width$}  {:>7}  {:>13}  {:>12}  {:>10}",
+            g.name,
+            g.members.len(),
+            g.low_watermark,
+            g.head_offset.saturating_sub(g.low_watermark),
+            g.generation
+        );
+    }
 }
 
 fn print_table(info: &pb::GroupInfo) {

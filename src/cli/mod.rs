@@ -5,6 +5,7 @@
 mod certs;
 mod committer;
 mod consumers;
+mod events;
 mod groups;
 mod json;
 mod keys;
@@ -116,8 +117,15 @@ enum Command {
     Keys(keys::KeysArgs),
     /// The server at a glance: uptime, streams with rates and sizes, consumer lag
     Status(status::StatusArgs),
-    /// Inspect key-shared consumer groups: members, slots, lag
+    /// List, inspect, reset and delete key-shared consumer groups: members, slots, lag
     Groups(groups::GroupsArgs),
+    /// Look up one stored event by offset
+    Events(events::EventsArgs),
+    /// Print a shell completion script: `pullstream completions bash > /etc/bash_completion.d/pullstream`
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
+    },
     /// Measure throughput, latency and memory (starts its own server unless --server)
     Bench(crate::bench::BenchArgs),
     /// Report what damage in the write-ahead log loses, and truncate it there with --yes (server stopped)
@@ -141,6 +149,18 @@ impl Cli {
             Command::Keys(args) => keys::run(args).await,
             Command::Status(args) => status::run(args).await,
             Command::Groups(args) => groups::run(args).await,
+            Command::Events(args) => events::run(args).await,
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                // Into a buffer first: clap_complete panics on a write
+                // error, and `| head` closes the pipe early.
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut Cli::command(), "pullstream", &mut script);
+                match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                    _ => Ok(()),
+                }
+            }
             Command::Bench(args) => crate::bench::run(args).await,
             Command::Repair(args) => repair::run(args).await,
             Command::Verify(args) => verify::run(args).await,

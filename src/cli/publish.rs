@@ -36,7 +36,7 @@ pub struct PublishArgs {
     /// The entity the event is about (e.g. in_123)
     #[arg(long, requires = "event_type")]
     key: Option<String>,
-    /// The payload; checked to be JSON when the content type is JSON
+    /// The payload; `@FILE` reads it from a file and `-` from stdin; checked to be JSON when the content type is JSON
     #[arg(long, requires = "event_type", default_value = "{}")]
     data: String,
     /// The payload's media type
@@ -146,14 +146,32 @@ impl InputEvent {
     }
 }
 
+/// The payload `--data` stands for: the text itself, a file's bytes
+/// (`@FILE`), or stdin's (`-`).
+fn data_arg(data: &str) -> anyhow::Result<Vec<u8>> {
+    if data == "-" {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+            .context("--data -: reading the payload from stdin")?;
+        return Ok(bytes);
+    }
+    match data.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("--data @{path}: cannot read the file"))
+        }
+        None => Ok(data.as_bytes().to_vec()),
+    }
+}
+
 /// Runs `pullstream publish`.
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
     let Some(event_type) = args.event_type.clone() else {
         return publish_stdin(&mut client, &args).await;
     };
+    let data = data_arg(&args.data)?;
     if json::is_json(&args.content_type) {
-        serde_json::from_str::<serde_json::Value>(&args.data).with_context(|| {
+        serde_json::from_slice::<serde_json::Value>(&data).with_context(|| {
             format!(
                 "--data is not valid JSON ({}); pass --content-type for other payloads",
                 args.content_type
@@ -193,7 +211,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     let event = pb::NewEvent {
         r#type: event_type,
         key: args.key.clone().unwrap_or_default(),
-        data: args.data.clone().into_bytes().into(),
+        data: data.into(),
         content_type: args.content_type.clone(),
         metadata,
         versions,

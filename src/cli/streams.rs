@@ -1,5 +1,6 @@
 //! `pullstream streams`: list, inspect, create, update and delete streams.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use super::{connect, json, status_error, ClientArgs};
@@ -41,10 +42,13 @@ enum StreamsCommand {
         #[command(flatten)]
         retention: RetentionArgs,
     },
-    /// Delete a stream and all its events
+    /// Delete a stream and all its events (asks first on a terminal)
     Delete {
         /// The stream
         stream: String,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
     },
     /// Set the stream's fencing token: appends carrying another token are refused from then on (fences off older producers)
     Fence {
@@ -148,7 +152,27 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .into_inner();
             print_info(info.stream)?;
         }
-        StreamsCommand::Delete { stream } => {
+        StreamsCommand::Delete { stream, yes } => {
+            if !yes && std::io::stdin().is_terminal() {
+                let info = client
+                    .get_stream(pb::GetStreamRequest {
+                        stream: stream.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .stream
+                    .unwrap_or_default();
+                let events = info.next_offset - info.first_offset.min(info.next_offset);
+                eprint!(
+                    "delete stream {stream} with its {events} retained events and every consumer and group on it? This cannot be undone. [y/N] "
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes" | "YES" | "Yes") {
+                    anyhow::bail!("not deleted (pass --yes to skip this question)");
+                }
+            }
             client
                 .delete_stream(pb::DeleteStreamRequest {
                     stream: stream.clone(),

@@ -118,6 +118,23 @@ pub(super) fn parse_from(s: &str) -> Result<Start, String> {
     }
 }
 
+/// A time given on the command line: an RFC 3339 time, or a duration
+/// meaning that long ago (`1h`, `2d`).
+pub(super) fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    let time = match humantime::parse_rfc3339_weak(s) {
+        Ok(time) => time,
+        Err(_) => {
+            let ago = humantime::parse_duration(s).map_err(|_| {
+                format!("{s:?} is neither an RFC 3339 time (e.g. 2026-11-27T08:00:00Z) nor a duration ago (e.g. 90s, 15m, 1h, 2d)")
+            })?;
+            SystemTime::now()
+                .checked_sub(ago)
+                .ok_or_else(|| format!("{s:?} reaches before 1970"))?
+        }
+    };
+    timestamp(time).ok_or_else(|| format!("{s:?} is before 1970"))
+}
+
 fn timestamp(time: SystemTime) -> Option<prost_types::Timestamp> {
     let since = time.duration_since(std::time::UNIX_EPOCH).ok()?;
     Some(prost_types::Timestamp {

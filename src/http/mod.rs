@@ -461,15 +461,27 @@ async fn list_consumers(
     State(api): State<Api>,
     headers: HeaderMap,
     Path(stream): Path<String>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
     let caller = principal(&api, &headers, None)?;
+    let Query(query) = query.map_err(|e| Error::InvalidArgument(e.body_text()))?;
     let list = api
         .calls
-        .list_consumers(caller, pb::ListConsumersRequest { stream })
+        .list_consumers(
+            caller,
+            pb::ListConsumersRequest {
+                stream,
+                page_size: query.page_size,
+                page_token: query.page_token,
+            },
+        )
         .await?;
     ok(
         StatusCode::OK,
-        json!({ "consumers": list.consumers.iter().map(crate::proto::json::consumer_info).collect::<Vec<_>>() }),
+        json!({
+            "consumers": list.consumers.iter().map(crate::proto::json::consumer_info).collect::<Vec<_>>(),
+            "next_page_token": list.next_page_token,
+        }),
     )
 }
 
@@ -519,6 +531,7 @@ async fn commit_consumer(
                 stream,
                 consumer,
                 next_offset: body.next_offset,
+                ..Default::default()
             },
         )
         .await?;

@@ -227,6 +227,7 @@ pub(super) async fn events(
                     stream: stream.clone(),
                     consumer: query.consumer.clone(),
                     next_offset: offset,
+                    ..Default::default()
                 },
             )
             .await?;

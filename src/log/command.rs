@@ -77,10 +77,24 @@ pub struct ConsumerSettings {
     pub version: Option<String>,
 }
 
+/// Saved consumer settings a commit removes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClearSettings {
+    /// Remove the saved filter.
+    pub filter: bool,
+    /// Remove the saved payload version.
+    pub version: bool,
+}
+
 /// A change to a consumer, carried out by the stream's writer.
 pub(crate) enum ConsumerChange {
-    /// Move the cursor (creating the consumer when missing).
-    Commit(u64),
+    /// Move the cursor (creating the consumer when missing), and clear
+    /// the saved filter or version when asked.
+    Commit {
+        offset: u64,
+        clear_filter: bool,
+        clear_version: bool,
+    },
     /// Create the consumer at `start` when missing; save the settings given.
     Open {
         start: u64,
@@ -96,6 +110,8 @@ pub(crate) enum GroupChange {
     Create { start: u64 },
     /// A member's commit.
     Commit { member: String, next_offset: u64 },
+    /// Move every slot to `offset` (only while no member is connected).
+    Reset { offset: u64 },
     /// Remove the group; its members' subscriptions end.
     Delete,
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{ConsumerChange, ConsumerSettings, WriterCommand};
+use super::command::{ClearSettings, ConsumerChange, ConsumerSettings, WriterCommand};
 use super::filter::EventFilter;
 use super::{Head, Log, StartAt, StreamShared};
 use crate::engine::ConsumerRecord;
@@ -183,13 +183,24 @@ pub(crate) fn apply_change(
     now: i64,
 ) -> Option<ConsumerRecord> {
     match change {
-        ConsumerChange::Commit(offset) => {
+        ConsumerChange::Commit {
+            offset,
+            clear_filter,
+            clear_version,
+        } => {
             let mut record = current.cloned().unwrap_or(ConsumerRecord {
                 created_unix_nanos: now,
                 ..Default::default()
             });
             record.next_offset = *offset;
             record.last_commit_unix_nanos = now;
+            if *clear_filter {
+                record.types.clear();
+                record.keys.clear();
+            }
+            if *clear_version {
+                record.version.clear();
+            }
             Some(record)
         }
         ConsumerChange::Open { start, settings } => {
@@ -233,16 +244,24 @@ impl Log {
         self.ask_writer(&stream, command, reply_rx).await
     }
 
-    /// Saves a consumer's cursor (creating the consumer when missing);
-    /// returns once durable.
+    /// Saves a consumer's cursor at `to` (creating the consumer when
+    /// missing), clearing its saved settings as `clear` says; returns once
+    /// durable.
     pub async fn commit_cursor(
         &self,
         stream: &str,
         name: &str,
-        next_offset: u64,
+        to: StartAt,
+        clear: ClearSettings,
     ) -> Result<ConsumerInfo, Error> {
-        self.change_consumer(stream, name, ConsumerChange::Commit(next_offset))
-            .await?;
+        validate_consumer_name(name)?;
+        let offset = self.resolve_start(stream, to)?;
+        let change = ConsumerChange::Commit {
+            offset,
+            clear_filter: clear.filter,
+            clear_version: clear.version,
+        };
+        self.change_consumer(stream, name, change).await?;
         self.consumer_info(stream, name)
     }
 
@@ -262,13 +281,20 @@ impl Log {
         Ok(info)
     }
 
-    /// Lists a stream's consumers in name order.
-    pub fn list_consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, Error> {
+    /// Lists a stream's consumers in name order: at most `limit` of them,
+    /// those whose names sort after `after` (empty: from the first).
+    pub fn list_consumers(
+        &self,
+        stream: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<ConsumerInfo>, Error> {
         let stream = self.get(stream)?;
         let head = stream.shared.head();
         let consumers = stream.shared.consumers.lock().expect("consumers lock");
         let mut infos: Vec<ConsumerInfo> = consumers
-            .iter()
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
             .map(|(name, state)| info(&stream.name, name, state, head))
             .collect();
         drop(consumers);

@@ -236,6 +236,20 @@ pub(crate) fn apply_change(
             groups.insert(name.to_string(), GroupState::new(record.clone()));
             Ok(Some(GroupWrite::Put(record)))
         }
+        GroupChange::Reset { offset } => {
+            let group = groups
+                .get_mut(name)
+                .ok_or_else(|| group_not_found(stream, name))?;
+            if group.has_members() {
+                return Err(Error::GroupActive {
+                    stream: stream.to_string(),
+                    group: name.to_string(),
+                    members: group.members.keys().cloned().collect(),
+                });
+            }
+            group.record.committed = vec![*offset; SLOT_COUNT];
+            Ok(Some(GroupWrite::Put(group.record.clone())))
+        }
         GroupChange::Delete => {
             let group = groups
                 .remove(name)
@@ -596,6 +610,44 @@ impl Log {
             reply_rx,
         )
         .await
+    }
+
+    /// Moves every slot of a group without connected members to `to`.
+    pub async fn reset_group(
+        &self,
+        stream: &str,
+        group: &str,
+        to: StartAt,
+    ) -> Result<GroupInfo, Error> {
+        validate_label("group name", group)?;
+        let offset = self.resolve_start(stream, to)?;
+        self.change_group(stream, group, GroupChange::Reset { offset })
+            .await?;
+        self.group_info(stream, group)
+    }
+
+    /// Lists a stream's groups in name order: at most `limit`, those
+    /// whose names sort after `after` (empty: from the first).
+    pub fn list_groups(
+        &self,
+        stream: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<GroupInfo>, Error> {
+        let names: Vec<String> = {
+            let shared = &self.get(stream)?.shared;
+            let groups = shared.groups.lock().expect("groups lock");
+            groups
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(limit)
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        Ok(names
+            .iter()
+            // A group deleted in between is left out.
+            .filter_map(|name| self.group_info(stream, name).ok())
+            .collect())
     }
 
     /// Deletes a group: its committed offsets go, and its members'

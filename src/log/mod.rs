@@ -40,7 +40,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use command::ConsumerSettings;
+pub use command::{ClearSettings, ConsumerSettings};
 pub use commit::PipelineGate;
 pub use consumer::{validate_consumer_name, validate_version_label, ConsumerInfo, ConsumerLease};
 pub use filter::{EventFilter, TypePattern};
@@ -652,6 +652,11 @@ impl Log {
         self.metrics.commit_queue.set(queued as i64);
         self.metrics
             .encode(&snapshots, &self.config.data_dir, &self.write_refusal())
+    }
+
+    /// The settings the log runs with (its limits, for GetServerStatus).
+    pub fn config(&self) -> &LogConfig {
+        &self.config
     }
 
     /// When the log opened (nanoseconds since the Unix epoch), and how

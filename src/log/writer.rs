@@ -139,7 +139,7 @@ impl Writer {
             let _ = reply.send(Err(Error::StorageFailed(reason)));
             return;
         }
-        if let ConsumerChange::Commit(offset) = change {
+        if let ConsumerChange::Commit { offset, .. } = change {
             let head = self.shared.head();
             if let Err(e) = super::check_offset(&self.name, offset, head) {
                 let _ = reply.send(Err(e));
@@ -347,6 +347,12 @@ impl Writer {
         if let Some(reason) = self.committer.failure() {
             let _ = reply.send(Err(Error::StorageFailed(reason)));
             return;
+        }
+        if let super::command::GroupChange::Reset { offset } = change {
+            if let Err(e) = super::check_offset(&self.name, offset, self.shared.head()) {
+                let _ = reply.send(Err(e));
+                return;
+            }
         }
         use super::group::GroupWrite;
         let written = super::group::apply_change(

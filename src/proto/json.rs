@@ -184,6 +184,15 @@ pub fn status(status: &pb::GetServerStatusResponse) -> Value {
         "tenant": status.tenant,
         "scopes": status.scopes.iter().map(|&s| scope_name(s)).collect::<Vec<_>>(),
         "api_key_id": (!status.api_key_id.is_empty()).then_some(&status.api_key_id),
+        "limits": status.limits.as_ref().map(|l| json!({
+            "max_event_bytes": l.max_event_bytes,
+            "max_batch_events": l.max_batch_events,
+            "max_batch_bytes": l.max_batch_bytes,
+            "heartbeat_interval_seconds": l.heartbeat_interval.map(duration_seconds),
+            "idempotency_window_seconds": l.idempotency_window.map(duration_seconds),
+            "max_pipeline_batches": l.max_pipeline_batches,
+            "max_pipeline_bytes": l.max_pipeline_bytes,
+        })),
         "streams": status.streams.iter().map(|s| json!({
             "stream": s.stream.as_ref().map(stream_info),
             "append_rate": s.append_rate,
@@ -194,4 +203,9 @@ pub fn status(status: &pb::GetServerStatusResponse) -> Value {
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// A protobuf duration in (fractional) seconds.
+fn duration_seconds(d: prost_types::Duration) -> f64 {
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
 }

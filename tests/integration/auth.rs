@@ -212,6 +212,7 @@ async fn tenants_cannot_see_or_touch_each_others_streams_or_consumers() {
             stream: "orders".into(),
             consumer: "billing".into(),
             next_offset: 2,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -226,6 +227,7 @@ async fn tenants_cannot_see_or_touch_each_others_streams_or_consumers() {
         let listed = b
             .list_consumers(pb::ListConsumersRequest {
                 stream: "orders".into(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -41,6 +41,7 @@ async fn commit(
             stream: stream.into(),
             consumer: consumer.into(),
             next_offset,
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().consumer.expect("consumer info"))
@@ -59,6 +60,7 @@ async fn list_consumers(client: &mut Client, stream: &str) -> Vec<pb::ConsumerIn
     client
         .list_consumers(pb::ListConsumersRequest {
             stream: stream.into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -424,6 +426,170 @@ async fn lag_in_time_is_the_age_of_the_oldest_event_not_passed() {
         assert!(seconds >= 7200.0, "{seconds}");
         assert!(text.contains("pullstream_consumer_lag_seconds{stream=\"s\",consumer=\"done\"} 0"));
         server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn consumers_are_listed_a_page_at_a_time() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(2, "x")).await;
+        for name in ["e", "a", "d", "b", "c"] {
+            commit(&mut client, "s", name, 1).await.unwrap();
+        }
+        let page = |token: &str| pb::ListConsumersRequest {
+            stream: "s".into(),
+            page_size: 2,
+            page_token: token.into(),
+        };
+        let mut names = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let response = client
+                .list_consumers(page(&token))
+                .await
+                .unwrap()
+                .into_inner();
+            pages += 1;
+            assert!(response.consumers.len() <= 2);
+            names.extend(response.consumers.into_iter().map(|c| c.name));
+            if response.next_page_token.is_empty() {
+                break;
+            }
+            token = response.next_page_token;
+        }
+        assert_eq!(names, ["a", "b", "c", "d", "e"]);
+        assert_eq!(pages, 3);
+        // The default page holds them all; an oversized page is refused.
+        assert_eq!(list_consumers(&mut client, "s").await.len(), 5);
+        let too_big = pb::ListConsumersRequest {
+            page_size: 1001,
+            ..page("")
+        };
+        let status = client.list_consumers(too_big).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_commit_can_clear_saved_settings_and_rewind_by_time() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", events(3, "old")).await;
+        let old = pullstream::clock::system_now_unix_nanos();
+        // Two hours later (by the server's clock), three more.
+        server
+            .config
+            .clock
+            .advance(std::time::Duration::from_secs(2 * 3600));
+        append(&mut client, "s", events(3, "new")).await;
+
+        // A subscription saves a filter and a version.
+        let sub = client
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                consumer: "c".into(),
+                filter: Some(pb::EventFilter {
+                    types: vec!["order.*".into()],
+                    keys: vec![],
+                }),
+                version: "v2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        drop(sub);
+        let saved = get_consumer(&mut client, "s", "c").await.unwrap();
+        assert_eq!(saved.filter.unwrap().types, ["order.*"]);
+        assert_eq!(saved.version, "v2");
+
+        let commit_with = |request: pb::CommitCursorRequest| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .commit_cursor(request)
+                    .await
+                    .map(|r| r.into_inner().consumer.unwrap())
+            }
+        };
+        let base = pb::CommitCursorRequest {
+            stream: "s".into(),
+            consumer: "c".into(),
+            ..Default::default()
+        };
+        // An hour after the first three: the cursor lands on the first new one.
+        let hour_later = prost_types::Timestamp {
+            seconds: old / 1_000_000_000 + 3600,
+            nanos: 0,
+        };
+        let at_time = commit_with(pb::CommitCursorRequest {
+            time: Some(hour_later),
+            next_offset: 5, // ignored with a time
+            clear_filter: true,
+            ..base.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(at_time.next_offset, 3);
+        assert!(at_time.filter.is_none(), "{:?}", at_time.filter);
+        assert_eq!(at_time.version, "v2", "only the filter was cleared");
+        // Before everything: the first event; after everything: the head.
+        let epoch = prost_types::Timestamp {
+            seconds: 0,
+            nanos: 0,
+        };
+        let first = commit_with(pb::CommitCursorRequest {
+            time: Some(epoch),
+            ..base.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(first.next_offset, 0);
+        let future = prost_types::Timestamp {
+            seconds: 4_000_000_000,
+            nanos: 0,
+        };
+        let head = commit_with(pb::CommitCursorRequest {
+            time: Some(future),
+            clear_version: true,
+            ..base.clone()
+        })
+        .await
+        .unwrap();
+        assert_eq!(head.next_offset, 6);
+        assert!(head.version.is_empty());
+
+        // A bad time changes nothing.
+        let bad = commit_with(pb::CommitCursorRequest {
+            time: Some(prost_types::Timestamp {
+                seconds: 0,
+                nanos: -1,
+            }),
+            ..base.clone()
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+        assert_eq!(
+            get_consumer(&mut client, "s", "c")
+                .await
+                .unwrap()
+                .next_offset,
+            6
+        );
+
+        // Cleared settings stay cleared after a restart.
+        let server = server.restart().await;
+        let mut client = server.client().await;
+        let after = get_consumer(&mut client, "s", "c").await.unwrap();
+        assert!(after.filter.is_none() && after.version.is_empty());
+        assert_eq!(after.next_offset, 6);
     })
     .await;
 }

@@ -52,6 +52,7 @@ async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::St
                 stream: "a".into(),
                 consumer: "c".into(),
                 next_offset: 40,
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -138,6 +139,7 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
             stream: "a".into(),
             consumer: "c".into(),
             next_offset: 20,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -485,6 +487,7 @@ async fn crash_and_flip_record_32(
             stream: "s".into(),
             consumer: "late".into(),
             next_offset: 120,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -564,3 +564,178 @@ async fn a_moved_slot_waits_until_its_old_owner_has_been_told() {
         .unwrap();
     assert_eq!(b.events[0].0, first_of_b);
 }
+
+async fn get_group(client: &mut Client, stream: &str, group: &str) -> pb::GroupInfo {
+    client
+        .get_group(pb::GetGroupRequest {
+            stream: stream.into(),
+            group: group.into(),
+        })
+        .await
+        .expect("get group")
+        .into_inner()
+        .group
+        .expect("group info")
+}
+
+async fn reset(
+    client: &mut Client,
+    stream: &str,
+    group: &str,
+    to: pb::reset_group_request::To,
+) -> Result<pb::GroupInfo, tonic::Status> {
+    client
+        .reset_group(pb::ResetGroupRequest {
+            stream: stream.into(),
+            group: group.into(),
+            to: Some(to),
+        })
+        .await
+        .map(|r| r.into_inner().group.expect("group info"))
+}
+
+#[tokio::test]
+async fn groups_are_listed_a_page_at_a_time_and_reset_only_while_idle() {
+    use pb::reset_group_request::To;
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        let events: Vec<pb::NewEvent> = (0..6)
+            .map(|i| event("t", &format!("{{\"i\":{i}}}")))
+            .collect();
+        append(&mut client, "s", events).await;
+        // Three groups, created by a member joining each.
+        for group in ["g1", "g2", "g3"] {
+            let mut member = Member::join(&server, "s", group, "m").await;
+            member.until_events(6).await;
+            if group == "g1" {
+                member.commit("s", group, 6).await;
+            }
+        }
+
+        // Pages of two, in name order.
+        let page = |token: &str| pb::ListGroupsRequest {
+            stream: "s".into(),
+            page_size: 2,
+            page_token: token.into(),
+        };
+        let first = client.list_groups(page("")).await.unwrap().into_inner();
+        let names: Vec<_> = first.groups.iter().map(|g| g.name.as_str()).collect();
+        assert_eq!(names, ["g1", "g2"]);
+        assert_eq!(first.next_page_token, "g2");
+        assert_eq!(first.groups[0].low_watermark, 6);
+        let second = client
+            .list_groups(page(&first.next_page_token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(second.groups.len(), 1);
+        assert_eq!(second.groups[0].name, "g3");
+        assert!(second.next_page_token.is_empty());
+        let too_big = pb::ListGroupsRequest {
+            page_size: 1001,
+            ..page("")
+        };
+        assert_eq!(
+            client.list_groups(too_big).await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+
+        // A connected member blocks a reset, and is named.
+        let mut member = Member::join(&server, "s", "g1", "worker-7").await;
+        member.until_generation(1).await;
+        let refused = reset(&mut client, "s", "g1", To::Offset(2))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused.message().contains("worker-7"),
+            "{}",
+            refused.message()
+        );
+        assert_eq!(get_group(&mut client, "s", "g1").await.low_watermark, 6);
+        drop(member);
+        // The member leaves once its subscription is gone.
+        while !get_group(&mut client, "s", "g1").await.members.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        // Rewind g1 to offset 2: a member joining again resumes there.
+        let info = reset(&mut client, "s", "g1", To::Offset(2)).await.unwrap();
+        assert_eq!(info.low_watermark, 2);
+        let mut member = Member::join(&server, "s", "g1", "m").await;
+        member.until_events(4).await;
+        let offsets: Vec<u64> = member.events.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, [2, 3, 4, 5]);
+        drop(member);
+        while !get_group(&mut client, "s", "g1").await.members.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        // To the head, to the earliest event, and by time.
+        let latest = To::Position(pb::StartPosition::Latest as i32);
+        assert_eq!(
+            reset(&mut client, "s", "g2", latest)
+                .await
+                .unwrap()
+                .low_watermark,
+            6
+        );
+        let earliest = To::Position(pb::StartPosition::Earliest as i32);
+        assert_eq!(
+            reset(&mut client, "s", "g2", earliest)
+                .await
+                .unwrap()
+                .low_watermark,
+            0
+        );
+        let future = prost_types::Timestamp {
+            seconds: 4_000_000_000,
+            nanos: 0,
+        };
+        assert_eq!(
+            reset(&mut client, "s", "g2", To::Time(future))
+                .await
+                .unwrap()
+                .low_watermark,
+            6
+        );
+        let past = prost_types::Timestamp {
+            seconds: 0,
+            nanos: 0,
+        };
+        assert_eq!(
+            reset(&mut client, "s", "g2", To::Time(past))
+                .await
+                .unwrap()
+                .low_watermark,
+            0
+        );
+
+        // Bad targets change nothing.
+        let past_head = reset(&mut client, "s", "g3", To::Offset(7))
+            .await
+            .unwrap_err();
+        assert_eq!(past_head.code(), Code::OutOfRange);
+        assert_eq!(get_group(&mut client, "s", "g3").await.low_watermark, 0);
+        let missing = reset(&mut client, "s", "nope", To::Offset(0))
+            .await
+            .unwrap_err();
+        assert_eq!(missing.code(), Code::NotFound);
+        let unset = client
+            .reset_group(pb::ResetGroupRequest {
+                stream: "s".into(),
+                group: "g3".into(),
+                to: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unset.code(), Code::InvalidArgument);
+
+        // The reset is durable.
+        let server = server.restart().await;
+        let mut client = server.client().await;
+        assert_eq!(get_group(&mut client, "s", "g1").await.low_watermark, 2);
+    })
+    .await;
+}

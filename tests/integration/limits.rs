@@ -97,6 +97,7 @@ async fn a_stream_may_have_at_most_max_consumers_per_stream() {
         stream: stream.into(),
         consumer: consumer.into(),
         next_offset: 1,
+        ..Default::default()
     };
     client.commit_cursor(commit("c1", "s")).await.unwrap();
     client.commit_cursor(commit("c2", "s")).await.unwrap();
@@ -121,7 +122,10 @@ async fn a_stream_may_have_at_most_max_consumers_per_stream() {
     client.commit_cursor(commit("c1", "s")).await.unwrap();
     client.commit_cursor(commit("c3", "t")).await.unwrap();
     let listed = client
-        .list_consumers(pb::ListConsumersRequest { stream: "s".into() })
+        .list_consumers(pb::ListConsumersRequest {
+            stream: "s".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -374,4 +378,49 @@ async fn changes_waiting_for_a_stalled_disk_are_bounded_and_all_land() {
     for s in 0..40 {
         assert_eq!(read_all(&mut client, &format!("s{s}")).await.len(), 1);
     }
+}
+
+#[tokio::test]
+async fn status_tells_clients_the_limits_they_must_keep_to() {
+    within(async {
+        let server = TestServer::start_with(|c| {
+            c.max_event_bytes = 1000;
+            c.max_batch_events = 7;
+            c.max_batch_bytes = 5000;
+            c.heartbeat_interval = Duration::from_millis(1500);
+            c.idempotency_window = Duration::from_secs(3600);
+            c.max_pipeline_batches = 3;
+            c.max_pipeline_bytes = 9000;
+        })
+        .await;
+        let mut client = server.client().await;
+        let limits = client
+            .get_server_status(pb::GetServerStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .limits
+            .expect("limits");
+        assert_eq!(limits.max_event_bytes, 1000);
+        assert_eq!(limits.max_batch_events, 7);
+        assert_eq!(limits.max_batch_bytes, 5000);
+        let heartbeat = limits.heartbeat_interval.unwrap();
+        assert_eq!((heartbeat.seconds, heartbeat.nanos), (1, 500_000_000));
+        assert_eq!(limits.idempotency_window.unwrap().seconds, 3600);
+        assert_eq!(limits.max_pipeline_batches, 3);
+        assert_eq!(limits.max_pipeline_bytes, 9000);
+        // And they are the limits enforced: one event more than the batch
+        // limit is refused.
+        let batch: Vec<_> = (0..8).map(|_| event("t", "{}")).collect();
+        let refused = client
+            .append(pb::AppendRequest {
+                stream: "s".into(),
+                events: batch,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    })
+    .await;
 }

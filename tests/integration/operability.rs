@@ -141,6 +141,7 @@ async fn server_status_shows_streams_rates_and_consumer_lag() {
             stream: "orders".into(),
             consumer: "billing".into(),
             next_offset: 20,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -227,6 +228,7 @@ async fn the_metrics_endpoint_serves_the_named_series_after_traffic() {
             stream: "m".into(),
             consumer: "c".into(),
             next_offset: 10,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -345,6 +347,7 @@ async fn by_default_metrics_name_nothing_a_tenant_chose() {
             stream: "payroll.2026".into(),
             consumer: "ledger".into(),
             next_offset: 1,
+            ..Default::default()
         })
         .await
         .unwrap();

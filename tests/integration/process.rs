@@ -66,6 +66,7 @@ async fn kill_9_loses_no_acknowledged_event() {
                     stream: "s".into(),
                     consumer: "c".into(),
                     next_offset: cursor,
+                    ..Default::default()
                 };
                 match client.commit_cursor(request).await {
                     Ok(_) => {

@@ -332,6 +332,7 @@ async fn a_consumer_cursor_overtaken_by_trimming_is_reported_and_can_move_on() {
                 stream: "c".into(),
                 consumer: name.into(),
                 next_offset: cursor,
+                ..Default::default()
             })
             .await
             .expect("commit");
@@ -341,7 +342,10 @@ async fn a_consumer_cursor_overtaken_by_trimming_is_reported_and_can_move_on() {
         .unwrap();
     let trimmed = wait_for(&mut client, "c", |i| i.first_offset == 90).await;
     let consumers = client
-        .list_consumers(pb::ListConsumersRequest { stream: "c".into() })
+        .list_consumers(pb::ListConsumersRequest {
+            stream: "c".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -374,6 +378,7 @@ async fn a_consumer_cursor_overtaken_by_trimming_is_reported_and_can_move_on() {
             stream: "c".into(),
             consumer: "behind".into(),
             next_offset: trimmed.first_offset,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -179,6 +179,7 @@ async fn a_filter_matching_nothing_still_advances_the_cursor_in_heartbeats() {
                 stream: "s".into(),
                 consumer: "rare".into(),
                 next_offset: 0,
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -97,6 +97,7 @@ async fn read_through(
                         stream: stream.clone(),
                         consumer: name.clone(),
                         next_offset,
+                        ..Default::default()
                     })
                     .await
                     .context("committing the cursor")?;
