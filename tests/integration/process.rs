@@ -1606,3 +1606,117 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+#[test]
+fn the_cli_lists_and_resets_groups_rewinds_consumers_and_gets_one_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str], stdin: Option<&str>| run_cli(&url, args, stdin);
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    // --data from a file and from stdin.
+    let payload = dir.path().join("payload.json");
+    std::fs::write(&payload, r#"{"from":"file"}"#).unwrap();
+    let at_file = format!("@{}", payload.display());
+    ok(&cli(
+        &["publish", "s", "--type", "t", "--data", &at_file],
+        None,
+    ));
+    ok(&cli(
+        &["publish", "s", "--type", "t", "--data", "-"],
+        Some(r#"{"from":"stdin"}"#),
+    ));
+    let missing = cli(
+        &["publish", "s", "--type", "t", "--data", "@/nonexistent/x"],
+        None,
+    );
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read the file"));
+
+    // events get: one event as tail prints it; past the head says so.
+    let got: serde_json::Value =
+        serde_json::from_str(ok(&cli(&["events", "get", "s", "1"], None)).trim()).unwrap();
+    assert_eq!(got["offset"], 1);
+    assert_eq!(got["data"]["from"], "stdin");
+    let past = cli(&["events", "get", "s", "2"], None);
+    assert!(!past.status.success());
+    assert!(
+        String::from_utf8_lossy(&past.stderr).contains("no event at offset 2 yet"),
+        "{}",
+        String::from_utf8_lossy(&past.stderr)
+    );
+
+    // A group, listed, then reset to the start by its CLI.
+    ok(&cli(
+        &[
+            "tail", "s", "--group", "g", "--member", "m", "--commit", "--limit", "2",
+        ],
+        None,
+    ));
+    let list = ok(&cli(&["groups", "list", "s"], None));
+    assert!(list.contains("GROUP") && list.contains('g'), "{list}");
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["groups", "list", "s", "--json"], None))).unwrap();
+    assert_eq!(listed[0]["name"], "g");
+    assert_eq!(listed[0]["low_watermark"], 2);
+    // The member leaves when its tail exits; the server notices in moments.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let info: serde_json::Value =
+            serde_json::from_str(&ok(&cli(&["groups", "info", "s", "g", "--json"], None))).unwrap();
+        if info["members"].as_array().is_some_and(|m| m.is_empty()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the member never left: {info}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let reset = cli(&["groups", "reset", "s", "g", "--to-earliest"], None);
+    ok(&reset);
+    assert!(String::from_utf8_lossy(&reset.stderr).contains("resume at offset 0"));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["groups", "info", "s", "g", "--json"], None))).unwrap();
+    assert_eq!(info["low_watermark"], 0);
+    // Without a target clap refuses (usage error).
+    assert!(!cli(&["groups", "reset", "s", "g"], None).status.success());
+
+    // consumers commit by time: an hour ago is before both events.
+    let committed: serde_json::Value = serde_json::from_str(&ok(&cli(
+        &["consumers", "commit", "s", "c", "--time", "1h"],
+        None,
+    )))
+    .unwrap();
+    assert_eq!(committed["next_offset"], 0);
+    let committed: serde_json::Value =
+        serde_json::from_str(&ok(&cli(&["consumers", "commit", "s", "c", "2"], None))).unwrap();
+    assert_eq!(committed["next_offset"], 2);
+    let bad_time = cli(
+        &["consumers", "commit", "s", "c", "--time", "yesterday-ish"],
+        None,
+    );
+    assert!(!bad_time.status.success());
+
+    // Completions for each shell.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = ok(&cli(&["completions", shell], None));
+        assert!(
+            script.contains("pullstream") && script.contains("groups"),
+            "{shell}"
+        );
+    }
+
+    // streams delete without a terminal does not ask.
+    ok(&cli(&["streams", "delete", "s", "--yes"], None));
+    assert!(!cli(&["events", "get", "s", "0"], None).status.success());
+
+    sigterm(&server);
+    server.wait().unwrap();
+}
