@@ -625,6 +625,43 @@ pub enum ConfigError {
 mod tests {
     use super::*;
 
+    /// The example config in the repository is valid as shipped, its set
+    /// values are the defaults it claims, and every key it shows commented
+    /// out is a real key with a valid value.
+    #[test]
+    fn the_example_config_loads_and_every_key_it_shows_is_real() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pullstream.example.toml");
+        let settings = ServeSettings::from_file(&path).unwrap();
+        let config = ServerConfig::try_from(settings).unwrap();
+        let defaults = ServerConfig::try_from(ServeSettings::default()).unwrap();
+        assert_eq!(config.data_dir, defaults.data_dir);
+        assert_eq!(config.listen, defaults.listen);
+        assert_eq!(config.durability, defaults.durability);
+        assert_eq!(config.heartbeat_interval, defaults.heartbeat_interval);
+        assert_eq!(config.max_event_bytes, defaults.max_event_bytes);
+        assert_eq!(config.max_batch_events, defaults.max_batch_events);
+        assert_eq!(config.max_batch_bytes, defaults.max_batch_bytes);
+        assert_eq!(config.idempotency_window, defaults.idempotency_window);
+
+        // Uncomment every `# key = value` line: still a valid file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut shown = 0;
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.split_whitespace().nth(1) == Some("=") => {
+                    shown += 1;
+                    rest.to_string()
+                }
+                _ => line.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(shown > 20, "only {shown} commented keys found");
+        let all: ServeSettings = toml::from_str(&uncommented).unwrap();
+        assert!(all.metrics_listen.is_some() && all.tls_cert.is_some());
+    }
+
     #[test]
     fn flags_override_file_and_defaults_fill_the_rest() {
         let file: ServeSettings = toml::from_str(
