@@ -525,15 +525,7 @@ async fn commit_consumer(
     let (body, _held) = body::<shapes::CommitBody>(&api, request, None).await?;
     let info = api
         .calls
-        .commit_cursor(
-            caller,
-            pb::CommitCursorRequest {
-                stream,
-                consumer,
-                next_offset: body.next_offset,
-                ..Default::default()
-            },
-        )
+        .commit_cursor(caller, body.into_request(stream, consumer)?)
         .await?;
     ok(
         StatusCode::OK,

@@ -201,7 +201,61 @@ impl RetentionBody {
 pub struct CommitBody {
     /// The offset the consumer resumes from: one past the last event it
     /// processed (a page's `next_offset`).
-    pub next_offset: u64,
+    pub next_offset: Option<u64>,
+    /// Instead of an offset: the first event appended at or after this
+    /// RFC 3339 time.
+    pub time: Option<String>,
+    /// Also remove the consumer's saved filter.
+    #[serde(default)]
+    pub clear_filter: bool,
+    /// Also remove the consumer's saved payload version.
+    #[serde(default)]
+    pub clear_version: bool,
+}
+
+impl CommitBody {
+    /// The CommitCursor request this body stands for.
+    pub fn into_request(
+        self,
+        stream: String,
+        consumer: String,
+    ) -> Result<pb::CommitCursorRequest, Error> {
+        let time = match (self.next_offset, self.time) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidArgument(
+                    "give next_offset or time, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "give next_offset (one past the last event processed) or time".into(),
+                ))
+            }
+            (_, None) => None,
+            (_, Some(text)) => {
+                let time = humantime::parse_rfc3339_weak(&text).map_err(|_| {
+                    Error::InvalidArgument(format!(
+                        "time {text:?} is not an RFC 3339 time (e.g. 2026-11-27T08:00:00Z)"
+                    ))
+                })?;
+                let since = time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_err(|_| Error::InvalidArgument(format!("time {text:?} is before 1970")))?;
+                Some(prost_types::Timestamp {
+                    seconds: since.as_secs() as i64,
+                    nanos: since.subsec_nanos() as i32,
+                })
+            }
+        };
+        Ok(pb::CommitCursorRequest {
+            stream,
+            consumer,
+            next_offset: self.next_offset.unwrap_or_default(),
+            clear_filter: self.clear_filter,
+            clear_version: self.clear_version,
+            time,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -604,6 +604,49 @@ async fn durable_consumers_read_commit_and_resume_over_http() {
         )
         .await;
     assert_eq!(status, 400, "{error}");
+
+    // By time, clearing a saved filter; neither or both is refused.
+    let (status, _) = http
+        .get("/v1/streams/s/events?consumer=typed&type=a&limit=1")
+        .await;
+    assert_eq!(status, 200);
+    let (_, info) = http.get("/v1/streams/s/consumers/typed").await;
+    assert!(info["filter"].is_object(), "{info}");
+    let (status, info) = http
+        .post(
+            "/v1/streams/s/consumers/typed/commit",
+            json!({ "time": "2100-01-01T00:00:00Z", "clear_filter": true }),
+        )
+        .await;
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(
+        info["next_offset"], 4,
+        "a time past every event is the head"
+    );
+    assert!(info["filter"].is_null(), "{info}");
+    let (status, info) = http
+        .post(
+            "/v1/streams/s/consumers/typed/commit",
+            json!({ "time": "1970-01-01T00:00:00Z" }),
+        )
+        .await;
+    assert_eq!((status, &info["next_offset"]), (200, &json!(0)), "{info}");
+    for bad in [
+        json!({}),
+        json!({ "next_offset": 1, "time": "2100-01-01T00:00:00Z" }),
+        json!({ "time": "last tuesday" }),
+    ] {
+        let (status, error) = http
+            .post("/v1/streams/s/consumers/typed/commit", bad.clone())
+            .await;
+        assert_eq!(
+            (status, error["code"].as_str()),
+            (400, Some("INVALID_ARGUMENT")),
+            "{bad}: {error}"
+        );
+    }
+    let (_, info) = http.get("/v1/streams/s/consumers/typed").await;
+    assert_eq!(info["next_offset"], 0, "refused commits changed nothing");
 }
 
 #[tokio::test]
