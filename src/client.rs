@@ -75,11 +75,19 @@ impl ApiKeyHeader {
 /// just "transport error") and what to check: TLS problems are named as
 /// such, not reported as a server that is not running.
 fn unreachable(server: &str, error: &tonic::transport::Error) -> anyhow::Error {
+    let cause = error_chain(error);
+    let hint = transport_hint(&cause, server.starts_with("http://"))
+        .unwrap_or("is `pullstream serve` running? set --server or PULLSTREAM_SERVER");
+    anyhow::anyhow!("cannot reach the server at {server}: {cause} ({hint})")
+}
+
+/// An error with all its causes, each said once (layers often repeat
+/// their inner error's text).
+fn error_chain(error: &dyn std::error::Error) -> String {
     let mut cause = error.to_string();
     let mut last = cause.clone();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(s) = source {
-        // Layers often repeat their inner error's text: say it once.
         let text = s.to_string();
         if !last.contains(&text) {
             cause.push_str(&format!(": {text}"));
@@ -87,18 +95,48 @@ fn unreachable(server: &str, error: &tonic::transport::Error) -> anyhow::Error {
         last = text;
         source = s.source();
     }
+    cause
+}
+
+/// What to check for a transport failure, when its causes say.
+fn transport_hint(cause: &str, plaintext: bool) -> Option<&'static str> {
     let lower = cause.to_ascii_lowercase();
-    let hint = if lower.contains("certificate")
-        || lower.contains("tls")
-        || lower.contains("handshake")
+    if lower.contains("certificaterequired") || lower.contains("certificate required") {
+        Some("the server requires a client certificate: pass --tls-cert and --tls-key (signed by the CA the server's --tls-client-ca names)")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake")
     {
-        "a TLS problem: check that --tls-ca is the CA that signed the server's certificate, that the certificate names this host (subjectAltName), and that a server requiring client certificates gets --tls-cert and --tls-key"
-    } else if server.starts_with("http://") && lower.contains("connection reset") {
-        "the server closed the connection: if it serves TLS, use an https:// URL with --tls-ca"
+        Some("a TLS problem: check that --tls-ca is the CA that signed the server's certificate, that the certificate names this host (subjectAltName), and that a server requiring client certificates gets --tls-cert and --tls-key")
+    } else if plaintext
+        && (lower.contains("connection reset")
+            || lower.contains("broken pipe")
+            || lower.contains("connection closed")
+            || lower.contains("unexpected eof")
+            || lower.contains("frame with invalid size"))
+    {
+        Some("the server closed the connection: if it serves TLS, use an https:// URL with --tls-ca; over https://, a server that requires client certificates closes connections without a valid --tls-cert and --tls-key; the server's log says why")
     } else {
-        "is `pullstream serve` running? set --server or PULLSTREAM_SERVER"
-    };
-    anyhow::anyhow!("cannot reach the server at {server}: {cause} ({hint})")
+        None
+    }
+}
+
+/// A gRPC status for a person: the code as the proto names it and the
+/// server's message; a status the transport made up ("transport error")
+/// also gets its causes and what to check.
+/// `server` is the URL when known (the hint for a closed connection is
+/// not given for `https://` ones unless unknown).
+pub fn describe_status(status: &tonic::Status, server: Option<&str>) -> String {
+    let code = crate::proto::code_name(status.code());
+    match std::error::Error::source(status) {
+        Some(source) => {
+            let cause = error_chain(source);
+            let plaintext = server.is_none_or(|s| s.starts_with("http://"));
+            match transport_hint(&cause, plaintext) {
+                Some(hint) => format!("{code}: {cause} ({hint})"),
+                None => format!("{code}: {}: {cause}", status.message()),
+            }
+        }
+        None => format!("{code}: {}", status.message()),
+    }
 }
 
 impl ConnectOptions {
@@ -338,11 +376,7 @@ enum Opening {
 }
 
 fn describe(status: &tonic::Status) -> String {
-    format!(
-        "{}: {}",
-        crate::proto::code_name(status.code()),
-        status.message()
-    )
+    describe_status(status, None)
 }
 
 /// An open append pipeline (the proto's `AppendPipeline`): batches go out

@@ -245,9 +245,5 @@ fn endpoint(args: &ClientArgs) -> anyhow::Result<tonic::transport::Endpoint> {
 
 /// Describes a gRPC error for a person: the code and the server's message.
 fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{}: {}",
-        crate::proto::code_name(status.code()),
-        status.message()
-    )
+    anyhow::anyhow!(crate::client::describe_status(&status, None))
 }

@@ -16,6 +16,7 @@ mod handshake;
 mod health;
 mod metrics_endpoint;
 mod split;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,7 +25,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::{ApiKeysService, Calls, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
@@ -44,31 +44,9 @@ pub struct Server {
     config: ServerConfig,
     log: Arc<Log>,
     keys: Arc<KeyRing>,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<tls::TlsAcceptor>,
     /// The metrics listener, once bound.
     metrics_listener: Option<TcpListener>,
-}
-
-/// Reads the TLS files into tonic's config; a client has `handshake` to
-/// finish the TLS handshake (`--handshake-timeout`).
-fn tls_config(
-    files: &crate::config::TlsFiles,
-    handshake: std::time::Duration,
-) -> Result<ServerTlsConfig, Error> {
-    let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| {
-            Error::InvalidArgument(format!("cannot read {flag} {}: {e}", path.display()))
-        })
-    };
-    let identity = Identity::from_pem(
-        read("--tls-cert", &files.cert)?,
-        read("--tls-key", &files.key)?,
-    );
-    let mut tls = ServerTlsConfig::new().identity(identity).timeout(handshake);
-    if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("--tls-client-ca", ca)?));
-    }
-    Ok(tls)
 }
 
 impl Server {
@@ -78,7 +56,7 @@ impl Server {
         let tls = config
             .tls
             .as_ref()
-            .map(|files| tls_config(files, config.handshake_timeout))
+            .map(|files| tls::TlsAcceptor::from_files(files, config.handshake_timeout))
             .transpose()?;
         let log = Log::open(LogConfig::from(&config)).await?;
         let keys = Arc::new(
@@ -179,7 +157,7 @@ impl Server {
             split::SplitLayer::new(http, crate::http::cors_layer(&config.http_cors_origins));
         let handshake_timeout = config.handshake_timeout;
         let connections = connections::ConnectionLimit::new(config.max_connections);
-        let incoming = tokio_stream::StreamExt::filter_map(
+        let accepted = tokio_stream::StreamExt::filter_map(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             move |conn| match conn {
                 Ok(tcp) => connections.admit(tcp).map(|(tcp, slot)| {
@@ -192,6 +170,15 @@ impl Server {
                 Err(e) => Some(Err(e)),
             },
         );
+        let tls_enabled = self.tls.is_some();
+        let incoming: std::pin::Pin<
+            Box<dyn tokio_stream::Stream<Item = std::io::Result<tls::ServerConnection>> + Send>,
+        > = match self.tls.take() {
+            Some(tls) => Box::pin(tls.accept_all(accepted)),
+            None => Box::pin(tokio_stream::StreamExt::map(accepted, |conn| {
+                conn.map(tls::ServerConnection::Plain)
+            })),
+        };
         let admission = admission::AdmissionLayer::new(
             self.keys.clone(),
             request_budget,
@@ -203,7 +190,7 @@ impl Server {
                 body_timeout: config.request_body_timeout,
             },
         );
-        info!(%address, durability = %config.durability, tls = self.tls.is_some(), mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC, gRPC-Web and the HTTP API");
+        info!(%address, durability = %config.durability, tls = tls_enabled, mutual_tls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()), keys = !self.keys.is_open(), "serving gRPC, gRPC-Web and the HTTP API");
 
         let metrics_task = self.metrics_listener.take().map(|listener| {
             let metrics_address = metrics_address.expect("bound");
@@ -225,11 +212,7 @@ impl Server {
         ));
         let reflection = reflection().map_err(ServeError::Reflection)?;
         let signalled = cancel.clone();
-        let mut builder = tonic::transport::Server::builder();
-        if let Some(tls) = self.tls.clone() {
-            builder = builder.tls_config(tls).map_err(ServeError::Transport)?;
-        }
-        let serving = builder
+        let serving = tonic::transport::Server::builder()
             .http2_keepalive_interval(config.keepalive_interval)
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(config.max_concurrent_streams)

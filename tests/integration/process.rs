@@ -1159,6 +1159,17 @@ fn spawn_server_logging(
     extra: &[&str],
     wait_for: &str,
 ) -> (Child, String) {
+    let (child, url, _) = spawn_server_capturing(dir, listen, extra, wait_for);
+    (child, url)
+}
+
+/// [`spawn_server_logging`], also keeping every later log line.
+fn spawn_server_capturing(
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+    wait_for: &str,
+) -> (Child, String, Arc<Mutex<Vec<String>>>) {
     let mut child = Command::new(BIN)
         .args(["serve", "--listen", listen, "--data-dir"])
         .arg(dir)
@@ -1182,8 +1193,14 @@ fn spawn_server_logging(
             address = Some(rest.split_whitespace().next().unwrap().to_string());
         }
     }
-    std::thread::spawn(move || for _ in lines {});
-    (child, format!("http://{}", address.unwrap()))
+    let logged = Arc::new(Mutex::new(Vec::new()));
+    let sink = logged.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    (child, format!("http://{}", address.unwrap()), logged)
 }
 
 #[test]
@@ -1559,8 +1576,9 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
 
     let file = |name: &str| certs.path().join(name).to_str().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, url) = spawn_server(
+    let (mut server, url, logged) = spawn_server_capturing(
         dir.path(),
+        "127.0.0.1:0",
         &[
             "--tls-cert",
             &file("server.pem"),
@@ -1569,6 +1587,7 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
             "--tls-client-ca",
             &file("ca.pem"),
         ],
+        "serving gRPC",
     );
     // The default names include 127.0.0.1 (an IP SAN) and localhost.
     let port = url.rsplit(':').next().unwrap();
@@ -1603,6 +1622,40 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
         None,
     );
     assert!(!out.status.success(), "no client certificate, no entry");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--tls-cert and --tls-key"), "{said}");
+    // Plaintext to the TLS port, and a client that does not trust the
+    // server's CA (curl without --cacert): refused, and each failed
+    // handshake is logged with the peer and the reason.
+    let plain = run_cli(
+        &format!("http://127.0.0.1:{port}"),
+        &["streams", "list"],
+        None,
+    );
+    assert!(!plain.status.success());
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(said.contains("use an https:// URL"), "{said}");
+    let untrusting = Command::new(BIN)
+        .args(["streams", "list", "--server", &url, "--tls-ca"])
+        .arg(file("client.pem")) // not a CA
+        .output()
+        .unwrap();
+    assert!(!untrusting.status.success());
+    let logs = || logged.lock().unwrap().join("\n");
+    let expected = [
+        "the client sent no certificate, and --tls-client-ca requires one",
+        "the client does not speak TLS",
+        "the client refused the server's certificate",
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !expected.iter().all(|e| logs().contains(e)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let logs = logs();
+    for reason in expected {
+        assert!(logs.contains(reason), "{reason:?} not logged:\n{logs}");
+    }
+    assert!(logs.contains("peer=127.0.0.1:"), "{logs}");
     server.kill().unwrap();
     server.wait().unwrap();
 }
