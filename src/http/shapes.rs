@@ -4,7 +4,9 @@
 //!
 //! An appended event gives its payload as `data` (any JSON value, stored
 //! as its JSON text with content type `application/json` unless another
-//! is named) or `data_base64` (bytes), not both.
+//! is named), `data_text` (a string, stored as UTF-8 with content type
+//! `text/plain; charset=utf-8` unless another is named) or `data_base64`
+//! (bytes): at most one of them.
 
 use std::collections::HashMap;
 
@@ -42,6 +44,9 @@ pub struct NewEventBody {
     /// The payload as any JSON value.
     #[serde(default)]
     pub data: Option<Box<RawValue>>,
+    /// The payload as text (UTF-8).
+    #[serde(default)]
+    pub data_text: Option<String>,
     /// The payload as base64 bytes (standard alphabet, padded).
     #[serde(default)]
     pub data_base64: Option<String>,
@@ -63,6 +68,9 @@ pub struct VersionBody {
     /// The payload as any JSON value.
     #[serde(default)]
     pub data: Option<Box<RawValue>>,
+    /// The payload as text (UTF-8).
+    #[serde(default)]
+    pub data_text: Option<String>,
     /// The payload as base64 bytes.
     #[serde(default)]
     pub data_base64: Option<String>,
@@ -71,28 +79,35 @@ pub struct VersionBody {
     pub content_type: String,
 }
 
-/// A payload from `data` or `data_base64` (not both), and the content type
-/// to store with it.
+/// A payload from one of `data`, `data_text` and `data_base64`, and the
+/// content type to store with it.
 fn payload(
     data: Option<Box<RawValue>>,
+    data_text: Option<String>,
     data_base64: Option<String>,
     content_type: String,
     what: &str,
 ) -> Result<(bytes::Bytes, String), Error> {
-    match (data, data_base64) {
-        (Some(_), Some(_)) => Err(Error::InvalidArgument(format!(
-            "{what} gives both `data` and `data_base64`: give one"
-        ))),
-        (Some(raw), None) => {
-            let content_type = if content_type.is_empty() {
-                "application/json".to_string()
-            } else {
-                content_type
-            };
-            let text: Box<str> = raw.into();
-            Ok((bytes::Bytes::from(text.into_boxed_bytes()), content_type))
+    let or_default = |default: &str| {
+        if content_type.is_empty() {
+            default.to_string()
+        } else {
+            content_type.clone()
         }
-        (None, Some(encoded)) => {
+    };
+    match (data, data_text, data_base64) {
+        (Some(raw), None, None) => {
+            let text: Box<str> = raw.into();
+            Ok((
+                bytes::Bytes::from(text.into_boxed_bytes()),
+                or_default("application/json"),
+            ))
+        }
+        (None, Some(text), None) => Ok((
+            bytes::Bytes::from(text.into_bytes()),
+            or_default("text/plain; charset=utf-8"),
+        )),
+        (None, None, Some(encoded)) => {
             let data = base64::engine::general_purpose::STANDARD
                 .decode(encoded.as_bytes())
                 .map_err(|e| {
@@ -102,7 +117,10 @@ fn payload(
                 })?;
             Ok((data.into(), content_type))
         }
-        (None, None) => Ok((bytes::Bytes::new(), content_type)),
+        (None, None, None) => Ok((bytes::Bytes::new(), content_type)),
+        _ => Err(Error::InvalidArgument(format!(
+            "{what} gives more than one of `data`, `data_text` and `data_base64`: give one"
+        ))),
     }
 }
 
@@ -116,12 +134,18 @@ impl AppendBody {
         let mut events = Vec::with_capacity(self.events.len());
         for (i, event) in self.events.into_iter().enumerate() {
             let what = format!("event {i}");
-            let (data, content_type) =
-                payload(event.data, event.data_base64, event.content_type, &what)?;
+            let (data, content_type) = payload(
+                event.data,
+                event.data_text,
+                event.data_base64,
+                event.content_type,
+                &what,
+            )?;
             let mut versions = HashMap::with_capacity(event.versions.len());
             for (label, version) in event.versions {
                 let (data, content_type) = payload(
                     version.data,
+                    version.data_text,
                     version.data_base64,
                     version.content_type,
                     &format!("{what}, version {label:?}"),

@@ -4,8 +4,9 @@
 //! the same thing.
 //!
 //! Payloads: `data` holds the payload as JSON when its content type is
-//! JSON (`application/json`, `…+json`) and it parses; otherwise
-//! `data_base64` holds its bytes. Empty optional fields (key, version,
+//! JSON (`application/json`, `…+json`) and it parses; `data_text` holds it
+//! as a string when its content type is `text/*` and it is UTF-8;
+//! otherwise `data_base64` holds its bytes. Empty optional fields (key, version,
 //! content type, metadata, limits a retention policy does not set) are
 //! left out. Times are RFC 3339 in UTC with nanoseconds; durations are
 //! written as humantime text (`7days`).
@@ -36,6 +37,14 @@ pub fn is_json(content_type: &str) -> bool {
     essence == "application/json" || essence.ends_with("+json")
 }
 
+/// Whether a content type is text (`text/plain`, `text/csv; charset=utf-8`).
+pub fn is_text(content_type: &str) -> bool {
+    content_type
+        .trim_start()
+        .get(..5)
+        .is_some_and(|t| t.eq_ignore_ascii_case("text/"))
+}
+
 /// An event as one JSON object.
 pub fn event(event: &pb::Event) -> Value {
     let mut out = Map::new();
@@ -59,9 +68,15 @@ pub fn event(event: &pb::Event) -> Value {
     let inline = is_json(&event.content_type)
         .then(|| serde_json::from_slice::<Value>(&event.data).ok())
         .flatten();
-    match inline {
-        Some(data) => out.insert("data".into(), data),
-        None => out.insert(
+    let text = || {
+        is_text(&event.content_type)
+            .then(|| std::str::from_utf8(&event.data).ok())
+            .flatten()
+    };
+    match (inline, text()) {
+        (Some(data), _) => out.insert("data".into(), data),
+        (None, Some(text)) => out.insert("data_text".into(), json!(text)),
+        (None, None) => out.insert(
             "data_base64".into(),
             json!(base64::engine::general_purpose::STANDARD.encode(&event.data)),
         ),

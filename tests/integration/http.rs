@@ -103,11 +103,14 @@ async fn append_and_read_a_page_with_json_and_binary_payloads() {
                   "metadata": { "trace": "t1" } },
                 { "type": "blob.stored", "data_base64": "AAEC/w==", "content_type": "application/octet-stream" },
                 { "type": "text.said", "data": "plain string" },
+                { "type": "note.written", "data_text": "héllo\nworld" },
+                { "type": "csv.row", "data_text": "a,b", "content_type": "text/csv" },
+                { "type": "latin1", "data_base64": "6Q==", "content_type": "text/plain; charset=iso-8859-1" },
             ]),
         )
         .await;
     assert_eq!(appended["first_offset"], 0);
-    assert_eq!(appended["count"], 3);
+    assert_eq!(appended["count"], 6);
     assert_eq!(appended["duplicate"], false);
     assert!(appended["time"].as_str().unwrap().ends_with('Z'));
 
@@ -116,9 +119,9 @@ async fn append_and_read_a_page_with_json_and_binary_payloads() {
         .await;
     assert_eq!(status, 200, "{page}");
     assert_eq!(headers["pullstream-next-offset"], "2");
-    assert_eq!(headers["pullstream-head-offset"], "3");
+    assert_eq!(headers["pullstream-head-offset"], "6");
     assert_eq!(page["next_offset"], 2);
-    assert_eq!(page["head_offset"], 3);
+    assert_eq!(page["head_offset"], 6);
     assert_eq!(page["caught_up"], false);
     let events = page["events"].as_array().unwrap();
     assert_eq!(events.len(), 2);
@@ -135,19 +138,30 @@ async fn append_and_read_a_page_with_json_and_binary_payloads() {
     assert_eq!(&stored[0].data[..], br#"{"amount":10,"items":[1,2]}"#);
     assert_eq!(&stored[1].data[..], &[0, 1, 2, 255]);
     assert_eq!(&stored[2].data[..], br#""plain string""#);
+    // Text payloads are stored as UTF-8 and read back as text, unless
+    // they are not UTF-8 (then as bytes).
+    assert_eq!(stored[3].data, "héllo\nworld".as_bytes());
+    assert_eq!(stored[3].content_type, "text/plain; charset=utf-8");
+    assert_eq!(stored[4].content_type, "text/csv");
+    let (_, page) = http.get("/v1/streams/orders/events?offset=3").await;
+    assert_eq!(page["events"][0]["data_text"], "héllo\nworld");
+    assert!(page["events"][0].get("data_base64").is_none());
+    assert_eq!(page["events"][1]["data_text"], "a,b");
+    assert_eq!(page["events"][2]["data_base64"], "6Q==");
+    assert!(page["events"][2].get("data_text").is_none());
 
     // From the next offset, then from the head: an empty, caught-up page.
     let (_, page) = http.get("/v1/streams/orders/events?offset=2").await;
     assert_eq!(page["events"][0]["data"], "plain string");
     let (_, page) = http.get("/v1/streams/orders/events?offset=latest").await;
     assert_eq!(page["events"], json!([]));
-    assert_eq!(page["next_offset"], 3);
+    assert_eq!(page["next_offset"], 6);
     assert_eq!(page["caught_up"], true);
     // From a time: everything was appended after the epoch.
     let (_, page) = http
         .get("/v1/streams/orders/events?time=2000-01-01T00:00:00Z")
         .await;
-    assert_eq!(page["events"].as_array().unwrap().len(), 3);
+    assert_eq!(page["events"].as_array().unwrap().len(), 6);
 }
 
 #[tokio::test]
@@ -232,7 +246,12 @@ async fn bad_input_gets_a_json_error_and_writes_nothing() {
         (
             r#"{"events":[{"type":"a","data":1,"data_base64":"AA=="}]}"#,
             400,
-            "both",
+            "more than one",
+        ),
+        (
+            r#"{"events":[{"type":"a","data_text":"x","data_base64":"AA=="}]}"#,
+            400,
+            "more than one",
         ),
         (
             r#"{"events":[{"type":"a","data_base64":"%%%"}]}"#,

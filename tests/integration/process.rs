@@ -1773,3 +1773,113 @@ fn the_cli_lists_and_resets_groups_rewinds_consumers_and_gets_one_event() {
     sigterm(&server);
     server.wait().unwrap();
 }
+
+#[test]
+fn publish_cuts_stdin_under_the_server_limits_and_names_the_line_at_fault() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(
+        dir.path(),
+        &[
+            "--max-batch-events",
+            "10",
+            "--max-batch-bytes",
+            "4096",
+            "--max-event-bytes",
+            "2048",
+        ],
+    );
+    let cli = |args: &[&str], stdin: Option<&str>| run_cli(&url, args, stdin);
+    // 25 events, every fifth 1,500 bytes: batches must be cut by count
+    // (10) and by bytes (4,096), whatever --batch asks for.
+    let input: String = (0..25)
+        .map(|i| {
+            let text = if i % 5 == 0 {
+                "x".repeat(1500)
+            } else {
+                format!("line {i}")
+            };
+            format!(
+                "{}\n",
+                serde_json::json!({ "type": "note", "data_text": text })
+            )
+        })
+        .collect();
+    let out = cli(&["publish", "notes", "--batch", "5000"], Some(&input));
+    let acks = json_lines(&out);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("sending batches of 10"), "{said}");
+    let counts: Vec<u64> = acks.iter().map(|a| a["count"].as_u64().unwrap()).collect();
+    assert_eq!(counts.iter().sum::<u64>(), 25, "{counts:?}");
+    assert!(counts.iter().all(|&c| c <= 10), "{counts:?}");
+    // Three big events would pass 4,096 bytes: no batch holds three.
+    let mut first = 0;
+    for ack in &acks {
+        assert_eq!(
+            ack["first_offset"].as_u64().unwrap_or(0),
+            first,
+            "dense, in order"
+        );
+        let count = ack["count"].as_u64().unwrap();
+        let big = (first..first + count).filter(|i| i % 5 == 0).count();
+        assert!(big <= 2, "{acks:?}");
+        first += count;
+    }
+    // Text payloads are printed as text.
+    let events = json_lines(&cli(
+        &[
+            "tail",
+            "notes",
+            "--no-follow",
+            "--from",
+            "1",
+            "--limit",
+            "1",
+        ],
+        None,
+    ));
+    assert_eq!(events[0]["data_text"], "line 1");
+    assert_eq!(events[0]["content_type"], "text/plain; charset=utf-8");
+
+    // Bad lines name the line, and the field at fault; nothing is written.
+    for (input, needle) in [
+        (
+            "{\"type\":\"t\"}\n{\"type\":\"t\",\"key\":5}\n",
+            "stdin line 2: field \"key\": invalid type: integer `5`, expected a string",
+        ),
+        (
+            "{\"type\":\"t\",\n",
+            "stdin line 1: not a JSON event object",
+        ),
+        (
+            "{\"type\":\"t\",\"colour\":1}\n",
+            "stdin line 1: field \"colour\": unknown field",
+        ),
+        (
+            "{\"type\":\"t\",\"versions\":{\"v1\":{\"data\":1,\"data_text\":\"x\"}}}\n",
+            "stdin line 1: give one of \"versions.v1.data\"",
+        ),
+    ] {
+        let out = cli(&["publish", "notes"], Some(input));
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains(needle), "{input:?}: {said}");
+        assert!(
+            !said.contains("at line 1 column"),
+            "position said once: {said}"
+        );
+    }
+    // An event the server refuses (over --max-event-bytes) is named by
+    // its stdin line, and its batch is not written.
+    let big = serde_json::json!({ "type": "t", "data_text": "y".repeat(3000) });
+    let input = format!("{{\"type\":\"t\"}}\n\n{big}\n");
+    let out = cli(&["publish", "notes"], Some(&input));
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("stdin line 3: INVALID_ARGUMENT"), "{said}");
+    assert!(said.contains("2048"), "{said}");
+    let out = cli(&["streams", "info", "notes"], None);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["next_offset"], 25, "{info:?}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
