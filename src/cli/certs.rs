@@ -25,6 +25,8 @@ use rcgen::{
     pullstream status --server https://localhost:50051 --tls-ca certs/ca.pem \\\n      \
     --tls-cert certs/client.pem --tls-key certs/client.key")]
 pub struct CertsArgs {
+    #[command(flatten)]
+    output: super::output::OutputArgs,
     #[command(subcommand)]
     command: CertsCommand,
 }
@@ -84,7 +86,7 @@ pub async fn run(args: CertsArgs) -> anyhow::Result<()> {
             } else {
                 hosts
             };
-            create(&out, &hosts, &client_name, valid_for.0, force)
+            create(&out, &hosts, &client_name, valid_for.0, force, args.output)
         }
     }
 }
@@ -95,6 +97,7 @@ fn create(
     client_name: &str,
     valid_for: Duration,
     force: bool,
+    output: super::output::OutputArgs,
 ) -> anyhow::Result<()> {
     if !force {
         if let Some((name, _)) = FILES.iter().find(|(name, _)| out.join(name).exists()) {
@@ -106,11 +109,18 @@ fn create(
     }
     let pems = make(hosts, client_name, valid_for)?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut files = Vec::new();
     for ((name, what), pem) in FILES.iter().zip(&pems) {
         let path = out.join(name);
         write_file(&path, pem, name.ends_with(".key"))
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("{:<40}  {what}", path.display().to_string());
+        if !output.json {
+            println!("{:<40}  {what}", path.display().to_string());
+        }
+        files.push(serde_json::json!({ "path": path, "holds": what }));
+    }
+    if output.json {
+        println!("{}", serde_json::json!({ "files": files, "hosts": hosts }));
     }
     eprintln!(
         "The server certificate is valid for {}; clients must name one of these (an IP address or a host name) in --server.",

@@ -1,7 +1,8 @@
 //! `pullstream consumers`: list, inspect, commit and delete a stream's
 //! durable consumers, with their lag.
 
-use super::{connect, json, status_error, ClientArgs};
+use super::output::OutputArgs;
+use super::{all_pages, connect, json, status_error, ClientArgs};
 use crate::proto as pb;
 
 /// Arguments of `pullstream consumers`.
@@ -9,21 +10,20 @@ use crate::proto as pb;
 pub struct ConsumersArgs {
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: ConsumersCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum ConsumersCommand {
-    /// List a stream's consumers with cursor and lag (a table; --json for scripts)
+    /// List a stream's consumers with cursor and lag (a table; --json for a JSON array)
     List {
         /// The stream
         stream: String,
-        /// Print a JSON array instead of a table
-        #[arg(long)]
-        json: bool,
     },
-    /// Describe one consumer as JSON
+    /// Describe one consumer (JSON when piped or with --json)
     Info {
         /// The stream
         stream: String,
@@ -61,32 +61,27 @@ enum ConsumersCommand {
 /// Runs `pullstream consumers`.
 pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
+    let output = args.output;
     match args.command {
-        ConsumersCommand::List { stream, json } => {
-            let mut consumers = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_consumers(pb::ListConsumersRequest {
-                        stream: stream.clone(),
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                consumers.extend(page.consumers);
-                if page.next_page_token.is_empty() {
-                    break;
+        ConsumersCommand::List { stream } => {
+            let consumers = all_pages(|page_token| {
+                let (mut client, stream) = (client.clone(), stream.clone());
+                async move {
+                    let page = client
+                        .list_consumers(pb::ListConsumersRequest {
+                            stream,
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.consumers, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            if json {
-                let list: Vec<_> = consumers.iter().map(json::consumer_info).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_table(&stream, &consumers);
-            }
+            })
+            .await?;
+            output.list(consumers.iter().map(json::consumer_info), || {
+                print_table(&stream, &consumers)
+            });
         }
         ConsumersCommand::Info { stream, consumer } => {
             let info = client
@@ -94,7 +89,7 @@ pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_info(info.consumer)?;
+            print_info(output, info.consumer);
         }
         ConsumersCommand::Commit {
             stream,
@@ -116,7 +111,7 @@ pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_info(info.consumer)?;
+            print_info(output, info.consumer);
         }
         ConsumersCommand::Delete { stream, consumer } => {
             client
@@ -132,13 +127,8 @@ pub async fn run(args: ConsumersArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_info(info: Option<pb::ConsumerInfo>) -> anyhow::Result<()> {
-    let info = info.unwrap_or_default();
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json::consumer_info(&info))?
-    );
-    Ok(())
+fn print_info(output: OutputArgs, info: Option<pb::ConsumerInfo>) {
+    output.object(&json::consumer_info(&info.unwrap_or_default()));
 }
 
 fn print_table(stream: &str, consumers: &[pb::ConsumerInfo]) {

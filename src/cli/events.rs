@@ -9,13 +9,15 @@ use crate::proto as pb;
 pub struct EventsArgs {
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    output: super::output::OutputArgs,
     #[command(subcommand)]
     command: EventsCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum EventsCommand {
-    /// Print the event at an offset as one JSON line (as `tail` prints it)
+    /// Print the event at an offset (JSON, as `tail` prints it, when piped or with --json)
     Get {
         /// The stream
         stream: String,
@@ -48,7 +50,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             match page.events.first() {
-                Some(event) if event.offset == offset => println!("{}", json::event(event)),
+                Some(event) if event.offset == offset => args.output.object(&json::event(event)),
                 // Reading at the head answers an empty page.
                 _ => anyhow::bail!(
                     "stream {stream} has no event at offset {offset} yet: its next offset is {}",

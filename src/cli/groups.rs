@@ -3,7 +3,8 @@
 
 use serde_json::json;
 
-use super::{connect, json, status_error, ClientArgs};
+use super::output::OutputArgs;
+use super::{all_pages, connect, json, status_error, ClientArgs};
 use crate::proto as pb;
 
 /// Arguments of `pullstream groups`.
@@ -11,19 +12,18 @@ use crate::proto as pb;
 pub struct GroupsArgs {
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: GroupsCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum GroupsCommand {
-    /// A stream's groups with their members and lag (a table; --json for scripts)
+    /// A stream's groups with their members and lag (a table; --json for a JSON array)
     List {
         /// The stream
         stream: String,
-        /// Print a JSON array instead of a table
-        #[arg(long)]
-        json: bool,
     },
     /// Move every slot of a group to an offset or a time (no member may be connected)
     #[command(group(clap::ArgGroup::new("to").required(true).args(["to_offset", "to_time", "to_earliest", "to_latest"])))]
@@ -45,15 +45,12 @@ enum GroupsCommand {
         #[arg(long)]
         to_latest: bool,
     },
-    /// Members of a group with their slots and lag, and the group's low watermark
+    /// Members of a group with their slots and lag, and the group's low watermark (a table; --json for JSON)
     Info {
         /// The stream
         stream: String,
         /// The group
         group: String,
-        /// Print JSON instead of a table
-        #[arg(long)]
-        json: bool,
     },
     /// Delete a group and its committed offsets; its members' subscriptions end
     Delete {
@@ -67,32 +64,25 @@ enum GroupsCommand {
 /// Runs `pullstream groups`.
 pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
+    let output = args.output;
     match args.command {
-        GroupsCommand::List { stream, json } => {
-            let mut groups = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_groups(pb::ListGroupsRequest {
-                        stream: stream.clone(),
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                groups.extend(page.groups);
-                if page.next_page_token.is_empty() {
-                    break;
+        GroupsCommand::List { stream } => {
+            let groups = all_pages(|page_token| {
+                let (mut client, stream) = (client.clone(), stream.clone());
+                async move {
+                    let page = client
+                        .list_groups(pb::ListGroupsRequest {
+                            stream,
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.groups, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            if json {
-                let list: Vec<_> = groups.iter().map(to_json).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_list(&stream, &groups);
-            }
+            })
+            .await?;
+            output.list(groups.iter().map(to_json), || print_list(&stream, &groups));
         }
         GroupsCommand::Reset {
             stream,
@@ -123,16 +113,16 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .group
                 .unwrap_or_default();
-            eprintln!(
-                "reset group {} of stream {}: its members resume at offset {}",
-                info.name, info.stream, info.low_watermark
-            );
+            if output.json {
+                output.object(&to_json(&info));
+            } else {
+                eprintln!(
+                    "reset group {} of stream {}: its members resume at offset {}",
+                    info.name, info.stream, info.low_watermark
+                );
+            }
         }
-        GroupsCommand::Info {
-            stream,
-            group,
-            json,
-        } => {
+        GroupsCommand::Info { stream, group } => {
             let info = client
                 .get_group(pb::GetGroupRequest { stream, group })
                 .await
@@ -140,8 +130,8 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
                 .into_inner()
                 .group
                 .unwrap_or_default();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&to_json(&info))?);
+            if output.json {
+                output.object(&to_json(&info));
             } else {
                 print_table(&info);
             }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use super::output::OutputArgs;
 use super::{connect_keys, status_error, ClientArgs};
 use crate::api::keys_proto::{key_to_proto, scope_of_proto, scope_to_proto};
 use crate::auth::{KeyInfo, KeyRing, NewKey, Scope};
@@ -30,6 +31,8 @@ pub struct KeysArgs {
     /// Work offline on this data dir (the server must be stopped)
     #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: KeysCommand,
 }
@@ -51,7 +54,7 @@ enum KeysCommand {
         #[arg(long)]
         expires: Option<HumanDuration>,
     },
-    /// List keys (never their secrets) as JSON lines
+    /// List keys, never their secrets (a table; --json for a JSON array)
     List,
     /// Revoke a key by id: calls with it fail, its subscriptions end
     Revoke {
@@ -67,12 +70,12 @@ fn parse_scope(s: &str) -> Result<Scope, String> {
 /// Runs `pullstream keys`.
 pub async fn run(args: KeysArgs) -> anyhow::Result<()> {
     match &args.data_dir {
-        Some(dir) => offline(dir, args.command),
-        None => online(&args.client, args.command).await,
+        Some(dir) => offline(dir, args.command, args.output),
+        None => online(&args.client, args.command, args.output).await,
     }
 }
 
-fn offline(dir: &std::path::Path, command: KeysCommand) -> anyhow::Result<()> {
+fn offline(dir: &std::path::Path, command: KeysCommand, output: OutputArgs) -> anyhow::Result<()> {
     // A new (missing or empty) dir is fine: the first key can be made
     // before the server's first start. Anything else must be a data dir.
     let fresh = std::fs::read_dir(dir).map_or(true, |mut entries| entries.next().is_none());
@@ -110,22 +113,25 @@ fn offline(dir: &std::path::Path, command: KeysCommand) -> anyhow::Result<()> {
                 streams,
                 ttl: expires.map(|d| d.0),
             })?;
-            print_created(&key_to_proto(info), &secret);
+            print_created(output, &key_to_proto(info), &secret);
         }
         KeysCommand::List => {
-            for info in ring.list(None) {
-                print_key(&key_to_proto(info));
-            }
+            let keys: Vec<_> = ring.list(None).into_iter().map(key_to_proto).collect();
+            print_keys(output, &keys);
         }
         KeysCommand::Revoke { id } => {
             let info: KeyInfo = ring.revoke(&id, None)?;
-            print_key(&key_to_proto(info));
+            output.object(&key_json(&key_to_proto(info)));
         }
     }
     Ok(())
 }
 
-async fn online(client: &ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
+async fn online(
+    client: &ClientArgs,
+    command: KeysCommand,
+    output: OutputArgs,
+) -> anyhow::Result<()> {
     let mut keys = connect_keys(client).await?;
     match command {
         KeysCommand::Create {
@@ -149,7 +155,7 @@ async fn online(client: &ClientArgs, command: KeysCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_created(&response.key.unwrap_or_default(), &response.secret);
+            print_created(output, &response.key.unwrap_or_default(), &response.secret);
         }
         KeysCommand::List => {
             let response = keys
@@ -157,9 +163,7 @@ async fn online(client: &ClientArgs, command: KeysCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            for key in &response.keys {
-                print_key(key);
-            }
+            print_keys(output, &response.keys);
         }
         KeysCommand::Revoke { id } => {
             let response = keys
@@ -167,7 +171,7 @@ async fn online(client: &ClientArgs, command: KeysCommand) -> anyhow::Result<()>
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_key(&response.key.unwrap_or_default());
+            output.object(&key_json(&response.key.unwrap_or_default()));
         }
     }
     Ok(())
@@ -190,13 +194,66 @@ fn key_json(key: &pb::ApiKeyInfo) -> serde_json::Value {
     })
 }
 
-fn print_key(key: &pb::ApiKeyInfo) {
-    println!("{}", key_json(key));
+/// Keys as a table, or a JSON array with `--json`.
+fn print_keys(output: OutputArgs, keys: &[pb::ApiKeyInfo]) {
+    output.list(keys.iter().map(key_json), || {
+        if keys.is_empty() {
+            eprintln!("no keys yet: the server is open to anyone on loopback; `pullstream keys create --data-dir DIR --scope admin --scope publish --scope subscribe` makes the first");
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        println!(
+            "{:<16}  {:<12}  {:<26}  {:<16}  {:<16}  {:<16}  STREAMS",
+            "ID", "TENANT", "SCOPES", "CREATED", "EXPIRES", "REVOKED"
+        );
+        for key in keys {
+            let scopes = key_json(key)["scopes"]
+                .as_array()
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            // Creation and revocation are in the past.
+            let when = |t: Option<&prost_types::Timestamp>| match t {
+                None => "-".to_string(),
+                Some(_) => super::json::ago_text(t, now),
+            };
+            println!(
+                "{:<16}  {:<12}  {:<26}  {:<16}  {:<16}  {:<16}  {}",
+                key.id,
+                key.tenant,
+                scopes,
+                when(key.created_time.as_ref()),
+                expires_text(key.expire_time.as_ref(), now),
+                when(key.revoke_time.as_ref()),
+                if key.streams.is_empty() {
+                    "all".to_string()
+                } else {
+                    key.streams.join(",")
+                }
+            );
+        }
+    });
 }
 
-fn print_created(key: &pb::ApiKeyInfo, secret: &str) {
+/// When a key expires, in words: `in 89days 23h`, `expired 2h ago`, `never`.
+fn expires_text(time: Option<&prost_types::Timestamp>, now: std::time::SystemTime) -> String {
+    let Some(t) = time else {
+        return "never".to_string();
+    };
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.seconds.max(0) as u64);
+    match at.duration_since(now) {
+        Ok(left) => format!("in {}", super::json::age_text(left)),
+        Err(_) => format!("expired {}", super::json::ago_text(time, now)),
+    }
+}
+
+fn print_created(output: OutputArgs, key: &pb::ApiKeyInfo, secret: &str) {
     let mut out = key_json(key);
     out["key"] = serde_json::json!(secret);
-    println!("{out}");
+    output.object(&out);
     eprintln!("This is the only time the key is shown: store it now (e.g. PULLSTREAM_API_KEY).");
 }

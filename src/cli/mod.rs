@@ -10,6 +10,7 @@ mod groups;
 mod json;
 mod keys;
 mod listen;
+mod output;
 mod publish;
 mod repair;
 mod status;
@@ -241,6 +242,26 @@ async fn connect_keys(args: &ClientArgs) -> anyhow::Result<crate::client::KeysCl
 /// retry can fix (a bad URL, missing or unreadable TLS files).
 fn endpoint(args: &ClientArgs) -> anyhow::Result<tonic::transport::Endpoint> {
     args.options().endpoint()
+}
+
+/// Every item of a paged list call: `fetch` gets a page token ("" for the
+/// first page) and answers the page's items and the next token ("" at
+/// the end).
+async fn all_pages<T, F, Fut>(mut fetch: F) -> anyhow::Result<Vec<T>>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut items = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (page, next) = fetch(token).await.map_err(status_error)?;
+        items.extend(page);
+        if next.is_empty() {
+            return Ok(items);
+        }
+        token = next;
+    }
 }
 
 /// Describes a gRPC error for a person: the code and the server's message.

@@ -66,6 +66,9 @@ pub struct PublishArgs {
     /// server's limits; batches are also cut to stay under its byte limit]
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     batch: Option<u32>,
+    /// Accepted like every command's --json: acknowledgements are JSON Lines either way
+    #[arg(long = "json")]
+    _json: bool,
     /// Batches sent ahead of their acknowledgements when reading stdin (one
     /// append pipeline; the server may lower it)
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]

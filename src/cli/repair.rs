@@ -15,9 +15,8 @@ pub struct RepairArgs {
     /// Truncate the log at the damage; without it, only report what would be lost
     #[arg(long)]
     yes: bool,
-    /// Print the report as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: super::output::OutputArgs,
 }
 
 /// Runs the command.
@@ -25,7 +24,7 @@ pub async fn run(args: RepairArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.clone();
     let plan = tokio::task::spawn_blocking(move || repair::plan(&dir)).await??;
     let Some(damage) = &plan.damage else {
-        if args.json {
+        if args.output.json {
             println!("{}", serde_json::json!({ "damage": null, "losses": [] }));
         } else {
             println!(
@@ -36,7 +35,7 @@ pub async fn run(args: RepairArgs) -> anyhow::Result<()> {
         return Ok(());
     };
     let evidence = if args.yes { plan.apply()? } else { None };
-    if args.json {
+    if args.output.json {
         println!(
             "{}",
             serde_json::json!({

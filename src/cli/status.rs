@@ -13,9 +13,8 @@ use crate::proto as pb;
 pub struct StatusArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// Print JSON instead of tables
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: super::output::OutputArgs,
 }
 
 /// Runs `pullstream status`.
@@ -26,8 +25,8 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&json::status(&status))?);
+    if args.output.json {
+        args.output.object(&json::status(&status));
     } else {
         print!("{}", render(&args.client.server, &status));
     }

@@ -3,7 +3,8 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use super::{connect, json, status_error, ClientArgs};
+use super::output::OutputArgs;
+use super::{all_pages, connect, json, status_error, ClientArgs};
 use crate::proto as pb;
 
 /// Arguments of `pullstream streams`.
@@ -11,19 +12,17 @@ use crate::proto as pb;
 pub struct StreamsArgs {
     #[command(flatten)]
     client: ClientArgs,
+    #[command(flatten)]
+    output: OutputArgs,
     #[command(subcommand)]
     command: StreamsCommand,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum StreamsCommand {
-    /// List every stream (a table; --json for scripts)
-    List {
-        /// Print a JSON array instead of a table
-        #[arg(long)]
-        json: bool,
-    },
-    /// Describe one stream as JSON
+    /// List every stream (a table; --json for a JSON array)
+    List,
+    /// Describe one stream (JSON when piped or with --json)
     Info {
         /// The stream
         stream: String,
@@ -65,31 +64,26 @@ enum StreamsCommand {
 /// Runs `pullstream streams`.
 pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.client).await?;
+    let output = args.output;
     match args.command {
-        StreamsCommand::List { json } => {
-            let mut streams = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = client
-                    .list_streams(pb::ListStreamsRequest {
-                        page_size: 1000,
-                        page_token,
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                streams.extend(page.streams);
-                if page.next_page_token.is_empty() {
-                    break;
+        StreamsCommand::List => {
+            let streams = all_pages(|page_token| {
+                let mut client = client.clone();
+                async move {
+                    let page = client
+                        .list_streams(pb::ListStreamsRequest {
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    Ok((page.streams, page.next_page_token))
                 }
-                page_token = page.next_page_token;
-            }
-            if json {
-                let list: Vec<_> = streams.iter().map(json::stream_info).collect();
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
-                print_table(&streams);
-            }
+            })
+            .await?;
+            output.list(streams.iter().map(json::stream_info), || {
+                print_table(&streams)
+            });
         }
         StreamsCommand::Fence {
             stream,
@@ -105,10 +99,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
-                "{}",
-                serde_json::json!({ "stream": set.stream, "fencing_token": set.token })
-            );
+            output.object(&serde_json::json!({ "stream": set.stream, "fencing_token": set.token }));
         }
         StreamsCommand::Info { stream } => {
             let info = client
@@ -116,7 +107,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_info(info.stream)?;
+            print_info(output, info.stream);
         }
         StreamsCommand::Create { stream, retention } => {
             let retention = retention.apply(None);
@@ -125,7 +116,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_info(info.stream)?;
+            print_info(output, info.stream);
         }
         StreamsCommand::Update { stream, retention } => {
             if retention.is_empty() {
@@ -150,7 +141,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            print_info(info.stream)?;
+            print_info(output, info.stream);
         }
         StreamsCommand::Delete { stream, yes } => {
             if !yes && std::io::stdin().is_terminal() {
@@ -262,13 +253,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
-fn print_info(info: Option<pb::StreamInfo>) -> anyhow::Result<()> {
-    let info = info.unwrap_or_default();
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&json::stream_info(&info))?
-    );
-    Ok(())
+fn print_info(output: OutputArgs, info: Option<pb::StreamInfo>) {
+    output.object(&json::stream_info(&info.unwrap_or_default()));
 }
 
 fn print_table(streams: &[pb::StreamInfo]) {

@@ -45,6 +45,9 @@ pub struct TailArgs {
     /// Print what the stream holds now and exit at its head, instead of following it
     #[arg(long)]
     no_follow: bool,
+    /// Accepted like every command's --json: tail prints JSON Lines either way
+    #[arg(long = "json")]
+    _json: bool,
     /// Stop after this many events
     #[arg(long, visible_alias = "count", value_name = "N")]
     limit: Option<u64>,

@@ -15,9 +15,8 @@ pub struct VerifyArgs {
     /// The server's data dir (stop the server first)
     #[arg(long, env = "PULLSTREAM_DATA_DIR")]
     data_dir: PathBuf,
-    /// Print the report as JSON
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: super::output::OutputArgs,
 }
 
 /// Runs the command.
@@ -46,8 +45,8 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
     })
     .await??;
     let damaged: usize = checks.iter().map(|c| c.damage.len()).sum();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&to_json(&checks))?);
+    if args.output.json {
+        println!("{}", to_json(&checks));
     } else {
         print!("{}", render(&checks));
     }

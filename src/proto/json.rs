@@ -160,7 +160,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn json_payloads_are_inlined_and_others_are_base64() {
+    fn json_payloads_are_inlined_text_is_text_and_others_are_base64() {
         let mut e = pb::Event {
             data: bytes::Bytes::from_static(br#"{"a":1}"#),
             content_type: "application/json".into(),
@@ -170,7 +170,14 @@ mod tests {
         e.content_type = "Application/vnd.x+json; charset=utf-8".into();
         assert_eq!(event(&e)["data"], json!({"a": 1}));
         e.content_type = "text/plain".into();
+        assert_eq!(event(&e)["data_text"], json!(r#"{"a":1}"#));
+        assert!(event(&e).get("data_base64").is_none());
+        e.content_type = "application/octet-stream".into();
         assert_eq!(event(&e)["data_base64"], json!("eyJhIjoxfQ=="));
+        e.content_type = "TEXT/csv; charset=utf-8".into();
+        e.data = bytes::Bytes::from_static(b"\xe9t\xe9");
+        assert!(event(&e).get("data_text").is_none(), "not UTF-8: bytes");
+        assert_eq!(event(&e)["data_base64"], json!("6XTp"));
         e.content_type = "application/json".into();
         e.data = bytes::Bytes::from_static(b"\xff not json");
         assert!(event(&e).get("data").is_none());

@@ -593,3 +593,58 @@ async fn a_commit_can_clear_saved_settings_and_rewind_by_time() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_open_subscription_keeps_its_filter_when_the_saved_one_is_cleared() {
+    within(async {
+        let server = TestServer::start().await;
+        let mut client = server.client().await;
+        append(&mut client, "s", vec![event("order.created", "1")]).await;
+        let mut open = client
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                consumer: "c".into(),
+                filter: Some(pb::EventFilter {
+                    types: vec!["order.*".into()],
+                    keys: vec![],
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(collect(&mut open, 1).await[0].offset, 0);
+        // Cleared while the subscription is open, with the cursor after 0.
+        let cleared = client
+            .commit_cursor(pb::CommitCursorRequest {
+                stream: "s".into(),
+                consumer: "c".into(),
+                next_offset: 1,
+                clear_filter: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .consumer
+            .unwrap();
+        assert!(cleared.filter.is_none());
+        append(
+            &mut client,
+            "s",
+            vec![event("user.created", "2"), event("order.paid", "3")],
+        )
+        .await;
+        // The open subscription still filters: user.created is skipped.
+        let delivered = collect(&mut open, 1).await;
+        assert_eq!(delivered[0].offset, 2, "{delivered:?}");
+        assert_eq!(delivered[0].r#type, "order.paid");
+        drop(open);
+        // The next one, without a filter, gets every event from its cursor.
+        let mut again = subscribe_as(&mut client, "s", "c", None).await.unwrap();
+        let all = collect(&mut again, 2).await;
+        let types: Vec<_> = all.iter().map(|e| e.r#type.as_str()).collect();
+        assert_eq!(types, ["user.created", "order.paid"]);
+    })
+    .await;
+}

@@ -1114,7 +1114,14 @@ fn open_mode_is_refused_on_a_non_loopback_address_unless_insecure() {
         run_cli(&url, &all, None)
     };
     assert!(json_lines(&with_key(&["publish", "s", "--type", "t"])).len() == 1);
-    let listed = json_lines(&with_key(&["keys", "list"]));
+    // A table by default, a JSON array with --json.
+    let table = with_key(&["keys", "list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(table.contains(created["id"].as_str().unwrap()), "{table}");
+    assert!(table.contains("admin"), "{table}");
+    let listed = json_lines(&with_key(&["keys", "list", "--json"]));
+    let listed = listed[0].as_array().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], created["id"]);
     assert!(
@@ -1880,6 +1887,89 @@ fn publish_cuts_stdin_under_the_server_limits_and_names_the_line_at_fault() {
     let out = cli(&["streams", "info", "notes"], None);
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["next_offset"], 25, "{info:?}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+/// Runs the CLI under a pseudo-terminal (`script`, from util-linux), as a
+/// person at a terminal would, with `input` typed in.
+fn run_cli_on_a_terminal(url: &str, args: &[&str], input: &str) -> String {
+    let command = std::iter::once(BIN.to_string())
+        .chain(args.iter().map(|a| format!("'{a}'")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .env("PULLSTREAM_SERVER", url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) runs the CLI on a pseudo-terminal");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+#[test]
+fn on_a_terminal_results_read_as_text_and_delete_asks_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, url) = spawn_server(dir.path(), &[]);
+    let cli = |args: &[&str]| run_cli(&url, args, None);
+    let out = cli(&[
+        "streams",
+        "create",
+        "orders",
+        "--max-age",
+        "7d",
+        "--max-bytes",
+        "10GiB",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Piped: JSON, one compact line.
+    let piped = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(piped.lines().count(), 1, "{piped}");
+    let info: serde_json::Value = serde_json::from_str(&piped).unwrap();
+    assert_eq!(info["retention"]["max_bytes"], 10u64 << 30);
+
+    // On a terminal: fields with units and ages.
+    let text = run_cli_on_a_terminal(&url, &["streams", "info", "orders"], "");
+    assert!(text.contains("name "), "{text}");
+    assert!(text.contains("orders"), "{text}");
+    assert!(text.contains("10 GiB"), "{text}");
+    assert!(text.contains("7days"), "{text}");
+    assert!(
+        text.contains(" ago)") || text.contains("just now)"),
+        "{text}"
+    );
+    assert!(!text.contains('{'), "not JSON: {text}");
+    // --json wins on a terminal too.
+    let json = run_cli_on_a_terminal(&url, &["streams", "info", "orders", "--json"], "");
+    let json: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(json["name"], "orders");
+    // Lists are tables, or a JSON array with --json.
+    let table = String::from_utf8_lossy(&cli(&["streams", "list"]).stdout).to_string();
+    assert!(table.contains("orders"), "{table}");
+    let list: serde_json::Value =
+        serde_json::from_slice(&cli(&["streams", "list", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["name"], "orders");
+
+    // Delete asks on a terminal; anything but yes keeps the stream.
+    let said = run_cli_on_a_terminal(&url, &["streams", "delete", "orders"], "n\n");
+    assert!(said.contains("cannot be undone"), "{said}");
+    assert!(said.contains("not deleted"), "{said}");
+    assert!(cli(&["streams", "info", "orders"]).status.success());
+    let said = run_cli_on_a_terminal(&url, &["streams", "delete", "orders"], "y\n");
+    assert!(said.contains("deleted stream orders"), "{said}");
+    let gone = cli(&["streams", "info", "orders"]);
+    assert!(!gone.status.success());
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NOT_FOUND"));
     server.kill().unwrap();
     server.wait().unwrap();
 }

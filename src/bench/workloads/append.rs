@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde_json::json;
 
 use super::*;
-use crate::bench::{histogram, latency, BenchContext, Outcome, Progress};
+use crate::bench::{histogram, latency, BenchContext, Goal, Outcome, Progress};
 use crate::client::AppendPipeline;
 use crate::proto::{self as pb};
 
@@ -65,7 +65,11 @@ pub(crate) async fn append(
     for _ in 0..producers {
         clients.push(ctx.client().await?);
     }
-    let progress = Progress::start(name.clone());
+    let goal = match &until {
+        Until::Events { total, .. } => Goal::Count(*total, "events"),
+        Until::Deadline(deadline) => Goal::Time(deadline.saturating_duration_since(Instant::now())),
+    };
+    let progress = Progress::start(name.clone(), goal);
     let started = Instant::now();
     // A deadline counts from here, after the clients connected.
     let until = match until {

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::*;
-use crate::bench::{mib, BenchContext, Outcome, Progress};
+use crate::bench::{mib, BenchContext, Goal, Outcome, Progress};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// `catchup`: stores `events` events, then one subscriber reads them all
@@ -25,7 +25,10 @@ pub(super) async fn store_events(
     events: u64,
     rare_every: Option<u64>,
 ) -> anyhow::Result<()> {
-    let load = Progress::start(format!("storing {events} events"));
+    let load = Progress::start(
+        format!("storing {events} events"),
+        Goal::Count(events, "events"),
+    );
     let next = Arc::new(AtomicU64::new(0));
     let mut loaders = Vec::new();
     for _ in 0..4 {
@@ -83,7 +86,7 @@ async fn read_through(
     label: String,
 ) -> anyhow::Result<(f64, Vec<u64>, u64)> {
     let mut client = ctx.client().await?;
-    let progress = Progress::start(label);
+    let progress = Progress::start(label, Goal::Count(events, "events"));
     let counter = progress.counter();
     let (cursor_tx, mut cursor_rx) = watch::channel(0u64);
     let committer = consumer.map(|name| {
@@ -257,7 +260,7 @@ pub(crate) async fn catchup(ctx: &BenchContext, events: u64) -> anyhow::Result<O
     let rss_written = ctx.server_rss();
 
     let mut client = ctx.client().await?;
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Count(events, "events"));
     let counter = progress.counter();
     let started = Instant::now();
     let mut subscription = client

@@ -16,7 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 use super::*;
-use crate::bench::{histogram, latency, BenchContext, Outcome, Progress};
+use crate::bench::{histogram, latency, BenchContext, Goal, Outcome, Progress};
 use crate::client::ConnectOptions;
 use crate::proto as pb;
 
@@ -24,7 +24,7 @@ use crate::proto as pb;
 /// Appends, one at a time each.
 pub(crate) async fn floor(ctx: &BenchContext, duration: Duration) -> anyhow::Result<Outcome> {
     let name = "floor: health check vs Append batch=1".to_string();
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Time(2 * duration));
     let counter = progress.counter();
 
     let (channel, _) = ConnectOptions {

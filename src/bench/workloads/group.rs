@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use super::catchup::store_events;
 use super::*;
-use crate::bench::{BenchContext, Outcome, Progress};
+use crate::bench::{BenchContext, Goal, Outcome, Progress};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// `group`: `members` workers of one key-shared consumer group read
@@ -30,7 +30,7 @@ pub(crate) async fn group(
     create_stream(ctx, &stream).await?;
     store_events(ctx, &stream, events, None).await?;
     ctx.settle().await;
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Count(events, "events"));
     let seen: Arc<Vec<std::sync::atomic::AtomicBool>> =
         Arc::new((0..events).map(|_| Default::default()).collect());
     let unique = Arc::new(AtomicU64::new(0));

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::bench::{histogram, latency, BenchContext, Outcome, Progress};
+use crate::bench::{histogram, latency, BenchContext, Goal, Outcome, Progress};
 
 /// `http`: `duration` of appends per batch size, then a catch-up of
 /// `events` events by SSE and by pages.
@@ -36,7 +36,7 @@ pub(crate) async fn http(
         Some(key) => builder.bearer_auth(key),
         None => builder,
     };
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Open);
     let counter = progress.counter();
     let payload = base64::engine::general_purpose::STANDARD.encode(vec![b'x'; ctx.event_bytes]);
     let mut figures = Vec::new();

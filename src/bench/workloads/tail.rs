@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::{watch, Semaphore};
 
 use super::*;
-use crate::bench::{histogram, latency, mib, BenchContext, Outcome, Progress};
+use crate::bench::{histogram, latency, mib, BenchContext, Goal, Outcome, Progress};
 use crate::proto::{self as pb, subscribe_request::Start};
 
 /// `tail`: `subscribers` follow a stream live while one producer appends
@@ -92,7 +92,7 @@ pub(crate) async fn tail(
         }));
     }
 
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Time(duration));
     let counter = progress.counter();
     let producer = ctx.client().await?;
     let in_flight = Arc::new(Semaphore::new(1024));
@@ -174,7 +174,7 @@ pub(crate) async fn fanout(ctx: &BenchContext, count: usize) -> anyhow::Result<O
     let stream = fresh_stream("fanout");
     create_stream(ctx, &stream).await?;
     let rss_before = ctx.server_rss();
-    let progress = Progress::start(name.clone());
+    let progress = Progress::start(name.clone(), Goal::Count(count as u64, "subscriptions"));
     let opened = progress.counter();
     let opening = Instant::now();
     let heartbeats = Arc::new(AtomicU64::new(0));
