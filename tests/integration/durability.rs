@@ -18,12 +18,14 @@ use tonic_health::pb::HealthCheckRequest;
 use crate::common::*;
 
 /// The change a test makes while a fault is armed.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Change {
     Append,
     Create,
     Delete,
     Commit,
+    /// ResetGroup of group `g` (committed at 30, idle) to offset 40.
+    ResetGroup,
 }
 
 async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::Status> {
@@ -56,7 +58,63 @@ async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::St
             })
             .await
             .map(drop),
+        Change::ResetGroup => client
+            .reset_group(pb::ResetGroupRequest {
+                stream: "a".into(),
+                group: "g".into(),
+                to: Some(pb::reset_group_request::To::Offset(40)),
+            })
+            .await
+            .map(drop),
     }
+}
+
+/// Makes group `g` on stream `a` with its offset committed at 30, and
+/// waits until it has no member (so it may be reset).
+async fn idle_group_at_30(client: &mut Client) {
+    let mut member = client
+        .subscribe(pb::SubscribeRequest {
+            stream: "a".into(),
+            group: "g".into(),
+            member: "m".into(),
+            start: Some(pb::subscribe_request::Start::Position(
+                pb::StartPosition::Earliest as i32,
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut member).await.unwrap();
+    client
+        .commit_group(pb::CommitGroupRequest {
+            stream: "a".into(),
+            group: "g".into(),
+            member: "m".into(),
+            next_offset: 30,
+        })
+        .await
+        .unwrap();
+    drop(member);
+    within(async {
+        while !group_of_a(client).await.members.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+async fn group_of_a(client: &mut Client) -> pb::GroupInfo {
+    client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group
+        .unwrap()
 }
 
 /// The store of a stopped server's data dir, opened directly (to damage
@@ -143,6 +201,9 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
         })
         .await
         .unwrap();
+    if change == Change::ResetGroup {
+        idle_group_at_30(&mut client).await;
+    }
 
     match target {
         // A full disk: the write gets 10 bytes in, then ENOSPC.
@@ -197,6 +258,13 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
     // gets a change only once its log record is durable): it is gone.
     assert_eq!(head, 50, "{change:?}");
     assert_eq!(cursor(&mut client).await, 20, "{change:?}");
+    if change == Change::ResetGroup {
+        assert_eq!(
+            group_of_a(&mut client).await.low_watermark,
+            30,
+            "the failed reset is gone"
+        );
+    }
     let missing = client
         .get_stream(pb::GetStreamRequest { stream: "b".into() })
         .await
@@ -230,6 +298,11 @@ async fn enospc_during_delete_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enospc_during_consumer_commit_loses_nothing_acknowledged() {
     a_failed_write_loses_nothing_acknowledged(Change::Commit, Target::WalWrite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_a_group_reset_loses_nothing_acknowledged() {
+    a_failed_write_loses_nothing_acknowledged(Change::ResetGroup, Target::WalWrite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
