@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Starts a local 3-node NATS JetStream cluster on loopback, for trying
+# cluster mode and for the tests (issue 19: cluster mode on JetStream).
+#
+#   examples/cluster/nats-cluster.sh up DIR [BASE_PORT]   # nodes on BASE_PORT, +1, +2 (default 14222)
+#   examples/cluster/nats-cluster.sh down DIR
+#
+# Each node keeps its JetStream files under DIR/nN, logs to DIR/nN.log and
+# its pid in DIR/nN.pid. Needs `nats-server` (Debian: apt-get install
+# nats-server; 2.9 or later). Client URLs: nats://127.0.0.1:BASE_PORT,...
+set -euo pipefail
+
+command=${1:?usage: $0 up|down DIR [BASE_PORT]}
+dir=${2:?usage: $0 up|down DIR [BASE_PORT]}
+base=${3:-14222}
+
+case "$command" in
+up)
+    command -v nats-server >/dev/null || {
+        echo "nats-server not found: apt-get install nats-server (2.9 or later)" >&2
+        exit 1
+    }
+    mkdir -p "$dir"
+    routes=""
+    for i in 0 1 2; do
+        routes="$routes${routes:+, }nats-route://127.0.0.1:$((base + 100 + i))"
+    done
+    for i in 0 1 2; do
+        node="n$i"
+        cat >"$dir/$node.conf" <<CONF
+server_name: $node
+listen: 127.0.0.1:$((base + i))
+http: 127.0.0.1:$((base + 200 + i))
+jetstream {
+  store_dir: "$dir/$node"
+  max_memory_store: 64MB
+  max_file_store: 1GB
+}
+cluster {
+  name: pullstream-dev
+  listen: 127.0.0.1:$((base + 100 + i))
+  routes: [ $routes ]
+}
+CONF
+        nats-server -c "$dir/$node.conf" >"$dir/$node.log" 2>&1 &
+        echo $! >"$dir/$node.pid"
+    done
+    # Ready once every node's monitoring endpoint says JetStream is up and
+    # a meta leader is elected.
+    for _ in $(seq 1 100); do
+        ready=0
+        for i in 0 1 2; do
+            if curl -fsS "http://127.0.0.1:$((base + 200 + i))/healthz?js-enabled-only=true" >/dev/null 2>&1; then
+                ready=$((ready + 1))
+            fi
+        done
+        leader=$(curl -fsS "http://127.0.0.1:$((base + 200))/jsz" 2>/dev/null | grep -o '"leader": *"[^"]*"' || true)
+        if [ "$ready" = 3 ] && [ -n "$leader" ]; then
+            echo "nats://127.0.0.1:$base,nats://127.0.0.1:$((base + 1)),nats://127.0.0.1:$((base + 2))"
+            exit 0
+        fi
+        sleep 0.1
+    done
+    echo "the cluster did not become ready in 10 s; see $dir/n*.log" >&2
+    exit 1
+    ;;
+down)
+    for pid in "$dir"/n*.pid; do
+        [ -e "$pid" ] || continue
+        kill "$(cat "$pid")" 2>/dev/null || true
+        rm -f "$pid"
+    done
+    ;;
+*)
+    echo "usage: $0 up|down DIR [BASE_PORT]" >&2
+    exit 64
+    ;;
+esac
