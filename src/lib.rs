@@ -80,6 +80,7 @@ pub mod durability;
 pub mod engine;
 pub mod error;
 pub mod http;
+pub mod jetstream;
 pub mod log;
 pub mod metrics;
 pub mod names;

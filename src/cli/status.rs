@@ -103,7 +103,7 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
             info.next_offset,
             info.event_count,
             s.append_rate,
-            size_text(info.approximate_bytes),
+            super::output::bytes_text(info.approximate_bytes),
             info.retention
                 .as_ref()
                 .map_or("keep everything".to_string(), json::retention_text)
@@ -163,33 +163,4 @@ fn render(server: &str, status: &pb::GetServerStatusResponse) -> String {
         );
     }
     out
-}
-
-/// Bytes in binary units, e.g. `12.3 MiB`.
-pub fn size_text(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_read_in_binary_units() {
-        assert_eq!(size_text(0), "0 B");
-        assert_eq!(size_text(1023), "1023 B");
-        assert_eq!(size_text(1536), "1.5 KiB");
-        assert_eq!(size_text(5 << 30), "5.0 GiB");
-    }
 }

@@ -9,6 +9,7 @@ mod append;
 pub mod auth;
 mod bad_input;
 mod browser;
+mod cluster;
 mod consumers;
 pub mod durability;
 mod groups;

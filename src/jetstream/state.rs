@@ -1,0 +1,280 @@
+//! Replicated records with compare-and-set, on one JetStream stream.
+//!
+//! Cluster mode keeps everything that is not an event (the stream
+//! registry, consumer cursors, group slots, fencing tokens, idempotency
+//! records, API keys) as small records that any gateway may read and
+//! change. They live in one stream (`PS_STATE` unless told otherwise)
+//! with `max_msgs_per_subject = 1` and one subject per record, so the
+//! record's revision is the JetStream sequence of its last write, and a
+//! write that names the revision it expects
+//! (`Nats-Expected-Last-Subject-Sequence`) is a compare-and-set the
+//! stream's Raft group decides: two gateways can never both win.
+//!
+//! Not async-nats's key-value helper: on nats-server 2.9.10 its
+//! `create_key_value` fails (`data did not match any variant of untagged
+//! enum Response`), while these semantics over a plain stream work
+//! (ARCHITECTURE.md, "Cluster mode on JetStream"). A deletion is a
+//! tombstone (an empty message with `Ps-Deleted: 1`), so a deleted
+//! record keeps a revision and "create only if absent" stays a
+//! compare-and-set after a delete.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+/// The header that marks a tombstone.
+const DELETED: &str = "Ps-Deleted";
+
+/// What a write expects of the record's current revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (a plain overwrite).
+    Any,
+    /// That the record does not exist (never written, or deleted).
+    Absent,
+    /// That the record's revision is this one.
+    Revision(u64),
+}
+
+/// A record as read: its value and its revision (the sequence of its last
+/// write).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The value.
+    pub value: Bytes,
+    /// Its revision; pass it back in [`Expect::Revision`] to update it.
+    pub revision: u64,
+}
+
+/// Why a record operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The record was not at the expected revision: another gateway (or an
+    /// earlier write) changed it. Read it again and decide.
+    #[error("record {key} was changed concurrently (expected {expected:?})")]
+    Conflict {
+        /// The record's key.
+        key: String,
+        /// What the write expected.
+        expected: Expect,
+    },
+    /// The key is not a valid record key.
+    #[error("invalid record key {0:?}: keys are dot-separated tokens of [A-Za-z0-9_-]")]
+    InvalidKey(String),
+    /// JetStream did not answer, or answered with an error.
+    #[error("JetStream failed while {op}: {source}")]
+    JetStream {
+        /// What the store was doing.
+        op: &'static str,
+        /// What async-nats said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn failed(op: &'static str) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> StateError {
+    move |source| StateError::JetStream { op, source }
+}
+
+/// The records: see the module docs.
+#[derive(Clone)]
+pub struct StateStore {
+    js: jetstream::Context,
+    stream: stream::Stream,
+    /// Subjects are `<prefix>.<key>`.
+    prefix: String,
+}
+
+impl StateStore {
+    /// Opens (creating it if needed) the record stream `name`, with
+    /// subjects under `prefix` and `replicas` copies.
+    pub async fn open(
+        js: jetstream::Context,
+        name: &str,
+        prefix: &str,
+        replicas: usize,
+    ) -> Result<StateStore, StateError> {
+        let stream = js
+            .get_or_create_stream(stream::Config {
+                name: name.to_string(),
+                subjects: vec![format!("{prefix}.>")],
+                num_replicas: replicas,
+                max_messages_per_subject: 1,
+                allow_direct: true,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed("opening the record stream")(Box::new(e)))?;
+        Ok(StateStore {
+            js,
+            stream,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    fn subject(&self, key: &str) -> Result<String, StateError> {
+        let valid = !key.is_empty()
+            && key.split('.').all(|token| {
+                !token.is_empty()
+                    && token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        if !valid {
+            return Err(StateError::InvalidKey(key.to_string()));
+        }
+        Ok(format!("{}.{key}", self.prefix))
+    }
+
+    /// The record at `key`, if it exists.
+    pub async fn get(&self, key: &str) -> Result<Option<Record>, StateError> {
+        let subject = self.subject(key)?;
+        match self.stream.direct_get_last_for_subject(subject).await {
+            Ok(message) if is_tombstone(&message.headers) => Ok(None),
+            Ok(message) => Ok(Some(Record {
+                value: message.payload,
+                revision: message.sequence,
+            })),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(failed("reading a record")(Box::new(e))),
+        }
+    }
+
+    /// Writes `value` at `key` if the record is as `expect` says; returns
+    /// the new revision.
+    pub async fn put(&self, key: &str, value: Bytes, expect: Expect) -> Result<u64, StateError> {
+        self.write(key, value, expect, false).await
+    }
+
+    /// Deletes the record at `key` if it is as `expect` says (deleting a
+    /// record that does not exist succeeds with [`Expect::Any`]).
+    pub async fn delete(&self, key: &str, expect: Expect) -> Result<u64, StateError> {
+        self.write(key, Bytes::new(), expect, true).await
+    }
+
+    async fn write(
+        &self,
+        key: &str,
+        value: Bytes,
+        expect: Expect,
+        tombstone: bool,
+    ) -> Result<u64, StateError> {
+        let subject = self.subject(key)?;
+        let mut headers = HeaderMap::new();
+        if tombstone {
+            headers.insert(DELETED, "1");
+        }
+        match expect {
+            Expect::Any => {}
+            Expect::Revision(revision) => {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    revision.to_string().as_str(),
+                );
+            }
+            Expect::Absent => {
+                // Never written: expect sequence 0. Deleted: expect the
+                // tombstone's own revision.
+                let revision = match self.stream.direct_get_last_for_subject(&subject).await {
+                    Ok(message) if is_tombstone(&message.headers) => message.sequence,
+                    Ok(_) => {
+                        return Err(StateError::Conflict {
+                            key: key.to_string(),
+                            expected: expect,
+                        })
+                    }
+                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
+                    Err(e) => return Err(failed("reading a record")(Box::new(e))),
+                };
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    revision.to_string().as_str(),
+                );
+            }
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, value)
+            .await
+            .map_err(|e| failed("writing a record")(Box::new(e)))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Err(StateError::Conflict {
+                    key: key.to_string(),
+                    expected: expect,
+                })
+            }
+            Err(e) => Err(failed("writing a record")(Box::new(e))),
+        }
+    }
+
+    /// Every record whose key starts with `prefix.` (or every record, for
+    /// an empty prefix), in key order, tombstones left out.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Record)>, StateError> {
+        let filter = if prefix.is_empty() {
+            format!("{}.>", self.prefix)
+        } else {
+            format!("{}.>", self.subject(prefix)?)
+        };
+        let mut consumer = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed("listing records")(Box::new(e)))?;
+        let pending = consumer
+            .info()
+            .await
+            .map_err(|e| failed("listing records")(Box::new(e)))?
+            .num_pending;
+        let mut records = Vec::new();
+        if pending > 0 {
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| failed("listing records")(Box::new(e)))?;
+            loop {
+                let message = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                    .await
+                    .map_err(|e| failed("listing records")(Box::new(e)))?
+                    .ok_or_else(|| failed("listing records")("the listing ended early".into()))?
+                    .map_err(|e| failed("listing records")(Box::new(e)))?;
+                let info = message.info().map_err(|e| failed("listing records")(e))?;
+                let (revision, left) = (info.stream_sequence, info.pending);
+                if !message.headers.as_ref().is_some_and(is_tombstone) {
+                    let key = message
+                        .subject
+                        .as_str()
+                        .strip_prefix(&format!("{}.", self.prefix))
+                        .unwrap_or(message.subject.as_str())
+                        .to_string();
+                    records.push((
+                        key,
+                        Record {
+                            value: message.payload.clone(),
+                            revision,
+                        },
+                    ));
+                }
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(records)
+    }
+}
+
+fn is_tombstone(headers: &HeaderMap) -> bool {
+    headers.get(DELETED).is_some()
+}

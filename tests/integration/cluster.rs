@@ -1,0 +1,270 @@
+//! Cluster mode's pieces against a real 3-node NATS JetStream cluster
+//! (`nats-server`, which `.ci/run` installs from Debian's packages),
+//! started on loopback ports for each test and killed with it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pullstream::jetstream::{Expect, StateError, StateStore};
+
+/// A 3-node cluster on free loopback ports; the nodes die with it.
+pub struct NatsCluster {
+    nodes: Vec<Option<Child>>,
+    /// Each node's client URL.
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NatsCluster {
+    pub async fn start() -> NatsCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let config = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
+                     jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 256MB }}\n\
+                     cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n",
+                    clients[i],
+                    dir.path().join(format!("n{i}")).display(),
+                    routes[i]
+                ),
+            )
+            .unwrap();
+            let child = Command::new("nats-server")
+                .arg("-c")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "this test needs nats-server (2.9 or later): `apt-get install nats-server` \
+                         (CI's .ci/run installs it): {e}"
+                    )
+                });
+            nodes.push(Some(child));
+        }
+        let cluster = NatsCluster {
+            nodes,
+            urls: clients
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+            _dir: dir,
+        };
+        // Ready once a stream of three replicas can be created: the nodes
+        // found each other and elected a JetStream meta leader.
+        let ready = async {
+            loop {
+                if let Ok(client) = async_nats::connect(cluster.urls[0].as_str()).await {
+                    let js = async_nats::jetstream::new(client);
+                    let probe = async_nats::jetstream::stream::Config {
+                        name: "READY".into(),
+                        num_replicas: 3,
+                        ..Default::default()
+                    };
+                    if js.create_stream(probe).await.is_ok() {
+                        let _ = js.delete_stream("READY").await;
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .expect("the NATS cluster elected a JetStream leader within 30 s");
+        cluster
+    }
+
+    /// A JetStream context connected to node `i` only.
+    pub async fn jetstream(&self, i: usize) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.urls[i].as_str()).await.unwrap();
+        async_nats::jetstream::new(client)
+    }
+
+    /// Kills node `i` (kill -9).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Retries `f` while JetStream is electing a leader (a few seconds at
+/// most after a node dies); a deadlock guard, not a timing assertion.
+async fn eventually<T, F, Fut>(mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StateError>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match f().await {
+            Ok(value) => return value,
+            Err(StateError::JetStream { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_are_compare_and_set_across_gateways() {
+    let cluster = NatsCluster::start().await;
+    // Two gateways, each talking to a different node.
+    let a = StateStore::open(cluster.jetstream(0).await, "PS_STATE", "ps.state", 3)
+        .await
+        .unwrap();
+    let b = StateStore::open(cluster.jetstream(1).await, "PS_STATE", "ps.state", 3)
+        .await
+        .unwrap();
+    assert_eq!(a.get("consumer.1.c").await.unwrap(), None);
+
+    // Both create the same record at once: exactly one wins.
+    let (first, second) = tokio::join!(
+        a.put("consumer.1.c", Bytes::from_static(b"a"), Expect::Absent),
+        b.put("consumer.1.c", Bytes::from_static(b"b"), Expect::Absent),
+    );
+    let wins = [first.is_ok(), second.is_ok()]
+        .iter()
+        .filter(|w| **w)
+        .count();
+    assert_eq!(wins, 1, "{first:?} {second:?}");
+    let lost = if first.is_ok() { &second } else { &first };
+    assert!(matches!(lost, Err(StateError::Conflict { .. })), "{lost:?}");
+    let winner = if first.is_ok() { "a" } else { "b" };
+    let seen = b.get("consumer.1.c").await.unwrap().unwrap();
+    assert_eq!(seen.value, winner.as_bytes());
+    assert_eq!(
+        Some(seen.revision),
+        first.as_ref().or(second.as_ref()).ok().copied()
+    );
+
+    // An update names the revision it read; a stale one is refused and
+    // changes nothing.
+    let revision = a
+        .put(
+            "consumer.1.c",
+            Bytes::from_static(b"10"),
+            Expect::Revision(seen.revision),
+        )
+        .await
+        .unwrap();
+    let stale = b
+        .put(
+            "consumer.1.c",
+            Bytes::from_static(b"11"),
+            Expect::Revision(seen.revision),
+        )
+        .await;
+    assert!(
+        matches!(stale, Err(StateError::Conflict { .. })),
+        "{stale:?}"
+    );
+    let now = b.get("consumer.1.c").await.unwrap().unwrap();
+    assert_eq!((&now.value[..], now.revision), (&b"10"[..], revision));
+
+    // Deleted, it is absent again and can be created again (only once).
+    a.delete("consumer.1.c", Expect::Revision(revision))
+        .await
+        .unwrap();
+    assert_eq!(b.get("consumer.1.c").await.unwrap(), None);
+    b.put("consumer.1.c", Bytes::from_static(b"0"), Expect::Absent)
+        .await
+        .unwrap();
+    let again = a
+        .put("consumer.1.c", Bytes::from_static(b"0"), Expect::Absent)
+        .await;
+    assert!(
+        matches!(again, Err(StateError::Conflict { .. })),
+        "{again:?}"
+    );
+
+    // Listing: by prefix, in key order, without tombstones.
+    for key in ["consumer.1.b", "consumer.2.a", "group.1.g", "consumer.1.z"] {
+        a.put(key, Bytes::from(key.to_string()), Expect::Any)
+            .await
+            .unwrap();
+    }
+    a.delete("consumer.1.z", Expect::Any).await.unwrap();
+    let keys = |records: Vec<(String, pullstream::jetstream::Record)>| {
+        records.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(b.list("consumer.1").await.unwrap()),
+        ["consumer.1.b", "consumer.1.c"]
+    );
+    assert_eq!(
+        keys(b.list("").await.unwrap()),
+        ["consumer.1.b", "consumer.1.c", "consumer.2.a", "group.1.g"]
+    );
+    assert!(b.list("nothing").await.unwrap().is_empty());
+
+    // Keys are subject tokens: anything else is refused before it is sent.
+    for bad in ["", "a..b", "a.*", "a.>", "with space", "a/b"] {
+        let refused = a.put(bad, Bytes::new(), Expect::Any).await;
+        assert!(
+            matches!(refused, Err(StateError::InvalidKey(_))),
+            "{bad:?}: {refused:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_stay_readable_and_writable_when_a_node_dies() {
+    let mut cluster = NatsCluster::start().await;
+    let a = StateStore::open(cluster.jetstream(0).await, "PS_STATE", "ps.state", 3)
+        .await
+        .unwrap();
+    let revision = a
+        .put("stream.6f", Bytes::from_static(b"meta"), Expect::Absent)
+        .await
+        .unwrap();
+    // Node 2 dies (kill -9); node 0 and 1 are a quorum.
+    cluster.kill(2);
+    let next = eventually(|| {
+        a.put(
+            "stream.6f",
+            Bytes::from_static(b"meta 2"),
+            Expect::Revision(revision),
+        )
+    })
+    .await;
+    assert!(next > revision);
+    // Another gateway, on node 1, reads the write made through node 0.
+    let b = StateStore::open(cluster.jetstream(1).await, "PS_STATE", "ps.state", 3)
+        .await
+        .unwrap();
+    let seen = eventually(|| b.get("stream.6f")).await.unwrap();
+    assert_eq!((&seen.value[..], seen.revision), (&b"meta 2"[..], next));
+}
