@@ -25,6 +25,17 @@ pub enum Durability {
     Buffered,
 }
 
+/// Where events and state are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// The embedded sled store in --data-dir (the default).
+    Sled,
+    /// A NATS JetStream cluster (--nats-url); work in progress, one
+    /// gateway per cluster for now (see ARCHITECTURE.md).
+    Jetstream,
+}
+
 impl std::fmt::Display for Durability {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -136,6 +147,15 @@ pub struct ServeSettings {
     /// Before serving, check every stored event (checksums, gaps, heads) as `pullstream verify` does, and refuse to start on damage; slow on big data dirs [default: false]
     #[arg(long, env = "PULLSTREAM_VERIFY_ON_START", num_args = 0..=1, default_missing_value = "true")]
     pub verify_on_start: Option<bool>,
+    /// Where events are stored: the embedded store in --data-dir, or a NATS JetStream cluster (--nats-url; in progress: one gateway per cluster for now) [default: sled]
+    #[arg(long, env = "PULLSTREAM_ENGINE")]
+    pub engine: Option<EngineKind>,
+    /// With --engine jetstream: the cluster's client URLs, comma-separated (e.g. nats://h1:4222,nats://h2:4222)
+    #[arg(long, env = "PULLSTREAM_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// With --engine jetstream: copies of every stream and record kept by the cluster (1, 3 or 5) [default: 3]
+    #[arg(long, env = "PULLSTREAM_REPLICAS")]
+    pub replicas: Option<usize>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -246,6 +266,9 @@ impl ServeSettings {
             min_free_bytes: self.min_free_bytes.or(fallback.min_free_bytes),
             insecure: self.insecure.or(fallback.insecure),
             verify_on_start: self.verify_on_start.or(fallback.verify_on_start),
+            engine: self.engine.or(fallback.engine),
+            nats_url: self.nats_url.or(fallback.nats_url),
+            replicas: self.replicas.or(fallback.replicas),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
@@ -339,6 +362,8 @@ pub struct ServerConfig {
     pub min_free_bytes: Option<u64>,
     /// Check every stored event before serving (`--verify-on-start`).
     pub verify_on_start: bool,
+    /// Where events are stored (`--engine`, `--nats-url`, `--replicas`).
+    pub engine: EngineConfig,
     /// Bytes of written changes that may wait for a sync at once (not a
     /// flag: the default suits every disk; tests make it small).
     pub commit_queue_bytes: usize,
@@ -456,6 +481,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
             min_free_bytes: s.min_free_bytes,
             verify_on_start: s.verify_on_start.unwrap_or(false),
+            engine: EngineConfig::from_settings(s.engine, s.nats_url.as_deref(), s.replicas)?,
             commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
             clock: crate::clock::Clock::default(),
@@ -621,6 +647,74 @@ pub enum ConfigError {
     },
 }
 
+/// The storage engine and how to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineConfig {
+    /// The embedded sled store in the data dir.
+    Sled,
+    /// A NATS JetStream cluster.
+    JetStream {
+        /// Its client URLs.
+        urls: Vec<String>,
+        /// Copies of everything.
+        replicas: usize,
+    },
+}
+
+impl EngineConfig {
+    fn from_settings(
+        engine: Option<EngineKind>,
+        nats_url: Option<&str>,
+        replicas: Option<usize>,
+    ) -> Result<EngineConfig, ConfigError> {
+        match engine.unwrap_or(EngineKind::Sled) {
+            EngineKind::Sled => {
+                if nats_url.is_some() || replicas.is_some() {
+                    return Err(ConfigError::Invalid {
+                        setting: "--nats-url",
+                        message: "--nats-url and --replicas need --engine jetstream".into(),
+                    });
+                }
+                Ok(EngineConfig::Sled)
+            }
+            EngineKind::Jetstream => {
+                let urls: Vec<String> = nats_url
+                    .unwrap_or("")
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if urls.is_empty() {
+                    return Err(ConfigError::Invalid {
+                        setting: "--nats-url",
+                        message: "--engine jetstream needs the cluster's URLs, e.g. --nats-url nats://127.0.0.1:4222".into(),
+                    });
+                }
+                if let Some(bad) = urls
+                    .iter()
+                    .find(|u| !u.starts_with("nats://") && !u.starts_with("tls://"))
+                {
+                    return Err(ConfigError::Invalid {
+                        setting: "--nats-url",
+                        message: format!("{bad:?} is not a nats:// or tls:// URL"),
+                    });
+                }
+                let replicas = replicas.unwrap_or(3);
+                if ![1, 3, 5].contains(&replicas) {
+                    return Err(ConfigError::Invalid {
+                        setting: "--replicas",
+                        message: format!(
+                            "{replicas}: use 1, 3 or 5 (a Raft group wants an odd size)"
+                        ),
+                    });
+                }
+                Ok(EngineConfig::JetStream { urls, replicas })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,6 +722,44 @@ mod tests {
     /// The example config in the repository is valid as shipped, its set
     /// values are the defaults it claims, and every key it shows commented
     /// out is a real key with a valid value.
+    #[test]
+    fn the_engine_settings_are_checked() {
+        let engine = |kind, url: Option<&str>, replicas| {
+            EngineConfig::from_settings(kind, url, replicas).map_err(|e| e.to_string())
+        };
+        assert_eq!(engine(None, None, None), Ok(EngineConfig::Sled));
+        assert_eq!(
+            engine(
+                Some(EngineKind::Jetstream),
+                Some("nats://a:4222, nats://b:4222"),
+                None
+            ),
+            Ok(EngineConfig::JetStream {
+                urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
+                replicas: 3
+            })
+        );
+        for (kind, url, replicas, needle) in [
+            (Some(EngineKind::Jetstream), None, None, "--nats-url"),
+            (
+                Some(EngineKind::Jetstream),
+                Some("http://a:4222"),
+                None,
+                "not a nats://",
+            ),
+            (
+                Some(EngineKind::Jetstream),
+                Some("nats://a:4222"),
+                Some(2),
+                "--replicas",
+            ),
+            (None, Some("nats://a:4222"), None, "need --engine jetstream"),
+        ] {
+            let refused = engine(kind, url, replicas).unwrap_err();
+            assert!(refused.contains(needle), "{refused}");
+        }
+    }
+
     #[test]
     fn the_example_config_loads_and_every_key_it_shows_is_real() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("pullstream.example.toml");

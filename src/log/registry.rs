@@ -51,6 +51,34 @@ impl Log {
             faults: config.faults.clone(),
         };
         let verify = config.verify_on_start;
+        let (engine, stored): (Arc<dyn Engine>, _) = match &config.engine {
+            crate::config::EngineConfig::JetStream { urls, replicas } => {
+                let options = crate::jetstream::JetStreamOptions {
+                    urls: urls.clone(),
+                    replicas: *replicas,
+                    timeout: std::time::Duration::from_secs(5),
+                    label: std::path::PathBuf::from(format!("jetstream:{}", urls.join(","))),
+                };
+                let (engine, stored) = tokio::task::spawn_blocking(move || {
+                    let engine = crate::jetstream::JetStreamEngine::open(options)?;
+                    let stored = engine.load_streams()?;
+                    Ok::<_, Error>((engine, stored))
+                })
+                .await
+                .map_err(|e| Error::StorageFailed(e.to_string()))??;
+                info!(streams = stored.len(), "opened the JetStream engine");
+                (Arc::new(engine), stored)
+            }
+            crate::config::EngineConfig::Sled => Self::open_sled(options, verify).await?,
+        };
+        Self::start(config, engine, stored).await
+    }
+
+    /// Opens the embedded sled store (and verifies it, when asked).
+    async fn open_sled(
+        options: StoreOptions,
+        verify: bool,
+    ) -> Result<(Arc<dyn Engine>, Vec<StoredStream>), Error> {
         let (store, stored) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&options)?;
             let stored = store.load_streams()?;
@@ -85,7 +113,15 @@ impl Log {
         })
         .await
         .map_err(|e| Error::StorageFailed(e.to_string()))??;
-        let engine: Arc<dyn Engine> = Arc::new(store);
+        Ok((Arc::new(store), stored))
+    }
+
+    /// Starts the log on an opened engine and what it loaded.
+    async fn start(
+        config: LogConfig,
+        engine: Arc<dyn Engine>,
+        stored: Vec<StoredStream>,
+    ) -> Result<Arc<Log>, Error> {
         let tasks = TaskTracker::new();
         let closing = CancellationToken::new();
         let metrics = Arc::new(Metrics::new(config.metrics_stream_labels));

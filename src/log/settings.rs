@@ -38,6 +38,8 @@ pub struct LogConfig {
     pub min_free_bytes: Option<u64>,
     /// Check every stored event before opening (`--verify-on-start`).
     pub verify_on_start: bool,
+    /// Which engine stores the events.
+    pub engine: crate::config::EngineConfig,
     /// Faults to inject under the log (tests only).
     pub faults: Option<Arc<crate::durability::fault::Faults>>,
     /// The wall clock.
@@ -81,6 +83,7 @@ impl From<&ServerConfig> for LogConfig {
             storage_flush_interval: c.storage_flush_interval,
             min_free_bytes: c.min_free_bytes,
             verify_on_start: c.verify_on_start,
+            engine: c.engine.clone(),
             faults: c.faults.clone(),
             clock: c.clock.clone(),
             limits: Limits {

@@ -9,8 +9,9 @@
 //! the peer's address and what went wrong in words an operator can act on
 //! ("the client sent no certificate, and --tls-client-ca requires one").
 //! Failures are logged at most [`LOGGED_PER_WINDOW`] per
-//! [`LOG_WINDOW`], with a count of the rest, so a scanner cannot flood the
-//! log; a connection closed before it sent a byte (a load balancer's TCP
+//! [`LOG_WINDOW`] for each kind of failure (plaintext, no client
+//! certificate, …), with a count of the rest, so a scanner cannot flood
+//! the log and a flood of one kind does not hide another; a connection closed before it sent a byte (a load balancer's TCP
 //! check) is only a debug line.
 //!
 //! ALPN offers `h2` and `http/1.1`: gRPC needs HTTP/2, while the JSON API,
@@ -49,7 +50,8 @@ pub(crate) struct TlsAcceptor {
     acceptor: tokio_rustls::TlsAcceptor,
     timeout: Duration,
     mutual: bool,
-    log: Arc<Mutex<FailureLog>>,
+    /// Per kind of failure.
+    log: Arc<Mutex<std::collections::HashMap<&'static str, FailureLog>>>,
 }
 
 impl TlsAcceptor {
@@ -124,7 +126,7 @@ impl TlsAcceptor {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             timeout,
             mutual: files.client_ca.is_some(),
-            log: Arc::new(Mutex::new(FailureLog::default())),
+            log: Arc::new(Mutex::new(std::collections::HashMap::new())),
         })
     }
 
@@ -174,14 +176,23 @@ impl TlsAcceptor {
         let failure = match result {
             Ok(Ok(tls)) => return Some(tls),
             Ok(Err(e)) => Failure::from_io(&e, self.mutual),
-            Err(_) => Failure::Logged(format!(
-                "the client did not finish the TLS handshake within --handshake-timeout ({:?})",
-                self.timeout
-            )),
+            Err(_) => Failure::Logged(
+                "timeout",
+                format!(
+                    "the client did not finish the TLS handshake within --handshake-timeout ({:?})",
+                    self.timeout
+                ),
+            ),
         };
         match failure {
             Failure::Quiet(reason) => debug!(peer = %shown(peer), %reason, "TLS handshake failed"),
-            Failure::Logged(reason) => self.log.lock().expect("not poisoned").record(peer, &reason),
+            Failure::Logged(kind, reason) => self
+                .log
+                .lock()
+                .expect("not poisoned")
+                .entry(kind)
+                .or_default()
+                .record(peer, &reason),
         }
         None
     }
@@ -189,8 +200,9 @@ impl TlsAcceptor {
 
 /// What a failed handshake is worth telling the operator.
 enum Failure {
-    /// Worth a warning.
-    Logged(String),
+    /// Worth a warning: its kind (each kind is rate-limited on its own, so
+    /// a flood of one does not hide another) and the reason.
+    Logged(&'static str, String),
     /// Routine (a TCP check that closed at once): a debug line.
     Quiet(String),
 }
@@ -204,34 +216,45 @@ impl Failure {
                 | io::ErrorKind::BrokenPipe => {
                     Failure::Quiet(format!("the client closed the connection: {e}"))
                 }
-                _ => Failure::Logged(e.to_string()),
+                _ => Failure::Logged("other", e.to_string()),
             };
         };
-        Failure::Logged(match tls {
-            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
-                format!("the client does not speak TLS ({tls}): it is probably using http:// against this TLS port; it should use https://")
-            }
-            rustls::Error::NoCertificatesPresented => {
-                "the client sent no certificate, and --tls-client-ca requires one".to_string()
-            }
+        let (kind, reason) = match tls {
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => (
+                "plaintext",
+                format!("the client does not speak TLS ({tls}): it is probably using http:// against this TLS port; it should use https://"),
+            ),
+            rustls::Error::NoCertificatesPresented => (
+                "no client certificate",
+                "the client sent no certificate, and --tls-client-ca requires one".to_string(),
+            ),
             rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)
                 if mutual =>
             {
-                "the client's certificate is not signed by the CA in --tls-client-ca".to_string()
+                (
+                    "client certificate refused",
+                    "the client's certificate is not signed by the CA in --tls-client-ca".to_string(),
+                )
             }
-            rustls::Error::InvalidCertificate(why) if mutual => {
-                format!("the client's certificate was refused: {why}")
-            }
-            rustls::Error::AlertReceived(alert) => format!(
-                "the client refused the server's certificate (TLS alert {alert:?}): give the client \
-                 the CA that signed --tls-cert (e.g. --tls-ca), and check the name it connects to \
-                 is in the certificate"
+            rustls::Error::InvalidCertificate(why) if mutual => (
+                "client certificate refused",
+                format!("the client's certificate was refused: {why}"),
             ),
-            rustls::Error::NoApplicationProtocol => {
-                "the client offered neither h2 nor http/1.1 in ALPN".to_string()
-            }
-            other => other.to_string(),
-        })
+            rustls::Error::AlertReceived(alert) => (
+                "server certificate refused",
+                format!(
+                    "the client refused the server's certificate (TLS alert {alert:?}): give the client \
+                     the CA that signed --tls-cert (e.g. --tls-ca), and check the name it connects to \
+                     is in the certificate"
+                ),
+            ),
+            rustls::Error::NoApplicationProtocol => (
+                "alpn",
+                "the client offered neither h2 nor http/1.1 in ALPN".to_string(),
+            ),
+            other => ("other", other.to_string()),
+        };
+        Failure::Logged(kind, reason)
     }
 }
 

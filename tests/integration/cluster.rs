@@ -268,3 +268,153 @@ async fn records_stay_readable_and_writable_when_a_node_dies() {
     let seen = eventually(|| b.get("stream.6f")).await.unwrap();
     assert_eq!((&seen.value[..], seen.revision), (&b"meta 2"[..], next));
 }
+
+/// A server on the JetStream engine of `cluster` (with three replicas).
+async fn gateway(cluster: &NatsCluster) -> crate::common::TestServer {
+    let urls = cluster.urls.clone();
+    crate::common::TestServer::start_with(move |c| {
+        c.engine = pullstream::config::EngineConfig::JetStream { urls, replicas: 3 };
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jetstream_engine_appends_reads_resumes_and_trims() {
+    use crate::common::*;
+    use pullstream::proto as pb;
+    let cluster = NatsCluster::start().await;
+    let server = gateway(&cluster).await;
+    let mut client = server.client().await;
+    // Appends, atomic batches with dense offsets; reads by page.
+    for batch in 0..5 {
+        let events = (0..10)
+            .map(|i| event("t", &format!("{}", batch * 10 + i)))
+            .collect();
+        let ack = append(&mut client, "a", events).await;
+        assert_eq!(ack.first_offset, batch * 10);
+    }
+    let stored = read_all(&mut client, "a").await;
+    assert_eq!(stored.len(), 50);
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(
+            (e.offset, e.data.as_ref()),
+            (i as u64, i.to_string().as_bytes())
+        );
+    }
+    // A live subscriber sees what is appended after it subscribed.
+    let mut live = subscribe(
+        &mut client,
+        "a",
+        Some(pb::subscribe_request::Start::Position(
+            pb::StartPosition::Latest as i32,
+        )),
+    )
+    .await;
+    append(&mut client, "a", vec![event("t", "50")]).await;
+    assert_eq!(collect(&mut live, 1).await[0].offset, 50);
+    drop(live);
+    // An idempotent retry is answered with the original offsets.
+    let retry = || pb::AppendRequest {
+        stream: "a".into(),
+        events: vec![event("t", "51")],
+        idempotency_key: "k1".into(),
+        ..Default::default()
+    };
+    let first = client.append(retry()).await.unwrap().into_inner();
+    let again = client.append(retry()).await.unwrap().into_inner();
+    assert_eq!(
+        (again.first_offset, again.duplicate),
+        (first.first_offset, true)
+    );
+    // A consumer's cursor, and the stream, survive a gateway restart
+    // (kill the server, start another on the same cluster).
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "a".into(),
+            consumer: "c".into(),
+            next_offset: 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    let info = client
+        .get_consumer(pb::GetConsumerRequest {
+            stream: "a".into(),
+            consumer: "c".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .consumer
+        .unwrap();
+    assert_eq!(info.next_offset, 20);
+    let ack = append(&mut client, "a", vec![event("t", "52")]).await;
+    assert_eq!(ack.first_offset, 52, "offsets go on after the restart");
+    // Retention by count trims from the front, never reusing offsets.
+    client
+        .update_stream(pb::UpdateStreamRequest {
+            stream: "a".into(),
+            retention: Some(pb::RetentionPolicy {
+                max_events: 10,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let trimmed = within(async {
+        loop {
+            let s = client
+                .get_stream(pb::GetStreamRequest { stream: "a".into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .stream
+                .unwrap();
+            if s.first_offset > 0 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!(trimmed.next_offset, 53);
+    let rest = read_all_from(&mut client, "a", trimmed.first_offset).await;
+    assert_eq!(rest.first().unwrap().offset, trimmed.first_offset);
+    assert_eq!(rest.last().unwrap().offset, 52);
+    // A deleted stream is gone with its events; the name starts afresh.
+    client
+        .delete_stream(pb::DeleteStreamRequest { stream: "a".into() })
+        .await
+        .unwrap();
+    let ack = append(&mut client, "a", vec![event("t", "new")]).await;
+    assert_eq!(ack.first_offset, 0);
+    assert_eq!(read_all(&mut client, "a").await.len(), 1);
+}
+
+/// Reads `stream` from `offset` to its head with Read pages.
+async fn read_all_from(
+    client: &mut crate::common::Client,
+    stream: &str,
+    mut offset: u64,
+) -> Vec<pullstream::proto::Event> {
+    let mut events = Vec::new();
+    loop {
+        let page = client
+            .read(pullstream::proto::ReadRequest {
+                stream: stream.to_string(),
+                offset,
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        events.extend(page.events);
+        offset = page.next_offset;
+        if offset == page.head_offset {
+            return events;
+        }
+    }
+}
