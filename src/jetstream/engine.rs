@@ -326,14 +326,19 @@ impl JetStreamEngine {
                         headers.insert(FIRST_OFFSET, chunk.first_offset.to_string().as_str());
                         headers
                             .insert("Nats-Expected-Last-Sequence", last_seq.to_string().as_str());
-                        let ack = js
-                            .publish_with_headers(
-                                events_subject(stream_id),
-                                headers,
-                                Bytes::from(chunk.value),
-                            )
-                            .await?
-                            .await?;
+                        // Repeating a chunk whose publish did land is
+                        // answered `duplicate` with its sequence.
+                        headers.insert(
+                            "Nats-Msg-Id",
+                            format!("ps-{stream_id}-{}", chunk.first_offset).as_str(),
+                        );
+                        let ack = super::publish_retrying(
+                            &js,
+                            events_subject(stream_id),
+                            headers,
+                            Bytes::from(chunk.value),
+                        )
+                        .await?;
                         last_seq = ack.sequence;
                         placed.push((chunk.first_offset, ack.sequence));
                     }

@@ -13,3 +13,52 @@ pub mod state;
 
 pub use engine::{JetStreamEngine, JetStreamOptions};
 pub use state::{Expect, Record, StateError, StateStore};
+
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
+
+/// How long a publish whose outcome is unknown is retried (a leader
+/// election takes a few seconds: 2.0 s when a 3-node cluster lost its
+/// stream leader, ARCHITECTURE.md).
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// Publishes and waits for the acknowledgement, retrying while the
+/// cluster cannot answer (no responders during a leader election, a
+/// timeout, a broken connection). Only for publishes that are safe to
+/// repeat: a `Nats-Msg-Id` header, which makes a repeat of a publish that
+/// did land answer `duplicate` with its sequence (checked on 2.9.10 even
+/// when the repeat's `Nats-Expected-Last-Sequence` is stale), or a plain
+/// overwrite.
+pub(crate) async fn publish_retrying(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<PublishAck, PublishError> {
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let attempt = async {
+            js.publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await?
+                .await
+        };
+        match attempt.await {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    PublishErrorKind::TimedOut
+                        | PublishErrorKind::StreamNotFound
+                        | PublishErrorKind::BrokenPipe
+                ) && started.elapsed() < RETRY_FOR =>
+            {
+                tracing::debug!(error = %e, %subject, "JetStream publish not answered; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            result => return result,
+        }
+    }
+}

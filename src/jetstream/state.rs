@@ -196,12 +196,17 @@ impl StateStore {
                 );
             }
         }
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, value)
-            .await
-            .map_err(|e| failed("writing a record")(Box::new(e)))?
-            .await;
+        // A plain overwrite is safe to repeat while the cluster elects a
+        // leader; a compare-and-set is not (a repeat of one that landed
+        // would look like a conflict), so it is tried once.
+        let ack = if expect == Expect::Any {
+            super::publish_retrying(&self.js, subject, headers, value).await
+        } else {
+            match self.js.publish_with_headers(subject, headers, value).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            }
+        };
         match ack {
             Ok(ack) => Ok(ack.sequence),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
@@ -215,8 +220,25 @@ impl StateStore {
     }
 
     /// Every record whose key starts with `prefix.` (or every record, for
-    /// an empty prefix), in key order, tombstones left out.
+    /// an empty prefix), in key order, tombstones left out. Retried while
+    /// the cluster does not answer (a read is safe to repeat), for up to
+    /// 30 s.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Record)>, StateError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            match self.list_once(prefix).await {
+                Err(StateError::JetStream { op, source })
+                    if started.elapsed() < Duration::from_secs(30) =>
+                {
+                    tracing::debug!(op, error = %source, "listing records failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn list_once(&self, prefix: &str) -> Result<Vec<(String, Record)>, StateError> {
         let filter = if prefix.is_empty() {
             format!("{}.>", self.prefix)
         } else {

@@ -418,3 +418,52 @@ async fn read_all_from(
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_go_on_when_the_stream_leader_dies() {
+    use crate::common::*;
+    let mut cluster = NatsCluster::start().await;
+    let server = gateway(&cluster).await;
+    let mut client = server.client().await;
+    for i in 0..10 {
+        append(&mut client, "a", vec![event("t", &i.to_string())]).await;
+    }
+    // Kill the node leading the stream's Raft group (the stream has id 1:
+    // the first one made on this cluster).
+    let js = cluster.jetstream(0).await;
+    let leader = js
+        .get_stream("PS_1")
+        .await
+        .unwrap()
+        .cached_info()
+        .cluster
+        .clone()
+        .and_then(|c| c.leader)
+        .expect("the stream has a leader");
+    let index: usize = leader.trim_start_matches('n').parse().unwrap();
+    cluster.kill(index);
+    // Every later append is acknowledged (the gateway retries each chunk
+    // with its message id while a new leader is elected), in order, and
+    // nothing is written twice.
+    for i in 10..30 {
+        let ack = within(append(&mut client, "a", vec![event("t", &i.to_string())])).await;
+        assert_eq!(ack.first_offset, i);
+    }
+    let status = client
+        .get_server_status(pullstream::proto::GetServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.write_refusal, "", "writes are still accepted");
+    let stored = read_all(&mut client, "a").await;
+    let data: Vec<String> = stored
+        .iter()
+        .map(|e| String::from_utf8(e.data.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (0..30).map(|i: u64| i.to_string()).collect();
+    assert_eq!(data, expected);
+    // And a gateway started now, on the two nodes left, finds all of it.
+    let server = server.restart().await;
+    let mut client = server.client().await;
+    assert_eq!(read_all(&mut client, "a").await.len(), 30);
+}
