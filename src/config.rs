@@ -156,6 +156,9 @@ pub struct ServeSettings {
     /// With --engine jetstream: copies of every stream and record kept by the cluster (1, 3 or 5) [default: 3]
     #[arg(long, env = "PULLSTREAM_REPLICAS")]
     pub replicas: Option<usize>,
+    /// With --engine jetstream: the prefix of every JetStream stream and subject this deployment uses, so several can share a cluster (letters, digits, - and _) [default: ps]
+    #[arg(long, env = "PULLSTREAM_NATS_NAMESPACE")]
+    pub nats_namespace: Option<String>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -269,6 +272,7 @@ impl ServeSettings {
             engine: self.engine.or(fallback.engine),
             nats_url: self.nats_url.or(fallback.nats_url),
             replicas: self.replicas.or(fallback.replicas),
+            nats_namespace: self.nats_namespace.or(fallback.nats_namespace),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
@@ -481,7 +485,12 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),
             min_free_bytes: s.min_free_bytes,
             verify_on_start: s.verify_on_start.unwrap_or(false),
-            engine: EngineConfig::from_settings(s.engine, s.nats_url.as_deref(), s.replicas)?,
+            engine: EngineConfig::from_settings(
+                s.engine,
+                s.nats_url.as_deref(),
+                s.replicas,
+                s.nats_namespace.as_deref(),
+            )?,
             commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
             clock: crate::clock::Clock::default(),
@@ -658,6 +667,8 @@ pub enum EngineConfig {
         urls: Vec<String>,
         /// Copies of everything.
         replicas: usize,
+        /// The prefix of its streams and subjects.
+        namespace: String,
     },
 }
 
@@ -666,13 +677,16 @@ impl EngineConfig {
         engine: Option<EngineKind>,
         nats_url: Option<&str>,
         replicas: Option<usize>,
+        namespace: Option<&str>,
     ) -> Result<EngineConfig, ConfigError> {
         match engine.unwrap_or(EngineKind::Sled) {
             EngineKind::Sled => {
-                if nats_url.is_some() || replicas.is_some() {
+                if nats_url.is_some() || replicas.is_some() || namespace.is_some() {
                     return Err(ConfigError::Invalid {
                         setting: "--nats-url",
-                        message: "--nats-url and --replicas need --engine jetstream".into(),
+                        message:
+                            "--nats-url, --replicas and --nats-namespace need --engine jetstream"
+                                .into(),
                     });
                 }
                 Ok(EngineConfig::Sled)
@@ -709,7 +723,22 @@ impl EngineConfig {
                         ),
                     });
                 }
-                Ok(EngineConfig::JetStream { urls, replicas })
+                let namespace = namespace.unwrap_or("ps").to_string();
+                if namespace.is_empty()
+                    || !namespace
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(ConfigError::Invalid {
+                        setting: "--nats-namespace",
+                        message: format!("{namespace:?}: use letters, digits, - and _"),
+                    });
+                }
+                Ok(EngineConfig::JetStream {
+                    urls,
+                    replicas,
+                    namespace,
+                })
             }
         }
     }
@@ -725,7 +754,7 @@ mod tests {
     #[test]
     fn the_engine_settings_are_checked() {
         let engine = |kind, url: Option<&str>, replicas| {
-            EngineConfig::from_settings(kind, url, replicas).map_err(|e| e.to_string())
+            EngineConfig::from_settings(kind, url, replicas, None).map_err(|e| e.to_string())
         };
         assert_eq!(engine(None, None, None), Ok(EngineConfig::Sled));
         assert_eq!(
@@ -736,9 +765,22 @@ mod tests {
             ),
             Ok(EngineConfig::JetStream {
                 urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
-                replicas: 3
+                replicas: 3,
+                namespace: "ps".into(),
             })
         );
+        let namespace = |ns| {
+            EngineConfig::from_settings(
+                Some(EngineKind::Jetstream),
+                Some("nats://a:4222"),
+                None,
+                Some(ns),
+            )
+            .map_err(|e| e.to_string())
+        };
+        assert!(namespace("tenant-a_1").is_ok());
+        assert!(namespace("a.b").unwrap_err().contains("--nats-namespace"));
+        assert!(namespace("").unwrap_err().contains("--nats-namespace"));
         for (kind, url, replicas, needle) in [
             (Some(EngineKind::Jetstream), None, None, "--nats-url"),
             (

@@ -49,6 +49,9 @@ pub struct JetStreamOptions {
     pub replicas: usize,
     /// How long a publish or a read may wait for the cluster.
     pub timeout: Duration,
+    /// The prefix of every stream (upper case) and subject (as given)
+    /// this deployment uses.
+    pub namespace: String,
     /// Shown in errors and logs as the engine's "path".
     pub label: PathBuf,
 }
@@ -104,6 +107,7 @@ pub struct JetStreamEngine {
     js: jetstream::Context,
     state: StateStore,
     options: JetStreamOptions,
+    names: Names,
     index: Mutex<BTreeMap<u64, ChunkIndex>>,
     failed: Mutex<Option<String>>,
 }
@@ -128,12 +132,30 @@ fn unhex(text: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-fn events_stream(stream_id: u64) -> String {
-    format!("PS_{stream_id}")
+/// Names of the JetStream streams and subjects of one deployment.
+#[derive(Debug, Clone)]
+struct Names {
+    /// Stream-name prefix (upper case).
+    streams: String,
+    /// Subject prefix.
+    subjects: String,
 }
 
-fn events_subject(stream_id: u64) -> String {
-    format!("ps.ev.{stream_id}")
+impl Names {
+    fn new(namespace: &str) -> Names {
+        Names {
+            streams: namespace.to_ascii_uppercase(),
+            subjects: namespace.to_string(),
+        }
+    }
+
+    fn events_stream(&self, stream_id: u64) -> String {
+        format!("{}_{stream_id}", self.streams)
+    }
+
+    fn events_subject(&self, stream_id: u64) -> String {
+        format!("{}.ev.{stream_id}", self.subjects)
+    }
 }
 
 impl JetStreamEngine {
@@ -149,6 +171,7 @@ impl JetStreamEngine {
                 source: Box::new(e),
             })?;
         let (urls, replicas, timeout) = (options.urls.clone(), options.replicas, options.timeout);
+        let names = Names::new(&options.namespace);
         let opened = run_on(&runtime, async move {
             let client = async_nats::ConnectOptions::new()
                 .request_timeout(Some(timeout))
@@ -157,9 +180,14 @@ impl JetStreamEngine {
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
             let mut js = jetstream::new(client);
             js.set_timeout(timeout);
-            let state = StateStore::open(js.clone(), "PS_STATE", "ps.state", replicas)
-                .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            let state = StateStore::open(
+                js.clone(),
+                &format!("{}_STATE", names.streams),
+                &format!("{}.state", names.subjects),
+                replicas,
+            )
+            .await
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((js, state))
         });
         let (js, state) = opened.map_err(|source| StorageError::Engine {
@@ -171,6 +199,7 @@ impl JetStreamEngine {
             runtime: Some(runtime),
             js,
             state,
+            names: Names::new(&options.namespace),
             options,
             index: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(None),
@@ -222,13 +251,14 @@ impl JetStreamEngine {
     /// The events stream of `stream_id`, created if missing.
     async fn events(
         js: jetstream::Context,
+        names: &Names,
         stream_id: u64,
         replicas: usize,
     ) -> Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> {
         Ok(js
             .get_or_create_stream(stream::Config {
-                name: events_stream(stream_id),
-                subjects: vec![events_subject(stream_id)],
+                name: names.events_stream(stream_id),
+                subjects: vec![names.events_subject(stream_id)],
                 num_replicas: replicas,
                 allow_direct: true,
                 storage: stream::StorageType::File,
@@ -304,6 +334,7 @@ impl JetStreamEngine {
 
     /// Applies one change; see [`Engine::commit`].
     fn apply(&self, change: Change) -> Result<(), StorageError> {
+        let names = self.names.clone();
         let (js, state, replicas) = (self.js.clone(), self.state.clone(), self.options.replicas);
         match change {
             Change::Group {
@@ -334,7 +365,7 @@ impl JetStreamEngine {
                         );
                         let ack = super::publish_retrying(
                             &js,
-                            events_subject(stream_id),
+                            names.events_subject(stream_id),
                             headers,
                             Bytes::from(chunk.value),
                         )
@@ -382,7 +413,7 @@ impl JetStreamEngine {
             Change::Trim { name, meta, below } => {
                 let stream_id = meta.id;
                 let trimmed = self.block(async move {
-                    let stream = Self::events(js, stream_id, replicas).await?;
+                    let stream = Self::events(js, &names, stream_id, replicas).await?;
                     // Remove every chunk starting below `below`: purge up
                     // to the first chunk starting at or after it.
                     if let Some(seq) = Self::seq_holding(&stream, below).await? {
@@ -444,7 +475,7 @@ impl JetStreamEngine {
                     state
                         .delete(&format!("fence.{stream_id}"), Expect::Any)
                         .await?;
-                    match js.delete_stream(events_stream(stream_id)).await {
+                    match js.delete_stream(names.events_stream(stream_id)).await {
                         Ok(_) => {}
                         Err(e)
                             if matches!(
@@ -495,9 +526,10 @@ impl Engine for JetStreamEngine {
                 what: format!("metadata of stream {name:?}"),
                 source,
             })?;
+            let names = self.names.clone();
             let (js, replicas, id) = (self.js.clone(), self.options.replicas, meta.id);
             let found = self.block(async move {
-                let stream = Self::events(js, id, replicas).await?;
+                let stream = Self::events(js, &names, id, replicas).await?;
                 let info = stream.get_info().await?;
                 let (first, last) = if info.state.messages == 0 {
                     (None, None)
@@ -628,6 +660,7 @@ impl Engine for JetStreamEngine {
 
     fn put_stream(&self, name: &str, meta: &StreamMeta) -> Result<(), StorageError> {
         self.poisoned()?;
+        let names = self.names.clone();
         let (js, state, replicas, id) = (
             self.js.clone(),
             self.state.clone(),
@@ -636,7 +669,7 @@ impl Engine for JetStreamEngine {
         );
         let (key, value) = (format!("stream.{}", hex(name)), meta.encode());
         let done = self.block(async move {
-            let stream = Self::events(js, id, replicas).await?;
+            let stream = Self::events(js, &names, id, replicas).await?;
             let info = stream.get_info().await?;
             state.put(&key, value.into(), Expect::Any).await?;
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(info.state.last_sequence)
@@ -734,11 +767,12 @@ impl Engine for JetStreamEngine {
                 .get(&stream_id)
                 .and_then(|i| i.seq_of.range(..=offset).next_back().map(|(_, s)| *s))
         };
+        let names = self.names.clone();
         let (js, replicas) = (self.js.clone(), self.options.replicas);
         // The raw chunks first (on the engine's runtime); decoding, which
         // borrows `keep`, on this thread.
         let raw = self.block(async move {
-            let stream = Self::events(js, stream_id, replicas).await?;
+            let stream = Self::events(js, &names, stream_id, replicas).await?;
             let start = match cached {
                 Some(seq) => Some(seq),
                 None => Self::seq_holding(&stream, offset).await?,
@@ -748,6 +782,10 @@ impl Engine for JetStreamEngine {
             };
             let last = stream.get_info().await?.state.last_sequence;
             let (mut events, mut bytes, mut raw) = (0usize, 0usize, Vec::new());
+            // The cache can point at a chunk well before `offset` (only
+            // some chunks are remembered): chunks that end at or before
+            // it are skipped, and after a few, a search takes over.
+            let mut skipped = 0;
             while seq <= last {
                 let Some((first, value)) = Self::message_at(&stream, seq).await? else {
                     seq += 1;
@@ -757,6 +795,19 @@ impl Engine for JetStreamEngine {
                     break;
                 }
                 let count = ChunkHeader::decode(&value).map_or(0, |h| h.count as u64);
+                if first + count <= offset && count > 0 {
+                    skipped += 1;
+                    seq = if skipped > 4 {
+                        skipped = 0;
+                        match Self::seq_holding(&stream, offset).await? {
+                            Some(found) if found > seq => found,
+                            _ => seq + 1,
+                        }
+                    } else {
+                        seq + 1
+                    };
+                    continue;
+                }
                 bytes += value.len();
                 events += (first + count).saturating_sub(offset.max(first)) as usize;
                 raw.push((first, seq, value));
@@ -836,12 +887,13 @@ impl Engine for JetStreamEngine {
         limit: usize,
         visit: &mut dyn FnMut(ChunkHeader, u64) -> bool,
     ) -> Result<(), StorageError> {
+        let names = self.names.clone();
         let (js, replicas) = (self.js.clone(), self.options.replicas);
         let mut seq = None;
         for _ in 0..limit {
-            let (js, from) = (js.clone(), seq);
+            let (js, from, names) = (js.clone(), seq, names.clone());
             let next = self.block(async move {
-                let stream = Self::events(js, stream_id, replicas).await?;
+                let stream = Self::events(js, &names, stream_id, replicas).await?;
                 let info = stream.get_info().await?;
                 let mut at = from.map_or(info.state.first_sequence, |s: u64| s + 1);
                 while at <= info.state.last_sequence && info.state.messages > 0 {

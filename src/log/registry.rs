@@ -52,10 +52,15 @@ impl Log {
         };
         let verify = config.verify_on_start;
         let (engine, stored): (Arc<dyn Engine>, _) = match &config.engine {
-            crate::config::EngineConfig::JetStream { urls, replicas } => {
+            crate::config::EngineConfig::JetStream {
+                urls,
+                replicas,
+                namespace,
+            } => {
                 let options = crate::jetstream::JetStreamOptions {
                     urls: urls.clone(),
                     replicas: *replicas,
+                    namespace: namespace.clone(),
                     timeout: std::time::Duration::from_secs(5),
                     label: std::path::PathBuf::from(format!("jetstream:{}", urls.join(","))),
                 };

@@ -49,18 +49,29 @@ impl NatsCluster {
                 ),
             )
             .unwrap();
-            let child = Command::new("nats-server")
+            let mut command = Command::new("nats-server");
+            command
                 .arg("-c")
                 .arg(&config)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "this test needs nats-server (2.9 or later): `apt-get install nats-server` \
-                         (CI's .ci/run installs it): {e}"
-                    )
+                .stderr(Stdio::null());
+            // The node dies with the thread that started it (so with the
+            // test process), even when a test is killed mid-run.
+            #[cfg(target_os = "linux")]
+            // SAFETY: prctl is async-signal-safe, as pre_exec requires.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
                 });
+            }
+            let child = command.spawn().unwrap_or_else(|e| {
+                panic!(
+                    "this test needs nats-server (2.9 or later): `apt-get install nats-server` \
+                         (CI's .ci/run installs it): {e}"
+                )
+            });
             nodes.push(Some(child));
         }
         let cluster = NatsCluster {
@@ -273,7 +284,11 @@ async fn records_stay_readable_and_writable_when_a_node_dies() {
 async fn gateway(cluster: &NatsCluster) -> crate::common::TestServer {
     let urls = cluster.urls.clone();
     crate::common::TestServer::start_with(move |c| {
-        c.engine = pullstream::config::EngineConfig::JetStream { urls, replicas: 3 };
+        c.engine = pullstream::config::EngineConfig::JetStream {
+            urls,
+            replicas: 3,
+            namespace: "ps".into(),
+        };
     })
     .await
 }

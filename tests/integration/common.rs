@@ -47,6 +47,56 @@ pub struct TestServer {
     handle: Option<JoinHandle<Result<(), ServeError>>>,
 }
 
+/// The engine every [`TestServer`] uses: sled, or with
+/// `PULLSTREAM_TEST_ENGINE=jetstream` the JetStream engine on one 3-node
+/// cluster shared by the whole test process, each server in a namespace
+/// of its own (`cargo test` runs the suite on sled; this runs the same
+/// tests on the cluster engine).
+fn engine_for_tests() -> Option<pullstream::config::EngineConfig> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    if std::env::var("PULLSTREAM_TEST_ENGINE").ok().as_deref() != Some("jetstream") {
+        return None;
+    }
+    static URLS: OnceLock<Vec<String>> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let urls = URLS
+        .get_or_init(|| {
+            let (started, urls) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let cluster = runtime.block_on(crate::cluster::NatsCluster::start());
+                started.send(cluster.urls.clone()).expect("waiting");
+                // This thread is the nodes' parent (they die with it, and
+                // so with the test process): it keeps them for good.
+                loop {
+                    std::thread::park();
+                }
+            });
+            urls.recv().expect("the cluster started")
+        })
+        .clone();
+    Some(pullstream::config::EngineConfig::JetStream {
+        urls,
+        replicas: 3,
+        namespace: format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+    })
+}
+
+/// Whether this test must be skipped because the suite runs on the
+/// JetStream engine (`PULLSTREAM_TEST_ENGINE=jetstream`); says why when
+/// it is. For tests of the sled engine's own files and fault seams.
+pub fn sled_only(why: &str) -> bool {
+    let skip = std::env::var("PULLSTREAM_TEST_ENGINE").ok().as_deref() == Some("jetstream");
+    if skip {
+        eprintln!("skipped on the JetStream engine: {why}");
+    }
+    skip
+}
+
 impl TestServer {
     /// A server with test defaults on a fresh temp dir.
     pub async fn start() -> TestServer {
@@ -57,6 +107,9 @@ impl TestServer {
     pub async fn start_with(tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = ServerConfig::for_tests(dir.path());
+        if let Some(engine) = engine_for_tests() {
+            config.engine = engine;
+        }
         tweak(&mut config);
         Self::start_in(dir, config).await
     }

@@ -186,6 +186,9 @@ async fn await_writes_health(server: &TestServer, want: ServingStatus) {
 /// write is refused while reads go on, and after a restart every
 /// acknowledged change is there exactly and writes continue after it.
 async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Target) {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
     let faults = Arc::new(Faults::new());
     let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
     let mut client = server.client().await;
@@ -312,6 +315,9 @@ async fn a_failed_sync_poisons_the_log_and_loses_nothing_acknowledged() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_checkpoint_sync_poisons_the_log_and_loses_nothing_acknowledged() {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
     let faults = Arc::new(Faults::new());
     let server = TestServer::start_with(|c| {
         c.faults = Some(faults.clone());
@@ -402,6 +408,9 @@ async fn below_the_free_space_floor_appends_and_creates_are_refused_but_space_ca
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_is_dropped_and_a_copy_kept() {
+    if sled_only("it damages the sled data dir's files") {
+        return;
+    }
     let server = TestServer::start().await;
     let mut client = server.client().await;
     for batch in 0..3 {
@@ -671,6 +680,9 @@ async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncate
 /// the stream and offsets, never OUT_OF_RANGE and never a silent skip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
+    if sled_only("it damages the sled data dir's files") {
+        return;
+    }
     let server = TestServer::start().await;
     let mut client = server.client().await;
     for batch in 0..10 {
@@ -790,6 +802,9 @@ async fn damaged_or_missing_chunks_are_data_loss_never_retention_or_a_skip() {
 /// retained offset get DATA_LOSS, not "no longer retained".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_first_chunk_is_data_loss_not_retention() {
+    if sled_only("it damages the sled data dir's files") {
+        return;
+    }
     let server = TestServer::start().await;
     let mut client = server.client().await;
     for batch in 0..3 {
@@ -835,6 +850,9 @@ async fn a_missing_first_chunk_is_data_loss_not_retention() {
 /// after a restart the group holds exactly its last acknowledged commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
     let faults = Arc::new(Faults::new());
     let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
     let mut client = server.client().await;

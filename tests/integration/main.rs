@@ -9,7 +9,7 @@ mod append;
 pub mod auth;
 mod bad_input;
 mod browser;
-mod cluster;
+pub mod cluster;
 mod consumers;
 pub mod durability;
 mod groups;

@@ -186,8 +186,10 @@ async fn size_retention_keeps_at_least_the_limit_in_bytes() {
     // About 3 MiB in 1 KiB events.
     fill(&mut client, "sized", 30, 100, 1000).await;
     let before = info(&mut client, "sized").await;
+    // About 3 MiB stored, unless retention already began trimming while
+    // the stream filled (a slower engine gives it the time).
     assert!(
-        before.approximate_bytes > 3 * limit - limit / 4,
+        before.approximate_bytes > 3 * limit - limit / 4 || before.first_offset > 0,
         "{before:?}"
     );
     let trimmed = wait_for(&mut client, "sized", |i| i.approximate_bytes < 2 * limit).await;
