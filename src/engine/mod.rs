@@ -277,6 +277,14 @@ pub trait Engine: Send + Sync + 'static {
     /// Why writes are refused, once a write or sync failed (until restart).
     fn failure(&self) -> Option<String>;
 
+    /// Why the engine could not take a write right now, found by a cheap
+    /// write of its own (a cluster that lost its quorum), or `None`. The
+    /// server asks every second and reports the answer in health. Engines
+    /// that can only fail on a real write (sled) keep the default.
+    fn probe(&self) -> Option<String> {
+        None
+    }
+
     /// The last checkpoint on shutdown (nothing to replay on the next
     /// start).
     fn close(&self) -> Result<(), StorageError>;

@@ -98,6 +98,9 @@ struct ChunkIndex {
     seq_of: BTreeMap<u64, u64>,
 }
 
+/// How long the health probe's write may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The most chunk positions remembered per stream.
 const INDEX_ENTRIES: usize = 4096;
 
@@ -108,6 +111,8 @@ pub struct JetStreamEngine {
     state: StateStore,
     options: JetStreamOptions,
     names: Names,
+    /// Names this gateway's probe record.
+    gateway_id: u64,
     index: Mutex<BTreeMap<u64, ChunkIndex>>,
     failed: Mutex<Option<String>>,
 }
@@ -200,6 +205,11 @@ impl JetStreamEngine {
             js,
             state,
             names: Names::new(&options.namespace),
+            gateway_id: {
+                let mut bytes = [0u8; 8];
+                let _ = getrandom::fill(&mut bytes);
+                u64::from_le_bytes(bytes)
+            },
             options,
             index: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(None),
@@ -1073,6 +1083,28 @@ impl Engine for JetStreamEngine {
 
     fn failure(&self) -> Option<String> {
         self.failed.lock().expect("not poisoned").clone()
+    }
+
+    /// Writes this gateway's probe record once, without retrying: while the
+    /// record stream's Raft group has no quorum the write is not answered.
+    fn probe(&self) -> Option<String> {
+        let js = self.js.clone();
+        let subject = format!("{}.state.probe.{}", self.names.subjects, self.gateway_id);
+        let answered = self.block(async move {
+            let write = async {
+                js.publish_with_headers(subject, HeaderMap::new(), Bytes::new())
+                    .await?
+                    .await
+            };
+            tokio::time::timeout(PROBE_TIMEOUT, write).await
+        });
+        match answered {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("the NATS cluster refused a probe write: {e}")),
+            Err(_) => Some(format!(
+                "the NATS cluster did not answer a probe write within {PROBE_TIMEOUT:?} (no quorum?)"
+            )),
+        }
     }
 
     fn close(&self) -> Result<(), StorageError> {

@@ -283,10 +283,16 @@ async fn watch_writes(health: health::HealthCheck, log: Arc<Log>, cancel: Cancel
             _ = cancel.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        let refusal = log.write_refusal();
-        if refusal.reason.is_none() != accepted {
-            accepted = refusal.reason.is_none();
-            match &refusal.reason {
+        let mut reason = log.write_refusal().reason;
+        if reason.is_none() {
+            let engine = log.engine().clone();
+            reason = tokio::task::spawn_blocking(move || engine.probe())
+                .await
+                .unwrap_or_else(|e| Some(format!("the storage probe failed: {e}")));
+        }
+        if reason.is_none() != accepted {
+            accepted = reason.is_none();
+            match &reason {
                 Some(reason) => warn!(%reason, "refusing appends and stream creation; reads go on"),
                 None => info!("accepting appends again"),
             }

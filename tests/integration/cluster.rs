@@ -482,3 +482,24 @@ async fn appends_go_on_when_the_stream_leader_dies() {
     let mut client = server.client().await;
     assert_eq!(read_all(&mut client, "a").await.len(), 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_not_serving_while_the_cluster_has_no_quorum() {
+    use crate::common::*;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut cluster = NatsCluster::start().await;
+    let server = gateway(&cluster).await;
+    let mut client = server.client().await;
+    append(&mut client, "a", vec![event("t", "0")]).await;
+    crate::durability::await_writes_health(&server, ServingStatus::Serving).await;
+    // Two of three nodes die: no Raft group has a quorum any more, and the
+    // gateway's probe write is not answered.
+    cluster.kill(1);
+    cluster.kill(2);
+    crate::durability::await_writes_health(&server, ServingStatus::NotServing).await;
+    // Reads of what is cached still answer; the gateway itself is up.
+    let status = client
+        .get_server_status(pullstream::proto::GetServerStatusRequest {})
+        .await;
+    assert!(status.is_ok(), "{status:?}");
+}

@@ -172,7 +172,7 @@ async fn writes_health(server: &TestServer) -> ServingStatus {
 }
 
 /// Waits (bounded) for the health watcher's next turn to report `want`.
-async fn await_writes_health(server: &TestServer, want: ServingStatus) {
+pub(crate) async fn await_writes_health(server: &TestServer, want: ServingStatus) {
     within(async {
         while writes_health(server).await != want {
             tokio::time::sleep(Duration::from_millis(50)).await;
