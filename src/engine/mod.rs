@@ -86,6 +86,35 @@ pub struct StoredStream {
     pub fence: String,
 }
 
+/// [`Engine::offset_at_time`] for any engine: the first offset in
+/// `[first, end)` appended at or after the time (`end` when none), by a
+/// binary search over offsets, with `chunk_holding` the engine's lookup of
+/// the chunk holding an offset (`None` where nothing is stored).
+pub fn search_time(
+    first: u64,
+    end: u64,
+    time_unix_nanos: i64,
+    mut chunk_holding: impl FnMut(u64) -> Result<Option<Chunk>, StorageError>,
+) -> Result<u64, StorageError> {
+    let (mut low, mut high) = (first, end);
+    // Invariant: every event below `low` is older than the time, and the
+    // answer is at most `high`.
+    while low < high {
+        let middle = low + (high - low) / 2;
+        let Some(chunk) = chunk_holding(middle)? else {
+            // Nothing stored there (trimmed under us): search above.
+            low = middle + 1;
+            continue;
+        };
+        if chunk.time_unix_nanos >= time_unix_nanos {
+            high = chunk.first_offset.max(low);
+        } else {
+            low = chunk.end_offset();
+        }
+    }
+    Ok(low.min(end))
+}
+
 /// One chunk to write, already encoded.
 pub struct EncodedChunk {
     /// The chunk's first offset.

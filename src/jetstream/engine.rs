@@ -137,13 +137,17 @@ fn unhex(text: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
-/// Names of the JetStream streams and subjects of one deployment.
-#[derive(Debug, Clone)]
+/// Names of the JetStream streams and subjects of one deployment, and the
+/// handles of the events streams already looked up (so a read does not
+/// ask the cluster for the stream again).
+#[derive(Clone)]
 struct Names {
     /// Stream-name prefix (upper case).
     streams: String,
     /// Subject prefix.
     subjects: String,
+    /// Events stream handles by stream id.
+    handles: std::sync::Arc<Mutex<std::collections::HashMap<u64, stream::Stream>>>,
 }
 
 impl Names {
@@ -151,6 +155,7 @@ impl Names {
         Names {
             streams: namespace.to_ascii_uppercase(),
             subjects: namespace.to_string(),
+            handles: Default::default(),
         }
     }
 
@@ -265,7 +270,10 @@ impl JetStreamEngine {
         stream_id: u64,
         replicas: usize,
     ) -> Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> {
-        Ok(js
+        if let Some(handle) = names.handles.lock().expect("not poisoned").get(&stream_id) {
+            return Ok(handle.clone());
+        }
+        let handle = js
             .get_or_create_stream(stream::Config {
                 name: names.events_stream(stream_id),
                 subjects: vec![names.events_subject(stream_id)],
@@ -274,7 +282,13 @@ impl JetStreamEngine {
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
-            .await?)
+            .await?;
+        names
+            .handles
+            .lock()
+            .expect("not poisoned")
+            .insert(stream_id, handle.clone());
+        Ok(handle)
     }
 
     /// The chunk message at `seq`: its first offset and its bytes (`None`
@@ -500,12 +514,23 @@ impl JetStreamEngine {
                     Ok(())
                 });
                 self.index.lock().expect("not poisoned").remove(&stream_id);
+                self.names
+                    .handles
+                    .lock()
+                    .expect("not poisoned")
+                    .remove(&stream_id);
                 done.map_err(|e| {
                     self.error("deleting a stream", std::io::Error::other(e.to_string()))
                 })
             }
         }
     }
+}
+
+/// A prepared write (`Some`) or deletion (`None`) of one record.
+fn record_change(key: String, value: Option<Vec<u8>>) -> Prepared {
+    let size = 64 + key.len() + value.as_ref().map_or(0, Vec::len);
+    Prepared::new(Change::Record { key, value }, size)
 }
 
 /// Runs `f` on `runtime` and waits for it on this thread.
@@ -740,12 +765,9 @@ impl Engine for JetStreamEngine {
     }
 
     fn put_fence(&self, stream_id: u64, token: &str) -> Result<Prepared, StorageError> {
-        Ok(Prepared::new(
-            Change::Record {
-                key: format!("fence.{stream_id}"),
-                value: (!token.is_empty()).then(|| token.as_bytes().to_vec()),
-            },
-            64 + token.len(),
+        Ok(record_change(
+            format!("fence.{stream_id}"),
+            (!token.is_empty()).then(|| token.as_bytes().to_vec()),
         ))
     }
 
@@ -869,26 +891,12 @@ impl Engine for JetStreamEngine {
         end: u64,
         time_unix_nanos: i64,
     ) -> Result<u64, StorageError> {
-        let (mut low, mut high) = (first, end);
-        // As the sled engine: every event below `low` is older than the
-        // time, and the answer is at most `high`.
-        while low < high {
-            let middle = low + (high - low) / 2;
-            let chunk = self
-                .read_chunks(stream_id, middle, end, 1, 1, None)?
+        crate::engine::search_time(first, end, time_unix_nanos, |offset| {
+            Ok(self
+                .read_chunks(stream_id, offset, end, 1, 1, None)?
                 .into_iter()
-                .find(|c| c.contains(middle) || c.first_offset > middle);
-            let Some(chunk) = chunk else {
-                low = middle + 1;
-                continue;
-            };
-            if chunk.time_unix_nanos >= time_unix_nanos {
-                high = chunk.first_offset.max(low);
-            } else {
-                low = chunk.end_offset();
-            }
-        }
-        Ok(low.min(end))
+                .find(|c| c.contains(offset)))
+        })
     }
 
     fn visit_oldest_chunks(
@@ -996,24 +1004,16 @@ impl Engine for JetStreamEngine {
         name: &str,
         record: &ConsumerRecord,
     ) -> Result<Prepared, StorageError> {
-        let value = record.encode();
-        let size = value.len() + 64;
-        Ok(Prepared::new(
-            Change::Record {
-                key: format!("consumer.{stream_id}.{}", hex(name)),
-                value: Some(value),
-            },
-            size,
+        Ok(record_change(
+            format!("consumer.{stream_id}.{}", hex(name)),
+            Some(record.encode()),
         ))
     }
 
     fn delete_consumer(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError> {
-        Ok(Prepared::new(
-            Change::Record {
-                key: format!("consumer.{stream_id}.{}", hex(name)),
-                value: None,
-            },
-            64,
+        Ok(record_change(
+            format!("consumer.{stream_id}.{}", hex(name)),
+            None,
         ))
     }
 
@@ -1023,24 +1023,16 @@ impl Engine for JetStreamEngine {
         name: &str,
         record: &GroupRecord,
     ) -> Result<Prepared, StorageError> {
-        let value = record.encode();
-        let size = value.len() + 64;
-        Ok(Prepared::new(
-            Change::Record {
-                key: format!("group.{stream_id}.{}", hex(name)),
-                value: Some(value),
-            },
-            size,
+        Ok(record_change(
+            format!("group.{stream_id}.{}", hex(name)),
+            Some(record.encode()),
         ))
     }
 
     fn delete_group(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError> {
-        Ok(Prepared::new(
-            Change::Record {
-                key: format!("group.{stream_id}.{}", hex(name)),
-                value: None,
-            },
-            64,
+        Ok(record_change(
+            format!("group.{stream_id}.{}", hex(name)),
+            None,
         ))
     }
 

@@ -232,23 +232,9 @@ impl Engine for Store {
         end: u64,
         time_unix_nanos: i64,
     ) -> Result<u64, StorageError> {
-        let (mut low, mut high) = (first, end);
-        // Invariant: every event below `low` is older than the time, and
-        // the answer is at most `high`.
-        while low < high {
-            let middle = low + (high - low) / 2;
-            let Some(chunk) = self.chunk_holding(stream_id, middle)? else {
-                // Nothing stored there (trimmed under us): search above.
-                low = middle + 1;
-                continue;
-            };
-            if chunk.time_unix_nanos >= time_unix_nanos {
-                high = chunk.first_offset.max(low);
-            } else {
-                low = chunk.end_offset();
-            }
-        }
-        Ok(low.min(end))
+        crate::engine::search_time(first, end, time_unix_nanos, |offset| {
+            self.chunk_holding(stream_id, offset)
+        })
     }
 
     /// Shows `visit` the header and encoded size of a stream's chunks from

@@ -1623,6 +1623,8 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
         );
     }
     let url = format!("https://127.0.0.1:{port}");
+    // A load balancer's TCP check: connects and closes without a byte.
+    drop(std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap());
     // Plaintext to the TLS port, a client that does not trust the
     // server's CA (curl without --cacert), and one without a client
     // certificate: refused, and each failed handshake is logged with the
@@ -1664,6 +1666,10 @@ fn certs_create_makes_a_ca_and_certificates_that_mutual_tls_accepts() {
         assert!(logs.contains(reason), "{reason:?} not logged:\n{logs}");
     }
     assert!(logs.contains("peer=127.0.0.1:"), "{logs}");
+    assert!(
+        !logs.contains("closed the connection"),
+        "a TCP check is not a warning: {logs}"
+    );
     server.kill().unwrap();
     server.wait().unwrap();
 }
