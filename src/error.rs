@@ -183,6 +183,15 @@ pub enum Error {
     /// pipeline failed.
     #[error("not written: an earlier batch of this append pipeline failed")]
     PipelineStopped,
+    /// Other servers kept appending to the stream while this server tried
+    /// to (cluster mode): nothing of the batch was written.
+    #[error("stream {} is being appended to through other servers, and this append lost the race {attempts} times in a row; nothing of it was written: retry it (with an idempotency key it is safe to)", shown(stream))]
+    Contended {
+        /// The stream.
+        stream: String,
+        /// How many times the append was decided again.
+        attempts: u32,
+    },
     /// An API key id that does not exist (for the caller's tenant).
     #[error("API key {} not found", shown(.0))]
     KeyNotFound(String),
@@ -303,6 +312,10 @@ impl Error {
                 stream: name(stream),
                 given,
                 current,
+            },
+            Error::Contended { stream, attempts } => Error::Contended {
+                stream: name(stream),
+                attempts,
             },
             Error::InBatch { sequence, source } => Error::InBatch {
                 sequence,

@@ -30,6 +30,9 @@ up)
         cat >"$dir/$node.conf" <<CONF
 server_name: $node
 listen: 127.0.0.1:$((base + i))
+# One appended group is one message: 8 MB lets Pullstream keep its
+# default limits (1 MiB events, 4 MiB batches; half of this).
+max_payload: 8MB
 http: 127.0.0.1:$((base + 200 + i))
 jetstream {
   store_dir: "$dir/$node"

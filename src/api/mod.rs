@@ -68,7 +68,9 @@ pub fn error_code(error: &Error) -> Code {
         | Error::GroupNotFound { .. }
         | Error::MemberNotFound { .. }
         | Error::KeyNotFound(_) => Code::NotFound,
-        Error::ConsumerSessionEnded { .. } | Error::PipelineStopped => Code::Aborted,
+        Error::ConsumerSessionEnded { .. } | Error::PipelineStopped | Error::Contended { .. } => {
+            Code::Aborted
+        }
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,
         Error::ResourceExhausted(_) | Error::DiskFull { .. } => Code::ResourceExhausted,

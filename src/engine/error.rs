@@ -60,6 +60,27 @@ pub enum StorageError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A conditional append found that another server had appended to
+    /// the stream first: nothing was written (engines shared by several
+    /// servers only; the writer decides the group again).
+    #[error(
+        "another server appended to stream id {stream_id} first; its head is now {next_offset}"
+    )]
+    HeadMoved {
+        /// The stream's id.
+        stream_id: u64,
+        /// The head the engine found.
+        next_offset: u64,
+        /// The append time of the stream's last event.
+        last_time_unix_nanos: i64,
+    },
+    /// Another server created the stream first (engines shared by
+    /// several servers): nothing was written; look it up instead.
+    #[error("another server created stream {name:?} first")]
+    AlreadyCreated {
+        /// The stream's name.
+        name: String,
+    },
     /// A stored chunk of events is damaged (checksum mismatch or bad
     /// layout): its events are lost.
     #[error("the chunk at offset {offset} of stream id {stream_id} is damaged in the data dir: {source}")]

@@ -115,6 +115,34 @@ pub fn search_time(
     Ok(low.min(end))
 }
 
+/// What [`Engine::max_group_bytes`] counts per event beyond its record:
+/// room for the chunk it may need alone (header, checksum and framing).
+pub const GROUP_EVENT_OVERHEAD: usize = 64;
+
+/// A stream's head as another server left it (see
+/// [`Engine::remote_heads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteHead {
+    /// The stream's name.
+    pub name: String,
+    /// The stream's id (a stream deleted and made again has a new one).
+    pub stream_id: u64,
+    /// The offset the next event gets.
+    pub next_offset: u64,
+    /// The append time of the last event.
+    pub last_time_unix_nanos: i64,
+}
+
+/// Runs blocking work (an engine call that waits on a disk or a network)
+/// from async code without stalling the runtime's other tasks, where the
+/// runtime allows it (a multi-threaded one); elsewhere just runs it.
+pub fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// One chunk to write, already encoded.
 pub struct EncodedChunk {
     /// The chunk's first offset.
@@ -174,8 +202,18 @@ pub trait Engine: Send + Sync + 'static {
     /// A stream id never handed out before by this engine.
     fn new_stream_id(&self) -> Result<u64, StorageError>;
 
-    /// Creates a stream (or rewrites its metadata), durably before it
-    /// returns (creating a stream is rare; it is not group-committed).
+    /// A stream the server did not load: one another server sharing the
+    /// engine created since (`None`: there is none). Engines that only
+    /// this server writes keep the default, as the streams they loaded are
+    /// all there are.
+    fn find_stream(&self, _name: &str) -> Result<Option<StoredStream>, StorageError> {
+        Ok(None)
+    }
+
+    /// Creates a stream, durably before it returns (creating a stream is
+    /// rare; it is not group-committed). An engine shared by several
+    /// servers answers [`StorageError::AlreadyCreated`] when another one
+    /// created it first.
     fn put_stream(&self, name: &str, meta: &StreamMeta) -> Result<(), StorageError>;
 
     /// Prepares a settings change of a stream's metadata.
@@ -184,6 +222,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Prepares an appended group: its chunks, the idempotency keys it
     /// remembers, and the stream's metadata with the new head, all or
     /// nothing once committed.
+    ///
+    /// An engine that several servers append to (its appends are
+    /// conditional on the stream's head) writes the group's events here,
+    /// atomically, and leaves only what follows from them to
+    /// [`Engine::commit`]; when another server appended first it writes
+    /// nothing and answers [`StorageError::HeadMoved`] with the head it
+    /// found, and the writer decides the group again from there.
     fn write_group(
         &self,
         name: &str,
@@ -201,6 +246,22 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Prepares a stream's deletion with everything it holds.
     fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError>;
+
+    /// The most bytes one group may hold, counted as
+    /// [`EventRecord::encoded_len`] plus [`GROUP_EVENT_OVERHEAD`] per
+    /// event, or `None` for no bound (sled). The writer cuts its groups to
+    /// fit, and refuses a single batch that cannot.
+    fn max_group_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// Appends made by other servers, as the engine observes them (once
+    /// each, in order per stream), for an engine that several servers share;
+    /// `None` (the default) where this server is the only writer. Taken
+    /// once, by the log, which moves each stream's head with them.
+    fn remote_heads(&self) -> Option<tokio::sync::mpsc::Receiver<RemoteHead>> {
+        None
+    }
 
     // ---- events ----
 

@@ -424,6 +424,8 @@ pub struct IdempotencyRecord {
 
 impl IdempotencyRecord {
     const LEN: usize = 8 + 4 + 8 + 16;
+    /// The length of [`IdempotencyRecord::encode`]'s output.
+    pub const ENCODED_LEN: usize = Self::LEN;
 
     /// Encodes the record for storage.
     pub fn encode(&self) -> Vec<u8> {

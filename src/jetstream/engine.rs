@@ -1,44 +1,53 @@
-//! The storage engine on NATS JetStream, for one gateway (cluster mode's
-//! second slice; ARCHITECTURE.md, "Cluster mode on JetStream").
+//! The storage engine on NATS JetStream (cluster mode; ARCHITECTURE.md,
+//! "Cluster mode on JetStream").
 //!
 //! Events: one JetStream stream per Pullstream stream (`PS_<id>`, subject
-//! `ps.ev.<id>`), one message per committed chunk, the chunk encoded as the
-//! sled engine stores it, its first offset also in a `Ps-First-Offset`
-//! header. Each chunk is published with `Nats-Expected-Last-Sequence` =
-//! the stream's last sequence as this engine knows it, so a second writer
-//! can never interleave chunks: its publish is refused instead. (Taking
-//! the new head from such a refusal, for several gateways, is the next
-//! slice; today the refusal fails the commit, and the log refuses writes
-//! until a restart, like a failed disk write.) Everything else is a record
-//! of the [`StateStore`].
+//! `ps.ev.<id>`), one message per appended group ([`super::message`]: its
+//! chunks, encoded as the sled engine stores them, and the idempotency
+//! records it made), so a group is written all or nothing. Each message is
+//! published with `Nats-Expected-Last-Sequence` = the stream's last
+//! sequence as this engine knows it, so two gateways can never interleave
+//! messages: the second one's publish is refused, the engine reads the
+//! message that won, writes its idempotency records again (they may not
+//! be written yet), and answers [`StorageError::HeadMoved`]; the writer
+//! then decides its group again from the new head. Everything else is a
+//! record of the [`StateStore`].
 //!
-//! The seam is synchronous, and its callers already run commits and reads
-//! off the async workers (`block_in_place`). The engine owns a small
-//! runtime for the NATS client and hands each operation to it, waiting on
-//! a channel, so it can be called from any thread.
+//! Other gateways' appends: after each append the gateway announces the
+//! stream's new head on `ps.head.<id>` (core NATS, at most once), and
+//! every second it also compares the cluster's last sequences with its
+//! own; both feed [`Engine::remote_heads`], which moves the heads its
+//! subscribers follow.
 //!
-//! A change is acknowledged once JetStream acknowledged every message of
-//! it, i.e. once a quorum of the stream's replicas has it (nats-server 2.9
-//! fsyncs in the background; see the README's durability notes).
+//! The seam is synchronous, and the engine owns a small runtime for the
+//! NATS client: each operation runs there while the calling thread waits
+//! (outside the server's async workers, [`crate::engine::run_blocking`]).
+//!
+//! A change is acknowledged once JetStream acknowledged it, i.e. once a
+//! quorum of the stream's replicas has it (nats-server 2.9 fsyncs in the
+//! background; see the README's durability notes).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
 
+use super::message::{self, END_OFFSET, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use crate::engine::{
     Chunk, ChunkHeader, ConsumerRecord, EncodedChunk, Engine, GroupRecord, IdempotencyRecord, Keep,
-    Prepared, StorageError, StoredStream, StreamMeta,
+    Prepared, RemoteHead, StorageError, StoredStream, StreamMeta, GROUP_EVENT_OVERHEAD,
 };
 
-/// The header holding a chunk message's first offset.
-const FIRST_OFFSET: &str = "Ps-First-Offset";
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How to reach the cluster, and how many copies to keep.
 #[derive(Debug, Clone)]
@@ -58,13 +67,8 @@ pub struct JetStreamOptions {
 
 /// One change, prepared; see [`Engine`].
 enum Change {
-    Group {
-        stream_id: u64,
-        name: String,
-        meta: StreamMeta,
-        chunks: Vec<EncodedChunk>,
-        idempotency: Vec<(String, IdempotencyRecord)>,
-    },
+    /// An appended group: already written by [`Engine::write_group`].
+    Appended,
     Meta {
         name: String,
         meta: StreamMeta,
@@ -88,15 +92,116 @@ enum Change {
     },
 }
 
-/// What the engine knows of one stream's chunk messages.
-#[derive(Debug, Default, Clone)]
-struct ChunkIndex {
+/// What the engine knows of one stream's messages.
+#[derive(Debug, Clone)]
+struct StreamIndex {
+    /// The stream's name.
+    name: String,
     /// The sequence of the stream's last message (0: none yet).
     last_seq: u64,
-    /// First offsets of chunks seen, by sequence order (a cache: a miss
-    /// is a binary search by direct gets).
+    /// The head after that message.
+    next_offset: u64,
+    /// The append time of the stream's last event (`i64::MIN`: none).
+    last_time: i64,
+    /// The first retained offset: a message holding events on both sides
+    /// of it stays until all of its events are trimmed.
+    floor: u64,
+    /// The sequences of messages seen, by their first offset (a cache: a
+    /// miss is a binary search by direct gets).
     seq_of: BTreeMap<u64, u64>,
 }
+
+impl StreamIndex {
+    fn new(name: &str) -> StreamIndex {
+        StreamIndex {
+            name: name.to_string(),
+            last_seq: 0,
+            next_offset: 0,
+            last_time: i64::MIN,
+            floor: 0,
+            seq_of: BTreeMap::new(),
+        }
+    }
+
+    /// Records that the message at `seq` holds `[first, end)`, and moves
+    /// the last message there if it is newer. Returns whether it moved.
+    fn saw(&mut self, seq: u64, located: &Located) -> bool {
+        if located.end > located.first {
+            self.seq_of.insert(located.first, seq);
+            while self.seq_of.len() > INDEX_ENTRIES {
+                self.seq_of.pop_first();
+            }
+        }
+        if seq <= self.last_seq {
+            return false;
+        }
+        self.last_seq = seq;
+        self.next_offset = self.next_offset.max(located.end);
+        self.last_time = self.last_time.max(located.time);
+        true
+    }
+
+    fn head(&self, stream_id: u64) -> RemoteHead {
+        RemoteHead {
+            name: self.name.clone(),
+            stream_id,
+            next_offset: self.next_offset,
+            last_time_unix_nanos: self.last_time,
+        }
+    }
+}
+
+/// What every index shares: the engine, its follower task.
+type Indexes = Arc<Mutex<BTreeMap<u64, StreamIndex>>>;
+
+/// A group message as found: the offsets it holds, its time, its payload.
+#[derive(Debug, Clone)]
+struct Located {
+    first: u64,
+    end: u64,
+    time: i64,
+    payload: Bytes,
+}
+
+/// A gateway's announcement of a stream's new head, on
+/// `<ns>.head.<stream id>`: `<gateway id in hex> <sequence> <next offset>
+/// <time> <stream name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Announcement {
+    gateway_id: u64,
+    seq: u64,
+    next_offset: u64,
+    time: i64,
+    name: String,
+}
+
+impl Announcement {
+    fn encode(&self) -> String {
+        format!(
+            "{:016x} {} {} {} {}",
+            self.gateway_id, self.seq, self.next_offset, self.time, self.name
+        )
+    }
+
+    fn decode(text: &str) -> Option<Announcement> {
+        let mut parts = text.splitn(5, ' ');
+        Some(Announcement {
+            gateway_id: u64::from_str_radix(parts.next()?, 16).ok()?,
+            seq: parts.next()?.parse().ok()?,
+            next_offset: parts.next()?.parse().ok()?,
+            time: parts.next()?.parse().ok()?,
+            name: parts.next()?.to_string(),
+        })
+    }
+}
+
+/// How often the follower compares the cluster's last sequences with its
+/// own (announcements of new heads are at most once; this catches what
+/// they missed).
+const FOLLOW_PERIOD: Duration = Duration::from_secs(1);
+
+/// How many other gateways' heads wait for the log at most.
+const REMOTE_HEADS_QUEUE: usize = 1024;
 
 /// How long the health probe's write may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -107,14 +212,18 @@ const INDEX_ENTRIES: usize = 4096;
 /// The engine; see the module docs.
 pub struct JetStreamEngine {
     runtime: Option<tokio::runtime::Runtime>,
+    client: async_nats::Client,
     js: jetstream::Context,
     state: StateStore,
     options: JetStreamOptions,
     names: Names,
-    /// Names this gateway's probe record.
+    /// Names this gateway: its probe record, its announcements and the
+    /// ids of its messages.
     gateway_id: u64,
-    index: Mutex<BTreeMap<u64, ChunkIndex>>,
+    index: Indexes,
     failed: Mutex<Option<String>>,
+    /// What the follower found other gateways did, until the log takes it.
+    remote_heads: Mutex<Option<mpsc::Receiver<RemoteHead>>>,
 }
 
 impl Drop for JetStreamEngine {
@@ -166,10 +275,25 @@ impl Names {
     fn events_subject(&self, stream_id: u64) -> String {
         format!("{}.ev.{stream_id}", self.subjects)
     }
+
+    /// Where a gateway announces a stream's new head.
+    fn head_subject(&self, stream_id: u64) -> String {
+        format!("{}.head.{stream_id}", self.subjects)
+    }
+
+    /// The stream id of an events stream's name, if it is one of ours.
+    fn stream_id_of(&self, stream_name: &str) -> Option<u64> {
+        stream_name
+            .strip_prefix(&self.streams)?
+            .strip_prefix('_')?
+            .parse()
+            .ok()
+    }
 }
 
 impl JetStreamEngine {
-    /// Connects to the cluster and opens (creating) the record stream.
+    /// Connects to the cluster, opens (creating) the record stream, and
+    /// starts following other gateways' appends.
     pub fn open(options: JetStreamOptions) -> Result<JetStreamEngine, StorageError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -182,48 +306,74 @@ impl JetStreamEngine {
             })?;
         let (urls, replicas, timeout) = (options.urls.clone(), options.replicas, options.timeout);
         let names = Names::new(&options.namespace);
-        let opened = run_on(&runtime, async move {
-            let client = async_nats::ConnectOptions::new()
-                .request_timeout(Some(timeout))
-                .connect(urls)
+        let opened = run_on(&runtime, {
+            let names = names.clone();
+            async move {
+                let client = async_nats::ConnectOptions::new()
+                    .request_timeout(Some(timeout))
+                    .connect(urls)
+                    .await
+                    .map_err(|e| Box::new(e) as BoxError)?;
+                let mut js = jetstream::new(client.clone());
+                js.set_timeout(timeout);
+                let state = StateStore::open(
+                    js.clone(),
+                    &format!("{}_STATE", names.streams),
+                    &format!("{}.state", names.subjects),
+                    replicas,
+                )
                 .await
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            let mut js = jetstream::new(client);
-            js.set_timeout(timeout);
-            let state = StateStore::open(
-                js.clone(),
-                &format!("{}_STATE", names.streams),
-                &format!("{}.state", names.subjects),
-                replicas,
-            )
-            .await
-            .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((js, state))
+                .map_err(|e| Box::new(e) as BoxError)?;
+                let heads = client
+                    .subscribe(format!("{}.head.>", names.subjects))
+                    .await
+                    .map_err(|e| Box::new(e) as BoxError)?;
+                Ok::<_, BoxError>((client, js, state, heads))
+            }
         });
-        let (js, state) = opened.map_err(|source| StorageError::Engine {
+        let (client, js, state, heads) = opened.map_err(|source| StorageError::Engine {
             op: "connecting to the NATS cluster (is it running, with JetStream on? check --nats-url)",
             path: options.label.clone(),
             source,
         })?;
+        let gateway_id = {
+            let mut bytes = [0u8; 8];
+            let _ = getrandom::fill(&mut bytes);
+            u64::from_le_bytes(bytes)
+        };
+        let index: Indexes = Default::default();
+        let (found, remote_heads) = mpsc::channel(REMOTE_HEADS_QUEUE);
+        runtime.spawn(
+            Follower {
+                js: js.clone(),
+                state: state.clone(),
+                names: names.clone(),
+                replicas,
+                gateway_id,
+                index: index.clone(),
+                found,
+            }
+            .run(heads),
+        );
         Ok(JetStreamEngine {
             runtime: Some(runtime),
+            client,
             js,
             state,
-            names: Names::new(&options.namespace),
-            gateway_id: {
-                let mut bytes = [0u8; 8];
-                let _ = getrandom::fill(&mut bytes);
-                u64::from_le_bytes(bytes)
-            },
+            names,
+            gateway_id,
             options,
-            index: Mutex::new(BTreeMap::new()),
+            index,
             failed: Mutex::new(None),
+            remote_heads: Mutex::new(Some(remote_heads)),
         })
     }
 
-    /// Runs `f` on the engine's runtime and waits for it.
+    /// Runs `f` on the engine's runtime and waits for it (off the
+    /// caller's async workers, when it has any).
     fn block<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
-        run_on(self.runtime.as_ref().expect("open until dropped"), f)
+        let runtime = self.runtime.as_ref().expect("open until dropped");
+        crate::engine::run_blocking(|| run_on(runtime, f))
     }
 
     fn error(
@@ -269,7 +419,7 @@ impl JetStreamEngine {
         names: &Names,
         stream_id: u64,
         replicas: usize,
-    ) -> Result<stream::Stream, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<stream::Stream, BoxError> {
         if let Some(handle) = names.handles.lock().expect("not poisoned").get(&stream_id) {
             return Ok(handle.clone());
         }
@@ -291,57 +441,352 @@ impl JetStreamEngine {
         Ok(handle)
     }
 
-    /// The chunk message at `seq`: its first offset and its bytes (`None`
-    /// when there is none, e.g. purged).
-    async fn message_at(
-        stream: &stream::Stream,
-        seq: u64,
-    ) -> Result<Option<(u64, Bytes)>, Box<dyn std::error::Error + Send + Sync>> {
-        match stream.direct_get(seq).await {
-            Ok(message) => {
-                let first = message
-                    .headers
-                    .get(FIRST_OFFSET)
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-                    .ok_or("a chunk message without a valid Ps-First-Offset header")?;
-                Ok(Some((first, message.payload)))
+    /// The group message at `seq` (`None` when there is none, e.g.
+    /// purged). A direct get, which any replica answers; a replica that
+    /// does not have the message yet (it lags the quorum that acknowledged
+    /// it) says "not found", so that answer is checked with the stream's
+    /// leader before it counts as a hole.
+    async fn message_at(stream: &stream::Stream, seq: u64) -> Result<Option<Located>, BoxError> {
+        let message = match stream.direct_get(seq).await {
+            Ok(message) => message,
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => {
+                match stream.get_raw_message(seq).await {
+                    Ok(message) => message,
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                        return Ok(None)
+                    }
+                    Err(e) => return Err(Box::new(e)),
+                }
             }
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Box::new(e)),
+            Err(e) => return Err(Box::new(e)),
+        };
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .and_then(|v| v.as_str().parse::<i64>().ok())
+                .ok_or_else(|| format!("the message at sequence {seq} has no valid {name} header"))
+        };
+        let (first, end, time) = (header(FIRST_OFFSET)?, header(END_OFFSET)?, header(TIME)?);
+        if first < 0 || end < first {
+            return Err(
+                format!("the message at sequence {seq} holds offsets {first}..{end}").into(),
+            );
         }
+        Ok(Some(Located {
+            first: first as u64,
+            end: end as u64,
+            time,
+            payload: message.payload,
+        }))
     }
 
-    /// The sequence of the chunk holding `offset` (the last chunk starting
-    /// at or before it), if any: a binary search over the stream's
-    /// sequences by direct gets.
+    /// The sequence of the message holding `offset` (the last message
+    /// starting at or before it) among sequences `1..=last_seq`, if any: a
+    /// binary search by direct gets, O(log n). Purged messages (a prefix)
+    /// read as holes below everything.
     async fn seq_holding(
         stream: &stream::Stream,
+        last_seq: u64,
         offset: u64,
-    ) -> Result<Option<u64>, Box<dyn std::error::Error + Send + Sync>> {
-        let info = stream.get_info().await?;
-        let (mut low, mut high) = (info.state.first_sequence, info.state.last_sequence);
-        if info.state.messages == 0 {
-            return Ok(None);
-        }
+    ) -> Result<Option<u64>, BoxError> {
+        let (mut low, mut high) = (1, last_seq);
         let mut found = None;
         while low <= high {
             let middle = low + (high - low) / 2;
             match Self::message_at(stream, middle).await? {
-                Some((first, _)) if first <= offset => {
+                Some(m) if m.first <= offset => {
                     found = Some(middle);
                     low = middle + 1;
                 }
-                Some(_) => {
-                    if middle == 0 {
-                        break;
-                    }
-                    high = middle - 1;
-                }
-                // A hole (purged under us): search above it.
+                Some(_) => high = middle - 1,
+                // A hole (purged): search above it.
                 None => low = middle + 1,
             }
         }
         Ok(found)
+    }
+
+    /// The stream's last message with its sequence, if any.
+    async fn last_message(stream: &stream::Stream) -> Result<Option<(u64, Located)>, BoxError> {
+        let info = stream.get_info().await?;
+        if info.state.messages == 0 {
+            return Ok(None);
+        }
+        let seq = info.state.last_sequence;
+        Ok(Self::message_at(stream, seq).await?.map(|m| (seq, m)))
+    }
+
+    /// Writes the idempotency records a group message carries (again):
+    /// the gateway that appended it may have stopped before it wrote them.
+    async fn roll_forward(
+        state: &StateStore,
+        stream_id: u64,
+        located: &Located,
+    ) -> Result<(), BoxError> {
+        let group = message::decode(located.payload.clone())?;
+        put_idempotency(state, stream_id, &group.keys).await?;
+        Ok(())
+    }
+
+    /// The last sequence of a stream's events as this engine knows it.
+    fn last_seq(&self, stream_id: u64) -> u64 {
+        self.index
+            .lock()
+            .expect("not poisoned")
+            .get(&stream_id)
+            .map_or(0, |i| i.last_seq)
+    }
+
+    /// Refuses every write from now on (until a restart reloads the
+    /// truth from the cluster), as a failed disk write does.
+    fn poison(&self, error: &StorageError) {
+        *self.failed.lock().expect("not poisoned") = Some(error.to_string());
+    }
+
+    /// Publishes a group as one message after the last one this engine
+    /// knows (`Nats-Expected-Last-Sequence`), writes the idempotency
+    /// records it carries, and announces the new head. Answers
+    /// [`StorageError::HeadMoved`] when another gateway appended first.
+    fn append_group(
+        &self,
+        name: &str,
+        stream_id: u64,
+        chunks: Vec<EncodedChunk>,
+        keys: Vec<(String, IdempotencyRecord)>,
+        end: u64,
+    ) -> Result<(), StorageError> {
+        let first = chunks.first().map_or(end, |c| c.first_offset);
+        let (last_seq, known_next) = {
+            let index = self.index.lock().expect("not poisoned");
+            let entry = index.get(&stream_id);
+            (
+                entry.map_or(0, |i| i.last_seq),
+                entry.map_or(0, |i| i.next_offset),
+            )
+        };
+        if known_next != first {
+            // Another gateway's append reached this engine first (its
+            // announcement, or the follower's check).
+            return self.refresh_head(stream_id);
+        }
+        let time = match chunks.last() {
+            Some(chunk) => {
+                ChunkHeader::decode(&chunk.value)
+                    .map_err(|source| StorageError::CorruptChunk {
+                        stream_id,
+                        offset: chunk.first_offset,
+                        source,
+                    })?
+                    .time_unix_nanos
+            }
+            None => i64::MIN,
+        };
+        let payload = message::encode(chunks.iter().map(|c| c.value.as_slice()), &keys);
+        let mut headers = HeaderMap::new();
+        headers.insert(FIRST_OFFSET, first.to_string().as_str());
+        headers.insert(END_OFFSET, end.to_string().as_str());
+        headers.insert(TIME, time.to_string().as_str());
+        headers.insert("Nats-Expected-Last-Sequence", last_seq.to_string().as_str());
+        // Unique to this gateway's attempt: a repeat of this publish that
+        // did land is answered `duplicate` with its sequence, and another
+        // gateway's message for the same offsets never is.
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{:016x}-{stream_id}-{first}", self.gateway_id).as_str(),
+        );
+        let (js, state, names, client) = (
+            self.js.clone(),
+            self.state.clone(),
+            self.names.clone(),
+            self.client.clone(),
+        );
+        let announce = Announcement {
+            gateway_id: self.gateway_id,
+            seq: 0,
+            next_offset: end,
+            time,
+            name: name.to_string(),
+        };
+        let published = self.block(async move {
+            let ack = super::publish_retrying(
+                &js,
+                names.events_subject(stream_id),
+                headers,
+                Bytes::from(payload),
+            )
+            .await?;
+            // The records before anything else can append after this
+            // message (see `message`); then the announcement.
+            put_idempotency(&state, stream_id, &keys)
+                .await
+                .map_err(|e| Box::new(e) as BoxError)?;
+            let announce = Announcement {
+                seq: ack.sequence,
+                ..announce
+            };
+            let _ = client
+                .publish(names.head_subject(stream_id), announce.encode().into())
+                .await;
+            Ok::<_, BoxError>(ack.sequence)
+        });
+        match published {
+            Ok(seq) => {
+                let mut index = self.index.lock().expect("not poisoned");
+                let entry = index
+                    .entry(stream_id)
+                    .or_insert_with(|| StreamIndex::new(name));
+                entry.saw(
+                    seq,
+                    &Located {
+                        first,
+                        end,
+                        time,
+                        payload: Bytes::new(),
+                    },
+                );
+                Ok(())
+            }
+            Err(e)
+                if e.downcast_ref::<async_nats::jetstream::context::PublishError>()
+                    .is_some_and(|e| e.kind() == PublishErrorKind::WrongLastSequence) =>
+            {
+                self.refresh_head(stream_id)
+            }
+            Err(e) => {
+                let error = self.error("appending events", std::io::Error::other(e.to_string()));
+                self.poison(&error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Learns a stream's head from its last message (writing that
+    /// message's idempotency records again, as its gateway may not have),
+    /// and answers [`StorageError::HeadMoved`] with it.
+    fn refresh_head(&self, stream_id: u64) -> Result<(), StorageError> {
+        let names = self.names.clone();
+        let (js, state, replicas) = (self.js.clone(), self.state.clone(), self.options.replicas);
+        let found = self.block(async move {
+            let stream = Self::events(js, &names, stream_id, replicas).await?;
+            let last = Self::last_message(&stream).await?;
+            if let Some((_, located)) = &last {
+                Self::roll_forward(&state, stream_id, located).await?;
+            }
+            Ok::<_, BoxError>(last)
+        });
+        let found = found.map_err(|e| {
+            self.error(
+                "reading the stream's head after another gateway's append",
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
+        let mut index = self.index.lock().expect("not poisoned");
+        let entry = index
+            .entry(stream_id)
+            .or_insert_with(|| StreamIndex::new(""));
+        if let Some((seq, located)) = found {
+            entry.saw(seq, &located);
+        }
+        Err(StorageError::HeadMoved {
+            stream_id,
+            next_offset: entry.next_offset,
+            last_time_unix_nanos: entry.last_time,
+        })
+    }
+
+    /// A stream from its metadata record: its head and first offset from
+    /// its messages, its consumers, groups and fencing token from their
+    /// records. Rolls its last message forward and indexes it.
+    fn load_stream(&self, name: String, value: &[u8]) -> Result<StoredStream, StorageError> {
+        let mut meta = StreamMeta::decode(value).map_err(|source| StorageError::Corrupt {
+            what: format!("metadata of stream {name:?}"),
+            source,
+        })?;
+        let names = self.names.clone();
+        let (js, state, replicas, id) = (
+            self.js.clone(),
+            self.state.clone(),
+            self.options.replicas,
+            meta.id,
+        );
+        let found = self.block(async move {
+            let stream = Self::events(js, &names, id, replicas).await?;
+            let info = stream.get_info().await?;
+            if info.state.messages == 0 {
+                return Ok::<_, BoxError>((info.state.last_sequence, info.state.bytes, None));
+            }
+            let first = Self::message_at(&stream, info.state.first_sequence).await?;
+            let last = Self::message_at(&stream, info.state.last_sequence).await?;
+            if let Some(last) = &last {
+                // Its gateway may have stopped before writing them.
+                Self::roll_forward(&state, id, last).await?;
+            }
+            Ok((info.state.last_sequence, info.state.bytes, first.zip(last)))
+        });
+        let (last_seq, bytes, ends) = found
+            .map_err(|e| self.error("loading streams", std::io::Error::other(e.to_string())))?;
+        // The messages are the truth for the head (appends do not
+        // rewrite the stream's metadata record).
+        let next_offset = ends
+            .as_ref()
+            .map_or(meta.next_offset, |(_, last)| last.end)
+            .max(meta.next_offset);
+        let first_offset = ends
+            .as_ref()
+            .map_or(next_offset, |(first, _)| first.first)
+            .max(meta.offset_floor)
+            .min(next_offset);
+        let last_time = ends.as_ref().map(|(_, last)| last.time);
+        meta.next_offset = next_offset;
+        meta.bytes = bytes;
+        let mut entry = StreamIndex::new(&name);
+        entry.last_seq = last_seq;
+        entry.next_offset = next_offset;
+        entry.last_time = last_time.unwrap_or(i64::MIN);
+        entry.floor = first_offset;
+        self.index.lock().expect("not poisoned").insert(id, entry);
+        // Records keyed `<kind>.<stream id>.<name in hex>`.
+        let named = |kind: &str| {
+            self.state_list(format!("{kind}.{id}"), "loading consumers and groups")
+                .map(|records| {
+                    records
+                        .into_iter()
+                        .filter_map(|(key, value)| Some((unhex(key.rsplit('.').next()?)?, value)))
+                        .collect::<Vec<_>>()
+                })
+        };
+        let mut consumers = Vec::new();
+        for (consumer, value) in named("consumer")? {
+            let record =
+                ConsumerRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                    what: format!("consumer {consumer:?} of stream {name:?}"),
+                    source,
+                })?;
+            consumers.push((consumer, record));
+        }
+        let mut groups = Vec::new();
+        for (group, value) in named("group")? {
+            let record = GroupRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                what: format!("group {group:?} of stream {name:?}"),
+                source,
+            })?;
+            groups.push((group, record));
+        }
+        let fence = self
+            .state_get(format!("fence.{id}"), "loading a fencing token")?
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default();
+        Ok(StoredStream {
+            name,
+            meta,
+            first_offset,
+            next_offset,
+            last_time_unix_nanos: last_time,
+            consumers,
+            groups,
+            fence,
+        })
     }
 
     fn poisoned(&self) -> Result<(), StorageError> {
@@ -361,74 +806,7 @@ impl JetStreamEngine {
         let names = self.names.clone();
         let (js, state, replicas) = (self.js.clone(), self.state.clone(), self.options.replicas);
         match change {
-            Change::Group {
-                stream_id,
-                name,
-                meta,
-                chunks,
-                idempotency,
-            } => {
-                let mut last_seq = self
-                    .index
-                    .lock()
-                    .expect("not poisoned")
-                    .get(&stream_id)
-                    .map_or(0, |i| i.last_seq);
-                let published = self.block(async move {
-                    let mut placed = Vec::new();
-                    for chunk in chunks {
-                        let mut headers = HeaderMap::new();
-                        headers.insert(FIRST_OFFSET, chunk.first_offset.to_string().as_str());
-                        headers
-                            .insert("Nats-Expected-Last-Sequence", last_seq.to_string().as_str());
-                        // Repeating a chunk whose publish did land is
-                        // answered `duplicate` with its sequence.
-                        headers.insert(
-                            "Nats-Msg-Id",
-                            format!("ps-{stream_id}-{}", chunk.first_offset).as_str(),
-                        );
-                        let ack = super::publish_retrying(
-                            &js,
-                            names.events_subject(stream_id),
-                            headers,
-                            Bytes::from(chunk.value),
-                        )
-                        .await?;
-                        last_seq = ack.sequence;
-                        placed.push((chunk.first_offset, ack.sequence));
-                    }
-                    for (key, record) in idempotency {
-                        state
-                            .put(
-                                &format!("idem.{stream_id}.{}", hex(&key)),
-                                record.encode().into(),
-                                Expect::Any,
-                            )
-                            .await?;
-                    }
-                    state
-                        .put(
-                            &format!("stream.{}", hex(&name)),
-                            meta.encode().into(),
-                            Expect::Any,
-                        )
-                        .await?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(placed)
-                });
-                let placed = published.map_err(|e| {
-                    self.error("appending chunks", std::io::Error::other(e.to_string()))
-                })?;
-                let mut index = self.index.lock().expect("not poisoned");
-                let entry = index.entry(stream_id).or_default();
-                for (first, seq) in placed {
-                    entry.last_seq = seq;
-                    entry.seq_of.insert(first, seq);
-                }
-                while entry.seq_of.len() > INDEX_ENTRIES {
-                    entry.seq_of.pop_first();
-                }
-                Ok(())
-            }
+            Change::Appended => Ok(()),
             Change::Meta { name, meta } => self.state_put(
                 format!("stream.{}", hex(&name)),
                 meta.encode(),
@@ -436,13 +814,16 @@ impl JetStreamEngine {
             ),
             Change::Trim { name, meta, below } => {
                 let stream_id = meta.id;
+                let last_seq = self.last_seq(stream_id);
                 let trimmed = self.block(async move {
                     let stream = Self::events(js, &names, stream_id, replicas).await?;
-                    // Remove every chunk starting below `below`: purge up
-                    // to the first chunk starting at or after it.
-                    if let Some(seq) = Self::seq_holding(&stream, below).await? {
+                    // Remove every message wholly below `below`: purge up to
+                    // the one holding it (a message holding events on both
+                    // sides stays; reads below the floor are refused
+                    // above the seam anyway).
+                    if let Some(seq) = Self::seq_holding(&stream, last_seq, below).await? {
                         let keep_from = match Self::message_at(&stream, seq).await? {
-                            Some((first, _)) if first >= below => seq,
+                            Some(m) if m.end > below => seq,
                             _ => seq + 1,
                         };
                         stream.purge().sequence(keep_from).await?;
@@ -454,15 +835,12 @@ impl JetStreamEngine {
                             Expect::Any,
                         )
                         .await?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                    Ok::<_, BoxError>(())
                 });
-                self.index
-                    .lock()
-                    .expect("not poisoned")
-                    .entry(stream_id)
-                    .or_default()
-                    .seq_of
-                    .retain(|first, _| *first >= below);
+                if let Some(entry) = self.index.lock().expect("not poisoned").get_mut(&stream_id) {
+                    entry.seq_of.retain(|first, _| *first >= below);
+                    entry.floor = entry.floor.max(below);
+                }
                 trimmed.map_err(|e| self.error("trimming", std::io::Error::other(e.to_string())))
             }
             Change::Record { key, value } => {
@@ -507,9 +885,7 @@ impl JetStreamEngine {
                                 jetstream::context::DeleteStreamErrorKind::JetStream(ref j)
                                     if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
                             ) => {}
-                        Err(e) => {
-                            return Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                        }
+                        Err(e) => return Err(Box::new(e) as BoxError),
                     }
                     Ok(())
                 });
@@ -527,10 +903,185 @@ impl JetStreamEngine {
     }
 }
 
+/// Follows other gateways' appends for the engine (on its runtime): each
+/// announcement of a newer head moves the stream's index, and every
+/// [`FOLLOW_PERIOD`] the cluster's last sequences are compared with the
+/// index to catch what announcements missed (they are at most once).
+/// Each move is reported once, in order, to [`Engine::remote_heads`].
+struct Follower {
+    js: jetstream::Context,
+    state: StateStore,
+    names: Names,
+    replicas: usize,
+    gateway_id: u64,
+    index: Indexes,
+    found: mpsc::Sender<RemoteHead>,
+}
+
+/// One page of `$JS.API.STREAM.LIST`, with only what the follower reads.
+#[derive(Debug, serde::Deserialize)]
+struct StreamPage {
+    total: usize,
+    #[serde(default)]
+    streams: Vec<ListedStream>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListedStream {
+    config: ListedConfig,
+    state: ListedState,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListedConfig {
+    name: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListedState {
+    last_seq: u64,
+}
+
+impl Follower {
+    async fn run(self, mut announcements: async_nats::Subscriber) {
+        let mut ticks = tokio::time::interval(FOLLOW_PERIOD);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut listening = true;
+        loop {
+            let moved = tokio::select! {
+                message = announcements.next(), if listening => match message {
+                    Some(message) => self.announced(&message).into_iter().collect(),
+                    None => {
+                        listening = false;
+                        Vec::new()
+                    }
+                },
+                _ = ticks.tick() => match self.check().await {
+                    Ok(moved) => moved,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot compare the cluster's heads with this gateway's");
+                        Vec::new()
+                    }
+                },
+            };
+            for head in moved {
+                if self.found.send(head).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Another gateway's announcement: the head it moves, if newer.
+    fn announced(&self, message: &async_nats::Message) -> Option<RemoteHead> {
+        let stream_id: u64 = message.subject.rsplit('.').next()?.parse().ok()?;
+        let announced = Announcement::decode(std::str::from_utf8(&message.payload).ok()?)?;
+        if announced.gateway_id == self.gateway_id {
+            return None;
+        }
+        let mut index = self.index.lock().expect("not poisoned");
+        let entry = index.get_mut(&stream_id)?;
+        let moved = entry.saw(
+            announced.seq,
+            &Located {
+                first: announced.next_offset,
+                end: announced.next_offset,
+                time: announced.time,
+                payload: Bytes::new(),
+            },
+        );
+        moved.then(|| entry.head(stream_id))
+    }
+
+    /// The heads the cluster has beyond this gateway's index.
+    async fn check(&self) -> Result<Vec<RemoteHead>, BoxError> {
+        let mut behind = Vec::new();
+        let mut offset = 0;
+        loop {
+            let page: jetstream::response::Response<StreamPage> = self
+                .js
+                .request(
+                    "STREAM.LIST",
+                    &serde_json::json!({
+                        "offset": offset,
+                        "subject": format!("{}.ev.*", self.names.subjects),
+                    }),
+                )
+                .await?;
+            let page = match page {
+                jetstream::response::Response::Ok(page) => page,
+                jetstream::response::Response::Err { error } => return Err(Box::new(error)),
+            };
+            let index = self.index.lock().expect("not poisoned");
+            for listed in &page.streams {
+                let Some(id) = self.names.stream_id_of(&listed.config.name) else {
+                    continue;
+                };
+                if index
+                    .get(&id)
+                    .is_some_and(|i| listed.state.last_seq > i.last_seq)
+                {
+                    behind.push(id);
+                }
+            }
+            offset += page.streams.len();
+            if page.streams.is_empty() || offset >= page.total {
+                break;
+            }
+        }
+        let mut moved = Vec::new();
+        for id in behind {
+            let stream =
+                JetStreamEngine::events(self.js.clone(), &self.names, id, self.replicas).await?;
+            let Some((seq, located)) = JetStreamEngine::last_message(&stream).await? else {
+                continue;
+            };
+            JetStreamEngine::roll_forward(&self.state, id, &located).await?;
+            let mut index = self.index.lock().expect("not poisoned");
+            if let Some(entry) = index.get_mut(&id) {
+                if entry.saw(seq, &located) {
+                    moved.push(entry.head(id));
+                }
+            }
+        }
+        Ok(moved)
+    }
+}
+
 /// A prepared write (`Some`) or deletion (`None`) of one record.
 fn record_change(key: String, value: Option<Vec<u8>>) -> Prepared {
     let size = 64 + key.len() + value.as_ref().map_or(0, Vec::len);
     Prepared::new(Change::Record { key, value }, size)
+}
+
+/// The record key of an idempotency key of a stream.
+fn idempotency_key(stream_id: u64, key: &str) -> String {
+    format!("idem.{stream_id}.{}", hex(key))
+}
+
+/// Writes idempotency records, all at once (each retried while the
+/// cluster cannot answer).
+async fn put_idempotency(
+    state: &StateStore,
+    stream_id: u64,
+    keys: &[(String, IdempotencyRecord)],
+) -> Result<(), StateError> {
+    let mut writes = tokio::task::JoinSet::new();
+    for (key, record) in keys {
+        let (state, key, value) = (
+            state.clone(),
+            idempotency_key(stream_id, key),
+            Bytes::from(record.encode()),
+        );
+        writes.spawn(async move { state.put(&key, value, Expect::Any).await });
+    }
+    while let Some(done) = writes.join_next().await {
+        done.map_err(|e| StateError::JetStream {
+            op: "writing idempotency records",
+            source: Box::new(e),
+        })??;
+    }
+    Ok(())
 }
 
 /// Runs `f` on `runtime` and waits for it on this thread.
@@ -557,107 +1108,7 @@ impl Engine for JetStreamEngine {
                     std::io::Error::other(format!("bad stream record key {key}")),
                 )
             })?;
-            let meta = StreamMeta::decode(&value).map_err(|source| StorageError::Corrupt {
-                what: format!("metadata of stream {name:?}"),
-                source,
-            })?;
-            let names = self.names.clone();
-            let (js, replicas, id) = (self.js.clone(), self.options.replicas, meta.id);
-            let found = self.block(async move {
-                let stream = Self::events(js, &names, id, replicas).await?;
-                let info = stream.get_info().await?;
-                let (first, last) = if info.state.messages == 0 {
-                    (None, None)
-                } else {
-                    (
-                        Self::message_at(&stream, info.state.first_sequence).await?,
-                        Self::message_at(&stream, info.state.last_sequence).await?,
-                    )
-                };
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((
-                    info.state.last_sequence,
-                    first,
-                    last,
-                ))
-            });
-            let (last_seq, first, last) = found
-                .map_err(|e| self.error("loading streams", std::io::Error::other(e.to_string())))?;
-            let header =
-                |chunk: &Option<(u64, Bytes)>| -> Result<Option<ChunkHeader>, StorageError> {
-                    chunk
-                        .as_ref()
-                        .map(|(offset, bytes)| {
-                            ChunkHeader::decode(bytes).map_err(|source| {
-                                StorageError::CorruptChunk {
-                                    stream_id: id,
-                                    offset: *offset,
-                                    source,
-                                }
-                            })
-                        })
-                        .transpose()
-                };
-            let (first, last) = (header(&first)?, header(&last)?);
-            // The chunks are the truth for the head: a crash between a
-            // chunk's publish and the metadata's leaves the metadata behind.
-            let next_offset = last
-                .map_or(meta.next_offset, |h| h.first_offset + u64::from(h.count))
-                .max(meta.next_offset);
-            let first_offset = first
-                .map_or(next_offset, |h| h.first_offset)
-                .max(meta.offset_floor)
-                .min(next_offset);
-            self.index.lock().expect("not poisoned").insert(
-                id,
-                ChunkIndex {
-                    last_seq,
-                    ..Default::default()
-                },
-            );
-            // Records keyed `<kind>.<stream id>.<name in hex>`.
-            let named = |kind: &str| {
-                self.state_list(format!("{kind}.{id}"), "loading consumers and groups")
-                    .map(|records| {
-                        records
-                            .into_iter()
-                            .filter_map(|(key, value)| {
-                                Some((unhex(key.rsplit('.').next()?)?, value))
-                            })
-                            .collect::<Vec<_>>()
-                    })
-            };
-            let mut consumers = Vec::new();
-            for (consumer, value) in named("consumer")? {
-                let record =
-                    ConsumerRecord::decode(&value).map_err(|source| StorageError::Corrupt {
-                        what: format!("consumer {consumer:?} of stream {name:?}"),
-                        source,
-                    })?;
-                consumers.push((consumer, record));
-            }
-            let mut groups = Vec::new();
-            for (group, value) in named("group")? {
-                let record =
-                    GroupRecord::decode(&value).map_err(|source| StorageError::Corrupt {
-                        what: format!("group {group:?} of stream {name:?}"),
-                        source,
-                    })?;
-                groups.push((group, record));
-            }
-            let fence = self
-                .state_get(format!("fence.{id}"), "loading a fencing token")?
-                .map(|v| String::from_utf8_lossy(&v).into_owned())
-                .unwrap_or_default();
-            streams.push(StoredStream {
-                name,
-                meta,
-                first_offset,
-                next_offset,
-                last_time_unix_nanos: last.map(|h| h.time_unix_nanos),
-                consumers,
-                groups,
-                fence,
-            });
+            streams.push(self.load_stream(name, &value)?);
         }
         streams.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(streams)
@@ -704,20 +1155,40 @@ impl Engine for JetStreamEngine {
         );
         let (key, value) = (format!("stream.{}", hex(name)), meta.encode());
         let done = self.block(async move {
-            let stream = Self::events(js, &names, id, replicas).await?;
+            let stream = Self::events(js.clone(), &names, id, replicas).await?;
             let info = stream.get_info().await?;
-            state.put(&key, value.into(), Expect::Any).await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(info.state.last_sequence)
+            // Only if no other gateway created the stream meanwhile.
+            match state.put(&key, value.into(), Expect::Absent).await {
+                Ok(_) => Ok(Some(info.state.last_sequence)),
+                Err(StateError::Conflict { .. }) => {
+                    let _ = js.delete_stream(names.events_stream(id)).await;
+                    Ok(None)
+                }
+                Err(e) => Err(Box::new(e) as BoxError),
+            }
         });
         let last_seq = done
-            .map_err(|e| self.error("creating a stream", std::io::Error::other(e.to_string())))?;
+            .map_err(|e| self.error("creating a stream", std::io::Error::other(e.to_string())))?
+            .ok_or_else(|| StorageError::AlreadyCreated {
+                name: name.to_string(),
+            })?;
         self.index
             .lock()
             .expect("not poisoned")
             .entry(id)
-            .or_default()
-            .last_seq = last_seq;
+            .or_insert_with(|| {
+                let mut entry = StreamIndex::new(name);
+                entry.last_seq = last_seq;
+                entry.next_offset = meta.next_offset;
+                entry
+            });
         Ok(())
+    }
+
+    fn find_stream(&self, name: &str) -> Result<Option<StoredStream>, StorageError> {
+        self.state_get(format!("stream.{}", hex(name)), "looking up a stream")?
+            .map(|value| self.load_stream(name.to_string(), &value))
+            .transpose()
     }
 
     fn write_meta(&self, name: &str, meta: &StreamMeta) -> Result<Prepared, StorageError> {
@@ -737,20 +1208,15 @@ impl Engine for JetStreamEngine {
         chunks: Vec<EncodedChunk>,
         idempotency: &[(&str, IdempotencyRecord)],
     ) -> Result<Prepared, StorageError> {
-        let size = chunks.iter().map(|c| c.value.len()).sum::<usize>() + 64;
-        Ok(Prepared::new(
-            Change::Group {
-                stream_id: meta.id,
-                name: name.to_string(),
-                meta: *meta,
-                chunks,
-                idempotency: idempotency
-                    .iter()
-                    .map(|(k, r)| (k.to_string(), *r))
-                    .collect(),
-            },
-            size,
-        ))
+        self.poisoned()?;
+        let keys = idempotency
+            .iter()
+            .map(|(k, r)| (k.to_string(), *r))
+            .collect();
+        // Written here, not in `commit`: the append is conditional, and a
+        // writer that lost the race must decide its group again.
+        self.append_group(name, meta.id, chunks, keys, meta.next_offset)?;
+        Ok(Prepared::new(Change::Appended, 0))
     }
 
     fn trim(&self, name: &str, meta: &StreamMeta, below: u64) -> Result<Prepared, StorageError> {
@@ -793,45 +1259,48 @@ impl Engine for JetStreamEngine {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let cached = {
+        // Readers never read past the published head, and the index
+        // knows every message up to it: its last sequence bounds the read
+        // (no request for the stream's state).
+        let (cached, last_seq) = {
             let index = self.index.lock().expect("not poisoned");
-            index
-                .get(&stream_id)
-                .and_then(|i| i.seq_of.range(..=offset).next_back().map(|(_, s)| *s))
+            let entry = index.get(&stream_id);
+            (
+                entry.and_then(|i| i.seq_of.range(..=offset).next_back().map(|(_, s)| *s)),
+                entry.map_or(0, |i| i.last_seq),
+            )
         };
         let names = self.names.clone();
         let (js, replicas) = (self.js.clone(), self.options.replicas);
-        // The raw chunks first (on the engine's runtime); decoding, which
-        // borrows `keep`, on this thread.
+        // The raw messages first (on the engine's runtime); cutting them
+        // into chunks and decoding, which borrows `keep`, on this thread.
         let raw = self.block(async move {
             let stream = Self::events(js, &names, stream_id, replicas).await?;
             let start = match cached {
                 Some(seq) => Some(seq),
-                None => Self::seq_holding(&stream, offset).await?,
+                None => Self::seq_holding(&stream, last_seq, offset).await?,
             };
             let Some(mut seq) = start else {
                 return Ok(Vec::new());
             };
-            let last = stream.get_info().await?.state.last_sequence;
             let (mut events, mut bytes, mut raw) = (0usize, 0usize, Vec::new());
-            // The cache can point at a chunk well before `offset` (only
-            // some chunks are remembered): chunks that end at or before
-            // it are skipped, and after a few, a search takes over.
+            // The cache can point at a message well before `offset` (only
+            // some are remembered): messages that end at or before it are
+            // skipped, and after a few, a search takes over.
             let mut skipped = 0;
-            while seq <= last {
-                let Some((first, value)) = Self::message_at(&stream, seq).await? else {
+            while seq <= last_seq {
+                let Some(located) = Self::message_at(&stream, seq).await? else {
                     seq += 1;
                     continue;
                 };
-                if first >= end {
+                if located.first >= end {
                     break;
                 }
-                let count = ChunkHeader::decode(&value).map_or(0, |h| h.count as u64);
-                if first + count <= offset && count > 0 {
+                if located.end <= offset {
                     skipped += 1;
                     seq = if skipped > 4 {
                         skipped = 0;
-                        match Self::seq_holding(&stream, offset).await? {
+                        match Self::seq_holding(&stream, last_seq, offset).await? {
                             Some(found) if found > seq => found,
                             _ => seq + 1,
                         }
@@ -840,46 +1309,57 @@ impl Engine for JetStreamEngine {
                     };
                     continue;
                 }
-                bytes += value.len();
-                events += (first + count).saturating_sub(offset.max(first)) as usize;
-                raw.push((first, seq, value));
+                bytes += located.payload.len();
+                events += located
+                    .end
+                    .min(end)
+                    .saturating_sub(offset.max(located.first)) as usize;
+                raw.push((seq, located));
                 seq += 1;
                 if events >= max_events || bytes >= max_bytes {
                     break;
                 }
             }
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(raw)
+            Ok::<_, BoxError>(raw)
         });
         let raw =
             raw.map_err(|e| self.error("reading chunks", std::io::Error::other(e.to_string())))?;
-        let mut chunks = Vec::with_capacity(raw.len());
         {
             let mut index = self.index.lock().expect("not poisoned");
-            let entry = index.entry(stream_id).or_default();
-            for (first, seq, _) in &raw {
-                entry.seq_of.insert(*first, *seq);
-            }
-            while entry.seq_of.len() > INDEX_ENTRIES {
-                entry.seq_of.pop_first();
+            if let Some(entry) = index.get_mut(&stream_id) {
+                for (seq, located) in &raw {
+                    entry.saw(*seq, located);
+                }
             }
         }
-        for (first, _, value) in raw {
-            let chunk =
-                Chunk::decode_where(value, keep).map_err(|source| StorageError::CorruptChunk {
-                    stream_id,
-                    offset: first,
-                    source,
-                })?;
-            if chunk.first_offset != first {
-                return Err(self.error(
-                    "reading chunks",
-                    std::io::Error::other(format!(
-                        "the chunk message for offset {first} holds offset {}",
-                        chunk.first_offset
-                    )),
-                ));
+        let mut chunks = Vec::new();
+        for (_, located) in raw {
+            let damaged = |source| StorageError::CorruptChunk {
+                stream_id,
+                offset: located.first,
+                source,
+            };
+            let group = message::decode(located.payload.clone()).map_err(damaged)?;
+            let mut expected = located.first;
+            for value in group.chunks {
+                let chunk = Chunk::decode_where(value, keep).map_err(damaged)?;
+                if chunk.first_offset != expected {
+                    return Err(damaged(crate::engine::CodecError::Inconsistent(format!(
+                        "the message for offsets {}..{} has a chunk at {} where {expected} was due",
+                        located.first, located.end, chunk.first_offset
+                    ))));
+                }
+                expected = chunk.end_offset();
+                if chunk.end_offset() > offset {
+                    chunks.push(chunk);
+                }
             }
-            chunks.push(chunk);
+            if expected != located.end {
+                return Err(damaged(crate::engine::CodecError::Inconsistent(format!(
+                    "the message for offsets {}..{} ends at {expected}",
+                    located.first, located.end
+                ))));
+            }
         }
         Ok(chunks)
     }
@@ -907,20 +1387,29 @@ impl Engine for JetStreamEngine {
     ) -> Result<(), StorageError> {
         let names = self.names.clone();
         let (js, replicas) = (self.js.clone(), self.options.replicas);
-        let mut seq = None;
-        for _ in 0..limit {
-            let (js, from, names) = (js.clone(), seq, names.clone());
+        // Chunks below the floor are trimmed already (kept only because
+        // their message holds newer ones too).
+        let floor = self
+            .index
+            .lock()
+            .expect("not poisoned")
+            .get(&stream_id)
+            .map_or(0, |i| i.floor);
+        let mut after = None;
+        let mut shown = 0;
+        while shown < limit {
+            let (js, names) = (js.clone(), names.clone());
             let next = self.block(async move {
                 let stream = Self::events(js, &names, stream_id, replicas).await?;
                 let info = stream.get_info().await?;
-                let mut at = from.map_or(info.state.first_sequence, |s: u64| s + 1);
+                let mut at = after.map_or(info.state.first_sequence, |s: u64| s + 1);
                 while at <= info.state.last_sequence && info.state.messages > 0 {
                     if let Some(found) = Self::message_at(&stream, at).await? {
                         return Ok(Some((at, found)));
                     }
                     at += 1;
                 }
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(None)
+                Ok::<_, BoxError>(None)
             });
             let next = next.map_err(|e| {
                 self.error(
@@ -928,18 +1417,27 @@ impl Engine for JetStreamEngine {
                     std::io::Error::other(e.to_string()),
                 )
             })?;
-            let Some((at, (first, value))) = next else {
+            let Some((at, located)) = next else {
                 return Ok(());
             };
-            seq = Some(at);
-            let header =
-                ChunkHeader::decode(&value).map_err(|source| StorageError::CorruptChunk {
-                    stream_id,
-                    offset: first,
-                    source,
-                })?;
-            if !visit(header, value.len() as u64) {
-                break;
+            after = Some(at);
+            let damaged = |source| StorageError::CorruptChunk {
+                stream_id,
+                offset: located.first,
+                source,
+            };
+            for value in message::decode(located.payload.clone())
+                .map_err(damaged)?
+                .chunks
+            {
+                let header = ChunkHeader::decode(&value).map_err(damaged)?;
+                if header.end_offset() <= floor {
+                    continue;
+                }
+                shown += 1;
+                if !visit(header, value.len() as u64) || shown >= limit {
+                    return Ok(());
+                }
             }
         }
         Ok(())
@@ -951,7 +1449,7 @@ impl Engine for JetStreamEngine {
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StorageError> {
         self.state_get(
-            format!("idem.{stream_id}.{}", hex(key)),
+            idempotency_key(stream_id, key),
             "looking up an idempotency key",
         )?
         .map(|value| {
@@ -989,10 +1487,7 @@ impl Engine for JetStreamEngine {
     ) -> Result<Prepared, StorageError> {
         Ok(Prepared::new(
             Change::Forget {
-                keys: keys
-                    .iter()
-                    .map(|k| format!("idem.{stream_id}.{}", hex(k)))
-                    .collect(),
+                keys: keys.iter().map(|k| idempotency_key(stream_id, k)).collect(),
             },
             64 * keys.len(),
         ))
@@ -1062,7 +1557,7 @@ impl Engine for JetStreamEngine {
                 // As with a failed disk write: what follows may depend on
                 // what failed, so nothing more is acknowledged until a
                 // restart reloads the truth from the cluster.
-                *self.failed.lock().expect("not poisoned") = Some(e.to_string());
+                self.poison(&e);
                 return Err(e);
             }
         }
@@ -1071,6 +1566,21 @@ impl Engine for JetStreamEngine {
 
     fn checkpoint(&self, _covered: u64) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    /// One group is one message: the cluster's `max_payload`, less room
+    /// for the headers and the message's framing.
+    fn max_group_bytes(&self) -> Option<usize> {
+        let payload = self.client.server_info().max_payload;
+        Some(
+            payload
+                .saturating_sub(4096 + message::FRAMING_BYTES)
+                .max(GROUP_EVENT_OVERHEAD),
+        )
+    }
+
+    fn remote_heads(&self) -> Option<mpsc::Receiver<RemoteHead>> {
+        self.remote_heads.lock().expect("not poisoned").take()
     }
 
     fn failure(&self) -> Option<String> {

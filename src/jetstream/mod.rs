@@ -9,6 +9,7 @@
 //! next slices (ARCHITECTURE.md lists them and today's gaps).
 
 pub mod engine;
+pub mod message;
 pub mod state;
 
 pub use engine::{JetStreamEngine, JetStreamOptions};

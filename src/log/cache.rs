@@ -111,10 +111,11 @@ impl TailCache {
     }
 
     /// The cached chunks from the one holding `offset` on, at most
-    /// `max_chunks` of them; `None` when `offset` is older than the cache.
+    /// `max_chunks` of them; `None` when no cached chunk holds `offset`:
+    /// it is older than the cache, or newer (a head another server's
+    /// append moved has no chunks here).
     pub(crate) fn chunks_from(&self, offset: u64, max_chunks: usize) -> Option<Vec<Arc<Chunk>>> {
-        let (front, _) = self.chunks.front()?;
-        if offset < front.first_offset {
+        if !self.holds(offset) {
             return None;
         }
         let start = self

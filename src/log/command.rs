@@ -47,6 +47,12 @@ pub(crate) enum WriterCommand {
         retention: Retention,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    /// Another server appended (an engine shared by several servers):
+    /// move the head there (sent by the log as the engine reports it).
+    Moved {
+        next_offset: u64,
+        last_time_unix_nanos: i64,
+    },
     /// Change a durable consumer; answered once durable.
     Consumer {
         name: String,

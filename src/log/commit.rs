@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
-use crate::engine::{Chunk, Engine, Prepared};
+use crate::engine::{run_blocking, Chunk, Engine, Prepared};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -215,7 +215,9 @@ impl Committer {
                 }
             }
             if let Change::Appended { events, .. } = commit.change {
-                self.metrics.group_commit_events.observe(events as f64);
+                if events > 0 {
+                    self.metrics.group_commit_events.observe(events as f64);
+                }
             }
             commit.publish();
             return;
@@ -316,15 +318,6 @@ impl Committer {
             })
             .map_err(|e| warn!(error = %e, "cannot start a checkpoint"))
             .ok();
-    }
-}
-
-/// Runs blocking work from async code without stalling the runtime's other
-/// tasks (where the runtime allows it).
-fn run_blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
     }
 }
 

@@ -2,7 +2,9 @@
 //! rate and ask the writers of streams with a retention policy to trim;
 //! each minute (or idempotency window), ask every writer to forget its
 //! expired idempotency keys. Both only send commands: the writers do the
-//! work, ordered with appends.
+//! work, ordered with appends. With an engine that several servers
+//! share, a third task hands each stream's writer the heads other servers'
+//! appends left.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +47,42 @@ pub(super) async fn expire_idempotency_keys(log: Arc<Log>) {
         }
         for stream in log.all_streams() {
             let _ = stream.writer_tx.try_send(WriterCommand::ExpireIdempotency);
+        }
+    }
+}
+
+/// Until the log closes: moves each stream's head where another server's
+/// append left it, as the engine reports (engines shared by several
+/// servers). Through the stream's writer, so the head is published in
+/// order with this server's own appends; waits when a writer's queue is
+/// full (the engine's report channel then fills and it waits too: nothing
+/// is dropped). A stream this server does not know (made through another
+/// server since it started) is skipped.
+pub(super) async fn follow_remote_heads(
+    log: Arc<Log>,
+    mut heads: tokio::sync::mpsc::Receiver<crate::engine::RemoteHead>,
+) {
+    loop {
+        let head = tokio::select! {
+            _ = log.closing.cancelled() => return,
+            head = heads.recv() => match head {
+                Some(head) => head,
+                None => return,
+            },
+        };
+        let Ok(stream) = log.get(&head.name) else {
+            continue;
+        };
+        if stream.meta.id != head.stream_id {
+            continue;
+        }
+        let moved = WriterCommand::Moved {
+            next_offset: head.next_offset,
+            last_time_unix_nanos: head.last_time_unix_nanos,
+        };
+        tokio::select! {
+            _ = log.closing.cancelled() => return,
+            _ = stream.writer_tx.send(moved) => {}
         }
     }
 }

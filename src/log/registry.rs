@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::cache::{CacheBudget, SharedReads, TailCache};
 use super::command::WriterCommand;
 use super::commit::Committer;
-use super::housekeeping::{expire_idempotency_keys, housekeeping};
+use super::housekeeping::{expire_idempotency_keys, follow_remote_heads, housekeeping};
 use super::read_ahead::{ReadAheadBudget, READ_AHEAD_BUDGET_BYTES};
 use super::stream::{Stream, StreamShared};
 use super::validate::validate_stored_name;
@@ -31,7 +31,7 @@ use crate::storage::{Store, StoreOptions};
 
 impl Log {
     /// Opens the store and starts a writer per stream.
-    pub async fn open(config: LogConfig) -> Result<Arc<Log>, Error> {
+    pub async fn open(mut config: LogConfig) -> Result<Arc<Log>, Error> {
         let options = StoreOptions {
             path: config.data_dir.clone(),
             cache_bytes: config.cache_bytes,
@@ -76,6 +76,20 @@ impl Log {
             }
             crate::config::EngineConfig::Sled => Self::open_sled(options, verify).await?,
         };
+        if let Some(room) = engine.max_group_bytes() {
+            // One write of the engine must hold any valid batch: half the
+            // room leaves the framing of the smallest events (the writer
+            // still refuses, by name, a batch that does not fit).
+            let most = room / 2;
+            if config.max_batch_bytes > most || config.max_event_bytes > most {
+                info!(
+                    max_batch_bytes = most,
+                    "lowered --max-batch-bytes and --max-event-bytes to what one write of the storage engine holds"
+                );
+            }
+            config.max_batch_bytes = config.max_batch_bytes.min(most);
+            config.max_event_bytes = config.max_event_bytes.min(most);
+        }
         Self::start(config, engine, stored).await
     }
 
@@ -164,6 +178,9 @@ impl Log {
         }
         log.tasks.spawn(expire_idempotency_keys(log.clone()));
         log.tasks.spawn(housekeeping(log.clone()));
+        if let Some(heads) = log.engine.remote_heads() {
+            log.tasks.spawn(follow_remote_heads(log.clone(), heads));
+        }
         info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)
     }
@@ -214,12 +231,36 @@ impl Log {
 
     pub(super) fn get(&self, name: &str) -> Result<Arc<Stream>, Error> {
         validate_stored_name(name)?;
-        self.streams
+        let known = self
+            .streams
             .read()
             .expect("registry lock")
             .get(name)
-            .cloned()
-            .ok_or_else(|| Error::StreamNotFound(name.to_string()))
+            .cloned();
+        match known {
+            Some(stream) => Ok(stream),
+            None => self
+                .adopt(name)?
+                .ok_or_else(|| Error::StreamNotFound(name.to_string())),
+        }
+    }
+
+    /// Starts a stream another server sharing the engine created since
+    /// this one opened, if there is one by that name.
+    fn adopt(&self, name: &str) -> Result<Option<Arc<Stream>>, Error> {
+        let Some(stored) = self.engine.find_stream(name)? else {
+            return Ok(None);
+        };
+        let _creating = self.creating.lock().expect("creation lock");
+        if let Some(stream) = self.streams.read().expect("registry lock").get(name) {
+            return Ok(Some(stream.clone()));
+        }
+        let stream = self.start_stream(stored)?;
+        self.streams
+            .write()
+            .expect("registry lock")
+            .insert(name.to_string(), stream.clone());
+        Ok(Some(stream))
     }
 
     /// Returns the stream, creating it when `create` is set and it is missing.
@@ -251,7 +292,17 @@ impl Log {
             bytes: 0,
             retention,
         };
-        self.engine.put_stream(name, &meta)?;
+        match self.engine.put_stream(name, &meta) {
+            Ok(()) => {}
+            Err(crate::engine::StorageError::AlreadyCreated { .. }) => {
+                drop(_creating);
+                return match self.adopt(name)? {
+                    Some(stream) => Ok((stream, false)),
+                    None => Err(Error::StreamNotFound(name.to_string())),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        }
         let stream = self.start_stream(StoredStream {
             fence: String::new(),
             name: name.to_string(),

@@ -189,8 +189,13 @@ impl StreamShared {
                 cache.push(chunk, size);
             }
         }
+        // The head only moves forward (a head another server's append
+        // moved can be published after an older one of this server's).
         self.head_tx.send_if_modified(|head| {
-            let moved = head.next_offset != next_offset;
+            let moved = next_offset > head.next_offset;
+            if !moved {
+                return false;
+            }
             self.metrics
                 .appended_events
                 .inc_by(next_offset.saturating_sub(head.next_offset));

@@ -17,12 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::error;
 
 use super::command::{AppendJob, ConsumerChange, WriterCommand};
-use super::commit::{Change, Commit, Committer};
+use super::commit::{Change, Commit, Committer, PipelineGate};
 use super::consumer::{apply_change, ConsumerState};
 use super::{AppendOutcome, StreamShared};
 use crate::engine::{
-    Chunk, EncodedChunk, Engine, EventRecord, IdempotencyRecord, Prepared, Retention, StreamMeta,
-    TARGET_CHUNK_BYTES,
+    Chunk, EncodedChunk, Engine, EventRecord, IdempotencyRecord, Prepared, Retention, StorageError,
+    StreamMeta, GROUP_EVENT_OVERHEAD, TARGET_CHUNK_BYTES,
 };
 use crate::error::Error;
 
@@ -33,6 +33,10 @@ const MAX_GROUP_EVENTS: usize = 20_000;
 /// The most chunks one trim removes (about 32 MiB of 8 KiB chunks): a
 /// big backlog is trimmed over several turns, with appends in between.
 const MAX_TRIM_CHUNKS: usize = 4096;
+
+/// How many times a group is decided again because other servers
+/// appended first (cluster mode) before its callers get ABORTED.
+const MAX_HEAD_MOVES: u32 = 16;
 
 /// The writer's state. Owns the stream's authoritative next offset.
 pub(crate) struct Writer {
@@ -78,11 +82,24 @@ impl Writer {
             while let Some(command) = next.take() {
                 match command {
                     WriterCommand::Append(job) => {
+                        // A group fits the engine's bound on one group's
+                        // bytes, when it has one (a bigger batch alone is
+                        // refused by `accept`).
+                        let room = self.engine.max_group_bytes();
                         let mut events = job.events.len();
+                        let mut bytes = room.map_or(0, |_| group_bytes(&job.events));
                         let mut jobs = vec![job];
                         while events < MAX_GROUP_EVENTS {
                             match rx.try_recv() {
                                 Ok(WriterCommand::Append(job)) => {
+                                    if let Some(room) = room {
+                                        let more = group_bytes(&job.events);
+                                        if bytes + more > room {
+                                            next = Some(WriterCommand::Append(job));
+                                            break;
+                                        }
+                                        bytes += more;
+                                    }
                                     events += job.events.len();
                                     jobs.push(job);
                                 }
@@ -120,6 +137,10 @@ impl Writer {
                         expected,
                         reply,
                     } => self.set_fence(token, expected, reply).await,
+                    WriterCommand::Moved {
+                        next_offset,
+                        last_time_unix_nanos,
+                    } => self.follow_head(next_offset, last_time_unix_nanos).await,
                 }
             }
         }
@@ -434,7 +455,62 @@ impl Writer {
         self.commit_change(written.map(Some), reply).await;
     }
 
-    async fn write_group(&mut self, jobs: Vec<AppendJob>) {
+    /// Writes a group of appends, deciding it again from the new head each
+    /// time the engine finds that another server appended first (cluster
+    /// mode), at most [`MAX_HEAD_MOVES`] times.
+    async fn write_group(&mut self, mut jobs: Vec<AppendJob>) {
+        let mut moves = 0;
+        while let Some((back, next_offset, last_time)) = self.try_write_group(jobs).await {
+            moves += 1;
+            self.follow_head(next_offset, last_time).await;
+            if moves >= MAX_HEAD_MOVES {
+                for job in back {
+                    if let Some(gate) = &job.pipeline {
+                        gate.fail();
+                    }
+                    let _ = job.reply.send(Err(Error::Contended {
+                        stream: self.name.clone(),
+                        attempts: moves,
+                    }));
+                }
+                return;
+            }
+            jobs = back;
+        }
+    }
+
+    /// Moves the stream's head to where another server left it (an
+    /// engine shared by several servers), publishing it after whatever
+    /// this writer handed to the committer before.
+    async fn follow_head(&mut self, next_offset: u64, last_time_unix_nanos: i64) {
+        self.last_time_unix_nanos = self.last_time_unix_nanos.max(last_time_unix_nanos);
+        if next_offset <= self.next_offset {
+            return;
+        }
+        self.next_offset = next_offset;
+        self.meta.next_offset = next_offset;
+        self.committer
+            .commit(Commit {
+                stream: self.shared.clone(),
+                record: None,
+                change: Change::Appended {
+                    events: 0,
+                    next_offset,
+                    chunks: Vec::new(),
+                    replies: Vec::new(),
+                    pipelines: Vec::new(),
+                },
+            })
+            .await;
+    }
+
+    /// Decides and writes one group. Returns the jobs with the head the
+    /// engine found when another server appended first: nothing was
+    /// written and nobody was answered, so the group can be decided again.
+    async fn try_write_group(
+        &mut self,
+        jobs: Vec<AppendJob>,
+    ) -> Option<(Vec<AppendJob>, u64, i64)> {
         if let Some(reason) = self.committer.failure() {
             for job in jobs {
                 if let Some(gate) = &job.pipeline {
@@ -442,7 +518,7 @@ impl Writer {
                 }
                 let _ = job.reply.send(Err(Error::StorageFailed(reason.clone())));
             }
-            return;
+            return None;
         }
         let published = self.shared.head().next_offset;
         self.unpublished_keys
@@ -450,13 +526,17 @@ impl Writer {
         let time = self.clock.now_unix_nanos().max(self.last_time_unix_nanos);
         let group_first = self.next_offset;
         let mut records = Vec::new();
-        let mut replies = Vec::with_capacity(jobs.len());
+        let mut decided = Vec::with_capacity(jobs.len());
         let mut new_keys: Vec<(String, IdempotencyRecord)> = Vec::new();
         let mut pipelines = Vec::new();
-        for job in jobs {
+        // Pipelines a batch of this group failed: their later batches are
+        // not written. Their gates are closed only once the group is
+        // written (a group decided again starts from scratch).
+        let mut stopped: Vec<Arc<PipelineGate>> = Vec::new();
+        for mut job in jobs {
             if let Some(gate) = &job.pipeline {
-                if gate.failed() {
-                    replies.push((job.reply, Err(Error::PipelineStopped)));
+                if gate.failed() || stopped.iter().any(|g| Arc::ptr_eq(g, gate)) {
+                    decided.push((job, Err(Error::PipelineStopped)));
                     continue;
                 }
                 pipelines.push(gate.clone());
@@ -464,27 +544,26 @@ impl Writer {
             let result = self.accept(&job, time, &new_keys);
             if let (Err(_), Some(gate)) = (&result, &job.pipeline) {
                 // Nothing after a failed batch of a pipeline is written.
-                gate.fail();
+                stopped.push(gate.clone());
             }
-            match result {
-                Ok(outcome) if !outcome.duplicate => {
-                    if let Some((key, fingerprint)) = job.idempotency {
+            if let Ok(outcome) = &result {
+                if !outcome.duplicate {
+                    if let Some((key, fingerprint)) = &job.idempotency {
                         new_keys.push((
-                            key,
+                            key.clone(),
                             IdempotencyRecord {
                                 first_offset: outcome.first_offset,
                                 count: outcome.count,
                                 time_unix_nanos: time,
-                                fingerprint,
+                                fingerprint: *fingerprint,
                             },
                         ));
                     }
                     self.next_offset += u64::from(outcome.count);
-                    records.extend(job.events);
-                    replies.push((job.reply, Ok(outcome)));
+                    records.extend(std::mem::take(&mut job.events));
                 }
-                other => replies.push((job.reply, other)),
             }
+            decided.push((job, result));
         }
 
         let chunks = cut_into_chunks(group_first, time, records);
@@ -511,24 +590,58 @@ impl Writer {
                     record = Some(logged);
                     self.unpublished_keys.extend(new_keys);
                 }
+                Err(StorageError::HeadMoved {
+                    next_offset,
+                    last_time_unix_nanos,
+                    ..
+                }) => {
+                    // Nothing was written: the accepted jobs get their
+                    // events back, in order, to be decided again.
+                    self.next_offset = group_first;
+                    let mut events = cached
+                        .iter()
+                        .flat_map(|(chunk, _)| chunk.records.iter().cloned());
+                    let jobs = decided
+                        .into_iter()
+                        .map(|(mut job, result)| {
+                            if let Ok(outcome) = &result {
+                                if !outcome.duplicate {
+                                    job.events =
+                                        events.by_ref().take(outcome.count as usize).collect();
+                                }
+                            }
+                            job
+                        })
+                        .collect();
+                    return Some((jobs, next_offset, last_time_unix_nanos));
+                }
                 Err(e) => {
                     // The batch is atomic: nothing of it was written.
                     error!(stream = %self.name, error = %e, "append failed");
                     self.next_offset = group_first;
-                    for gate in pipelines {
+                    for gate in pipelines.into_iter().chain(stopped) {
                         gate.fail();
                     }
                     let reason = e.to_string();
-                    for (reply, result) in replies {
-                        let _ = reply.send(result.and(Err(Error::StorageFailed(reason.clone()))));
+                    for (job, result) in decided {
+                        let _ = job
+                            .reply
+                            .send(result.and(Err(Error::StorageFailed(reason.clone()))));
                     }
-                    return;
+                    return None;
                 }
             }
             self.meta = meta;
             self.last_time_unix_nanos = time;
             self.shared.set_bytes(meta.bytes);
         }
+        for gate in stopped {
+            gate.fail();
+        }
+        let replies = decided
+            .into_iter()
+            .map(|(job, result)| (job.reply, result))
+            .collect();
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
@@ -542,6 +655,7 @@ impl Writer {
                 },
             })
             .await;
+        None
     }
 
     /// Decides one job against the stream as it stands after the jobs
@@ -577,6 +691,14 @@ impl Writer {
                     time_unix_nanos: record.time_unix_nanos,
                     duplicate: true,
                 });
+            }
+        }
+        if let Some(room) = self.engine.max_group_bytes() {
+            let bytes = group_bytes(&job.events);
+            if bytes > room {
+                return Err(Error::InvalidArgument(format!(
+                    "the batch takes {bytes} bytes as the storage engine stores it, and one write holds at most {room} (the NATS cluster's max_payload, less framing): split it"
+                )));
             }
         }
         if !job.fencing_token.is_empty() && job.fencing_token != self.fence {
@@ -633,6 +755,14 @@ impl Writer {
         let _ = reply.send(outcome);
         deleted
     }
+}
+
+/// The bytes `events` take as [`Engine::max_group_bytes`] counts them.
+fn group_bytes(events: &[EventRecord]) -> usize {
+    events
+        .iter()
+        .map(|e| e.encoded_len() + GROUP_EVENT_OVERHEAD)
+        .sum()
 }
 
 /// Splits a group's records into chunks of about [`TARGET_CHUNK_BYTES`]

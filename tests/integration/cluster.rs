@@ -40,7 +40,7 @@ impl NatsCluster {
             std::fs::write(
                 &config,
                 format!(
-                    "server_name: n{i}\nlisten: 127.0.0.1:{}\n\
+                    "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 256MB }}\n\
                      cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n",
                     clients[i],
@@ -502,4 +502,221 @@ async fn health_says_not_serving_while_the_cluster_has_no_quorum() {
         .get_server_status(pullstream::proto::GetServerStatusRequest {})
         .await;
     assert!(status.is_ok(), "{status:?}");
+}
+
+/// Two gateways on one cluster serve one stream: appends through either
+/// are delivered in order, without gap or duplicate, to subscribers on
+/// both; concurrent appends through both stay dense; an idempotency key
+/// and `expected_next_offset` mean the same through either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_serve_one_stream() {
+    use crate::common::*;
+    use pullstream::proto as pb;
+    use std::collections::BTreeMap;
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    // A stream made through A (by its first append) is found through B.
+    for i in 0..10 {
+        append(&mut on_a, "s", vec![event("t", &format!("first-{i}"))]).await;
+    }
+    let from = |offset| Some(pb::subscribe_request::Start::Offset(offset));
+    let mut tail_b = subscribe(&mut on_b, "s", from(0)).await;
+    let mut tail_a = subscribe(&mut on_a, "s", from(0)).await;
+    let early = collect(&mut tail_b, 10).await;
+    assert_eq!(
+        early.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<_>>()
+    );
+    // Two producers, one on each gateway, race on the stream.
+    let producer = |mut client: Client, name: &'static str| {
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for batch in 0..30 {
+                let events: Vec<_> = (0..5)
+                    .map(|i| event("t", &format!("{name}-{batch}-{i}")))
+                    .collect();
+                let ack = within(append(&mut client, "s", events)).await;
+                assert_eq!(ack.count, 5);
+                acked.push((ack.first_offset, format!("{name}-{batch}")));
+            }
+            acked
+        })
+    };
+    let racing = [producer(on_a.clone(), "a"), producer(on_b.clone(), "b")];
+    // Which batch each offset holds, from the acknowledgements.
+    let mut expected = BTreeMap::new();
+    for (i, e) in early.iter().enumerate() {
+        expected.insert(e.offset, format!("first-{i}"));
+    }
+    for task in racing {
+        for (first, batch) in task.await.unwrap() {
+            for i in 0..5 {
+                let previous = expected.insert(first + i, format!("{batch}-{i}"));
+                assert_eq!(previous, None, "offset {} acknowledged twice", first + i);
+            }
+        }
+    }
+    assert_eq!(
+        expected.keys().copied().collect::<Vec<_>>(),
+        (0..310).collect::<Vec<_>>(),
+        "the acknowledged offsets are dense"
+    );
+    let expected: Vec<(u64, String)> = expected.into_iter().collect();
+    // Both subscribers, each on one gateway, see every event once, in
+    // order, with what its acknowledgement said.
+    let seen = |events: Vec<pb::Event>| -> Vec<(u64, String)> {
+        events
+            .into_iter()
+            .map(|e| (e.offset, String::from_utf8(e.data.to_vec()).unwrap()))
+            .collect()
+    };
+    let mut on_b_seen = seen(early);
+    on_b_seen.extend(seen(collect(&mut tail_b, 300).await));
+    assert_eq!(on_b_seen, expected);
+    assert_eq!(seen(collect(&mut tail_a, 310).await), expected);
+    // Reads through either gateway agree.
+    assert_eq!(seen(read_all(&mut on_a, "s").await), expected);
+    assert_eq!(seen(read_all(&mut on_b, "s").await), expected);
+
+    // An idempotency key made through A is remembered through B.
+    let keyed = || pb::AppendRequest {
+        stream: "s".into(),
+        events: vec![event("t", "keyed")],
+        idempotency_key: "k".into(),
+        ..Default::default()
+    };
+    let first = on_a.append(keyed()).await.unwrap().into_inner();
+    let again = on_b.append(keyed()).await.unwrap().into_inner();
+    assert_eq!(
+        (again.first_offset, again.duplicate),
+        (first.first_offset, true)
+    );
+    // `expected_next_offset` is checked against the stream's real head,
+    // whichever gateway appended last.
+    let head = first.first_offset + 1;
+    append(&mut on_a, "s", vec![event("t", "moved")]).await;
+    let conditional = |expected| pb::AppendRequest {
+        stream: "s".into(),
+        events: vec![event("t", "conditional")],
+        expected_next_offset: Some(expected),
+        ..Default::default()
+    };
+    let stale = on_b.append(conditional(head)).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+    let ok = on_b
+        .append(conditional(head + 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.first_offset, head + 1);
+}
+
+/// A gateway killed with kill -9 under load: its producer retries the
+/// batch it was not answered for (same idempotency key) through the other
+/// gateway, its subscriber resumes there from its cursor, and every
+/// acknowledged batch is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_leaves_its_clients_to_the_other() {
+    use crate::common::*;
+    use pullstream::proto as pb;
+    let cluster = NatsCluster::start().await;
+    let urls = cluster.urls.join(",");
+    let args = ["--engine", "jetstream", "--nats-url", urls.as_str()];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut process_a, url_a) = crate::process::spawn_server(dir_a.path(), &args);
+    let (mut process_b, url_b) = crate::process::spawn_server(dir_b.path(), &args);
+    let mut producer = connect(&url_a).await;
+    let mut subscriber = connect(&url_a).await;
+    append(&mut producer, "s", vec![event("t", "0-0")]).await;
+    let mut tail = subscribe(
+        &mut subscriber,
+        "s",
+        Some(pb::subscribe_request::Start::Offset(0)),
+    )
+    .await;
+    let batch = |n: u64| pb::AppendRequest {
+        stream: "s".into(),
+        events: (0..3).map(|i| event("t", &format!("{n}-{i}"))).collect(),
+        idempotency_key: format!("batch-{n}"),
+        ..Default::default()
+    };
+    let mut received = Vec::new();
+    let mut n = 1;
+    // Appends through A until it dies under them: killed once ten batches
+    // are acknowledged, by another thread, so the kill can land while an
+    // append is on its way (written, or not, and never answered).
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let killer = {
+        let acked = acked.clone();
+        std::thread::spawn(move || {
+            while acked.load(std::sync::atomic::Ordering::Relaxed) < 10 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let _ = process_a.kill();
+            let _ = process_a.wait();
+        })
+    };
+    let unanswered = loop {
+        match producer.append(batch(n)).await {
+            Ok(_) => {
+                acked.store(n, std::sync::atomic::Ordering::Relaxed);
+                n += 1;
+            }
+            Err(_) => break n,
+        }
+        if let Ok(Ok(Some(message))) =
+            tokio::time::timeout(Duration::from_millis(1), tail.message()).await
+        {
+            received.extend(message.events);
+        }
+    };
+    // The producer moves to B and retries the batch it got no answer for,
+    // then goes on.
+    killer.join().unwrap();
+    let mut producer = connect(&url_b).await;
+    within(async {
+        loop {
+            match producer.append(batch(unanswered)).await {
+                Ok(_) => break,
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    for n in unanswered + 1..unanswered + 10 {
+        producer.append(batch(n)).await.unwrap();
+    }
+    let last = unanswered + 9;
+    // The subscriber resumes on B from the offset after the last event it
+    // received.
+    drop(tail);
+    let mut subscriber = connect(&url_b).await;
+    let resume = received.last().map_or(0, |e| e.offset + 1);
+    let mut tail = subscribe(
+        &mut subscriber,
+        "s",
+        Some(pb::subscribe_request::Start::Offset(resume)),
+    )
+    .await;
+    let total = 1 + 3 * last as usize;
+    received.extend(collect(&mut tail, total - received.len()).await);
+    let data: Vec<String> = received
+        .iter()
+        .map(|e| String::from_utf8(e.data.to_vec()).unwrap())
+        .collect();
+    let mut wanted = vec!["0-0".to_string()];
+    for n in 1..=last {
+        wanted.extend((0..3).map(|i| format!("{n}-{i}")));
+    }
+    assert_eq!(data, wanted, "every batch once, in order");
+    assert_eq!(
+        received.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (0..total as u64).collect::<Vec<_>>()
+    );
+    let _ = process_b.kill();
+    let _ = process_b.wait();
 }

@@ -307,6 +307,9 @@ async fn every_response_fits_a_default_grpc_clients_4_mib_limit() {
 /// append lands (no deadlock, nothing lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn changes_waiting_for_a_stalled_disk_are_bounded_and_all_land() {
+    if sled_only("the commit queue holds written sled changes; the JetStream engine writes an append before it is queued, and its writers wait for the cluster") {
+        return;
+    }
     use pullstream::durability::fault::Faults;
     let faults = std::sync::Arc::new(Faults::new());
     let server = TestServer::start_with(|c| {
