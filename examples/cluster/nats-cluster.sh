@@ -3,11 +3,16 @@
 # cluster mode and for the tests (issue 19: cluster mode on JetStream).
 #
 #   examples/cluster/nats-cluster.sh up DIR [BASE_PORT]   # nodes on BASE_PORT, +1, +2 (default 14222)
-#   examples/cluster/nats-cluster.sh down DIR
+#   examples/cluster/nats-cluster.sh gateways DIR N [FIRST_PORT]   # N gateways on FIRST_PORT.. (default 50051)
+#   examples/cluster/nats-cluster.sh down DIR             # stops the gateways and the nodes
 #
 # Each node keeps its JetStream files under DIR/nN, logs to DIR/nN.log and
 # its pid in DIR/nN.pid. Needs `nats-server` (Debian: apt-get install
-# nats-server; 2.9 or later). Client URLs: nats://127.0.0.1:BASE_PORT,...
+# nats-server; 2.9 or later). `up` prints the client URLs
+# (nats://127.0.0.1:BASE_PORT,...). `gateways` starts `pullstream serve
+# --engine jetstream` N times on the cluster `up` started (the binary is
+# $PULLSTREAM, or `pullstream` on PATH), logs to DIR/gN.log, and prints
+# each gateway's URL.
 set -euo pipefail
 
 command=${1:?usage: $0 up|down DIR [BASE_PORT]}
@@ -59,7 +64,9 @@ CONF
         done
         leader=$(curl -fsS "http://127.0.0.1:$((base + 200))/jsz" 2>/dev/null | grep -o '"leader": *"[^"]*"' || true)
         if [ "$ready" = 3 ] && [ -n "$leader" ]; then
-            echo "nats://127.0.0.1:$base,nats://127.0.0.1:$((base + 1)),nats://127.0.0.1:$((base + 2))"
+            urls="nats://127.0.0.1:$base,nats://127.0.0.1:$((base + 1)),nats://127.0.0.1:$((base + 2))"
+            echo "$urls" >"$dir/urls"
+            echo "$urls"
             exit 0
         fi
         sleep 0.1
@@ -67,15 +74,50 @@ CONF
     echo "the cluster did not become ready in 10 s; see $dir/n*.log" >&2
     exit 1
     ;;
+gateways)
+    count=${3:?usage: $0 gateways DIR N [FIRST_PORT]}
+    first=${4:-50051}
+    binary=${PULLSTREAM:-pullstream}
+    command -v "$binary" >/dev/null || {
+        echo "$binary not found: set PULLSTREAM=path/to/pullstream (cargo build --release: target/release/pullstream)" >&2
+        exit 1
+    }
+    [ -e "$dir/urls" ] || {
+        echo "no cluster in $dir: run $0 up $dir first" >&2
+        exit 1
+    }
+    for i in $(seq 0 $((count - 1))); do
+        port=$((first + i))
+        "$binary" serve --engine jetstream --nats-url "$(cat "$dir/urls")" \
+            --listen "127.0.0.1:$port" --data-dir "$dir/g$i" >"$dir/g$i.log" 2>&1 &
+        echo $! >"$dir/g$i.pid"
+    done
+    for i in $(seq 0 $((count - 1))); do
+        port=$((first + i))
+        for _ in $(seq 1 100); do
+            grep -q "serving gRPC" "$dir/g$i.log" 2>/dev/null && break
+            if ! kill -0 "$(cat "$dir/g$i.pid")" 2>/dev/null; then
+                echo "gateway $i exited; see $dir/g$i.log" >&2
+                exit 1
+            fi
+            sleep 0.1
+        done
+        grep -q "serving gRPC" "$dir/g$i.log" || {
+            echo "gateway $i did not start in 10 s; see $dir/g$i.log" >&2
+            exit 1
+        }
+        echo "http://127.0.0.1:$port"
+    done
+    ;;
 down)
-    for pid in "$dir"/n*.pid; do
+    for pid in "$dir"/g*.pid "$dir"/n*.pid; do
         [ -e "$pid" ] || continue
         kill "$(cat "$pid")" 2>/dev/null || true
         rm -f "$pid"
     done
     ;;
 *)
-    echo "usage: $0 up|down DIR [BASE_PORT]" >&2
+    echo "usage: $0 up DIR [BASE_PORT] | gateways DIR N [FIRST_PORT] | down DIR" >&2
     exit 64
     ;;
 esac

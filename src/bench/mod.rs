@@ -57,12 +57,16 @@ pub enum Workload {
     pullstream bench                                  # every workload, embedded server, fsync\n  \
     pullstream bench --workload append --batch 100 --producers 1\n  \
     pullstream bench --workload tail --subscribers 16 --rate 5000 --duration 10s\n  \
-    pullstream bench --server http://10.0.0.5:50051 --workload catchup --json out.json
+    pullstream bench --server http://10.0.0.5:50051 --workload catchup --json out.json\n  \
+    pullstream bench --server http://127.0.0.1:50051 --read-server http://127.0.0.1:50052 --workload tail   # across two gateways
       pullstream bench --workload soak --soak-duration 10m --soak-rate 20000 --retention-events 1000000")]
 pub struct BenchArgs {
     /// Benchmark this server instead of starting one
     #[arg(long, env = "PULLSTREAM_SERVER")]
     server: Option<String>,
+    /// With --server: subscribers and readers (tail, catchup) connect to this server instead, e.g. a second gateway of a cluster, to measure delivery across gateways
+    #[arg(long, requires = "server")]
+    read_server: Option<String>,
     /// With --server: the API key to send (publish and subscribe scopes; ignored for the embedded server)
     #[arg(long, env = "PULLSTREAM_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -168,6 +172,8 @@ pub(crate) struct Outcome {
 /// What every workload needs.
 pub(crate) struct BenchContext {
     url: String,
+    /// Where subscribers and readers connect (`--read-server`), if not `url`.
+    read_url: Option<String>,
     /// For `--server`: the API key to send, if the server needs one.
     api_key: Option<String>,
     embedded: Option<EmbeddedServer>,
@@ -177,8 +183,19 @@ pub(crate) struct BenchContext {
 impl BenchContext {
     /// A new connection (each producer gets its own, as separate clients would).
     async fn client(&self) -> anyhow::Result<Client> {
+        self.connect(&self.url).await
+    }
+
+    /// A new connection for a subscriber or a reader: to `--read-server`
+    /// when given.
+    async fn reader(&self) -> anyhow::Result<Client> {
+        self.connect(self.read_url.as_ref().unwrap_or(&self.url))
+            .await
+    }
+
+    async fn connect(&self, url: &str) -> anyhow::Result<Client> {
         ConnectOptions {
-            server: self.url.clone(),
+            server: url.to_string(),
             api_key: self.api_key.clone(),
             ..Default::default()
         }
@@ -308,6 +325,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         };
         let ctx = BenchContext {
             url,
+            read_url: args.read_server.clone(),
             api_key: args.api_key.clone(),
             embedded,
             event_bytes: args.event_bytes,

@@ -85,7 +85,7 @@ async fn read_through(
     consumer: Option<&str>,
     label: String,
 ) -> anyhow::Result<(f64, Vec<u64>, u64)> {
-    let mut client = ctx.client().await?;
+    let mut client = ctx.reader().await?;
     let progress = Progress::start(label, Goal::Count(events, "events"));
     let counter = progress.counter();
     let (cursor_tx, mut cursor_rx) = watch::channel(0u64);

@@ -30,7 +30,7 @@ pub(crate) async fn tail(
     let (target_tx, target_rx) = watch::channel(None::<u64>);
     let mut readers = Vec::new();
     for _ in 0..subscribers {
-        let mut client = ctx.client().await?;
+        let mut client = ctx.reader().await?;
         let mut subscription = client
             .subscribe(pb::SubscribeRequest {
                 stream: stream.clone(),
