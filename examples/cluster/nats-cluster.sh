@@ -110,7 +110,18 @@ gateways)
     done
     ;;
 down)
-    for pid in "$dir"/g*.pid "$dir"/n*.pid; do
+    # The gateways first, waiting (10 s at most) for each to finish its
+    # shutdown while the cluster is still there.
+    for pid in "$dir"/g*.pid; do
+        [ -e "$pid" ] || continue
+        kill "$(cat "$pid")" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$(cat "$pid")" 2>/dev/null || break
+            sleep 0.1
+        done
+        rm -f "$pid"
+    done
+    for pid in "$dir"/n*.pid; do
         [ -e "$pid" ] || continue
         kill "$(cat "$pid")" 2>/dev/null || true
         rm -f "$pid"

@@ -121,7 +121,7 @@ pub const GROUP_EVENT_OVERHEAD: usize = 64;
 
 /// A stream's head as another server left it (see
 /// [`Engine::remote_heads`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RemoteHead {
     /// The stream's name.
     pub name: String,
@@ -131,6 +131,10 @@ pub struct RemoteHead {
     pub next_offset: u64,
     /// The append time of the last event.
     pub last_time_unix_nanos: i64,
+    /// The events of the append that moved the head there, when the
+    /// engine has them (the chunks holding offsets up to `next_offset`,
+    /// in order); empty otherwise, and readers read them from storage.
+    pub chunks: Vec<Chunk>,
 }
 
 /// Runs blocking work (an engine call that waits on a disk or a network)

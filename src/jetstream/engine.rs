@@ -13,11 +13,12 @@
 //! then decides its group again from the new head. Everything else is a
 //! record of the [`StateStore`].
 //!
-//! Other gateways' appends: after each append the gateway announces the
-//! stream's new head on `ps.head.<id>` (core NATS, at most once), and
+//! Other gateways' appends: after each append the gateway announces it,
+//! with its events, on `ps.head.<id>` (core NATS, at most once), and
 //! every second it also compares the cluster's last sequences with its
 //! own; both feed [`Engine::remote_heads`], which moves the heads its
-//! subscribers follow.
+//! subscribers follow (and fills their tail cache with the announced
+//! events, so they do not each read them back).
 //!
 //! The seam is synchronous, and the engine owns a small runtime for the
 //! NATS client: each operation runs there while the calling thread waits
@@ -141,12 +142,14 @@ impl StreamIndex {
         true
     }
 
+    /// The stream's head as the index has it (without events).
     fn head(&self, stream_id: u64) -> RemoteHead {
         RemoteHead {
             name: self.name.clone(),
             stream_id,
             next_offset: self.next_offset,
             last_time_unix_nanos: self.last_time,
+            chunks: Vec::new(),
         }
     }
 }
@@ -163,36 +166,59 @@ struct Located {
     payload: Bytes,
 }
 
-/// A gateway's announcement of a stream's new head, on
-/// `<ns>.head.<stream id>`: `<gateway id in hex> <sequence> <next offset>
-/// <time> <stream name>`.
+/// A gateway's announcement of an append, on `<ns>.head.<stream id>`:
+/// the group message's payload (so other gateways serve the new events
+/// to their subscribers without reading them back), with a
+/// `Ps-Announce` header: `<gateway id in hex> <sequence> <first offset>
+/// <next offset> <time> <stream name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Announcement {
     gateway_id: u64,
     seq: u64,
+    first: u64,
     next_offset: u64,
     time: i64,
     name: String,
 }
 
+/// The header of an announcement.
+const ANNOUNCE: &str = "Ps-Announce";
+
 impl Announcement {
     fn encode(&self) -> String {
         format!(
-            "{:016x} {} {} {} {}",
-            self.gateway_id, self.seq, self.next_offset, self.time, self.name
+            "{:016x} {} {} {} {} {}",
+            self.gateway_id, self.seq, self.first, self.next_offset, self.time, self.name
         )
     }
 
     fn decode(text: &str) -> Option<Announcement> {
-        let mut parts = text.splitn(5, ' ');
+        let mut parts = text.splitn(6, ' ');
         Some(Announcement {
             gateway_id: u64::from_str_radix(parts.next()?, 16).ok()?,
             seq: parts.next()?.parse().ok()?,
+            first: parts.next()?.parse().ok()?,
             next_offset: parts.next()?.parse().ok()?,
             time: parts.next()?.parse().ok()?,
             name: parts.next()?.to_string(),
         })
     }
+}
+
+/// The chunks of a group message's payload, or nothing when it does not
+/// decode (the reader then reads them from the cluster and reports the
+/// damage there).
+fn chunks_of(payload: &Bytes) -> Vec<Chunk> {
+    message::decode(payload.clone())
+        .ok()
+        .and_then(|group| {
+            group
+                .chunks
+                .into_iter()
+                .map(|c| Chunk::decode(c).ok())
+                .collect::<Option<Vec<_>>>()
+        })
+        .unwrap_or_default()
 }
 
 /// How often the follower compares the cluster's last sequences with its
@@ -601,9 +627,11 @@ impl JetStreamEngine {
             self.names.clone(),
             self.client.clone(),
         );
+        let payload = Bytes::from(payload);
         let announce = Announcement {
             gateway_id: self.gateway_id,
             seq: 0,
+            first,
             next_offset: end,
             time,
             name: name.to_string(),
@@ -613,7 +641,7 @@ impl JetStreamEngine {
                 &js,
                 names.events_subject(stream_id),
                 headers,
-                Bytes::from(payload),
+                payload.clone(),
             )
             .await?;
             // The records before anything else can append after this
@@ -625,8 +653,10 @@ impl JetStreamEngine {
                 seq: ack.sequence,
                 ..announce
             };
+            let mut headers = HeaderMap::new();
+            headers.insert(ANNOUNCE, announce.encode().as_str());
             let _ = client
-                .publish(names.head_subject(stream_id), announce.encode().into())
+                .publish_with_headers(names.head_subject(stream_id), headers, payload)
                 .await;
             Ok::<_, BoxError>(ack.sequence)
         });
@@ -975,22 +1005,28 @@ impl Follower {
     /// Another gateway's announcement: the head it moves, if newer.
     fn announced(&self, message: &async_nats::Message) -> Option<RemoteHead> {
         let stream_id: u64 = message.subject.rsplit('.').next()?.parse().ok()?;
-        let announced = Announcement::decode(std::str::from_utf8(&message.payload).ok()?)?;
+        let announced = Announcement::decode(message.headers.as_ref()?.get(ANNOUNCE)?.as_str())?;
         if announced.gateway_id == self.gateway_id {
             return None;
         }
-        let mut index = self.index.lock().expect("not poisoned");
-        let entry = index.get_mut(&stream_id)?;
-        let moved = entry.saw(
-            announced.seq,
-            &Located {
-                first: announced.next_offset,
-                end: announced.next_offset,
-                time: announced.time,
-                payload: Bytes::new(),
-            },
-        );
-        moved.then(|| entry.head(stream_id))
+        let located = Located {
+            first: announced.first,
+            end: announced.next_offset,
+            time: announced.time,
+            payload: message.payload.clone(),
+        };
+        let head = {
+            let mut index = self.index.lock().expect("not poisoned");
+            let entry = index.get_mut(&stream_id)?;
+            if !entry.saw(announced.seq, &located) {
+                return None;
+            }
+            entry.head(stream_id)
+        };
+        Some(RemoteHead {
+            chunks: chunks_of(&located.payload),
+            ..head
+        })
     }
 
     /// The heads the cluster has beyond this gateway's index.
@@ -1040,7 +1076,10 @@ impl Follower {
             let mut index = self.index.lock().expect("not poisoned");
             if let Some(entry) = index.get_mut(&id) {
                 if entry.saw(seq, &located) {
-                    moved.push(entry.head(id));
+                    moved.push(RemoteHead {
+                        chunks: chunks_of(&located.payload),
+                        ..entry.head(id)
+                    });
                 }
             }
         }

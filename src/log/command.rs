@@ -52,6 +52,9 @@ pub(crate) enum WriterCommand {
     Moved {
         next_offset: u64,
         last_time_unix_nanos: i64,
+        /// The appended events, when the engine had them (for the tail
+        /// cache).
+        chunks: Vec<crate::engine::Chunk>,
     },
     /// Change a durable consumer; answered once durable.
     Consumer {

@@ -79,6 +79,7 @@ pub(super) async fn follow_remote_heads(
         let moved = WriterCommand::Moved {
             next_offset: head.next_offset,
             last_time_unix_nanos: head.last_time_unix_nanos,
+            chunks: head.chunks,
         };
         tokio::select! {
             _ = log.closing.cancelled() => return,

@@ -140,7 +140,11 @@ impl Writer {
                     WriterCommand::Moved {
                         next_offset,
                         last_time_unix_nanos,
-                    } => self.follow_head(next_offset, last_time_unix_nanos).await,
+                        chunks,
+                    } => {
+                        self.follow_head(next_offset, last_time_unix_nanos, chunks)
+                            .await
+                    }
                 }
             }
         }
@@ -462,7 +466,7 @@ impl Writer {
         let mut moves = 0;
         while let Some((back, next_offset, last_time)) = self.try_write_group(jobs).await {
             moves += 1;
-            self.follow_head(next_offset, last_time).await;
+            self.follow_head(next_offset, last_time, Vec::new()).await;
             if moves >= MAX_HEAD_MOVES {
                 for job in back {
                     if let Some(gate) = &job.pipeline {
@@ -482,11 +486,37 @@ impl Writer {
     /// Moves the stream's head to where another server left it (an
     /// engine shared by several servers), publishing it after whatever
     /// this writer handed to the committer before.
-    async fn follow_head(&mut self, next_offset: u64, last_time_unix_nanos: i64) {
+    async fn follow_head(
+        &mut self,
+        next_offset: u64,
+        last_time_unix_nanos: i64,
+        chunks: Vec<Chunk>,
+    ) {
         self.last_time_unix_nanos = self.last_time_unix_nanos.max(last_time_unix_nanos);
         if next_offset <= self.next_offset {
             return;
         }
+        // The new events, when the engine has them, go to the tail cache
+        // (subscribers following the head then share them instead of each
+        // reading storage), if they are exactly the events from our head.
+        let from = self.next_offset;
+        let chunks = if chunks.first().is_some_and(|c| c.first_offset <= from)
+            && chunks.last().is_some_and(|c| c.end_offset() == next_offset)
+            && chunks
+                .windows(2)
+                .all(|w| w[0].end_offset() == w[1].first_offset)
+        {
+            chunks
+                .into_iter()
+                .filter(|c| c.end_offset() > from)
+                .map(|chunk| {
+                    let size = chunk.encoded_len();
+                    (Arc::new(chunk), size)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.next_offset = next_offset;
         self.meta.next_offset = next_offset;
         self.committer
@@ -496,7 +526,7 @@ impl Writer {
                 change: Change::Appended {
                     events: 0,
                     next_offset,
-                    chunks: Vec::new(),
+                    chunks,
                     replies: Vec::new(),
                     pipelines: Vec::new(),
                 },
