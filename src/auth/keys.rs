@@ -389,6 +389,43 @@ impl KeyRing {
         })
     }
 
+    /// Takes in the keys other servers sharing the engine created or
+    /// revoked (cluster mode; the server calls it every second). Only
+    /// ever adds keys and revocations, so a listing that lags a change
+    /// made here cannot undo it. Returns whether anything changed.
+    pub fn reload(&self) -> Result<bool, Error> {
+        let mut found = Vec::new();
+        for (id, value) in self.engine.api_keys()? {
+            // A record this server cannot read is skipped here (it was
+            // refused, by name, when the server started).
+            if let Ok(key) = serde_json::from_slice::<StoredKey>(&value) {
+                found.push((id, key));
+            }
+        }
+        let mut changed = false;
+        let mut keys = self.keys.write().expect("keys lock");
+        for (id, key) in found {
+            match keys.get_mut(&id) {
+                None => {
+                    keys.insert(id, key.compile());
+                    changed = true;
+                }
+                Some(known)
+                    if known.revoked_unix_nanos.is_none() && key.revoked_unix_nanos.is_some() =>
+                {
+                    known.revoked_unix_nanos = key.revoked_unix_nanos;
+                    changed = true;
+                }
+                Some(_) => {}
+            }
+        }
+        drop(keys);
+        if changed {
+            self.revision.send_modify(|r| *r += 1);
+        }
+        Ok(changed)
+    }
+
     /// Whether a key is still usable (not revoked, not expired).
     pub fn is_valid(&self, id: &str) -> bool {
         self.keys

@@ -251,6 +251,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Prepares a stream's deletion with everything it holds.
     fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError>;
 
+    /// Whether several servers use this engine at once, so what one
+    /// changes the others must read back (API keys; streams and heads come
+    /// through [`Engine::find_stream`] and [`Engine::remote_heads`]).
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// The most bytes one group may hold, counted as
     /// [`EventRecord::encoded_len`] plus [`GROUP_EVENT_OVERHEAD`] per
     /// event, or `None` for no bound (sled). The writer cuts its groups to

@@ -1618,6 +1618,10 @@ impl Engine for JetStreamEngine {
         )
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn remote_heads(&self) -> Option<mpsc::Receiver<RemoteHead>> {
         self.remote_heads.lock().expect("not poisoned").take()
     }

@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::{ApiKeysService, Calls, EventLogService, ServiceConfig, MAX_RESPONSE_BYTES};
 use crate::auth::KeyRing;
@@ -204,6 +204,9 @@ impl Server {
                 cancel.clone(),
             ))
         });
+        if self.log.engine().shared() {
+            tokio::spawn(follow_keys(self.keys.clone(), cancel.clone()));
+        }
         let health = health::HealthCheck::new(cancel.clone()).await;
         tokio::spawn(watch_writes(
             health.clone(),
@@ -275,6 +278,30 @@ impl Server {
 
 /// Every second until shutdown: reports in health whether writes are
 /// accepted, and logs each change.
+/// Every second until shutdown, with an engine several servers share:
+/// takes in the API keys the other servers created or revoked, so a key
+/// made through one gateway works through all within about a second, and
+/// a revoked one stops working everywhere (its open subscriptions end).
+async fn follow_keys(keys: Arc<KeyRing>, cancel: CancellationToken) {
+    let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let ring = keys.clone();
+        match tokio::task::spawn_blocking(move || ring.reload()).await {
+            Ok(Ok(true)) => info!("took in API keys created or revoked through another server"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "cannot read the API keys back from the storage engine")
+            }
+            Err(e) => debug!(error = %e, "the API key reload stopped"),
+        }
+    }
+}
+
 async fn watch_writes(health: health::HealthCheck, log: Arc<Log>, cancel: CancellationToken) {
     let mut accepted = true;
     let mut ticks = tokio::time::interval(std::time::Duration::from_secs(1));

@@ -43,7 +43,7 @@ pub(crate) async fn client_with(server: &TestServer, key: &str) -> Keyed {
     )
 }
 
-async fn admin_api(
+pub(crate) async fn admin_api(
     server: &TestServer,
     key: &str,
 ) -> ApiKeysClient<InterceptedService<Channel, Bearer>> {

@@ -720,3 +720,96 @@ async fn a_killed_gateway_leaves_its_clients_to_the_other() {
     let _ = process_b.kill();
     let _ = process_b.wait();
 }
+
+/// API keys made or revoked through one gateway apply on the other within
+/// moments (each gateway reads the keys back every second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_made_and_revoked_through_one_gateway_apply_on_the_other() {
+    use crate::auth::{admin_api, client_with};
+    use crate::common::*;
+    use pullstream::proto as pb;
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    // Both are open (no key yet); the first key, made through A, closes B
+    // too.
+    let made = |scopes: &[pb::Scope]| pb::CreateApiKeyRequest {
+        scopes: scopes.iter().map(|&s| s as i32).collect(),
+        ..Default::default()
+    };
+    let admin = admin_api(&a, "")
+        .await
+        .create_api_key(made(&[
+            pb::Scope::Admin,
+            pb::Scope::Publish,
+            pb::Scope::Subscribe,
+        ]))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut open_b = b.client().await;
+    within(async {
+        while open_b
+            .get_server_status(pb::GetServerStatusRequest {})
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let refused = open_b
+        .get_server_status(pb::GetServerStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let mut admin_b = client_with(&b, &admin).await;
+    admin_b
+        .get_server_status(pb::GetServerStatusRequest {})
+        .await
+        .unwrap();
+    // A key made through B is revoked through A: B refuses it soon after.
+    let created = admin_api(&b, &admin)
+        .await
+        .create_api_key(made(&[pb::Scope::Publish]))
+        .await
+        .unwrap()
+        .into_inner();
+    let publisher = created.secret;
+    let mut publish_b = client_with(&b, &publisher).await;
+    let append = pb::AppendRequest {
+        stream: "s".into(),
+        events: vec![event("t", "1")],
+        ..Default::default()
+    };
+    publish_b.append(append.clone()).await.unwrap();
+    within(async {
+        loop {
+            let revoked = admin_api(&a, &admin)
+                .await
+                .revoke_api_key(pb::RevokeApiKeyRequest {
+                    id: created.key.clone().unwrap().id,
+                })
+                .await;
+            match revoked {
+                Ok(_) => break,
+                // A has not taken in B's key yet.
+                Err(e) if e.code() == tonic::Code::NotFound => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    let status = within(async {
+        loop {
+            match publish_b.append(append.clone()).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
