@@ -594,7 +594,7 @@ impl JetStreamEngine {
         if known_next != first {
             // Another gateway's append reached this engine first (its
             // announcement, or the follower's check).
-            return self.refresh_head(stream_id);
+            return self.refresh_head(name, stream_id);
         }
         let time = match chunks.last() {
             Some(chunk) => {
@@ -681,7 +681,7 @@ impl JetStreamEngine {
                 if e.downcast_ref::<async_nats::jetstream::context::PublishError>()
                     .is_some_and(|e| e.kind() == PublishErrorKind::WrongLastSequence) =>
             {
-                self.refresh_head(stream_id)
+                self.refresh_head(name, stream_id)
             }
             Err(e) => {
                 let error = self.error("appending events", std::io::Error::other(e.to_string()));
@@ -694,7 +694,7 @@ impl JetStreamEngine {
     /// Learns a stream's head from its last message (writing that
     /// message's idempotency records again, as its gateway may not have),
     /// and answers [`StorageError::HeadMoved`] with it.
-    fn refresh_head(&self, stream_id: u64) -> Result<(), StorageError> {
+    fn refresh_head(&self, name: &str, stream_id: u64) -> Result<(), StorageError> {
         let names = self.names.clone();
         let (js, state, replicas) = (self.js.clone(), self.state.clone(), self.options.replicas);
         let found = self.block(async move {
@@ -714,7 +714,7 @@ impl JetStreamEngine {
         let mut index = self.index.lock().expect("not poisoned");
         let entry = index
             .entry(stream_id)
-            .or_insert_with(|| StreamIndex::new(""));
+            .or_insert_with(|| StreamIndex::new(name));
         if let Some((seq, located)) = found {
             entry.saw(seq, &located);
         }
@@ -1610,7 +1610,8 @@ impl Engine for JetStreamEngine {
     /// One group is one message: the cluster's `max_payload`, less room
     /// for the headers and the message's framing.
     fn max_group_bytes(&self) -> Option<usize> {
-        let payload = self.client.server_info().max_payload;
+        // An atomic read: this runs for every group and batch.
+        let payload = self.client.max_payload();
         Some(
             payload
                 .saturating_sub(4096 + message::FRAMING_BYTES)

@@ -768,10 +768,11 @@ async fn keys_made_and_revoked_through_one_gateway_apply_on_the_other() {
         .get_server_status(pb::GetServerStatusRequest {})
         .await
         .unwrap();
-    // A key made through B is revoked through A: B refuses it soon after.
+    // A key made through B is revoked through A: B refuses it soon after,
+    // and ends the subscription opened with it.
     let created = admin_api(&b, &admin)
         .await
-        .create_api_key(made(&[pb::Scope::Publish]))
+        .create_api_key(made(&[pb::Scope::Publish, pb::Scope::Subscribe]))
         .await
         .unwrap()
         .into_inner();
@@ -783,6 +784,15 @@ async fn keys_made_and_revoked_through_one_gateway_apply_on_the_other() {
         ..Default::default()
     };
     publish_b.append(append.clone()).await.unwrap();
+    let mut subscription = publish_b
+        .subscribe(pb::SubscribeRequest {
+            stream: "s".into(),
+            start: Some(pb::subscribe_request::Start::Offset(0)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     within(async {
         loop {
             let revoked = admin_api(&a, &admin)
@@ -812,4 +822,15 @@ async fn keys_made_and_revoked_through_one_gateway_apply_on_the_other() {
     })
     .await;
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    let ended = within(async {
+        loop {
+            match subscription.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the subscription ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
 }
