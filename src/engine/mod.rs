@@ -137,6 +137,34 @@ pub struct RemoteHead {
     pub chunks: Vec<Chunk>,
 }
 
+/// What another server did to a durable consumer's subscription (see
+/// [`Engine::remote_claims`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimChange {
+    /// A subscription of the consumer opened there: one open here with an
+    /// older claim must end.
+    Taken,
+    /// Its subscription there ended (or that server stopped answering).
+    Released,
+    /// The consumer was deleted there.
+    Deleted,
+}
+
+/// A change of a durable consumer's claim made by another server.
+#[derive(Debug, Clone)]
+pub struct RemoteClaim {
+    /// The stream's name.
+    pub stream: String,
+    /// The stream's id.
+    pub stream_id: u64,
+    /// The consumer's name.
+    pub consumer: String,
+    /// The claim's revision: claims are ordered by it, cluster-wide.
+    pub revision: u64,
+    /// What happened.
+    pub change: ClaimChange,
+}
+
 /// Runs blocking work (an engine call that waits on a disk or a network)
 /// from async code without stalling the runtime's other tasks, where the
 /// runtime allows it (a multi-threaded one); elsewhere just runs it.
@@ -342,6 +370,49 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Prepares removing a durable consumer.
     fn delete_consumer(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError>;
+
+    /// A durable consumer as stored now, for an engine that several
+    /// servers share (another one may have committed it since this server
+    /// loaded it); `None` when there is none. Asked only when
+    /// [`Engine::shared`].
+    fn stored_consumer(
+        &self,
+        _stream_id: u64,
+        _name: &str,
+    ) -> Result<Option<ConsumerRecord>, StorageError> {
+        Ok(None)
+    }
+
+    /// Every durable consumer of a stream as stored now, in name order
+    /// (shared engines; see [`Engine::stored_consumer`]).
+    fn stored_consumers(
+        &self,
+        _stream_id: u64,
+    ) -> Result<Vec<(String, ConsumerRecord)>, StorageError> {
+        Ok(Vec::new())
+    }
+
+    /// Claims a consumer's one subscription for this server, cluster-wide,
+    /// durably before it returns; returns the claim's revision (claims are
+    /// ordered by it). Other servers hear of it through
+    /// [`Engine::remote_claims`] and end their older subscription. Engines
+    /// only this server uses return 0 (leases in memory suffice).
+    fn claim_consumer(&self, _stream_id: u64, _name: &str) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+
+    /// Gives up a claim made by [`Engine::claim_consumer`] (its
+    /// subscription ended), unless a newer claim replaced it. In the
+    /// background: it returns at once, and a release that fails leaves the
+    /// claim to expire with its server.
+    fn release_consumer(&self, _stream_id: u64, _name: &str, _claim: u64) {}
+
+    /// Other servers' claims, releases and deletions of consumers, in
+    /// claim order, for an engine that several servers share; `None` (the
+    /// default) otherwise. Taken once, by the log.
+    fn remote_claims(&self) -> Option<tokio::sync::mpsc::Receiver<RemoteClaim>> {
+        None
+    }
 
     /// Prepares saving a consumer group's slot offsets.
     fn put_group(

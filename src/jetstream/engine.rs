@@ -41,11 +41,13 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
+use super::claims::{self, ClaimFeed};
 use super::message::{self, END_OFFSET, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use crate::engine::{
-    Chunk, ChunkHeader, ConsumerRecord, EncodedChunk, Engine, GroupRecord, IdempotencyRecord, Keep,
-    Prepared, RemoteHead, StorageError, StoredStream, StreamMeta, GROUP_EVENT_OVERHEAD,
+    Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
+    IdempotencyRecord, Keep, Prepared, RemoteClaim, RemoteHead, StorageError, StoredStream,
+    StreamMeta, GROUP_EVENT_OVERHEAD,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -90,6 +92,14 @@ enum Change {
     DeleteStream {
         name: String,
         stream_id: u64,
+    },
+    /// A consumer's record is written (`Some`), or goes and its claim
+    /// says so (`None`); `ticket` names it in [`JetStreamEngine::pending`].
+    Consumer {
+        stream_id: u64,
+        name: String,
+        value: Option<Vec<u8>>,
+        ticket: u64,
     },
 }
 
@@ -156,6 +166,10 @@ impl StreamIndex {
 
 /// What every index shares: the engine, its follower task.
 type Indexes = Arc<Mutex<BTreeMap<u64, StreamIndex>>>;
+
+/// A consumer record's write not applied yet: its ticket and value
+/// (`None`: a deletion).
+type PendingWrite = (u64, Option<Vec<u8>>);
 
 /// A group message as found: the offsets it holds, its time, its payload.
 #[derive(Debug, Clone)]
@@ -250,6 +264,14 @@ pub struct JetStreamEngine {
     failed: Mutex<Option<String>>,
     /// What the follower found other gateways did, until the log takes it.
     remote_heads: Mutex<Option<mpsc::Receiver<RemoteHead>>>,
+    /// Other gateways' consumer claims, until the log takes them.
+    remote_claims: Mutex<Option<mpsc::Receiver<RemoteClaim>>>,
+    /// Consumer records this gateway prepared and has not applied yet, by
+    /// record key: the ticket of the latest, and its value (`None`: a
+    /// deletion). Applied in order, they overwrite what is stored.
+    pending: Mutex<std::collections::HashMap<String, PendingWrite>>,
+    /// Numbers pending consumer writes.
+    tickets: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for JetStreamEngine {
@@ -381,6 +403,23 @@ impl JetStreamEngine {
             }
             .run(heads),
         );
+        let (found_claims, remote_claims) = mpsc::channel(REMOTE_HEADS_QUEUE);
+        runtime.spawn(
+            ClaimFeed {
+                state: state.clone(),
+                gateway_id,
+                name_of: {
+                    let index = index.clone();
+                    Arc::new(move |id| {
+                        let index = index.lock().expect("not poisoned");
+                        index.get(&id).map(|entry| entry.name.clone())
+                    })
+                },
+                found: found_claims,
+                unhex,
+            }
+            .run(),
+        );
         Ok(JetStreamEngine {
             runtime: Some(runtime),
             client,
@@ -392,6 +431,9 @@ impl JetStreamEngine {
             index,
             failed: Mutex::new(None),
             remote_heads: Mutex::new(Some(remote_heads)),
+            remote_claims: Mutex::new(Some(remote_claims)),
+            pending: Mutex::new(Default::default()),
+            tickets: Default::default(),
         })
     }
 
@@ -568,6 +610,9 @@ impl JetStreamEngine {
     /// truth from the cluster), as a failed disk write does.
     fn poison(&self, error: &StorageError) {
         *self.failed.lock().expect("not poisoned") = Some(error.to_string());
+        // What was prepared and not applied never will be: the stored
+        // records are the truth again.
+        self.pending.lock().expect("not poisoned").clear();
     }
 
     /// Publishes a group as one message after the last one this engine
@@ -819,6 +864,30 @@ impl JetStreamEngine {
         })
     }
 
+    /// Prepares a consumer record's write (`None`: its deletion), and
+    /// remembers it as pending until applied (see `stored_consumer`).
+    fn consumer_change(&self, stream_id: u64, name: &str, value: Option<Vec<u8>>) -> Prepared {
+        let key = format!("consumer.{stream_id}.{}", hex(name));
+        let ticket = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let size = 128 + key.len() + value.as_ref().map_or(0, Vec::len);
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .insert(key, (ticket, value.clone()));
+        Prepared::new(
+            Change::Consumer {
+                stream_id,
+                name: name.to_string(),
+                value,
+                ticket,
+            },
+            size,
+        )
+    }
+
     fn poisoned(&self) -> Result<(), StorageError> {
         match self.failed.lock().expect("not poisoned").clone() {
             Some(reason) => Err(self.error(
@@ -883,6 +952,38 @@ impl JetStreamEngine {
                 done.map(drop)
                     .map_err(|e| self.error("writing a record", e))
             }
+            Change::Consumer {
+                stream_id,
+                name,
+                value,
+                ticket,
+            } => {
+                let gateway_id = self.gateway_id;
+                let key = format!("consumer.{stream_id}.{}", hex(&name));
+                let done = self.block({
+                    let key = key.clone();
+                    async move {
+                        let Some(value) = value else {
+                            state.delete(&key, Expect::Any).await?;
+                            return state
+                                .put(
+                                    &claims::claim_key(stream_id, &hex(&name)),
+                                    claims::claim_value(gateway_id, ClaimChange::Deleted).into(),
+                                    Expect::Any,
+                                )
+                                .await;
+                        };
+                        state.put(&key, value.into(), Expect::Any).await
+                    }
+                });
+                let mut pending = self.pending.lock().expect("not poisoned");
+                if pending.get(&key).is_some_and(|(t, _)| *t == ticket) {
+                    pending.remove(&key);
+                }
+                drop(pending);
+                done.map(drop)
+                    .map_err(|e| self.error("writing a consumer", e))
+            }
             Change::Forget { keys } => {
                 let done = self.block(async move {
                     for key in keys {
@@ -899,7 +1000,7 @@ impl JetStreamEngine {
                     state
                         .delete(&format!("stream.{}", hex(&name)), Expect::Any)
                         .await?;
-                    for kind in ["idem", "consumer", "group"] {
+                    for kind in ["idem", "consumer", "claim", "group"] {
                         for (key, _) in state.list(&format!("{kind}.{stream_id}")).await? {
                             state.delete(&key, Expect::Any).await?;
                         }
@@ -1538,17 +1639,104 @@ impl Engine for JetStreamEngine {
         name: &str,
         record: &ConsumerRecord,
     ) -> Result<Prepared, StorageError> {
-        Ok(record_change(
-            format!("consumer.{stream_id}.{}", hex(name)),
-            Some(record.encode()),
-        ))
+        Ok(self.consumer_change(stream_id, name, Some(record.encode())))
     }
 
     fn delete_consumer(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError> {
-        Ok(record_change(
-            format!("consumer.{stream_id}.{}", hex(name)),
-            None,
-        ))
+        Ok(self.consumer_change(stream_id, name, None))
+    }
+
+    fn stored_consumer(
+        &self,
+        stream_id: u64,
+        name: &str,
+    ) -> Result<Option<ConsumerRecord>, StorageError> {
+        let key = format!("consumer.{stream_id}.{}", hex(name));
+        // This gateway's own write, prepared and not yet applied, will
+        // overwrite what is stored: it is the record.
+        let pending = self
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .map(|(_, value)| value.clone());
+        let value = match pending {
+            Some(value) => value.map(Bytes::from),
+            None => self.state_get(key, "reading a consumer")?,
+        };
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        ConsumerRecord::decode(&value)
+            .map(Some)
+            .map_err(|source| StorageError::Corrupt {
+                what: format!("consumer {name:?} of stream id {stream_id}"),
+                source,
+            })
+    }
+
+    fn stored_consumers(
+        &self,
+        stream_id: u64,
+    ) -> Result<Vec<(String, ConsumerRecord)>, StorageError> {
+        let mut stored: BTreeMap<String, Option<Bytes>> = self
+            .state_list(format!("consumer.{stream_id}"), "listing consumers")?
+            .into_iter()
+            .map(|(key, value)| (key, Some(value)))
+            .collect();
+        // As in `stored_consumer`: this gateway's unapplied writes win.
+        let prefix = format!("consumer.{stream_id}.");
+        for (key, (_, value)) in self.pending.lock().expect("not poisoned").iter() {
+            if key.starts_with(&prefix) {
+                stored.insert(key.clone(), value.clone().map(Bytes::from));
+            }
+        }
+        let mut consumers = Vec::new();
+        for (key, value) in stored {
+            let (Some(name), Some(value)) = (key.rsplit('.').next().and_then(unhex), value) else {
+                continue;
+            };
+            let record =
+                ConsumerRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                    what: format!("consumer {name:?} of stream id {stream_id}"),
+                    source,
+                })?;
+            consumers.push((name, record));
+        }
+        consumers.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(consumers)
+    }
+
+    fn claim_consumer(&self, stream_id: u64, name: &str) -> Result<u64, StorageError> {
+        self.poisoned()?;
+        let (state, key, value) = (
+            self.state.clone(),
+            claims::claim_key(stream_id, &hex(name)),
+            claims::claim_value(self.gateway_id, ClaimChange::Taken),
+        );
+        self.block(async move { state.put(&key, value.into(), Expect::Any).await })
+            .map_err(|e| self.error("claiming a consumer's subscription", e))
+    }
+
+    fn release_consumer(&self, stream_id: u64, name: &str, claim: u64) {
+        let (state, key, value) = (
+            self.state.clone(),
+            claims::claim_key(stream_id, &hex(name)),
+            claims::claim_value(self.gateway_id, ClaimChange::Released),
+        );
+        if let Some(runtime) = &self.runtime {
+            runtime.spawn(async move {
+                // Only this claim: a newer one (a subscription elsewhere)
+                // stays.
+                if let Err(e) = state.put(&key, value.into(), Expect::Revision(claim)).await {
+                    tracing::debug!(error = %e, %key, "a consumer claim was not released");
+                }
+            });
+        }
+    }
+
+    fn remote_claims(&self) -> Option<mpsc::Receiver<RemoteClaim>> {
+        self.remote_claims.lock().expect("not poisoned").take()
     }
 
     fn put_group(
@@ -1635,7 +1823,11 @@ impl Engine for JetStreamEngine {
     /// record stream's Raft group has no quorum the write is not answered.
     fn probe(&self) -> Option<String> {
         let js = self.js.clone();
-        let subject = format!("{}.state.probe.{}", self.names.subjects, self.gateway_id);
+        let subject = format!(
+            "{}.state.{}",
+            self.names.subjects,
+            claims::probe_key(self.gateway_id)
+        );
         let answered = self.block(async move {
             let write = async {
                 js.publish_with_headers(subject, HeaderMap::new(), Bytes::new())

@@ -8,12 +8,13 @@
 //! `serve --engine jetstream`); several gateways on one cluster are the
 //! next slices (ARCHITECTURE.md lists them and today's gaps).
 
+pub mod claims;
 pub mod engine;
 pub mod message;
 pub mod state;
 
 pub use engine::{JetStreamEngine, JetStreamOptions};
-pub use state::{Expect, Record, StateError, StateStore};
+pub use state::{Expect, Record, StateError, StateStore, Watched};
 
 use std::time::Duration;
 

@@ -297,6 +297,69 @@ impl StateStore {
     }
 }
 
+/// A record write as [`StateStore::watch`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The record's key.
+    pub key: String,
+    /// What was written (empty for a deletion).
+    pub value: Bytes,
+    /// The write's revision.
+    pub revision: u64,
+    /// Whether the write deleted the record.
+    pub deleted: bool,
+}
+
+impl StateStore {
+    /// Every write of the records whose keys start with `prefix.`, in
+    /// revision order, from now on (with `current_first`, each such
+    /// record's current write first, deletions included). Through an
+    /// ordered consumer, which the client makes again where a node died:
+    /// nothing is skipped, and a write may be seen again only after the
+    /// stream ends with an error (then watch again).
+    pub async fn watch(
+        &self,
+        prefix: &str,
+        current_first: bool,
+    ) -> Result<futures_util::stream::BoxStream<'static, Result<Watched, StateError>>, StateError>
+    {
+        let filter = format!("{}.>", self.subject(prefix)?);
+        let messages = self
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: if current_first {
+                    jetstream::consumer::DeliverPolicy::LastPerSubject
+                } else {
+                    jetstream::consumer::DeliverPolicy::New
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed("watching records")(Box::new(e)))?
+            .messages()
+            .await
+            .map_err(|e| failed("watching records")(Box::new(e)))?;
+        let own = format!("{}.", self.prefix);
+        Ok(messages
+            .map(move |message| {
+                let message = message.map_err(|e| failed("watching records")(Box::new(e)))?;
+                let revision = message
+                    .info()
+                    .map_err(|e| failed("watching records")(e))?
+                    .stream_sequence;
+                let subject = message.subject.as_str();
+                Ok(Watched {
+                    key: subject.strip_prefix(&own).unwrap_or(subject).to_string(),
+                    deleted: message.headers.as_ref().is_some_and(is_tombstone),
+                    value: message.payload.clone(),
+                    revision,
+                })
+            })
+            .boxed())
+    }
+}
+
 fn is_tombstone(headers: &HeaderMap) -> bool {
     headers.get(DELETED).is_some()
 }

@@ -11,6 +11,16 @@
 //! subscription then ends with ABORTED, so a restarted worker never runs
 //! side by side with its stale twin. Leases live in memory only: after a
 //! restart no subscription is open anyway.
+//!
+//! With an engine several servers share (cluster mode), the consumer's
+//! record may change through another server at any time, and its one
+//! subscription may be open there. So the writer reads the stored record
+//! before it changes one, descriptions are built from the stored record,
+//! and each lease also holds a cluster-wide *claim*
+//! ([`Engine::claim_consumer`]): claims are ordered, and a newer claim
+//! made elsewhere ([`Engine::remote_claims`], through
+//! [`StreamShared::remote_claim`]) ends the lease here, as a newer local
+//! lease would.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{ClearSettings, ConsumerChange, ConsumerSettings, WriterCommand};
 use super::filter::EventFilter;
 use super::{Head, Log, StartAt, StreamShared};
-use crate::engine::ConsumerRecord;
+use crate::engine::{ClaimChange, ConsumerRecord, Engine, RemoteClaim};
 use crate::error::Error;
 
 /// The longest consumer name.
@@ -62,11 +72,30 @@ pub struct ConsumerInfo {
     pub pending_age: Option<std::time::Duration>,
 }
 
+/// Which consumers [`Log::describe`] describes.
+#[derive(Clone, Copy)]
+enum Which<'a> {
+    /// The one of this name.
+    One(&'a str),
+    /// Up to this many whose names sort after this one.
+    After(&'a str, usize),
+}
+
 /// A consumer in memory: its stored record and its open subscription.
 pub(crate) struct ConsumerState {
     pub(crate) record: ConsumerRecord,
-    /// The lease of the open subscription, if any: its id and its token.
-    lease: Option<(u64, CancellationToken)>,
+    /// The lease of the open subscription, if any.
+    lease: Option<Lease>,
+}
+
+/// An open subscription's hold on its consumer.
+struct Lease {
+    /// Numbers it within the stream.
+    id: u64,
+    /// Cancelled to end it.
+    token: CancellationToken,
+    /// Its claim's revision (0 where the engine has no claims).
+    claim: u64,
 }
 
 impl ConsumerState {
@@ -79,8 +108,8 @@ impl ConsumerState {
 
     /// Ends the open subscription, if any (it sees its token cancelled).
     pub(crate) fn end_lease(&mut self) {
-        if let Some((_, token)) = self.lease.take() {
-            token.cancel();
+        if let Some(lease) = self.lease.take() {
+            lease.token.cancel();
         }
     }
 }
@@ -94,6 +123,8 @@ pub struct ConsumerLease {
     name: String,
     id: u64,
     token: CancellationToken,
+    /// The claim to give up when it ends: the engine, stream id and revision.
+    claim: Option<(Arc<dyn Engine>, u64, u64)>,
 }
 
 impl ConsumerLease {
@@ -123,8 +154,53 @@ impl Drop for ConsumerLease {
     fn drop(&mut self) {
         let mut consumers = self.shared.consumers.lock().expect("consumers lock");
         if let Some(state) = consumers.get_mut(&self.name) {
-            if state.lease.as_ref().is_some_and(|(id, _)| *id == self.id) {
+            if state
+                .lease
+                .as_ref()
+                .is_some_and(|lease| lease.id == self.id)
+            {
                 state.lease = None;
+            }
+        }
+        drop(consumers);
+        if let Some((engine, stream_id, claim)) = self.claim.take() {
+            engine.release_consumer(stream_id, &self.name, claim);
+        }
+    }
+}
+
+impl StreamShared {
+    /// Takes in another server's claim on one of this stream's consumers
+    /// (see the module docs): a newer claim ends the subscription open
+    /// here; a deletion also forgets the consumer.
+    pub(crate) fn remote_claim(&self, claim: &RemoteClaim) {
+        let mut consumers = self.consumers.lock().expect("consumers lock");
+        let mut elsewhere = self.claimed_elsewhere.lock().expect("claims lock");
+        let name = &claim.consumer;
+        match claim.change {
+            ClaimChange::Taken => {
+                let state = consumers.get_mut(name);
+                let newer_here = state
+                    .as_ref()
+                    .and_then(|s| s.lease.as_ref())
+                    .is_some_and(|lease| lease.claim > claim.revision);
+                if newer_here {
+                    return;
+                }
+                if let Some(state) = state {
+                    state.end_lease();
+                }
+                elsewhere.insert(name.clone(), claim.revision);
+            }
+            ClaimChange::Released | ClaimChange::Deleted => {
+                if elsewhere.get(name).is_some_and(|&r| r <= claim.revision) {
+                    elsewhere.remove(name);
+                }
+                if claim.change == ClaimChange::Deleted {
+                    if let Some(mut state) = consumers.remove(name) {
+                        state.end_lease();
+                    }
+                }
             }
         }
     }
@@ -156,8 +232,9 @@ fn check_label(what: &str, value: &str, max: usize) -> Result<(), Error> {
     }
 }
 
-fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> ConsumerInfo {
-    let r = &state.record;
+/// A consumer's description from its record, whether a subscription of
+/// it is open (here or, with a shared engine, elsewhere), and the head.
+fn info(stream: &str, name: &str, r: &ConsumerRecord, active: bool, head: Head) -> ConsumerInfo {
     ConsumerInfo {
         stream: stream.to_string(),
         name: name.to_string(),
@@ -168,7 +245,7 @@ fn info(stream: &str, name: &str, state: &ConsumerState, head: Head) -> Consumer
         types: r.types.clone(),
         keys: r.keys.clone(),
         version: r.version.clone(),
-        active: state.lease.is_some(),
+        active,
         cursor_trimmed: r.next_offset < head.first_offset,
         pending_since_unix_nanos: None,
         pending_age: None,
@@ -269,16 +346,12 @@ impl Log {
     pub fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerInfo, Error> {
         validate_consumer_name(name)?;
         let stream = self.get(stream)?;
-        let head = stream.shared.head();
-        let consumers = stream.shared.consumers.lock().expect("consumers lock");
-        let state = consumers.get(name).ok_or_else(|| Error::ConsumerNotFound {
-            stream: stream.name.clone(),
-            consumer: name.to_string(),
-        })?;
-        let mut info = info(&stream.name, name, state, head);
-        drop(consumers);
-        self.add_lag_time(&stream, &mut info);
-        Ok(info)
+        self.describe(&stream, Which::One(name))?
+            .pop()
+            .ok_or_else(|| Error::ConsumerNotFound {
+                stream: stream.name.clone(),
+                consumer: name.to_string(),
+            })
     }
 
     /// Lists a stream's consumers in name order: at most `limit` of them,
@@ -290,16 +363,61 @@ impl Log {
         limit: usize,
     ) -> Result<Vec<ConsumerInfo>, Error> {
         let stream = self.get(stream)?;
+        self.describe(&stream, Which::After(after, limit))
+    }
+
+    /// Describes consumers from their records: the stored ones where the
+    /// engine is shared (another server may have changed them), else the
+    /// ones in memory (the writer keeps them as stored).
+    fn describe(
+        &self,
+        stream: &super::Stream,
+        which: Which<'_>,
+    ) -> Result<Vec<ConsumerInfo>, Error> {
+        let stored = match (self.engine.shared(), which) {
+            (false, _) => None,
+            (true, Which::One(name)) => Some(
+                self.engine
+                    .stored_consumer(stream.meta.id, name)?
+                    .map(|record| (name.to_string(), record))
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            ),
+            (true, Which::After(after, limit)) => Some(
+                self.engine
+                    .stored_consumers(stream.meta.id)?
+                    .into_iter()
+                    .filter(|(name, _)| name.as_str() > after)
+                    .take(limit)
+                    .collect(),
+            ),
+        };
         let head = stream.shared.head();
         let consumers = stream.shared.consumers.lock().expect("consumers lock");
-        let mut infos: Vec<ConsumerInfo> = consumers
-            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            .take(limit)
-            .map(|(name, state)| info(&stream.name, name, state, head))
-            .collect();
+        let elsewhere = stream.shared.claimed_elsewhere.lock().expect("claims lock");
+        let active = |name: &str| {
+            consumers.get(name).is_some_and(|s| s.lease.is_some()) || elsewhere.contains_key(name)
+        };
+        let describe = |name: &str, record: &ConsumerRecord| {
+            info(&stream.name, name, record, active(name), head)
+        };
+        let mut infos: Vec<ConsumerInfo> = match (stored, which) {
+            (Some(stored), _) => stored.iter().map(|(n, r)| describe(n, r)).collect(),
+            (None, Which::One(name)) => consumers
+                .get(name)
+                .map(|state| describe(name, &state.record))
+                .into_iter()
+                .collect(),
+            (None, Which::After(after, limit)) => consumers
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+                .take(limit)
+                .map(|(name, state)| describe(name, &state.record))
+                .collect(),
+        };
+        drop(elsewhere);
         drop(consumers);
         for info in &mut infos {
-            self.add_lag_time(&stream, info);
+            self.add_lag_time(stream, info);
         }
         Ok(infos)
     }
@@ -341,6 +459,8 @@ impl Log {
         self.change_consumer(stream_name, name, ConsumerChange::Open { start, settings })
             .await?;
         let stream = self.get(stream_name)?;
+        // Cluster-wide, before it counts here (0 where nothing is shared).
+        let claim = self.engine.claim_consumer(stream.meta.id, name)?;
         let mut consumers = stream.shared.consumers.lock().expect("consumers lock");
         let state = consumers
             .get_mut(name)
@@ -351,7 +471,22 @@ impl Log {
         state.end_lease();
         let id = stream.shared.leases.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
-        state.lease = Some((id, token.clone()));
+        {
+            let mut elsewhere = stream.shared.claimed_elsewhere.lock().expect("claims lock");
+            match elsewhere.get(name) {
+                // A newer subscription opened elsewhere while this one was
+                // claiming: this one has lost already.
+                Some(&newer) if newer > claim => token.cancel(),
+                _ => {
+                    elsewhere.remove(name);
+                }
+            }
+        }
+        state.lease = Some(Lease {
+            id,
+            token: token.clone(),
+            claim,
+        });
         let record = state.record.clone();
         drop(consumers);
         let filter = EventFilter::new(record.types, record.keys)?;
@@ -362,6 +497,7 @@ impl Log {
                 name: name.to_string(),
                 id,
                 token,
+                claim: (claim != 0).then(|| (self.engine.clone(), stream.meta.id, claim)),
             },
             record.next_offset,
             filter,

@@ -4,7 +4,8 @@
 //! expired idempotency keys. Both only send commands: the writers do the
 //! work, ordered with appends. With an engine that several servers
 //! share, a third task hands each stream's writer the heads other servers'
-//! appends left.
+//! appends left, and a fourth takes in their claims on durable consumers
+//! (`consumer.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +85,32 @@ pub(super) async fn follow_remote_heads(
         tokio::select! {
             _ = log.closing.cancelled() => return,
             _ = stream.writer_tx.send(moved) => {}
+        }
+    }
+}
+
+/// Until the log closes: takes in other servers' claims on durable
+/// consumers, as the engine reports them (engines shared by several
+/// servers): a newer claim ends the subscription of that consumer open
+/// here (see `consumer.rs`). Claims on streams this server does not serve
+/// are skipped: no subscription of theirs is open here.
+pub(super) async fn follow_remote_claims(
+    log: Arc<Log>,
+    mut claims: tokio::sync::mpsc::Receiver<crate::engine::RemoteClaim>,
+) {
+    loop {
+        let claim = tokio::select! {
+            _ = log.closing.cancelled() => return,
+            claim = claims.recv() => match claim {
+                Some(claim) => claim,
+                None => return,
+            },
+        };
+        let Ok(stream) = log.get(&claim.stream) else {
+            continue;
+        };
+        if stream.meta.id == claim.stream_id {
+            stream.shared.remote_claim(&claim);
         }
     }
 }

@@ -17,7 +17,9 @@ use tracing::{info, warn};
 use super::cache::{CacheBudget, SharedReads, TailCache};
 use super::command::WriterCommand;
 use super::commit::Committer;
-use super::housekeeping::{expire_idempotency_keys, follow_remote_heads, housekeeping};
+use super::housekeeping::{
+    expire_idempotency_keys, follow_remote_claims, follow_remote_heads, housekeeping,
+};
 use super::read_ahead::{ReadAheadBudget, READ_AHEAD_BUDGET_BYTES};
 use super::stream::{Stream, StreamShared};
 use super::validate::validate_stored_name;
@@ -180,6 +182,9 @@ impl Log {
         log.tasks.spawn(housekeeping(log.clone()));
         if let Some(heads) = log.engine.remote_heads() {
             log.tasks.spawn(follow_remote_heads(log.clone(), heads));
+        }
+        if let Some(claims) = log.engine.remote_claims() {
+            log.tasks.spawn(follow_remote_claims(log.clone(), claims));
         }
         info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)

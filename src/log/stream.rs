@@ -125,6 +125,9 @@ pub(crate) struct StreamShared {
     pub(super) consumers: Mutex<BTreeMap<String, ConsumerState>>,
     /// Numbers consumer leases.
     pub(super) leases: AtomicU64,
+    /// Consumers whose subscription another server holds (shared engines),
+    /// with the claim's revision. Locked after `consumers`.
+    pub(super) claimed_elsewhere: Mutex<std::collections::HashMap<String, u64>>,
     /// The retention policy (the writer owns the durable copy).
     pub(super) retention: Mutex<Retention>,
     /// Recent (time, head) samples, oldest first, for the append rate.
@@ -165,6 +168,7 @@ impl StreamShared {
                     .collect(),
             ),
             leases: AtomicU64::new(0),
+            claimed_elsewhere: Mutex::new(Default::default()),
             retention: Mutex::new(stored.meta.retention),
             rate_samples: Mutex::new(VecDeque::from([(Instant::now(), stored.next_offset)])),
             metrics: metrics.stream(&stored.name),

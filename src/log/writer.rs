@@ -171,8 +171,16 @@ impl Writer {
                 return;
             }
         }
+        let stored_count = match self.refresh_consumer(&name, &change) {
+            Ok(count) => count,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
         let written = {
             let mut consumers = self.shared.consumers.lock().expect("consumers lock");
+            let count = stored_count.unwrap_or(consumers.len());
             let current = consumers.get(&name);
             if let ConsumerChange::Delete = change {
                 match current {
@@ -191,11 +199,11 @@ impl Writer {
                             Some(record)
                         }),
                 }
-            } else if current.is_none() && consumers.len() >= self.limits.max_consumers_per_stream {
+            } else if current.is_none() && count >= self.limits.max_consumers_per_stream {
                 Err(Error::ResourceExhausted(format!(
                     "stream {} already has {} durable consumers, the most allowed (--max-consumers-per-stream {}): delete consumers it no longer needs",
                     crate::error::shown(&self.name),
-                    consumers.len(),
+                    count,
                     self.limits.max_consumers_per_stream
                 )))
             } else {
@@ -222,6 +230,43 @@ impl Writer {
             }
         };
         self.commit_change(written, reply).await;
+    }
+
+    /// With an engine several servers share: brings the consumer's record
+    /// in memory up to what is stored (another server may have changed or
+    /// deleted it), and, when the change would create it, returns how many
+    /// consumers the stream has, stored (the bound is cluster-wide). `None`
+    /// otherwise: memory is the stored state.
+    fn refresh_consumer(
+        &mut self,
+        name: &str,
+        change: &ConsumerChange,
+    ) -> Result<Option<usize>, Error> {
+        if !self.engine.shared() {
+            return Ok(None);
+        }
+        let stored = self.engine.stored_consumer(self.meta.id, name)?;
+        let count = match (&stored, change) {
+            (None, ConsumerChange::Commit { .. } | ConsumerChange::Open { .. }) => {
+                Some(self.engine.stored_consumers(self.meta.id)?.len())
+            }
+            _ => None,
+        };
+        let mut consumers = self.shared.consumers.lock().expect("consumers lock");
+        match stored {
+            Some(record) => match consumers.get_mut(name) {
+                Some(state) => state.record = record,
+                None => {
+                    consumers.insert(name.to_string(), ConsumerState::new(record));
+                }
+            },
+            None => {
+                if let Some(mut state) = consumers.remove(name) {
+                    state.end_lease();
+                }
+            }
+        }
+        Ok(count)
     }
 
     /// Hands a written change (its write-ahead log record, if any) to the

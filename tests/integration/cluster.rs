@@ -834,3 +834,121 @@ async fn keys_made_and_revoked_through_one_gateway_apply_on_the_other() {
     .await;
     assert_eq!(ended.code(), tonic::Code::Unauthenticated, "{ended:?}");
 }
+
+/// Polls `f` until it answers `want` (a deadlock guard of 30 s, not a
+/// timing assertion): for what another gateway learns a moment later.
+async fn until_it_says<T, F, Fut>(want: T, mut f: F)
+where
+    T: PartialEq + std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = f().await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {got:?}, not {want:?}, after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One durable consumer served through two gateways behaves as on one
+/// server: a cursor committed through one is where a subscription through
+/// the other starts; a subscription opened through one ends the one open
+/// through the other (ABORTED, "taken over"); both report it active while
+/// a subscription is open anywhere, and not once it ends; deleting it
+/// through one ends its subscription on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_consumer_is_taken_over_across_gateways() {
+    use crate::common::*;
+    use crate::consumers::{
+        commit, end_status, events, get_consumer, list_consumers, subscribe_as,
+    };
+    use pullstream::proto::{self as pb, subscribe_request::Start};
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let active = |client: &Client, consumer: &'static str| {
+        let mut client = client.clone();
+        async move {
+            get_consumer(&mut client, "s", consumer)
+                .await
+                .map(|info| info.active)
+                .map_err(|status| status.code())
+        }
+    };
+    within(async {
+        append(&mut on_a, "s", events(10, "x")).await;
+        let mut through_a = subscribe_as(&mut on_a, "s", "worker", Some(Start::Offset(0)))
+            .await
+            .unwrap();
+        assert_eq!(collect(&mut through_a, 10).await.len(), 10);
+        commit(&mut on_a, "s", "worker", 6).await.unwrap();
+        // B reads A's commit, and learns that A has the subscription.
+        let seen = get_consumer(&mut on_b, "s", "worker").await.unwrap();
+        assert_eq!((seen.next_offset, seen.lag), (6, 4));
+        until_it_says(Ok(true), || active(&on_b, "worker")).await;
+
+        // A subscription through B starts at A's commit and takes over.
+        let mut through_b = subscribe_as(&mut on_b, "s", "worker", None).await.unwrap();
+        let resumed = collect(&mut through_b, 4).await;
+        assert_eq!(
+            resumed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            vec![6, 7, 8, 9]
+        );
+        let status = end_status(&mut through_a).await;
+        assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+        assert!(status.message().contains("taken over"), "{status:?}");
+        // B's commit (and a rewind through A) are seen through both.
+        commit(&mut on_b, "s", "worker", 10).await.unwrap();
+        let listed = list_consumers(&mut on_a, "s").await;
+        assert_eq!(
+            listed
+                .iter()
+                .map(|c| (c.name.as_str(), c.next_offset))
+                .collect::<Vec<_>>(),
+            vec![("worker", 10)]
+        );
+        commit(&mut on_a, "s", "worker", 8).await.unwrap();
+        assert_eq!(
+            get_consumer(&mut on_b, "s", "worker")
+                .await
+                .unwrap()
+                .next_offset,
+            8
+        );
+        // The subscription through B still runs, and A says so.
+        append(&mut on_a, "s", events(1, "y")).await;
+        assert_eq!(collect(&mut through_b, 1).await[0].offset, 10);
+        until_it_says(Ok(true), || active(&on_a, "worker")).await;
+
+        // Deleting it through A ends the subscription through B.
+        on_a.delete_consumer(pb::DeleteConsumerRequest {
+            stream: "s".into(),
+            consumer: "worker".into(),
+        })
+        .await
+        .unwrap();
+        let status = end_status(&mut through_b).await;
+        assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+        assert!(status.message().contains("deleted"), "{status:?}");
+        assert_eq!(active(&on_b, "worker").await, Err(tonic::Code::NotFound));
+
+        // A subscription that ends gives its claim up: the other gateway
+        // stops reporting the consumer active.
+        let mut other = subscribe_as(&mut on_b, "s", "other", Some(Start::Offset(0)))
+            .await
+            .unwrap();
+        collect(&mut other, 1).await;
+        until_it_says(Ok(true), || active(&on_a, "other")).await;
+        drop(other);
+        until_it_says(Ok(false), || active(&on_a, "other")).await;
+        until_it_says(Ok(false), || active(&on_b, "other")).await;
+    })
+    .await;
+}

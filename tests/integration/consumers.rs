@@ -7,13 +7,13 @@ use tonic::Streaming;
 
 use crate::common::*;
 
-fn events(n: usize, prefix: &str) -> Vec<pb::NewEvent> {
+pub(crate) fn events(n: usize, prefix: &str) -> Vec<pb::NewEvent> {
     (0..n)
         .map(|i| event("order.created", &format!("{{\"{prefix}\":{i}}}")))
         .collect()
 }
 
-async fn subscribe_as(
+pub(crate) async fn subscribe_as(
     client: &mut Client,
     stream: &str,
     consumer: &str,
@@ -30,7 +30,7 @@ async fn subscribe_as(
         .map(|r| r.into_inner())
 }
 
-async fn commit(
+pub(crate) async fn commit(
     client: &mut Client,
     stream: &str,
     consumer: &str,
@@ -48,7 +48,7 @@ async fn commit(
 }
 
 /// Reads a subscription to its end and returns the status it ended with.
-async fn end_status(sub: &mut Streaming<pb::SubscribeResponse>) -> tonic::Status {
+pub(crate) async fn end_status(sub: &mut Streaming<pb::SubscribeResponse>) -> tonic::Status {
     loop {
         if let Err(status) = next(sub).await {
             return status;
@@ -56,7 +56,7 @@ async fn end_status(sub: &mut Streaming<pb::SubscribeResponse>) -> tonic::Status
     }
 }
 
-async fn list_consumers(client: &mut Client, stream: &str) -> Vec<pb::ConsumerInfo> {
+pub(crate) async fn list_consumers(client: &mut Client, stream: &str) -> Vec<pb::ConsumerInfo> {
     client
         .list_consumers(pb::ListConsumersRequest {
             stream: stream.into(),
@@ -68,7 +68,7 @@ async fn list_consumers(client: &mut Client, stream: &str) -> Vec<pb::ConsumerIn
         .consumers
 }
 
-async fn get_consumer(
+pub(crate) async fn get_consumer(
     client: &mut Client,
     stream: &str,
     consumer: &str,
