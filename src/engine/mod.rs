@@ -165,6 +165,65 @@ pub struct RemoteClaim {
     pub change: ClaimChange,
 }
 
+/// A consumer group's slot assignment, as an engine several servers
+/// share stores it, so members on every server follow one assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Assignment {
+    /// Counts the assignment's changes (what members are told).
+    pub generation: u64,
+    /// The members it was made for, each with the revision of its join.
+    pub members: Vec<(String, u64)>,
+    /// Slot → owning member id.
+    pub owners: Vec<Option<String>>,
+}
+
+/// What another server changed that this one must take in (see
+/// [`Engine::remote_changes`]).
+#[derive(Debug, Clone)]
+pub enum RemoteChange {
+    /// A durable consumer's claim.
+    Claim(RemoteClaim),
+    /// A group member joined there (`joined`), or left (or its server
+    /// stopped answering).
+    Member {
+        /// The stream's name.
+        stream: String,
+        /// The stream's id.
+        stream_id: u64,
+        /// The group.
+        group: String,
+        /// The member id.
+        member: String,
+        /// The join's revision (joins are ordered by it; a leave names
+        /// the join it ends).
+        revision: u64,
+        /// Joined, or left.
+        joined: bool,
+    },
+    /// A group's assignment changed (by any server, this one included).
+    Assignment {
+        /// The stream's name.
+        stream: String,
+        /// The stream's id.
+        stream_id: u64,
+        /// The group.
+        group: String,
+        /// The new assignment.
+        assignment: Assignment,
+        /// Its revision.
+        revision: u64,
+    },
+    /// A group was deleted.
+    GroupDeleted {
+        /// The stream's name.
+        stream: String,
+        /// The stream's id.
+        stream_id: u64,
+        /// The group.
+        group: String,
+    },
+}
+
 /// Runs blocking work (an engine call that waits on a disk or a network)
 /// from async code without stalling the runtime's other tasks, where the
 /// runtime allows it (a multi-threaded one); elsewhere just runs it.
@@ -407,20 +466,85 @@ pub trait Engine: Send + Sync + 'static {
     /// claim to expire with its server.
     fn release_consumer(&self, _stream_id: u64, _name: &str, _claim: u64) {}
 
-    /// Other servers' claims, releases and deletions of consumers, in
-    /// claim order, for an engine that several servers share; `None` (the
-    /// default) otherwise. Taken once, by the log.
-    fn remote_claims(&self) -> Option<tokio::sync::mpsc::Receiver<RemoteClaim>> {
+    /// What other servers change in consumers' claims and groups'
+    /// membership, in the order the engine decided it, for an engine that
+    /// several servers share; `None` (the default) otherwise. Taken once,
+    /// by the log.
+    fn remote_changes(&self) -> Option<tokio::sync::mpsc::Receiver<RemoteChange>> {
         None
     }
 
-    /// Prepares saving a consumer group's slot offsets.
+    /// Prepares saving a consumer group's slot offsets: the whole record,
+    /// or (`slots`) only those slots of it, which an engine several
+    /// servers share merges into what others stored meanwhile.
     fn put_group(
         &self,
         stream_id: u64,
         name: &str,
         record: &GroupRecord,
+        slots: Option<&[usize]>,
     ) -> Result<Prepared, StorageError>;
+
+    /// A group's record as stored now (shared engines: members on other
+    /// servers commit their slots); `None` when there is none. Asked only
+    /// when [`Engine::shared`].
+    fn stored_group(
+        &self,
+        _stream_id: u64,
+        _name: &str,
+    ) -> Result<Option<GroupRecord>, StorageError> {
+        Ok(None)
+    }
+
+    /// Makes a group member known to every server, durably before it
+    /// returns; returns the join's revision (0 for engines only this
+    /// server uses: membership in memory suffices). A newer join of the
+    /// same member elsewhere ends this one ([`RemoteChange::Member`]).
+    fn join_member(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+        _member: &str,
+    ) -> Result<u64, StorageError> {
+        Ok(0)
+    }
+
+    /// The revision of a group member's join as stored, if it is joined
+    /// (shared engines).
+    fn stored_member(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+        _member: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
+
+    /// Ends the join made at `revision`, unless a newer one replaced it (in
+    /// the background; a leave that fails expires with its server).
+    fn leave_member(&self, _stream_id: u64, _group: &str, _member: &str, _revision: u64) {}
+
+    /// A group's assignment and its revision, as stored (shared engines).
+    fn stored_assignment(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+    ) -> Result<Option<(Assignment, u64)>, StorageError> {
+        Ok(None)
+    }
+
+    /// Stores a group's assignment if the stored one is still at
+    /// `expected` (0: none stored); false when another server changed it
+    /// first (read it again and decide).
+    fn put_assignment(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+        _assignment: &Assignment,
+        _expected: u64,
+    ) -> Result<bool, StorageError> {
+        Ok(true)
+    }
 
     /// Prepares removing a consumer group.
     fn delete_group(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError>;

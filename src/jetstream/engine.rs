@@ -41,12 +41,12 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use super::claims::{self, ClaimFeed};
+use super::feed::{self as claims, RecordFeed};
 use super::message::{self, END_OFFSET, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use crate::engine::{
-    Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
-    IdempotencyRecord, Keep, Prepared, RemoteClaim, RemoteHead, StorageError, StoredStream,
+    Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
+    IdempotencyRecord, Keep, Prepared, RemoteChange, RemoteHead, StorageError, StoredStream,
     StreamMeta, GROUP_EVENT_OVERHEAD,
 };
 
@@ -92,6 +92,19 @@ enum Change {
     DeleteStream {
         name: String,
         stream_id: u64,
+    },
+    /// A group's record: all of it (`slots: None`), or those slots merged
+    /// into what is stored (compare-and-set, retried).
+    Group {
+        key: String,
+        record: GroupRecord,
+        slots: Option<Vec<usize>>,
+        ticket: u64,
+    },
+    /// A group goes, with its assignment.
+    DeleteGroup {
+        stream_id: u64,
+        name: String,
     },
     /// A consumer's record is written (`Some`), or goes and its claim
     /// says so (`None`); `ticket` names it in [`JetStreamEngine::pending`].
@@ -170,6 +183,15 @@ type Indexes = Arc<Mutex<BTreeMap<u64, StreamIndex>>>;
 /// A consumer record's write not applied yet: its ticket and value
 /// (`None`: a deletion).
 type PendingWrite = (u64, Option<Vec<u8>>);
+
+/// A group record's writes not applied yet: the ticket of the latest, the
+/// whole record when one of them wrote it all, and the slots written.
+#[derive(Default)]
+struct PendingGroup {
+    ticket: u64,
+    whole: Option<GroupRecord>,
+    slots: BTreeMap<usize, u64>,
+}
 
 /// A group message as found: the offsets it holds, its time, its payload.
 #[derive(Debug, Clone)]
@@ -264,8 +286,12 @@ pub struct JetStreamEngine {
     failed: Mutex<Option<String>>,
     /// What the follower found other gateways did, until the log takes it.
     remote_heads: Mutex<Option<mpsc::Receiver<RemoteHead>>>,
-    /// Other gateways' consumer claims, until the log takes them.
-    remote_claims: Mutex<Option<mpsc::Receiver<RemoteClaim>>>,
+    /// Other gateways' consumer claims and group members, until the log
+    /// takes them.
+    remote_changes: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
+    /// Group records this gateway prepared and has not applied yet, by
+    /// record key (as `pending`, for groups).
+    pending_groups: Mutex<std::collections::HashMap<String, PendingGroup>>,
     /// Consumer records this gateway prepared and has not applied yet, by
     /// record key: the ticket of the latest, and its value (`None`: a
     /// deletion). Applied in order, they overwrite what is stored.
@@ -403,9 +429,9 @@ impl JetStreamEngine {
             }
             .run(heads),
         );
-        let (found_claims, remote_claims) = mpsc::channel(REMOTE_HEADS_QUEUE);
+        let (found_changes, remote_changes) = mpsc::channel(REMOTE_HEADS_QUEUE);
         runtime.spawn(
-            ClaimFeed {
+            RecordFeed {
                 state: state.clone(),
                 gateway_id,
                 name_of: {
@@ -415,7 +441,7 @@ impl JetStreamEngine {
                         index.get(&id).map(|entry| entry.name.clone())
                     })
                 },
-                found: found_claims,
+                found: found_changes,
                 unhex,
             }
             .run(),
@@ -431,7 +457,8 @@ impl JetStreamEngine {
             index,
             failed: Mutex::new(None),
             remote_heads: Mutex::new(Some(remote_heads)),
-            remote_claims: Mutex::new(Some(remote_claims)),
+            remote_changes: Mutex::new(Some(remote_changes)),
+            pending_groups: Mutex::new(Default::default()),
             pending: Mutex::new(Default::default()),
             tickets: Default::default(),
         })
@@ -613,6 +640,7 @@ impl JetStreamEngine {
         // What was prepared and not applied never will be: the stored
         // records are the truth again.
         self.pending.lock().expect("not poisoned").clear();
+        self.pending_groups.lock().expect("not poisoned").clear();
     }
 
     /// Publishes a group as one message after the last one this engine
@@ -952,6 +980,35 @@ impl JetStreamEngine {
                 done.map(drop)
                     .map_err(|e| self.error("writing a record", e))
             }
+            Change::Group {
+                key,
+                record,
+                slots,
+                ticket,
+            } => {
+                let done = self.block({
+                    let key = key.clone();
+                    async move { write_group_record(&state, &key, record, slots).await }
+                });
+                let mut pending = self.pending_groups.lock().expect("not poisoned");
+                if pending.get(&key).is_some_and(|p| p.ticket == ticket) {
+                    pending.remove(&key);
+                }
+                drop(pending);
+                done.map_err(|e| self.error("writing a consumer group", e))
+            }
+            Change::DeleteGroup { stream_id, name } => {
+                let done = self.block(async move {
+                    state
+                        .delete(&format!("group.{stream_id}.{}", hex(&name)), Expect::Any)
+                        .await?;
+                    state
+                        .delete(&claims::assignment_key(stream_id, &hex(&name)), Expect::Any)
+                        .await
+                });
+                done.map(drop)
+                    .map_err(|e| self.error("deleting a consumer group", e))
+            }
             Change::Consumer {
                 stream_id,
                 name,
@@ -1222,6 +1279,51 @@ async fn put_idempotency(
         })??;
     }
     Ok(())
+}
+
+/// Writes a group's record: all of it, or (`slots`) those slots merged
+/// into what is stored, by compare-and-set, read again after each lost
+/// race (members on other gateways commit their own slots meanwhile). A
+/// group deleted meanwhile stays deleted.
+async fn write_group_record(
+    state: &StateStore,
+    key: &str,
+    record: GroupRecord,
+    slots: Option<Vec<usize>>,
+) -> Result<(), StateError> {
+    let Some(slots) = slots else {
+        return state
+            .put(key, record.encode().into(), Expect::Any)
+            .await
+            .map(drop);
+    };
+    loop {
+        let Some(stored) = state.get(key).await? else {
+            return Ok(());
+        };
+        let mut merged = GroupRecord::decode(&stored.value).map_err(|e| StateError::JetStream {
+            op: "reading a consumer group",
+            source: Box::new(e),
+        })?;
+        for &slot in &slots {
+            if let (Some(to), Some(&from)) =
+                (merged.committed.get_mut(slot), record.committed.get(slot))
+            {
+                *to = from;
+            }
+        }
+        match state
+            .put(
+                key,
+                merged.encode().into(),
+                Expect::Revision(stored.revision),
+            )
+            .await
+        {
+            Err(StateError::Conflict { .. }) => continue,
+            done => return done.map(drop),
+        }
+    }
 }
 
 /// Runs `f` on `runtime` and waits for it on this thread.
@@ -1735,8 +1837,8 @@ impl Engine for JetStreamEngine {
         }
     }
 
-    fn remote_claims(&self) -> Option<mpsc::Receiver<RemoteClaim>> {
-        self.remote_claims.lock().expect("not poisoned").take()
+    fn remote_changes(&self) -> Option<mpsc::Receiver<RemoteChange>> {
+        self.remote_changes.lock().expect("not poisoned").take()
     }
 
     fn put_group(
@@ -1744,18 +1846,176 @@ impl Engine for JetStreamEngine {
         stream_id: u64,
         name: &str,
         record: &GroupRecord,
+        slots: Option<&[usize]>,
     ) -> Result<Prepared, StorageError> {
-        Ok(record_change(
-            format!("group.{stream_id}.{}", hex(name)),
-            Some(record.encode()),
+        let key = format!("group.{stream_id}.{}", hex(name));
+        let ticket = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        {
+            let mut pending = self.pending_groups.lock().expect("not poisoned");
+            let entry = pending.entry(key.clone()).or_default();
+            entry.ticket = ticket;
+            match slots {
+                None => {
+                    entry.whole = Some(record.clone());
+                    entry.slots.clear();
+                }
+                Some(slots) => {
+                    for &slot in slots {
+                        if let Some(&offset) = record.committed.get(slot) {
+                            entry.slots.insert(slot, offset);
+                        }
+                    }
+                }
+            }
+        }
+        let size = 128 + key.len() + record.committed.len() * 8;
+        Ok(Prepared::new(
+            Change::Group {
+                key,
+                record: record.clone(),
+                slots: slots.map(<[usize]>::to_vec),
+                ticket,
+            },
+            size,
         ))
     }
 
     fn delete_group(&self, stream_id: u64, name: &str) -> Result<Prepared, StorageError> {
-        Ok(record_change(
-            format!("group.{stream_id}.{}", hex(name)),
-            None,
+        Ok(Prepared::new(
+            Change::DeleteGroup {
+                stream_id,
+                name: name.to_string(),
+            },
+            128 + name.len(),
         ))
+    }
+
+    fn stored_group(
+        &self,
+        stream_id: u64,
+        name: &str,
+    ) -> Result<Option<GroupRecord>, StorageError> {
+        let key = format!("group.{stream_id}.{}", hex(name));
+        let stored = match self.state_get(key.clone(), "reading a consumer group")? {
+            Some(value) => {
+                Some(
+                    GroupRecord::decode(&value).map_err(|source| StorageError::Corrupt {
+                        what: format!("group {name:?} of stream id {stream_id}"),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        // This gateway's unapplied writes will land over what is stored.
+        let pending = self.pending_groups.lock().expect("not poisoned");
+        let Some(p) = pending.get(&key) else {
+            return Ok(stored);
+        };
+        let mut record = match (&p.whole, stored) {
+            (Some(whole), _) => whole.clone(),
+            (None, Some(stored)) => stored,
+            (None, None) => return Ok(None),
+        };
+        for (&slot, &offset) in &p.slots {
+            if let Some(committed) = record.committed.get_mut(slot) {
+                *committed = offset;
+            }
+        }
+        Ok(Some(record))
+    }
+
+    fn join_member(&self, stream_id: u64, group: &str, member: &str) -> Result<u64, StorageError> {
+        self.poisoned()?;
+        let (state, key, value) = (
+            self.state.clone(),
+            claims::member_key(stream_id, &hex(group), &hex(member)),
+            claims::member_value(self.gateway_id),
+        );
+        self.block(async move { state.put(&key, value.into(), Expect::Any).await })
+            .map_err(|e| self.error("joining a consumer group", e))
+    }
+
+    fn stored_member(
+        &self,
+        stream_id: u64,
+        group: &str,
+        member: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        let (state, key) = (
+            self.state.clone(),
+            claims::member_key(stream_id, &hex(group), &hex(member)),
+        );
+        self.block(async move { state.get(&key).await })
+            .map(|record| record.map(|r| r.revision))
+            .map_err(|e| self.error("reading a group member", e))
+    }
+
+    fn leave_member(&self, stream_id: u64, group: &str, member: &str, revision: u64) {
+        let (state, key) = (
+            self.state.clone(),
+            claims::member_key(stream_id, &hex(group), &hex(member)),
+        );
+        if let Some(runtime) = &self.runtime {
+            runtime.spawn(async move {
+                // Only this join: a newer one (elsewhere) stays.
+                if let Err(e) = state.delete(&key, Expect::Revision(revision)).await {
+                    tracing::debug!(error = %e, %key, "a group member's record was not removed");
+                }
+            });
+        }
+    }
+
+    fn stored_assignment(
+        &self,
+        stream_id: u64,
+        group: &str,
+    ) -> Result<Option<(Assignment, u64)>, StorageError> {
+        let (state, key) = (
+            self.state.clone(),
+            claims::assignment_key(stream_id, &hex(group)),
+        );
+        let record = self
+            .block(async move { state.get(&key).await })
+            .map_err(|e| self.error("reading a group's assignment", e))?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let assignment = claims::decode_assignment(&record.value, unhex).ok_or_else(|| {
+            self.error(
+                "reading a group's assignment",
+                std::io::Error::other(format!("the assignment of group {group:?} is unreadable")),
+            )
+        })?;
+        Ok(Some((assignment, record.revision)))
+    }
+
+    fn put_assignment(
+        &self,
+        stream_id: u64,
+        group: &str,
+        assignment: &Assignment,
+        expected: u64,
+    ) -> Result<bool, StorageError> {
+        self.poisoned()?;
+        let (state, key, value) = (
+            self.state.clone(),
+            claims::assignment_key(stream_id, &hex(group)),
+            claims::encode_assignment(assignment, hex),
+        );
+        let expect = if expected == 0 {
+            Expect::Absent
+        } else {
+            Expect::Revision(expected)
+        };
+        match self.block(async move { state.put(&key, value.into(), expect).await }) {
+            Ok(_) => Ok(true),
+            Err(StateError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(self.error("writing a group's assignment", e)),
+        }
     }
 
     fn api_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StorageError> {

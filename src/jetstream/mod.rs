@@ -8,8 +8,8 @@
 //! `serve --engine jetstream`); several gateways on one cluster are the
 //! next slices (ARCHITECTURE.md lists them and today's gaps).
 
-pub mod claims;
 pub mod engine;
+pub mod feed;
 pub mod message;
 pub mod state;
 

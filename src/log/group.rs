@@ -26,20 +26,33 @@
 //! group state lives with the stream (changed under one lock) and its
 //! committed offsets are written by the stream's writer, like consumer
 //! cursors.
+//!
+//! Across servers (an engine several servers share, cluster mode): each
+//! member's join is also a record every server sees ([`Coordination`]),
+//! so every server knows the members connected elsewhere; the assignment
+//! is a stored record too, changed by compare-and-set by any server whose
+//! view of the members differs from it (the same sticky spread, from the
+//! stored owners), and applied by every server from the engine's feed
+//! ([`StreamShared::remote_assignment`]), so all of them follow one
+//! assignment and one generation. Committed offsets are merged slot by
+//! slot into the stored record, and a member starting a slot reads the
+//! stored offset, whoever committed it. A slot moving from a member on
+//! another server waits the full [`HANDOVER_WAIT`] (unless that member
+//! left): whether it was told is not shared.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::command::{GroupChange, WriterCommand};
 use super::consumer::validate_label;
 use super::{Log, StartAt, StreamShared};
-use crate::engine::{EventRecord, GroupRecord};
+use crate::engine::{Assignment, Engine, EventRecord, GroupRecord};
 use crate::error::Error;
 
 /// The number of slots a stream is split into.
@@ -71,10 +84,20 @@ pub(crate) struct GroupState {
     /// Per slot: the "told" generation of the member that delivered it
     /// last, while the slot moves away from it.
     handover: Vec<Option<Arc<AtomicU64>>>,
+    /// Members connected to other servers (shared engines): id → the
+    /// revision of their join.
+    remote: BTreeMap<String, u64>,
+    /// Members known to have left, by the revision of the join that
+    /// ended (so an assignment made for them is not kept alive by them).
+    departed: BTreeMap<String, u64>,
+    /// The revision of the stored assignment applied (shared engines).
+    assigned: u64,
 }
 
 struct MemberState {
     lease: u64,
+    /// Its join's revision (shared engines; 0 otherwise).
+    join: u64,
     /// Cancelled when a newer subscription of the same member takes over.
     token: CancellationToken,
     /// Nudged with the generation at every rebalance.
@@ -96,44 +119,32 @@ impl GroupState {
             members: BTreeMap::new(),
             generation: 0,
             handover: vec![None; SLOT_COUNT],
+            remote: BTreeMap::new(),
+            departed: BTreeMap::new(),
+            assigned: 0,
         }
     }
 
-    /// Spreads the slots over the members as evenly as possible, keeping
-    /// each slot with its owner when the owner's share allows, and tells
-    /// every member.
+    /// Spreads the slots over the members connected here, and tells every
+    /// member (one server: the assignment is this server's own).
     fn rebalance(&mut self) {
         let ids: Vec<String> = self.members.keys().cloned().collect();
-        let n = ids.len();
-        let mut counts: BTreeMap<&str, usize> = ids.iter().map(|m| (m.as_str(), 0)).collect();
-        let quota = |i: usize| {
-            SLOT_COUNT
-                .checked_div(n)
-                .map_or(0, |base| base + usize::from(i < SLOT_COUNT % n))
-        };
-        let quota_of = |id: &str| ids.iter().position(|m| m == id).map_or(0, quota);
-        for owner in self.owner.iter_mut() {
-            let keep = owner
-                .as_deref()
-                .is_some_and(|id| counts.get(id).is_some_and(|&count| count < quota_of(id)));
-            if keep {
-                *counts
-                    .get_mut(owner.as_deref().unwrap_or_default())
-                    .expect("member") += 1;
-            } else {
-                *owner = None;
+        let owners = spread(&self.owner, &ids);
+        self.apply_owners(owners, self.generation + 1);
+    }
+
+    /// Takes in a new assignment at `generation`: slots leaving a member
+    /// here that delivered them wait, at their new owner, until that
+    /// member's client has been told; slots leaving a member connected
+    /// elsewhere wait the full handover time. Tells every member here.
+    fn apply_owners(&mut self, owners: Vec<Option<String>>, generation: u64) {
+        for (slot, owner) in owners.iter().enumerate() {
+            let previous = self.owner[slot].as_ref();
+            if previous != owner.as_ref() && previous.is_some_and(|p| self.remote.contains_key(p)) {
+                self.handover[slot] = Some(Arc::new(AtomicU64::new(0)));
             }
         }
-        for owner in self.owner.iter_mut().filter(|o| o.is_none()) {
-            if let Some((_, id)) = ids
-                .iter()
-                .enumerate()
-                .find(|(i, id)| counts[id.as_str()] < quota(*i))
-            {
-                *counts.get_mut(id.as_str()).expect("member") += 1;
-                *owner = Some(id.clone());
-            }
-        }
+        self.owner = owners;
         // A slot leaving a member that delivered it waits, at its new owner,
         // until that member's client has been told.
         for (id, member) in &mut self.members {
@@ -144,7 +155,7 @@ impl GroupState {
                 }
             }
         }
-        self.generation += 1;
+        self.generation = generation;
         for member in self.members.values() {
             let _ = member.nudge.send(self.generation);
         }
@@ -155,8 +166,105 @@ impl GroupState {
         self.record.committed.iter().copied().min().unwrap_or(0)
     }
 
+    /// Whether a member is connected, here or (shared engines) elsewhere.
     pub(crate) fn has_members(&self) -> bool {
-        !self.members.is_empty()
+        !self.members.is_empty() || !self.remote.is_empty()
+    }
+
+    /// The connected members' ids, here and elsewhere.
+    fn member_ids(&self) -> BTreeSet<String> {
+        self.members
+            .keys()
+            .chain(self.remote.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// Whether a member here has started delivering the slot.
+    fn adopted_here(&self, slot: usize) -> bool {
+        self.members.values().any(|m| m.adopted[slot])
+    }
+
+    /// Takes in the stored record's offsets for the slots no member here
+    /// delivers (members elsewhere commit those).
+    fn merge_stored(&mut self, stored: &GroupRecord) {
+        self.record.created_unix_nanos = stored.created_unix_nanos;
+        for slot in 0..SLOT_COUNT.min(stored.committed.len()) {
+            if !self.adopted_here(slot) {
+                self.record.committed[slot] = stored.committed[slot];
+            }
+        }
+    }
+
+    /// The assignment this server's view of the members asks for, given
+    /// the stored one, or `None` when the stored one already fits. A
+    /// member the stored assignment names that this server has not heard
+    /// of stays, unless it is known to have left (it will be heard of:
+    /// `Log::coordinate` asks the engine about such members first).
+    fn desired(&self, current: &Assignment) -> Option<Assignment> {
+        let mut members: BTreeMap<String, u64> = self
+            .members
+            .iter()
+            .map(|(id, m)| (id.clone(), m.join))
+            .collect();
+        for (id, &join) in &self.remote {
+            let entry = members.entry(id.clone()).or_insert(join);
+            *entry = (*entry).max(join);
+        }
+        for (id, join) in &current.members {
+            if !members.contains_key(id) && self.departed.get(id).is_none_or(|left| left < join) {
+                members.insert(id.clone(), *join);
+            }
+        }
+        let ids: Vec<String> = members.keys().cloned().collect();
+        let owners = spread(&current.owners, &ids);
+        let members: Vec<(String, u64)> = members.into_iter().collect();
+        if owners == current.owners && members == current.members {
+            return None;
+        }
+        // One generation per member joined or gone, as on one server
+        // (where each is its own rebalance), even when one look takes in
+        // several.
+        let changed = members
+            .iter()
+            .filter(|(id, _)| !current.members.iter().any(|(m, _)| m == id))
+            .count()
+            + current
+                .members
+                .iter()
+                .filter(|(id, _)| !members.iter().any(|(m, _)| m == id))
+                .count();
+        Some(Assignment {
+            generation: current.generation + changed.max(1) as u64,
+            members,
+            owners,
+        })
+    }
+
+    /// Members the stored assignment names that this server knows
+    /// nothing of (see [`GroupState::desired`]).
+    fn unheard_of(&self, current: &Assignment) -> Vec<(String, u64)> {
+        current
+            .members
+            .iter()
+            .filter(|(id, join)| {
+                !self.members.contains_key(id)
+                    && !self.remote.contains_key(id)
+                    && self.departed.get(id).is_none_or(|left| left < join)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Applies a stored assignment at `revision`, unless a newer one was.
+    fn take_assignment(&mut self, assignment: &Assignment, revision: u64) {
+        if revision <= self.assigned || assignment.owners.len() != SLOT_COUNT {
+            return;
+        }
+        self.assigned = revision;
+        self.departed
+            .retain(|id, _| assignment.members.iter().any(|(m, _)| m == id));
+        self.apply_owners(assignment.owners.clone(), assignment.generation);
     }
 
     fn slots_of(&self, member: &str) -> Vec<u32> {
@@ -167,10 +275,157 @@ impl GroupState {
     }
 }
 
+/// Spreads the slots over the members `ids` as evenly as possible,
+/// keeping each slot with its owner in `current` when the owner's share
+/// allows (sticky: a join moves slots only to the newcomer).
+fn spread(current: &[Option<String>], ids: &[String]) -> Vec<Option<String>> {
+    let n = ids.len();
+    let mut owner: Vec<Option<String>> = current.to_vec();
+    owner.resize(SLOT_COUNT, None);
+    let mut counts: BTreeMap<&str, usize> = ids.iter().map(|m| (m.as_str(), 0)).collect();
+    let quota = |i: usize| {
+        SLOT_COUNT
+            .checked_div(n)
+            .map_or(0, |base| base + usize::from(i < SLOT_COUNT % n))
+    };
+    let quota_of = |id: &str| ids.iter().position(|m| m == id).map_or(0, quota);
+    for slot_owner in owner.iter_mut() {
+        let keep = slot_owner
+            .as_deref()
+            .is_some_and(|id| counts.get(id).is_some_and(|&count| count < quota_of(id)));
+        if keep {
+            *counts
+                .get_mut(slot_owner.as_deref().unwrap_or_default())
+                .expect("member") += 1;
+        } else {
+            *slot_owner = None;
+        }
+    }
+    for slot_owner in owner.iter_mut().filter(|o| o.is_none()) {
+        if let Some((_, id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(i, id)| counts[id.as_str()] < quota(*i))
+        {
+            *counts.get_mut(id.as_str()).expect("member") += 1;
+            *slot_owner = Some(id.clone());
+        }
+    }
+    owner
+}
+
+/// The groups whose assignment may need changing, server-wide (shared
+/// engines): filled by membership changes, drained by
+/// `Log::coordinate_groups`.
+#[derive(Default)]
+pub(crate) struct AssignQueue {
+    dirty: Mutex<BTreeSet<(String, String)>>,
+    wake: Notify,
+}
+
+impl AssignQueue {
+    /// Waits for groups to look at, and takes them.
+    pub(crate) async fn next(&self) -> BTreeSet<(String, String)> {
+        loop {
+            let wake = self.wake.notified();
+            let dirty = std::mem::take(&mut *self.dirty.lock().expect("assign queue lock"));
+            if !dirty.is_empty() {
+                return dirty;
+            }
+            wake.await;
+        }
+    }
+
+    /// Asks for a look at a group again (after a failed attempt).
+    pub(crate) fn again(&self, stream: &str, group: &str) {
+        self.dirty
+            .lock()
+            .expect("assign queue lock")
+            .insert((stream.to_string(), group.to_string()));
+        self.wake.notify_one();
+    }
+}
+
+/// A stream's groups as several servers share them (see the module docs):
+/// the engine that holds their records, and where to ask for an
+/// assignment to be looked at.
+pub(crate) struct Coordination {
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) stream: String,
+    pub(crate) stream_id: u64,
+    pub(crate) queue: Arc<AssignQueue>,
+}
+
+impl Coordination {
+    fn want(&self, group: &str) {
+        self.queue.again(&self.stream, group);
+    }
+}
+
+impl StreamShared {
+    /// Another server's member joined (`joined`) or left: a newer join of
+    /// a member connected here ends it here; the assignment is looked at.
+    pub(crate) fn remote_member(&self, group: &str, member: &str, revision: u64, joined: bool) {
+        let Some(coordination) = self.coordination.get() else {
+            return;
+        };
+        let mut groups = self.groups.lock().expect("groups lock");
+        let Some(state) = groups.get_mut(group) else {
+            return;
+        };
+        if joined {
+            if let Some(here) = state.members.get(member) {
+                if here.join > revision {
+                    return;
+                }
+                here.token.cancel();
+            }
+            let known = state.remote.entry(member.to_string()).or_insert(revision);
+            *known = (*known).max(revision);
+        } else {
+            if state
+                .remote
+                .get(member)
+                .is_some_and(|&join| join <= revision)
+            {
+                state.remote.remove(member);
+            }
+            let left = state.departed.entry(member.to_string()).or_insert(revision);
+            *left = (*left).max(revision);
+        }
+        drop(groups);
+        coordination.want(group);
+    }
+
+    /// A stored assignment (made by any server) to follow.
+    pub(crate) fn remote_assignment(&self, group: &str, assignment: &Assignment, revision: u64) {
+        let Some(coordination) = self.coordination.get() else {
+            return;
+        };
+        let mut groups = self.groups.lock().expect("groups lock");
+        if let Some(state) = groups.get_mut(group) {
+            state.take_assignment(assignment, revision);
+            drop(groups);
+            // This server's view may already differ from it.
+            coordination.want(group);
+        }
+    }
+
+    /// A group deleted through another server: its members here end.
+    pub(crate) fn remote_group_deleted(&self, group: &str) {
+        let removed = self.groups.lock().expect("groups lock").remove(group);
+        if let Some(state) = removed {
+            for member in state.members.values() {
+                member.token.cancel();
+            }
+        }
+    }
+}
+
 /// What a group change writes.
 pub(crate) enum GroupWrite {
-    /// The group's new record.
-    Put(GroupRecord),
+    /// The group's new record, and the slots that changed (`None`: all).
+    Put(GroupRecord, Option<Vec<usize>>),
     /// The group's removal.
     Remove,
 }
@@ -234,7 +489,7 @@ pub(crate) fn apply_change(
                 committed: vec![*start; SLOT_COUNT],
             };
             groups.insert(name.to_string(), GroupState::new(record.clone()));
-            Ok(Some(GroupWrite::Put(record)))
+            Ok(Some(GroupWrite::Put(record, None)))
         }
         GroupChange::Reset { offset } => {
             let group = groups
@@ -244,11 +499,11 @@ pub(crate) fn apply_change(
                 return Err(Error::GroupActive {
                     stream: stream.to_string(),
                     group: name.to_string(),
-                    members: group.members.keys().cloned().collect(),
+                    members: group.member_ids().into_iter().collect(),
                 });
             }
             group.record.committed = vec![*offset; SLOT_COUNT];
-            Ok(Some(GroupWrite::Put(group.record.clone())))
+            Ok(Some(GroupWrite::Put(group.record.clone(), None)))
         }
         GroupChange::Delete => {
             let group = groups
@@ -271,14 +526,30 @@ pub(crate) fn apply_change(
                 .get(member)
                 .ok_or_else(|| member_not_found(stream, name, member))?;
             let limit = (*next_offset).min(state.delivered.load(Ordering::Acquire));
-            let mut changed = false;
+            let mut changed = Vec::new();
             for slot in 0..SLOT_COUNT {
                 if state.adopted[slot] && group.record.committed[slot] < limit {
                     group.record.committed[slot] = limit;
-                    changed = true;
+                    changed.push(slot);
                 }
             }
-            Ok(changed.then(|| GroupWrite::Put(group.record.clone())))
+            Ok((!changed.is_empty()).then(|| GroupWrite::Put(group.record.clone(), Some(changed))))
+        }
+    }
+}
+
+/// Brings a group in memory up to its stored record (shared engines): a
+/// group made elsewhere is taken in; slots no member here delivers take
+/// the stored offsets.
+pub(crate) fn take_stored(shared: &StreamShared, name: &str, stored: Option<GroupRecord>) {
+    let Some(stored) = stored else {
+        return;
+    };
+    let mut groups = shared.groups.lock().expect("groups lock");
+    match groups.get_mut(name) {
+        Some(group) => group.merge_stored(&stored),
+        None => {
+            groups.insert(name.to_string(), GroupState::new(stored));
         }
     }
 }
@@ -322,6 +593,8 @@ struct Pending {
 /// A member's view of its group, kept by its subscription: which slots it
 /// delivers, and from where.
 pub struct GroupCursor {
+    /// Its join's revision (shared engines; 0 otherwise).
+    join: u64,
     shared: Arc<StreamShared>,
     stream: String,
     group: String,
@@ -462,6 +735,7 @@ impl GroupCursor {
     pub(crate) async fn changed(&mut self) {
         if !self.pending.is_empty() {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            self.read_stored_offsets();
             return;
         }
         tokio::select! {
@@ -472,6 +746,38 @@ impl GroupCursor {
                     // cancelled: refresh reports it then.
                     self.token.cancelled().await;
                 }
+            }
+        }
+    }
+}
+
+impl GroupCursor {
+    /// Shared engines: before a pending slot starts, takes in the stored
+    /// committed offsets (a member elsewhere may have committed it last).
+    fn read_stored_offsets(&self) {
+        let Some(c) = self.shared.coordination.get() else {
+            return;
+        };
+        let now = Instant::now();
+        let ready = self.pending.iter().any(|p| {
+            now >= p.deadline
+                || p.previous
+                    .as_ref()
+                    .is_none_or(|told| told.load(Ordering::Acquire) >= p.generation)
+        });
+        if !ready {
+            return;
+        }
+        match c.engine.stored_group(c.stream_id, &self.group) {
+            Ok(Some(stored)) => {
+                let mut groups = self.shared.groups.lock().expect("groups lock");
+                if let Some(group) = groups.get_mut(&self.group) {
+                    group.merge_stored(&stored);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, group = %self.group, "cannot read a group's committed offsets; starting its slots from what this server knows");
             }
         }
     }
@@ -489,9 +795,117 @@ impl Drop for GroupCursor {
                 .is_some_and(|m| m.lease == self.lease)
             {
                 group.members.remove(&self.member);
-                group.rebalance();
+                match self.shared.coordination.get() {
+                    Some(c) => c.want(&self.group),
+                    None => group.rebalance(),
+                }
             }
         }
+        drop(groups);
+        if let Some(c) = self.shared.coordination.get() {
+            c.engine
+                .leave_member(c.stream_id, &self.group, &self.member, self.join);
+        }
+    }
+}
+
+/// Until the log closes (shared engines): looks at the groups whose
+/// membership changed, and stores a new assignment where this server's
+/// view asks for one. A look that fails (the cluster did not answer) is
+/// tried again a second later.
+pub(crate) async fn coordinate_groups(log: Arc<Log>) {
+    loop {
+        let dirty = tokio::select! {
+            _ = log.closing.cancelled() => return,
+            dirty = log.assign_queue.next() => dirty,
+        };
+        for (stream, group) in dirty {
+            let looked = {
+                let log = log.clone();
+                let (stream, group) = (stream.clone(), group.clone());
+                tokio::task::spawn_blocking(move || log.coordinate(&stream, &group)).await
+            };
+            match looked {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, %stream, %group, "cannot store a group's assignment yet; trying again");
+                    let (log, stream, group) = (log.clone(), stream.clone(), group.clone());
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        log.assign_queue.again(&stream, &group);
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "a group's assignment look panicked"),
+            }
+        }
+    }
+}
+
+impl Log {
+    /// One look at a group's stored assignment (shared engines): follows
+    /// it if it is newer than the one applied, asks the engine about the
+    /// members it names that this server has not heard of, and stores a
+    /// new one (compare-and-set) when this server's view of the members
+    /// asks for it. Blocking: engine calls.
+    fn coordinate(&self, stream: &str, group: &str) -> Result<(), Error> {
+        let Ok(stream) = self.get(stream) else {
+            return Ok(());
+        };
+        let Some(c) = stream.shared.coordination.get() else {
+            return Ok(());
+        };
+        // Lost races are retried at once: each one means another server
+        // stored a newer assignment, which this look then starts from.
+        for _ in 0..16 {
+            let (current, revision) = self
+                .engine
+                .stored_assignment(c.stream_id, group)?
+                .unwrap_or_default();
+            let unheard = {
+                let mut groups = stream.shared.groups.lock().expect("groups lock");
+                let Some(state) = groups.get_mut(group) else {
+                    return Ok(());
+                };
+                state.take_assignment(&current, revision);
+                state.unheard_of(&current)
+            };
+            let mut heard = Vec::new();
+            for (member, join) in unheard {
+                heard.push((
+                    member.clone(),
+                    join,
+                    self.engine.stored_member(c.stream_id, group, &member)?,
+                ));
+            }
+            let desired = {
+                let mut groups = stream.shared.groups.lock().expect("groups lock");
+                let Some(state) = groups.get_mut(group) else {
+                    return Ok(());
+                };
+                for (member, join, stored) in heard {
+                    match stored {
+                        Some(now) if !state.members.contains_key(&member) => {
+                            state.remote.insert(member, now.max(join));
+                        }
+                        Some(_) => {}
+                        None => {
+                            state.departed.insert(member, join);
+                        }
+                    }
+                }
+                state.desired(&current)
+            };
+            let Some(desired) = desired else {
+                return Ok(());
+            };
+            if self
+                .engine
+                .put_assignment(c.stream_id, group, &desired, revision)?
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -521,21 +935,47 @@ impl Log {
             self.change_group(stream_name, group, GroupChange::Create { start })
                 .await?;
         }
+        let coordination = stream.shared.coordination.get();
+        let check_room = |state: &GroupState| {
+            let max = self.config.limits.max_members_per_group;
+            let ids = state.member_ids();
+            if !ids.contains(member) && ids.len() >= max {
+                return Err(Error::ResourceExhausted(format!(
+                    "group {} of stream {} already has {} members, the most allowed (--max-members-per-group {max})",
+                    crate::error::shown(group),
+                    crate::error::shown(&stream.name),
+                    ids.len()
+                )));
+            }
+            Ok(())
+        };
+        // Shared engines: the join is made known to every server first,
+        // so its revision orders it against joins of the same member
+        // elsewhere.
+        let join = match coordination {
+            Some(c) => {
+                {
+                    let groups = stream.shared.groups.lock().expect("groups lock");
+                    let state = groups
+                        .get(group)
+                        .ok_or_else(|| group_not_found(&stream.name, group))?;
+                    check_room(state)?;
+                }
+                c.engine.join_member(c.stream_id, group, member)?
+            }
+            None => 0,
+        };
         let mut groups = stream.shared.groups.lock().expect("groups lock");
         let state = groups
             .get_mut(group)
             .ok_or_else(|| group_not_found(&stream.name, group))?;
-        let max = self.config.limits.max_members_per_group;
-        if !state.members.contains_key(member) && state.members.len() >= max {
-            return Err(Error::ResourceExhausted(format!(
-                "group {} of stream {} already has {} members, the most allowed (--max-members-per-group {max})",
-                crate::error::shown(group),
-                crate::error::shown(&stream.name),
-                state.members.len()
-            )));
-        }
+        check_room(state)?;
         if let Some(old) = state.members.get(member) {
             old.token.cancel();
+        }
+        if state.remote.get(member).is_some_and(|&r| r < join) {
+            // This join replaces it (that server ends it when it hears).
+            state.remote.remove(member);
         }
         let lease = stream.shared.leases.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
@@ -546,6 +986,7 @@ impl Log {
             member.to_string(),
             MemberState {
                 lease,
+                join,
                 token: token.clone(),
                 nudge,
                 delivered: delivered.clone(),
@@ -553,9 +994,13 @@ impl Log {
                 adopted: vec![false; SLOT_COUNT],
             },
         );
-        state.rebalance();
+        match coordination {
+            Some(c) => c.want(group),
+            None => state.rebalance(),
+        }
         drop(groups);
         Ok(GroupCursor {
+            join,
             shared: stream.shared.clone(),
             stream: stream.name.clone(),
             group: group.to_string(),
@@ -661,26 +1106,40 @@ impl Log {
     pub fn group_info(&self, stream: &str, group: &str) -> Result<GroupInfo, Error> {
         validate_label("group name", group)?;
         let stream = self.get(stream)?;
+        // Shared engines: members elsewhere commit their slots there.
+        let stored = match stream.shared.coordination.get() {
+            Some(c) => c.engine.stored_group(c.stream_id, group)?,
+            None => None,
+        };
         let head = stream.shared.head().next_offset;
-        let groups = stream.shared.groups.lock().expect("groups lock");
+        let mut groups = stream.shared.groups.lock().expect("groups lock");
         let state = groups
-            .get(group)
+            .get_mut(group)
             .ok_or_else(|| group_not_found(&stream.name, group))?;
+        if let Some(stored) = &stored {
+            state.merge_stored(stored);
+        }
         let members = state
-            .members
-            .iter()
-            .map(|(id, m)| {
-                let slots = state.slots_of(id);
+            .member_ids()
+            .into_iter()
+            .map(|id| {
+                let slots = state.slots_of(&id);
                 let committed = slots
                     .iter()
                     .map(|&s| state.record.committed[s as usize])
                     .min()
                     .unwrap_or(head);
+                // Where a member elsewhere stands is not shared: its
+                // committed offset is the best known.
+                let delivered = state
+                    .members
+                    .get(&id)
+                    .map_or(committed, |m| m.delivered.load(Ordering::Acquire));
                 GroupMemberInfo {
-                    member: id.clone(),
+                    member: id,
                     slots,
                     committed,
-                    delivered: m.delivered.load(Ordering::Acquire),
+                    delivered,
                 }
             })
             .collect();
@@ -702,6 +1161,7 @@ mod tests {
     fn member() -> MemberState {
         MemberState {
             lease: 0,
+            join: 0,
             token: CancellationToken::new(),
             nudge: watch::channel(0).0,
             delivered: Arc::new(AtomicU64::new(0)),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::command::WriterCommand;
 use super::{Log, HOUSEKEEPING_PERIOD};
+use crate::engine::RemoteChange;
 
 /// Every [`HOUSEKEEPING_PERIOD`]: samples each stream's head for its
 /// append rate, and asks the writer of each stream with a retention policy
@@ -89,28 +90,59 @@ pub(super) async fn follow_remote_heads(
     }
 }
 
-/// Until the log closes: takes in other servers' claims on durable
-/// consumers, as the engine reports them (engines shared by several
-/// servers): a newer claim ends the subscription of that consumer open
-/// here (see `consumer.rs`). Claims on streams this server does not serve
-/// are skipped: no subscription of theirs is open here.
-pub(super) async fn follow_remote_claims(
+/// Until the log closes: takes in what other servers change in durable
+/// consumers' claims and groups' membership, as the engine reports it
+/// (engines shared by several servers): a newer claim ends the
+/// subscription of that consumer open here (`consumer.rs`); members and
+/// assignments go to the stream's groups (`group.rs`). Changes on streams
+/// this server does not serve are skipped: nothing of theirs is open here.
+pub(super) async fn follow_remote_changes(
     log: Arc<Log>,
-    mut claims: tokio::sync::mpsc::Receiver<crate::engine::RemoteClaim>,
+    mut changes: tokio::sync::mpsc::Receiver<RemoteChange>,
 ) {
     loop {
-        let claim = tokio::select! {
+        let change = tokio::select! {
             _ = log.closing.cancelled() => return,
-            claim = claims.recv() => match claim {
-                Some(claim) => claim,
+            change = changes.recv() => match change {
+                Some(change) => change,
                 None => return,
             },
         };
-        let Ok(stream) = log.get(&claim.stream) else {
+        let (name, id) = match &change {
+            RemoteChange::Claim(claim) => (&claim.stream, claim.stream_id),
+            RemoteChange::Member {
+                stream, stream_id, ..
+            }
+            | RemoteChange::Assignment {
+                stream, stream_id, ..
+            }
+            | RemoteChange::GroupDeleted {
+                stream, stream_id, ..
+            } => (stream, *stream_id),
+        };
+        let Ok(stream) = log.get(name) else {
             continue;
         };
-        if stream.meta.id == claim.stream_id {
-            stream.shared.remote_claim(&claim);
+        if stream.meta.id != id {
+            continue;
+        }
+        let shared = &stream.shared;
+        match &change {
+            RemoteChange::Claim(claim) => shared.remote_claim(claim),
+            RemoteChange::Member {
+                group,
+                member,
+                revision,
+                joined,
+                ..
+            } => shared.remote_member(group, member, *revision, *joined),
+            RemoteChange::Assignment {
+                group,
+                assignment,
+                revision,
+                ..
+            } => shared.remote_assignment(group, assignment, *revision),
+            RemoteChange::GroupDeleted { group, .. } => shared.remote_group_deleted(group),
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct Log {
     /// When the log opened (the server's start), for uptime.
     opened: (Instant, i64),
     metrics: Arc<Metrics>,
+    /// Groups whose assignment to look at (engines several servers share).
+    assign_queue: Arc<group::AssignQueue>,
 }
 
 impl Log {

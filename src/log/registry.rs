@@ -18,7 +18,7 @@ use super::cache::{CacheBudget, SharedReads, TailCache};
 use super::command::WriterCommand;
 use super::commit::Committer;
 use super::housekeeping::{
-    expire_idempotency_keys, follow_remote_claims, follow_remote_heads, housekeeping,
+    expire_idempotency_keys, follow_remote_changes, follow_remote_heads, housekeeping,
 };
 use super::read_ahead::{ReadAheadBudget, READ_AHEAD_BUDGET_BYTES};
 use super::stream::{Stream, StreamShared};
@@ -170,6 +170,7 @@ impl Log {
             closing,
             opened,
             metrics,
+            assign_queue: Default::default(),
         });
         {
             let mut streams = log.streams.write().expect("registry lock");
@@ -183,8 +184,12 @@ impl Log {
         if let Some(heads) = log.engine.remote_heads() {
             log.tasks.spawn(follow_remote_heads(log.clone(), heads));
         }
-        if let Some(claims) = log.engine.remote_claims() {
-            log.tasks.spawn(follow_remote_claims(log.clone(), claims));
+        if let Some(changes) = log.engine.remote_changes() {
+            log.tasks.spawn(follow_remote_changes(log.clone(), changes));
+        }
+        if log.engine.shared() {
+            log.tasks
+                .spawn(super::group::coordinate_groups(log.clone()));
         }
         info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)
@@ -209,6 +214,18 @@ impl Log {
             SharedReads::new(SHARED_READS_BYTES, self.cache_budget.clone()),
             &self.metrics,
         ));
+        if self.engine.shared() {
+            let _ = shared.coordination.set(super::group::Coordination {
+                engine: self.engine.clone(),
+                stream: stored.name.clone(),
+                stream_id: stored.meta.id,
+                queue: self.assign_queue.clone(),
+            });
+            // Groups loaded with the stream follow the stored assignment.
+            for name in shared.groups.lock().expect("groups lock").keys() {
+                self.assign_queue.again(&stored.name, name);
+            }
+        }
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
             engine: self.engine.clone(),

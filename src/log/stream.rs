@@ -137,6 +137,9 @@ pub(crate) struct StreamShared {
     /// Consumer groups by name. Changed by the writer (committed offsets)
     /// and by members joining and leaving; held briefly.
     pub(super) groups: Mutex<BTreeMap<String, group::GroupState>>,
+    /// Set when the engine is shared by several servers: how the groups
+    /// are coordinated with theirs (`group.rs`).
+    pub(super) coordination: std::sync::OnceLock<group::Coordination>,
     /// Chunks read from storage lately, shared by group members.
     pub(super) shared_reads: Mutex<SharedReads>,
     /// The server's metrics (for data loss).
@@ -175,6 +178,7 @@ impl StreamShared {
             server_metrics: metrics.clone(),
             shared_reads: Mutex::new(shared_reads),
             damage_seen: Mutex::new(Default::default()),
+            coordination: std::sync::OnceLock::new(),
             groups: Mutex::new(
                 stored
                     .groups

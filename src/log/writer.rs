@@ -425,6 +425,17 @@ impl Writer {
             }
         }
         use super::group::GroupWrite;
+        // Shared engines: start from the stored record (a group made, or
+        // slots committed, through another server).
+        if self.engine.shared() {
+            match self.engine.stored_group(self.meta.id, &name) {
+                Ok(stored) => super::group::take_stored(&self.shared, &name, stored),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
+        }
         let written = super::group::apply_change(
             &self.shared,
             &self.name,
@@ -436,8 +447,9 @@ impl Writer {
         .and_then(|write| {
             let logged = match write {
                 None => return Ok(None),
-                Some(GroupWrite::Put(record)) => {
-                    self.engine.put_group(self.meta.id, &name, &record)
+                Some(GroupWrite::Put(record, slots)) => {
+                    self.engine
+                        .put_group(self.meta.id, &name, &record, slots.as_deref())
                 }
                 Some(GroupWrite::Remove) => self.engine.delete_group(self.meta.id, &name),
             };

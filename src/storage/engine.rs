@@ -340,13 +340,15 @@ impl Engine for Store {
         self.prepare(vec![Op::Remove(consumer_key(stream_id, name))])
     }
 
-    /// Saves a consumer group's slot offsets. Returns the write-ahead log
-    /// record, when the log is on.
+    /// Saves a consumer group's slot offsets (the whole record: only this
+    /// server writes it). Returns the write-ahead log record, when the log
+    /// is on.
     fn put_group(
         &self,
         stream_id: u64,
         name: &str,
         record: &GroupRecord,
+        _slots: Option<&[usize]>,
     ) -> Result<Prepared, StorageError> {
         self.prepare(vec![Op::Insert(
             named_key(GROUP_PREFIX, stream_id, name),

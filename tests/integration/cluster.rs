@@ -952,3 +952,101 @@ async fn a_durable_consumer_is_taken_over_across_gateways() {
     })
     .await;
 }
+
+/// A key-shared group with a member on each gateway shares one
+/// assignment: together they get every event exactly once, each key at
+/// one member and in order; commits made through either gateway are seen
+/// through the other; when the member on B leaves, the one on A takes its
+/// slots at their committed offsets (nothing skipped, nothing again); and
+/// deleting the group through B ends its member on A.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_with_members_on_both_gateways_gets_every_event_once_per_key() {
+    use crate::common::*;
+    use crate::groups::{append_keyed, assert_key_order, create, end_status, group_info, Member};
+    use pullstream::proto as pb;
+    use std::collections::BTreeMap;
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    within(async {
+        create(&mut on_a, "s").await;
+        let mut x = Member::join(&a, "s", "g", "x").await;
+        let mut y = Member::join(&b, "s", "g", "y").await;
+        // Both follow the assignment that holds them both.
+        x.until_generation(2).await;
+        y.until_generation(2).await;
+        assert_eq!((x.generation, y.generation), (2, 2));
+        assert_eq!(
+            x.slots.len() + y.slots.len(),
+            256,
+            "{x:?} {y:?}",
+            x = x.slots,
+            y = y.slots
+        );
+        assert!(x.slots.iter().all(|s| !y.slots.contains(s)));
+        assert!(x.slots.len() == 128 && y.slots.len() == 128);
+
+        append_keyed(&mut on_a, "s", 600, 30).await;
+        let mut members = [x, y];
+        loop {
+            let received: usize = members.iter().map(|m| m.events.len()).sum();
+            if received >= 600 {
+                break;
+            }
+            for m in &mut members {
+                if m.next_offset < 600 {
+                    m.read_one().await;
+                }
+            }
+        }
+        let [mut x, mut y] = members;
+        let mut all: Vec<u64> = x.events.iter().chain(&y.events).map(|(o, _)| *o).collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..600).collect::<Vec<_>>(), "each event exactly once");
+        let mut owner_of_key: BTreeMap<String, String> = BTreeMap::new();
+        for m in [&x, &y] {
+            assert!(!m.events.is_empty(), "member {} got a share", m.id);
+            assert_key_order(m);
+            for (_, key) in &m.events {
+                let owner = owner_of_key.entry(key.clone()).or_insert(m.id.clone());
+                assert_eq!(owner, &m.id, "key {key} went to one member");
+            }
+        }
+
+        // Each commits through its own gateway; both gateways see both.
+        x.commit("s", "g", 600).await;
+        y.commit("s", "g", 600).await;
+        for client in [&mut on_a, &mut on_b] {
+            let info = group_info(client, "s", "g").await.unwrap();
+            assert_eq!(info.low_watermark, 600, "{info:?}");
+            let mut ids: Vec<&str> = info.members.iter().map(|m| m.member.as_str()).collect();
+            ids.sort_unstable();
+            assert_eq!(ids, vec!["x", "y"]);
+        }
+
+        // The member on B leaves: the one on A takes every slot, from where
+        // B's member committed.
+        drop(y);
+        x.until_generation(3).await;
+        assert_eq!(x.slots.len(), 256);
+        let before = x.events.len();
+        append_keyed(&mut on_b, "s", 100, 30).await;
+        x.until_events(before + 100).await;
+        let later: Vec<u64> = x.events[before..].iter().map(|(o, _)| *o).collect();
+        let mut sorted = later.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (600..700).collect::<Vec<_>>());
+        assert_key_order(&x);
+
+        // Deleting the group through B ends its member on A.
+        on_b.delete_group(pb::DeleteGroupRequest {
+            stream: "s".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap();
+        let status = end_status(&mut x).await;
+        assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    })
+    .await;
+}

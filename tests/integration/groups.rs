@@ -10,20 +10,20 @@ use tonic::{Code, Streaming};
 use crate::common::*;
 
 /// A connected member: its subscription and what it has received.
-struct Member {
-    id: String,
-    sub: Streaming<pb::SubscribeResponse>,
-    client: Client,
+pub(crate) struct Member {
+    pub(crate) id: String,
+    pub(crate) sub: Streaming<pb::SubscribeResponse>,
+    pub(crate) client: Client,
     /// (offset, key) in arrival order.
-    events: Vec<(u64, String)>,
-    generation: u64,
-    slots: Vec<u32>,
-    revoked: Vec<u32>,
-    next_offset: u64,
+    pub(crate) events: Vec<(u64, String)>,
+    pub(crate) generation: u64,
+    pub(crate) slots: Vec<u32>,
+    pub(crate) revoked: Vec<u32>,
+    pub(crate) next_offset: u64,
 }
 
 impl Member {
-    async fn join(server: &TestServer, stream: &str, group: &str, id: &str) -> Member {
+    pub(crate) async fn join(server: &TestServer, stream: &str, group: &str, id: &str) -> Member {
         let mut client = server.client().await;
         let sub = client
             .subscribe(pb::SubscribeRequest {
@@ -49,7 +49,7 @@ impl Member {
     }
 
     /// Reads one message, recording events and assignment.
-    async fn read_one(&mut self) {
+    pub(crate) async fn read_one(&mut self) {
         let message = next(&mut self.sub).await.expect("member message");
         for e in message.events {
             self.events.push((e.offset, e.key));
@@ -63,20 +63,25 @@ impl Member {
     }
 
     /// Reads until the member has been told of `generation`.
-    async fn until_generation(&mut self, generation: u64) {
+    pub(crate) async fn until_generation(&mut self, generation: u64) {
         while self.generation < generation {
             self.read_one().await;
         }
     }
 
     /// Reads until it has received `count` events in all.
-    async fn until_events(&mut self, count: usize) {
+    pub(crate) async fn until_events(&mut self, count: usize) {
         while self.events.len() < count {
             self.read_one().await;
         }
     }
 
-    async fn commit(&mut self, stream: &str, group: &str, next_offset: u64) -> pb::GroupInfo {
+    pub(crate) async fn commit(
+        &mut self,
+        stream: &str,
+        group: &str,
+        next_offset: u64,
+    ) -> pb::GroupInfo {
         self.client
             .commit_group(pb::CommitGroupRequest {
                 stream: stream.into(),
@@ -106,7 +111,7 @@ async fn two_members() -> (TestServer, Client, Member, Member) {
 }
 
 /// Reads a member's subscription to its end; returns how it ended.
-async fn end_status(member: &mut Member) -> tonic::Status {
+pub(crate) async fn end_status(member: &mut Member) -> tonic::Status {
     within(async {
         loop {
             if let Err(status) = next(&mut member.sub).await {
@@ -117,7 +122,7 @@ async fn end_status(member: &mut Member) -> tonic::Status {
     .await
 }
 
-async fn create(client: &mut Client, stream: &str) {
+pub(crate) async fn create(client: &mut Client, stream: &str) {
     client
         .create_stream(pb::CreateStreamRequest {
             stream: stream.into(),
@@ -135,7 +140,7 @@ fn keyed(key: &str, n: u64) -> pb::NewEvent {
 }
 
 /// Appends `n` events over `keys` keys (round robin), in batches of 50.
-async fn append_keyed(client: &mut Client, stream: &str, n: u64, keys: u64) {
+pub(crate) async fn append_keyed(client: &mut Client, stream: &str, n: u64, keys: u64) {
     let events: Vec<_> = (0..n)
         .map(|i| keyed(&format!("k{}", i % keys), i))
         .collect();
@@ -145,7 +150,7 @@ async fn append_keyed(client: &mut Client, stream: &str, n: u64, keys: u64) {
 }
 
 /// Per key, offsets strictly increase in arrival order.
-fn assert_key_order(member: &Member) {
+pub(crate) fn assert_key_order(member: &Member) {
     let mut last: BTreeMap<&str, u64> = BTreeMap::new();
     for (offset, key) in &member.events {
         if let Some(previous) = last.insert(key, *offset) {
@@ -158,7 +163,7 @@ fn assert_key_order(member: &Member) {
     }
 }
 
-async fn group_info(
+pub(crate) async fn group_info(
     client: &mut Client,
     stream: &str,
     group: &str,
