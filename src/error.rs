@@ -335,6 +335,7 @@ impl From<StorageError> for Error {
             StorageError::Wal(
                 WalError::WriteFailed { .. } | WalError::SyncFailed { .. } | WalError::Poisoned(_),
             ) => Error::StorageFailed(error.to_string()),
+            StorageError::StreamGone { name } => Error::StreamNotFound(name),
             other => Error::Storage(other),
         }
     }

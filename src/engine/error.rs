@@ -74,6 +74,13 @@ pub enum StorageError {
         /// The append time of the stream's last event.
         last_time_unix_nanos: i64,
     },
+    /// Another server deleted the stream (engines shared by several
+    /// servers): nothing was written.
+    #[error("stream {name:?} was deleted through another server")]
+    StreamGone {
+        /// The stream's name.
+        name: String,
+    },
     /// Another server created the stream first (engines shared by
     /// several servers): nothing was written; look it up instead.
     #[error("another server created stream {name:?} first")]

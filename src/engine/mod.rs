@@ -175,6 +175,10 @@ pub struct Assignment {
     pub members: Vec<(String, u64)>,
     /// Slot → owning member id.
     pub owners: Vec<Option<String>>,
+    /// Members the previous assignment held that its maker knew had left,
+    /// with the revision of the join that ended: so a server that has not
+    /// heard of the leave yet does not put them back.
+    pub left: Vec<(String, u64)>,
 }
 
 /// What another server changed that this one must take in (see
@@ -334,6 +338,14 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Prepares setting the stream's fencing token (empty clears it).
     fn put_fence(&self, stream_id: u64, token: &str) -> Result<Prepared, StorageError>;
+
+    /// The producers' fencing token in force as the engine last saw it
+    /// (shared engines: set through any server, ordered with appends);
+    /// `None` where only this server sets it (the writer's copy is the
+    /// truth). The writer asks before it decides each group.
+    fn fence_in_force(&self, _stream_id: u64) -> Option<String> {
+        None
+    }
 
     /// Prepares a stream's deletion with everything it holds.
     fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError>;

@@ -42,7 +42,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
 use super::feed::{self as claims, RecordFeed};
-use super::message::{self, END_OFFSET, FIRST_OFFSET, TIME};
+use super::message::{self, END_OFFSET, FENCE, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use crate::engine::{
     Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
@@ -133,6 +133,9 @@ struct StreamIndex {
     /// The sequences of messages seen, by their first offset (a cache: a
     /// miss is a binary search by direct gets).
     seq_of: BTreeMap<u64, u64>,
+    /// The fencing token the last message says is in force (`None`: not
+    /// known from a message).
+    fence: Option<String>,
 }
 
 impl StreamIndex {
@@ -144,6 +147,7 @@ impl StreamIndex {
             last_time: i64::MIN,
             floor: 0,
             seq_of: BTreeMap::new(),
+            fence: None,
         }
     }
 
@@ -162,6 +166,9 @@ impl StreamIndex {
         self.last_seq = seq;
         self.next_offset = self.next_offset.max(located.end);
         self.last_time = self.last_time.max(located.time);
+        if located.fence.is_some() {
+            self.fence = located.fence.clone();
+        }
         true
     }
 
@@ -200,6 +207,19 @@ struct Located {
     end: u64,
     time: i64,
     payload: Bytes,
+    /// The fencing token in force, when the message says.
+    fence: Option<String>,
+}
+
+/// The `Ps-Fence` header's value for a token.
+fn fence_header(token: &str) -> String {
+    format!("={token}")
+}
+
+/// A token from a `Ps-Fence` header's value.
+fn fence_of(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(FENCE)?.as_str();
+    value.strip_prefix('=').map(str::to_string)
 }
 
 /// A gateway's announcement of an append, on `<ns>.head.<stream id>`:
@@ -572,6 +592,7 @@ impl JetStreamEngine {
             first: first as u64,
             end: end as u64,
             time,
+            fence: fence_of(&message.headers),
             payload: message.payload,
         }))
     }
@@ -647,6 +668,12 @@ impl JetStreamEngine {
     /// knows (`Nats-Expected-Last-Sequence`), writes the idempotency
     /// records it carries, and announces the new head. Answers
     /// [`StorageError::HeadMoved`] when another gateway appended first.
+    ///
+    /// Every message carries the fencing token in force (`new_fence`, for
+    /// the message holding no events that changes it; else the one the
+    /// index knows), so a gateway that lost the race learns the token with
+    /// the head, and an append decided with a stale token is refused by
+    /// the same conditional publish that refuses a stale head.
     fn append_group(
         &self,
         name: &str,
@@ -654,16 +681,20 @@ impl JetStreamEngine {
         chunks: Vec<EncodedChunk>,
         keys: Vec<(String, IdempotencyRecord)>,
         end: u64,
+        new_fence: Option<&str>,
     ) -> Result<(), StorageError> {
         let first = chunks.first().map_or(end, |c| c.first_offset);
-        let (last_seq, known_next) = {
+        let (last_seq, known_next, known_time, known_fence) = {
             let index = self.index.lock().expect("not poisoned");
             let entry = index.get(&stream_id);
             (
                 entry.map_or(0, |i| i.last_seq),
                 entry.map_or(0, |i| i.next_offset),
+                entry.map_or(i64::MIN, |i| i.last_time),
+                entry.and_then(|i| i.fence.clone()),
             )
         };
+        let fence = new_fence.map(str::to_string).or(known_fence);
         if known_next != first {
             // Another gateway's append reached this engine first (its
             // announcement, or the follower's check).
@@ -679,7 +710,9 @@ impl JetStreamEngine {
                     })?
                     .time_unix_nanos
             }
-            None => i64::MIN,
+            // No events (a fencing token's change): the last event's time
+            // stays the stream's.
+            None => known_time,
         };
         let payload = message::encode(chunks.iter().map(|c| c.value.as_slice()), &keys);
         let mut headers = HeaderMap::new();
@@ -687,13 +720,23 @@ impl JetStreamEngine {
         headers.insert(END_OFFSET, end.to_string().as_str());
         headers.insert(TIME, time.to_string().as_str());
         headers.insert("Nats-Expected-Last-Sequence", last_seq.to_string().as_str());
+        if let Some(fence) = &fence {
+            headers.insert(FENCE, fence_header(fence).as_str());
+        }
         // Unique to this gateway's attempt: a repeat of this publish that
         // did land is answered `duplicate` with its sequence, and another
-        // gateway's message for the same offsets never is.
-        headers.insert(
-            "Nats-Msg-Id",
-            format!("{:016x}-{stream_id}-{first}", self.gateway_id).as_str(),
-        );
+        // gateway's message for the same offsets never is. (A message
+        // holding no events shares its first offset with the next one:
+        // its id also names the sequence it follows.)
+        let id = if chunks.is_empty() {
+            format!(
+                "{:016x}-{stream_id}-{first}-after-{last_seq}",
+                self.gateway_id
+            )
+        } else {
+            format!("{:016x}-{stream_id}-{first}", self.gateway_id)
+        };
+        headers.insert("Nats-Msg-Id", id.as_str());
         let (js, state, names, client) = (
             self.js.clone(),
             self.state.clone(),
@@ -701,6 +744,7 @@ impl JetStreamEngine {
             self.client.clone(),
         );
         let payload = Bytes::from(payload);
+        let announced_fence = fence.clone();
         let announce = Announcement {
             gateway_id: self.gateway_id,
             seq: 0,
@@ -728,6 +772,9 @@ impl JetStreamEngine {
             };
             let mut headers = HeaderMap::new();
             headers.insert(ANNOUNCE, announce.encode().as_str());
+            if let Some(fence) = &announced_fence {
+                headers.insert(FENCE, fence_header(fence).as_str());
+            }
             let _ = client
                 .publish_with_headers(names.head_subject(stream_id), headers, payload)
                 .await;
@@ -745,6 +792,7 @@ impl JetStreamEngine {
                         first,
                         end,
                         time,
+                        fence,
                         payload: Bytes::new(),
                     },
                 );
@@ -840,7 +888,11 @@ impl JetStreamEngine {
             .map_or(next_offset, |(first, _)| first.first)
             .max(meta.offset_floor)
             .min(next_offset);
-        let last_time = ends.as_ref().map(|(_, last)| last.time);
+        let last_time = ends
+            .as_ref()
+            .map(|(_, last)| last.time)
+            .filter(|&t| t != i64::MIN);
+        let last_fence = ends.as_ref().and_then(|(_, last)| last.fence.clone());
         meta.next_offset = next_offset;
         meta.bytes = bytes;
         let mut entry = StreamIndex::new(&name);
@@ -876,10 +928,18 @@ impl JetStreamEngine {
             })?;
             groups.push((group, record));
         }
-        let fence = self
-            .state_get(format!("fence.{id}"), "loading a fencing token")?
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default();
+        // The last message says which token is in force; the record, for
+        // streams whose messages do not.
+        let fence = match last_fence {
+            Some(fence) => fence,
+            None => self
+                .state_get(format!("fence.{id}"), "loading a fencing token")?
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+                .unwrap_or_default(),
+        };
+        if let Some(entry) = self.index.lock().expect("not poisoned").get_mut(&id) {
+            entry.fence = Some(fence.clone());
+        }
         Ok(StoredStream {
             name,
             meta,
@@ -1171,6 +1231,7 @@ impl Follower {
             first: announced.first,
             end: announced.next_offset,
             time: announced.time,
+            fence: message.headers.as_ref().and_then(fence_of),
             payload: message.payload.clone(),
         };
         let head = {
@@ -1457,7 +1518,7 @@ impl Engine for JetStreamEngine {
             .collect();
         // Written here, not in `commit`: the append is conditional, and a
         // writer that lost the race must decide its group again.
-        self.append_group(name, meta.id, chunks, keys, meta.next_offset)?;
+        self.append_group(name, meta.id, chunks, keys, meta.next_offset, None)?;
         Ok(Prepared::new(Change::Appended, 0))
     }
 
@@ -1472,11 +1533,32 @@ impl Engine for JetStreamEngine {
         ))
     }
 
+    /// Written here, like an append: a message holding no events that
+    /// carries the new token, published after the last message this
+    /// gateway knows, so every append decided with the old token through
+    /// another gateway loses its race and is decided again with the new
+    /// one. The record (read when a stream is loaded and its last message
+    /// says nothing) follows in `commit`.
     fn put_fence(&self, stream_id: u64, token: &str) -> Result<Prepared, StorageError> {
+        self.poisoned()?;
+        let (name, head) = {
+            let index = self.index.lock().expect("not poisoned");
+            let entry = index.get(&stream_id);
+            (
+                entry.map(|i| i.name.clone()).unwrap_or_default(),
+                entry.map_or(0, |i| i.next_offset),
+            )
+        };
+        self.append_group(&name, stream_id, Vec::new(), Vec::new(), head, Some(token))?;
         Ok(record_change(
             format!("fence.{stream_id}"),
             (!token.is_empty()).then(|| token.as_bytes().to_vec()),
         ))
+    }
+
+    fn fence_in_force(&self, stream_id: u64) -> Option<String> {
+        let index = self.index.lock().expect("not poisoned");
+        index.get(&stream_id).and_then(|entry| entry.fence.clone())
     }
 
     fn delete_stream(&self, name: &str, stream_id: u64) -> Result<Prepared, StorageError> {

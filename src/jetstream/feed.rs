@@ -112,11 +112,17 @@ pub fn encode_assignment(assignment: &Assignment, hex: fn(&str) -> String) -> Ve
                 .map_or("-".to_string(), |i| i.to_string())
         })
         .collect();
+    let left: Vec<String> = assignment
+        .left
+        .iter()
+        .map(|(id, revision)| format!("{}@{revision}", hex(id)))
+        .collect();
     format!(
-        "{}\n{}\n{}",
+        "{}\n{}\n{}\n{}",
         assignment.generation,
         members.join(" "),
-        owners.join(",")
+        owners.join(","),
+        left.join(" ")
     )
     .into_bytes()
 }
@@ -126,15 +132,16 @@ pub fn decode_assignment(value: &[u8], unhex: fn(&str) -> Option<String>) -> Opt
     let text = std::str::from_utf8(value).ok()?;
     let mut lines = text.split('\n');
     let generation = lines.next()?.parse().ok()?;
-    let members: Vec<(String, u64)> = lines
-        .next()?
-        .split(' ')
-        .filter(|m| !m.is_empty())
-        .map(|m| {
-            let (id, revision) = m.split_once('@')?;
-            Some((unhex(id)?, revision.parse().ok()?))
-        })
-        .collect::<Option<_>>()?;
+    let named = |line: &str| -> Option<Vec<(String, u64)>> {
+        line.split(' ')
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                let (id, revision) = m.split_once('@')?;
+                Some((unhex(id)?, revision.parse().ok()?))
+            })
+            .collect()
+    };
+    let members = named(lines.next()?)?;
     let owners = lines
         .next()?
         .split(',')
@@ -143,10 +150,12 @@ pub fn decode_assignment(value: &[u8], unhex: fn(&str) -> Option<String>) -> Opt
             i => Some(Some(members.get(i.parse::<usize>().ok()?)?.0.clone())),
         })
         .collect::<Option<_>>()?;
+    let left = named(lines.next().unwrap_or_default())?;
     Some(Assignment {
         generation,
         members,
         owners,
+        left,
     })
 }
 
@@ -412,6 +421,7 @@ mod tests {
         let assignment = Assignment {
             generation: 7,
             members: vec![("a.b".into(), 3), ("c".into(), 9)],
+            left: vec![("gone".into(), 2)],
             owners: (0..256)
                 .map(|s| match s % 3 {
                     0 => Some("a.b".to_string()),
@@ -426,6 +436,7 @@ mod tests {
             generation: 1,
             members: vec![],
             owners: vec![None; 256],
+            left: vec![],
         };
         assert_eq!(
             decode_assignment(&encode_assignment(&empty, hex), unhex),

@@ -27,6 +27,11 @@ pub const FIRST_OFFSET: &str = "Ps-First-Offset";
 pub const END_OFFSET: &str = "Ps-End-Offset";
 /// The header holding the append time of the group's events.
 pub const TIME: &str = "Ps-Time";
+/// The header holding the stream's fencing token when the message was
+/// written, after `=` (`=` alone: none), so the message that moved a head
+/// also says which token is in force. A fencing token's change is a
+/// message holding no events.
+pub const FENCE: &str = "Ps-Fence";
 
 const MAGIC: &[u8; 4] = b"PSG1";
 

@@ -234,10 +234,17 @@ impl GroupState {
                 .iter()
                 .filter(|(id, _)| !members.iter().any(|(m, _)| m == id))
                 .count();
+        let left = current
+            .members
+            .iter()
+            .filter(|(id, _)| !members.iter().any(|(m, _)| m == id))
+            .filter_map(|(id, _)| Some((id.clone(), *self.departed.get(id)?)))
+            .collect();
         Some(Assignment {
             generation: current.generation + changed.max(1) as u64,
             members,
             owners,
+            left,
         })
     }
 
@@ -264,6 +271,13 @@ impl GroupState {
         self.assigned = revision;
         self.departed
             .retain(|id, _| assignment.members.iter().any(|(m, _)| m == id));
+        // Leaves its maker knew of, which this server may not have heard
+        // of yet.
+        for (id, join) in &assignment.left {
+            if self.remote.get(id).is_some_and(|r| r <= join) {
+                self.remote.remove(id);
+            }
+        }
         self.apply_owners(assignment.owners.clone(), assignment.generation);
     }
 
@@ -796,7 +810,11 @@ impl Drop for GroupCursor {
             {
                 group.members.remove(&self.member);
                 match self.shared.coordination.get() {
-                    Some(c) => c.want(&self.group),
+                    Some(c) => {
+                        // The next assignment tells the others it left.
+                        group.departed.insert(self.member.clone(), self.join);
+                        c.want(&self.group)
+                    }
                     None => group.rebalance(),
                 }
             }

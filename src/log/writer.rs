@@ -484,6 +484,14 @@ impl Writer {
         self.commit_change(written.map(Some), reply).await;
     }
 
+    /// Takes the fencing token the engine says is in force (one set
+    /// through another server sharing it), if it says.
+    fn take_fence_in_force(&mut self) {
+        if let Some(fence) = self.engine.fence_in_force(self.meta.id) {
+            self.fence = fence;
+        }
+    }
+
     /// Sets the fencing token. Appends queued before it are decided with
     /// the old token, those after it with the new one.
     async fn set_fence(
@@ -496,20 +504,51 @@ impl Writer {
             let _ = reply.send(Err(Error::StorageFailed(reason)));
             return;
         }
-        if let Some(expected) = expected {
-            if expected != self.fence {
+        self.take_fence_in_force();
+        if let Some(expected) = &expected {
+            if *expected != self.fence {
                 let _ = reply.send(Err(Error::Fenced {
                     stream: self.name.clone(),
-                    given: expected,
+                    given: expected.clone(),
                     current: self.fence.clone(),
                 }));
                 return;
             }
         }
-        let written = self
-            .engine
-            .put_fence(self.meta.id, &token)
-            .map_err(Error::from);
+        // An engine several servers share writes the change at once, after
+        // the head it knows: when another server appended (or set a token)
+        // first, follow it and check the expected token again.
+        let mut moves = 0;
+        let written = loop {
+            match self.engine.put_fence(self.meta.id, &token) {
+                Err(StorageError::HeadMoved {
+                    next_offset,
+                    last_time_unix_nanos,
+                    ..
+                }) if moves < MAX_HEAD_MOVES => {
+                    moves += 1;
+                    self.follow_head(next_offset, last_time_unix_nanos, Vec::new())
+                        .await;
+                    self.take_fence_in_force();
+                    if let Some(expected) = &expected {
+                        if *expected != self.fence {
+                            break Err(Error::Fenced {
+                                stream: self.name.clone(),
+                                given: expected.clone(),
+                                current: self.fence.clone(),
+                            });
+                        }
+                    }
+                }
+                Err(StorageError::HeadMoved { .. }) => {
+                    break Err(Error::Contended {
+                        stream: self.name.clone(),
+                        attempts: moves,
+                    })
+                }
+                done => break done.map_err(Error::from),
+            }
+        };
         if written.is_ok() {
             self.fence = token;
         }
@@ -607,6 +646,7 @@ impl Writer {
             }
             return None;
         }
+        self.take_fence_in_force();
         let published = self.shared.head().next_offset;
         self.unpublished_keys
             .retain(|(_, r)| r.first_offset + u64::from(r.count) > published);

@@ -957,8 +957,9 @@ async fn a_durable_consumer_is_taken_over_across_gateways() {
 /// assignment: together they get every event exactly once, each key at
 /// one member and in order; commits made through either gateway are seen
 /// through the other; when the member on B leaves, the one on A takes its
-/// slots at their committed offsets (nothing skipped, nothing again); and
-/// deleting the group through B ends its member on A.
+/// slots at their committed offsets (nothing skipped, nothing again); the
+/// same member joining through B takes over from A; and deleting the group
+/// through A ends its member on B.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_with_members_on_both_gateways_gets_every_event_once_per_key() {
     use crate::common::*;
@@ -1028,7 +1029,7 @@ async fn a_group_with_members_on_both_gateways_gets_every_event_once_per_key() {
         // B's member committed.
         drop(y);
         x.until_generation(3).await;
-        assert_eq!(x.slots.len(), 256);
+        assert_eq!((x.generation, x.slots.len()), (3, 256));
         let before = x.events.len();
         append_keyed(&mut on_b, "s", 100, 30).await;
         x.until_events(before + 100).await;
@@ -1038,15 +1039,79 @@ async fn a_group_with_members_on_both_gateways_gets_every_event_once_per_key() {
         assert_eq!(sorted, (600..700).collect::<Vec<_>>());
         assert_key_order(&x);
 
-        // Deleting the group through B ends its member on A.
-        on_b.delete_group(pb::DeleteGroupRequest {
+        // The same member joining through B takes over from A.
+        let mut x_on_b = Member::join(&b, "s", "g", "x").await;
+        let status = end_status(&mut x).await;
+        assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+        assert!(status.message().contains("taken over"), "{status:?}");
+        x_on_b.until_generation(4).await;
+        assert_eq!(x_on_b.slots.len(), 256);
+
+        // Deleting the group through A ends its member on B.
+        on_a.delete_group(pb::DeleteGroupRequest {
             stream: "s".into(),
             group: "g".into(),
         })
         .await
         .unwrap();
-        let status = end_status(&mut x).await;
+        let status = end_status(&mut x_on_b).await;
         assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+        assert!(status.message().contains("deleted"), "{status:?}");
+    })
+    .await;
+}
+
+/// A fencing token set through one gateway is checked by the other at
+/// once: a producer on A still holding the token its successor replaced
+/// through B is refused (FAILED_PRECONDITION naming the new token) on its
+/// very next append, without waiting for A to hear of the change, and
+/// never interleaves with the successor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fencing_token_set_through_one_gateway_fences_producers_on_the_other() {
+    use crate::common::*;
+    use crate::pipeline::{fenced_append, set_fence};
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    within(async {
+        set_fence(&mut on_a, "s", "first", None).await.unwrap();
+        // Through B, the token set through A is the one in force.
+        fenced_append(&mut on_b, "p1", "first").await.unwrap();
+        let wrong = fenced_append(&mut on_b, "p1", "other").await.unwrap_err();
+        assert_eq!(wrong.code(), tonic::Code::FailedPrecondition, "{wrong:?}");
+        assert!(wrong.message().contains("first"), "{wrong:?}");
+        for round in 0..20 {
+            // A zombie on A and its successor on B, back to back.
+            let (old, new) = (format!("t{round}"), format!("t{}", round + 1));
+            if round == 0 {
+                set_fence(&mut on_a, "s", &old, Some("first"))
+                    .await
+                    .unwrap();
+            }
+            fenced_append(&mut on_a, "zombie", &old).await.unwrap();
+            set_fence(&mut on_b, "s", &new, Some(&old)).await.unwrap();
+            let refused = fenced_append(&mut on_a, "zombie", &old).await.unwrap_err();
+            assert_eq!(
+                refused.code(),
+                tonic::Code::FailedPrecondition,
+                "{refused:?}"
+            );
+            assert!(refused.message().contains(&new), "{refused:?}");
+            // A stale expectation is refused through either gateway.
+            let stale = set_fence(&mut on_a, "s", "x", Some(&old))
+                .await
+                .unwrap_err();
+            assert_eq!(stale.code(), tonic::Code::FailedPrecondition, "{stale:?}");
+            // The successor's token works through A too; next round A
+            // plays the zombie with it.
+            fenced_append(&mut on_a, "successor", &new).await.unwrap();
+        }
+        // Offsets stayed dense: 1 + 20 × 2 acknowledged appends.
+        let events = read_all(&mut on_b, "s").await;
+        assert_eq!(
+            events.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (0..41).collect::<Vec<_>>()
+        );
     })
     .await;
 }

@@ -571,7 +571,7 @@ async fn a_pipeline_needs_a_key_with_the_publish_scope() {
 }
 
 /// A unary Append of one tagged event carrying `token`.
-async fn fenced_append(
+pub(crate) async fn fenced_append(
     client: &mut Client,
     producer: &str,
     token: &str,
@@ -587,7 +587,7 @@ async fn fenced_append(
         .map(|r| r.into_inner())
 }
 
-async fn set_fence(
+pub(crate) async fn set_fence(
     client: &mut Client,
     stream: &str,
     token: &str,
