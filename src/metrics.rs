@@ -323,13 +323,13 @@ impl Metrics {
         );
         registry.register_with_unit(
             "data_dir",
-            "Bytes of files in the data dir",
+            "Bytes of files in the data dir (-1 in cluster mode: the engine keeps none there)",
             Unit::Bytes,
             m.data_dir_bytes.clone(),
         );
         registry.register_with_unit(
             "data_dir_free",
-            "Bytes free under the data dir (appends and creations stop below --min-free-bytes)",
+            "Bytes free under the data dir (appends and creations stop below --min-free-bytes; -1 when unknown or in cluster mode)",
             Unit::Bytes,
             m.data_dir_free_bytes.clone(),
         );
@@ -424,11 +424,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every series, with the scrape-time
-    /// values read from `streams` and the data dir.
+    /// values read from `streams` and the data dir (`None`: the engine
+    /// keeps nothing there).
     pub fn encode(
         &self,
         streams: &[StreamSnapshot],
-        data_dir: &Path,
+        data_dir: Option<&Path>,
         refusal: &WriteRefusal,
     ) -> String {
         let _scraping = self.scrape.lock().expect("scrape lock");
@@ -517,9 +518,14 @@ impl Metrics {
                 })
                 .set(lag as i64);
         }
-        self.data_dir_bytes.set(dir_size(data_dir) as i64);
-        self.data_dir_free_bytes
-            .set(crate::durability::space::free_bytes(data_dir).map_or(-1, |b| b as i64));
+        // -1: no data dir (cluster mode), or its free space is unknown.
+        self.data_dir_bytes
+            .set(data_dir.map_or(-1, |dir| dir_size(dir) as i64));
+        self.data_dir_free_bytes.set(
+            data_dir
+                .and_then(crate::durability::space::free_bytes)
+                .map_or(-1, |b| b as i64),
+        );
         self.writes_refused.set(i64::from(refusal.reason.is_some()));
         self.storage_failed.set(i64::from(refusal.storage_failed));
         self.rss_bytes.set(resident_bytes() as i64);
@@ -582,7 +588,11 @@ mod tests {
         let late = metrics.stream("late");
         late.appended_events.inc_by(5);
         metrics.stream("later").appended_events.inc_by(2);
-        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
+        let text = metrics.encode(
+            &[],
+            Some(Path::new("/nonexistent")),
+            &WriteRefusal::default(),
+        );
         assert!(
             text.contains("pullstream_appended_events_total{stream=\"_other\"} 7"),
             "{text}"
@@ -592,7 +602,11 @@ mod tests {
 
         metrics.remove_stream("s0");
         metrics.stream("newcomer").appended_events.inc();
-        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
+        let text = metrics.encode(
+            &[],
+            Some(Path::new("/nonexistent")),
+            &WriteRefusal::default(),
+        );
         assert!(!text.contains("stream=\"s0\""));
         assert!(text.contains("pullstream_appended_events_total{stream=\"newcomer\"} 1"));
     }
@@ -610,7 +624,7 @@ mod tests {
         };
         let text = metrics.encode(
             &[snapshot],
-            Path::new("/nonexistent"),
+            Some(Path::new("/nonexistent")),
             &WriteRefusal::default(),
         );
         assert!(
@@ -630,7 +644,11 @@ mod tests {
             text.contains("pullstream_group_lag_events{stream=\"orders\",group=\"shippers\"} 30")
         );
         // Gone from the next snapshot, gone from the scrape.
-        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
+        let text = metrics.encode(
+            &[],
+            Some(Path::new("/nonexistent")),
+            &WriteRefusal::default(),
+        );
         assert!(!text.contains("stream=\"orders\""));
         assert!(resident_bytes() > 0);
     }
@@ -645,7 +663,11 @@ mod tests {
                 .inc();
         }
         metrics.stream("other/orders").appended_events.inc();
-        let text = metrics.encode(&[], Path::new("/nonexistent"), &WriteRefusal::default());
+        let text = metrics.encode(
+            &[],
+            Some(Path::new("/nonexistent")),
+            &WriteRefusal::default(),
+        );
         assert!(
             text.contains("pullstream_appended_events_total{stream=\"greedy/_other\"} 3"),
             "{text}"
@@ -681,7 +703,7 @@ mod tests {
         ];
         let text = metrics.encode(
             &snapshots,
-            Path::new("/nonexistent"),
+            Some(Path::new("/nonexistent")),
             &WriteRefusal::default(),
         );
         for name in ["acme", "payroll", "salaries", "audit", "workers", "plain"] {

@@ -185,6 +185,22 @@ pub struct Assignment {
 /// [`Engine::remote_changes`]).
 #[derive(Debug, Clone)]
 pub enum RemoteChange {
+    /// A stream this server serves was deleted.
+    StreamDeleted {
+        /// The stream's name.
+        stream: String,
+        /// The deleted stream's id.
+        stream_id: u64,
+    },
+    /// A stream's retention policy changed.
+    StreamRetention {
+        /// The stream's name.
+        stream: String,
+        /// The stream's id.
+        stream_id: u64,
+        /// The policy now.
+        retention: Retention,
+    },
     /// A durable consumer's claim.
     Claim(RemoteClaim),
     /// A group member joined there (`joined`), or left (or its server
@@ -303,6 +319,13 @@ pub trait Engine: Send + Sync + 'static {
     /// all there are.
     fn find_stream(&self, _name: &str) -> Result<Option<StoredStream>, StorageError> {
         Ok(None)
+    }
+
+    /// The names of every stream as stored now, in name order, for an
+    /// engine several servers share (this server may not serve them all
+    /// yet); asked only when [`Engine::shared`].
+    fn stored_stream_names(&self) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
     }
 
     /// Creates a stream, durably before it returns (creating a stream is

@@ -41,9 +41,10 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 
-use super::feed::{self as claims, RecordFeed};
+use super::feed::{self, RecordFeed};
 use super::message::{self, END_OFFSET, FENCE, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
+use super::{hex, unhex};
 use crate::engine::{
     Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
     IdempotencyRecord, Keep, Prepared, RemoteChange, RemoteHead, StorageError, StoredStream,
@@ -328,18 +329,6 @@ impl Drop for JetStreamEngine {
     }
 }
 
-fn hex(name: &str) -> String {
-    name.bytes().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<String> {
-    let bytes: Option<Vec<u8>> = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect();
-    String::from_utf8(bytes?).ok()
-}
-
 /// Names of the JetStream streams and subjects of one deployment, and the
 /// handles of the events streams already looked up (so a read does not
 /// ask the cluster for the stream again).
@@ -461,8 +450,26 @@ impl JetStreamEngine {
                         index.get(&id).map(|entry| entry.name.clone())
                     })
                 },
+                id_of: {
+                    let index = index.clone();
+                    Arc::new(move |name| {
+                        let index = index.lock().expect("not poisoned");
+                        // The newest id under the name (a name made again).
+                        index
+                            .iter()
+                            .rev()
+                            .find(|(_, entry)| entry.name == name)
+                            .map(|(id, _)| *id)
+                    })
+                },
+                forget: {
+                    let (index, handles) = (index.clone(), names.handles.clone());
+                    Arc::new(move |id| {
+                        index.lock().expect("not poisoned").remove(&id);
+                        handles.lock().expect("not poisoned").remove(&id);
+                    })
+                },
                 found: found_changes,
-                unhex,
             }
             .run(),
         );
@@ -753,12 +760,23 @@ impl JetStreamEngine {
             time,
             name: name.to_string(),
         };
+        let exists = {
+            let (state, key) = (self.state.clone(), format!("stream.{}", hex(name)));
+            move || {
+                let (state, key) = (state.clone(), key.clone());
+                async move { stream_is_there(&state, &key, stream_id).await }
+            }
+        };
         let published = self.block(async move {
-            let ack = super::publish_retrying(
+            let ack = super::publish_retrying_unless(
                 &js,
                 names.events_subject(stream_id),
                 headers,
                 payload.clone(),
+                || {
+                    let exists = exists.clone();
+                    async move { !exists().await }
+                },
             )
             .await?;
             // The records before anything else can append after this
@@ -803,6 +821,20 @@ impl JetStreamEngine {
                     .is_some_and(|e| e.kind() == PublishErrorKind::WrongLastSequence) =>
             {
                 self.refresh_head(name, stream_id)
+            }
+            Err(e)
+                if e.downcast_ref::<async_nats::jetstream::context::PublishError>()
+                    .is_some_and(|e| e.kind() == PublishErrorKind::StreamNotFound)
+                    && !self.block({
+                        let (state, key) = (self.state.clone(), format!("stream.{}", hex(name)));
+                        async move { stream_is_there(&state, &key, stream_id).await }
+                    }) =>
+            {
+                // Deleted through another gateway: nothing was written, and
+                // nothing is wrong with this gateway.
+                Err(StorageError::StreamGone {
+                    name: name.to_string(),
+                })
             }
             Err(e) => {
                 let error = self.error("appending events", std::io::Error::other(e.to_string()));
@@ -1063,7 +1095,7 @@ impl JetStreamEngine {
                         .delete(&format!("group.{stream_id}.{}", hex(&name)), Expect::Any)
                         .await?;
                     state
-                        .delete(&claims::assignment_key(stream_id, &hex(&name)), Expect::Any)
+                        .delete(&feed::assignment_key(stream_id, &hex(&name)), Expect::Any)
                         .await
                 });
                 done.map(drop)
@@ -1084,8 +1116,8 @@ impl JetStreamEngine {
                             state.delete(&key, Expect::Any).await?;
                             return state
                                 .put(
-                                    &claims::claim_key(stream_id, &hex(&name)),
-                                    claims::claim_value(gateway_id, ClaimChange::Deleted).into(),
+                                    &feed::claim_key(stream_id, &hex(&name)),
+                                    feed::claim_value(gateway_id, ClaimChange::Deleted).into(),
                                     Expect::Any,
                                 )
                                 .await;
@@ -1387,6 +1419,16 @@ async fn write_group_record(
     }
 }
 
+/// Whether the stream of id `stream_id` is still registered under its
+/// record `key` (a read that fails says yes: only a sure answer counts).
+async fn stream_is_there(state: &StateStore, key: &str, stream_id: u64) -> bool {
+    match state.get(key).await {
+        Ok(Some(record)) => StreamMeta::decode(&record.value).map_or(true, |m| m.id == stream_id),
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 /// Runs `f` on `runtime` and waits for it on this thread.
 fn run_on<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,
@@ -1486,6 +1528,16 @@ impl Engine for JetStreamEngine {
                 entry
             });
         Ok(())
+    }
+
+    fn stored_stream_names(&self) -> Result<Vec<String>, StorageError> {
+        let mut names: Vec<String> = self
+            .state_list("stream".into(), "listing streams")?
+            .into_iter()
+            .filter_map(|(key, _)| unhex(key.strip_prefix("stream.")?))
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     fn find_stream(&self, name: &str) -> Result<Option<StoredStream>, StorageError> {
@@ -1895,8 +1947,8 @@ impl Engine for JetStreamEngine {
         self.poisoned()?;
         let (state, key, value) = (
             self.state.clone(),
-            claims::claim_key(stream_id, &hex(name)),
-            claims::claim_value(self.gateway_id, ClaimChange::Taken),
+            feed::claim_key(stream_id, &hex(name)),
+            feed::claim_value(self.gateway_id, ClaimChange::Taken),
         );
         self.block(async move { state.put(&key, value.into(), Expect::Any).await })
             .map_err(|e| self.error("claiming a consumer's subscription", e))
@@ -1905,8 +1957,8 @@ impl Engine for JetStreamEngine {
     fn release_consumer(&self, stream_id: u64, name: &str, claim: u64) {
         let (state, key, value) = (
             self.state.clone(),
-            claims::claim_key(stream_id, &hex(name)),
-            claims::claim_value(self.gateway_id, ClaimChange::Released),
+            feed::claim_key(stream_id, &hex(name)),
+            feed::claim_value(self.gateway_id, ClaimChange::Released),
         );
         if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
@@ -2014,8 +2066,8 @@ impl Engine for JetStreamEngine {
         self.poisoned()?;
         let (state, key, value) = (
             self.state.clone(),
-            claims::member_key(stream_id, &hex(group), &hex(member)),
-            claims::member_value(self.gateway_id),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
+            feed::member_value(self.gateway_id),
         );
         self.block(async move { state.put(&key, value.into(), Expect::Any).await })
             .map_err(|e| self.error("joining a consumer group", e))
@@ -2029,7 +2081,7 @@ impl Engine for JetStreamEngine {
     ) -> Result<Option<u64>, StorageError> {
         let (state, key) = (
             self.state.clone(),
-            claims::member_key(stream_id, &hex(group), &hex(member)),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
         );
         self.block(async move { state.get(&key).await })
             .map(|record| record.map(|r| r.revision))
@@ -2039,7 +2091,7 @@ impl Engine for JetStreamEngine {
     fn leave_member(&self, stream_id: u64, group: &str, member: &str, revision: u64) {
         let (state, key) = (
             self.state.clone(),
-            claims::member_key(stream_id, &hex(group), &hex(member)),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
         );
         if let Some(runtime) = &self.runtime {
             runtime.spawn(async move {
@@ -2058,7 +2110,7 @@ impl Engine for JetStreamEngine {
     ) -> Result<Option<(Assignment, u64)>, StorageError> {
         let (state, key) = (
             self.state.clone(),
-            claims::assignment_key(stream_id, &hex(group)),
+            feed::assignment_key(stream_id, &hex(group)),
         );
         let record = self
             .block(async move { state.get(&key).await })
@@ -2066,7 +2118,7 @@ impl Engine for JetStreamEngine {
         let Some(record) = record else {
             return Ok(None);
         };
-        let assignment = claims::decode_assignment(&record.value, unhex).ok_or_else(|| {
+        let assignment = feed::decode_assignment(&record.value).ok_or_else(|| {
             self.error(
                 "reading a group's assignment",
                 std::io::Error::other(format!("the assignment of group {group:?} is unreadable")),
@@ -2085,8 +2137,8 @@ impl Engine for JetStreamEngine {
         self.poisoned()?;
         let (state, key, value) = (
             self.state.clone(),
-            claims::assignment_key(stream_id, &hex(group)),
-            claims::encode_assignment(assignment, hex),
+            feed::assignment_key(stream_id, &hex(group)),
+            feed::encode_assignment(assignment),
         );
         let expect = if expected == 0 {
             Expect::Absent
@@ -2168,7 +2220,7 @@ impl Engine for JetStreamEngine {
         let subject = format!(
             "{}.state.{}",
             self.names.subjects,
-            claims::probe_key(self.gateway_id)
+            feed::probe_key(self.gateway_id)
         );
         let answered = self.block(async move {
             let write = async {

@@ -22,6 +22,12 @@
 //! both, so all of them see one membership and follow one assignment; a
 //! deleted group record (`group.…`) ends the group's members everywhere.
 //!
+//! **Streams.** A stream's registry record (`stream.<name in hex>`) is
+//! watched too: its deletion through another gateway ends the stream
+//! here (after reading the record again: a stream made again under the
+//! name since is not the one deleted), and a change of its retention
+//! policy is taken in.
+//!
 //! A gateway killed with kill -9 cannot release or leave: its claims and
 //! members are taken to be gone once its probe record (written every
 //! second by the health check) has not been seen for [`GONE_AFTER`].
@@ -35,7 +41,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::state::{StateError, StateStore, Watched};
-use crate::engine::{Assignment, ClaimChange, RemoteChange, RemoteClaim};
+use super::{hex, unhex};
+use crate::engine::{Assignment, ClaimChange, RemoteChange, RemoteClaim, StreamMeta};
 
 /// How long a gateway may go without writing its probe record before its
 /// claims and group members count as gone.
@@ -96,7 +103,7 @@ fn parse_member(value: &[u8]) -> Option<u64> {
 /// Encodes an assignment: its generation, its members (`hex@revision`,
 /// space-separated) and each slot's owner (an index into the members, or
 /// `-`), one line each.
-pub fn encode_assignment(assignment: &Assignment, hex: fn(&str) -> String) -> Vec<u8> {
+pub fn encode_assignment(assignment: &Assignment) -> Vec<u8> {
     let members: Vec<String> = assignment
         .members
         .iter()
@@ -128,7 +135,7 @@ pub fn encode_assignment(assignment: &Assignment, hex: fn(&str) -> String) -> Ve
 }
 
 /// Decodes [`encode_assignment`]'s output.
-pub fn decode_assignment(value: &[u8], unhex: fn(&str) -> Option<String>) -> Option<Assignment> {
+pub fn decode_assignment(value: &[u8]) -> Option<Assignment> {
     let text = std::str::from_utf8(value).ok()?;
     let mut lines = text.split('\n');
     let generation = lines.next()?.parse().ok()?;
@@ -162,6 +169,12 @@ pub fn decode_assignment(value: &[u8], unhex: fn(&str) -> Option<String>) -> Opt
 /// The stream name of a stream id, where this gateway knows the stream.
 pub type NameOf = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
 
+/// The id of the stream of a name this gateway serves.
+pub type IdOf = Arc<dyn Fn(&str) -> Option<u64> + Send + Sync>;
+
+/// Forgets a deleted stream's id (the engine's index of its messages).
+pub type Forget = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// Watches the claim, member, assignment, group and probe records and
 /// reports other gateways' changes (see the module docs) to
 /// [`crate::engine::Engine::remote_changes`].
@@ -172,10 +185,12 @@ pub struct RecordFeed {
     pub gateway_id: u64,
     /// Stream names by id.
     pub name_of: NameOf,
+    /// Stream ids by name.
+    pub id_of: IdOf,
+    /// Called for a stream deleted through another gateway.
+    pub forget: Forget,
     /// Where the changes go.
     pub found: mpsc::Sender<RemoteChange>,
-    /// Turns a name in hex back into the name.
-    pub unhex: fn(&str) -> Option<String>,
 }
 
 /// A claim or member another gateway holds, as last seen.
@@ -191,7 +206,8 @@ type Watch = futures_util::stream::BoxStream<'static, Result<Watched, StateError
 
 /// The record kinds watched, by key prefix, and whether each watch starts
 /// with every record's current write.
-const WATCHED: [(&str, bool); 5] = [
+const WATCHED: [(&str, bool); 6] = [
+    ("stream", true),
     ("claim", true),
     ("member", true),
     ("assign", true),
@@ -218,6 +234,7 @@ impl RecordFeed {
                             alive.insert(gateway, Instant::now());
                         }
                     }
+                    Some(Ok(watched)) if WATCHED[i].0 == "stream" => report.extend(self.stream_changed(&watched).await),
                     Some(Ok(watched)) => report.extend(self.seen(&watched, &mut held)),
                     other => {
                         if let Some(Err(e)) = other {
@@ -260,6 +277,33 @@ impl RecordFeed {
                 }
             }
         }
+    }
+
+    /// A stream record's write: a deletion of a stream this gateway
+    /// serves (checked by reading the record again), or its retention.
+    async fn stream_changed(&self, watched: &Watched) -> Option<RemoteChange> {
+        let name = unhex(watched.key.strip_prefix("stream.")?)?;
+        let served = (self.id_of)(&name)?;
+        if !watched.deleted {
+            let meta = StreamMeta::decode(&watched.value).ok()?;
+            return (meta.id == served).then_some(RemoteChange::StreamRetention {
+                stream: name,
+                stream_id: served,
+                retention: meta.retention,
+            });
+        }
+        // A name deleted and made again: only the stream it no longer names
+        // is gone. (Unanswered: it is gone for now, as the write said.)
+        if let Ok(Some(now)) = self.state.get(&watched.key).await {
+            if StreamMeta::decode(&now.value).is_ok_and(|meta| meta.id == served) {
+                return None;
+            }
+        }
+        (self.forget)(served);
+        Some(RemoteChange::StreamDeleted {
+            stream: name,
+            stream_id: served,
+        })
     }
 
     /// A watched write: the change to report, if there is one.
@@ -305,7 +349,7 @@ impl RecordFeed {
                     stream,
                     stream_id,
                     group,
-                    assignment: decode_assignment(&watched.value, self.unhex)?,
+                    assignment: decode_assignment(&watched.value)?,
                     revision: watched.revision,
                 })
             }
@@ -326,7 +370,7 @@ impl RecordFeed {
         let mut parts = key.split('.');
         let (_, stream_id, group) = (parts.next()?, parts.next()?, parts.next()?);
         let stream_id: u64 = stream_id.parse().ok()?;
-        Some((stream_id, (self.name_of)(stream_id)?, (self.unhex)(group)?))
+        Some((stream_id, (self.name_of)(stream_id)?, unhex(group)?))
     }
 
     /// A claim taken or given up, or a member joined or gone, by key.
@@ -340,7 +384,7 @@ impl RecordFeed {
             return self.claim(key, revision, change);
         }
         let (stream_id, stream, group) = self.group_of(key)?;
-        let member = (self.unhex)(key.rsplit('.').next()?)?;
+        let member = unhex(key.rsplit('.').next()?)?;
         Some(RemoteChange::Member {
             stream,
             stream_id,
@@ -358,7 +402,7 @@ impl RecordFeed {
         Some(RemoteChange::Claim(RemoteClaim {
             stream: (self.name_of)(stream_id)?,
             stream_id,
-            consumer: (self.unhex)(consumer)?,
+            consumer: unhex(consumer)?,
             revision,
             change,
         }))
@@ -385,18 +429,6 @@ async fn next_of(watches: &mut [Option<Watch>]) -> (usize, Option<Result<Watched
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hex(text: &str) -> String {
-        text.bytes().map(|b| format!("{b:02x}")).collect()
-    }
-
-    fn unhex(text: &str) -> Option<String> {
-        let bytes: Option<Vec<u8>> = (0..text.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-            .collect();
-        String::from_utf8(bytes?).ok()
-    }
 
     #[test]
     fn claim_and_member_values_read_back() {
@@ -430,19 +462,16 @@ mod tests {
                 })
                 .collect(),
         };
-        let encoded = encode_assignment(&assignment, hex);
-        assert_eq!(decode_assignment(&encoded, unhex), Some(assignment));
+        let encoded = encode_assignment(&assignment);
+        assert_eq!(decode_assignment(&encoded), Some(assignment));
         let empty = Assignment {
             generation: 1,
             members: vec![],
             owners: vec![None; 256],
             left: vec![],
         };
-        assert_eq!(
-            decode_assignment(&encode_assignment(&empty, hex), unhex),
-            Some(empty)
-        );
-        assert_eq!(decode_assignment(b"1\nzz@1\n0", unhex), None);
-        assert_eq!(decode_assignment(b"1\n\n5", unhex), None);
+        assert_eq!(decode_assignment(&encode_assignment(&empty)), Some(empty));
+        assert_eq!(decode_assignment(b"1\nzz@1\n0"), None);
+        assert_eq!(decode_assignment(b"1\n\n5"), None);
     }
 }

@@ -21,6 +21,21 @@ use std::time::Duration;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
 
+/// A name as a record key or subject token: its bytes in hex (names may
+/// hold `.`, which NATS subjects split on).
+pub(crate) fn hex(name: &str) -> String {
+    name.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// [`hex`] undone (`None` for anything it did not make).
+pub(crate) fn unhex(text: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 /// How long a publish whose outcome is unknown is retried (a leader
 /// election takes a few seconds: 2.0 s when a 3-node cluster lost its
 /// stream leader, ARCHITECTURE.md).
@@ -39,6 +54,24 @@ pub(crate) async fn publish_retrying(
     headers: async_nats::HeaderMap,
     payload: bytes::Bytes,
 ) -> Result<PublishAck, PublishError> {
+    publish_retrying_unless(js, subject, headers, payload, || async { false }).await
+}
+
+/// [`publish_retrying`], except that when the cluster answers that no
+/// stream takes the subject, `gone` is asked whether that is for good (the
+/// stream was deleted, not a leader election) and the publish is not tried
+/// again when it says so.
+pub(crate) async fn publish_retrying_unless<F, Fut>(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    gone: F,
+) -> Result<PublishAck, PublishError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let started = tokio::time::Instant::now();
     let mut pause = Duration::from_millis(100);
     loop {
@@ -48,6 +81,9 @@ pub(crate) async fn publish_retrying(
                 .await
         };
         match attempt.await {
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound && gone().await => {
+                return Err(e)
+            }
             Err(e)
                 if matches!(
                     e.kind(),

@@ -22,6 +22,12 @@ pub(crate) enum WriterCommand {
     Append(AppendJob),
     /// Delete the stream, then stop.
     Delete(oneshot::Sender<Result<(), Error>>),
+    /// Another server deleted the stream (an engine several servers
+    /// share): end it here without writing anything, then stop; answered
+    /// once its subscriptions were told.
+    DeletedElsewhere(oneshot::Sender<Result<(), Error>>),
+    /// Another server changed the stream's retention policy: follow it.
+    RetentionElsewhere(Retention),
     /// Trim what the retention policy no longer keeps (sent by the
     /// retention task; nobody waits).
     Trim,

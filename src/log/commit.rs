@@ -450,7 +450,7 @@ mod tests {
     fn syncs(metrics: &Metrics) -> f64 {
         let text = metrics.encode(
             &[],
-            std::path::Path::new("/nonexistent"),
+            Some(std::path::Path::new("/nonexistent")),
             &Default::default(),
         );
         text.lines()

@@ -118,6 +118,10 @@ pub(super) async fn follow_remote_changes(
             }
             | RemoteChange::GroupDeleted {
                 stream, stream_id, ..
+            }
+            | RemoteChange::StreamDeleted { stream, stream_id }
+            | RemoteChange::StreamRetention {
+                stream, stream_id, ..
             } => (stream, *stream_id),
         };
         let Ok(stream) = log.get(name) else {
@@ -143,6 +147,19 @@ pub(super) async fn follow_remote_changes(
                 ..
             } => shared.remote_assignment(group, assignment, *revision),
             RemoteChange::GroupDeleted { group, .. } => shared.remote_group_deleted(group),
+            RemoteChange::StreamRetention { retention, .. } => {
+                let _ = stream
+                    .writer_tx
+                    .send(WriterCommand::RetentionElsewhere(*retention))
+                    .await;
+            }
+            RemoteChange::StreamDeleted { .. } => {
+                // Not waited for here: the writer may first finish an
+                // append (which then finds the stream gone).
+                let log = log.clone();
+                let stream = stream.clone();
+                tokio::spawn(async move { log.forget_stream(&stream).await });
+            }
         }
     }
 }

@@ -652,8 +652,12 @@ impl Log {
             .as_ref()
             .map_or(0, Committer::queued_bytes);
         self.metrics.commit_queue.set(queued as i64);
-        self.metrics
-            .encode(&snapshots, &self.config.data_dir, &self.write_refusal())
+        self.metrics.encode(
+            &snapshots,
+            // Nothing of a shared engine's is under the data dir.
+            (!self.engine.shared()).then_some(self.config.data_dir.as_path()),
+            &self.write_refusal(),
+        )
     }
 
     /// The settings the log runs with (its limits, for GetServerStatus).

@@ -154,9 +154,15 @@ impl Log {
             config.commit_queue_bytes,
             metrics.clone(),
         );
-        let min_free_bytes = config
-            .min_free_bytes
-            .unwrap_or_else(|| crate::durability::space::default_floor(&config.data_dir));
+        // An engine several servers share keeps nothing under the data
+        // dir: its free space is not the engine's.
+        let min_free_bytes = if engine.shared() {
+            0
+        } else {
+            config
+                .min_free_bytes
+                .unwrap_or_else(|| crate::durability::space::default_floor(&config.data_dir))
+        };
         let log = Arc::new(Log {
             engine,
             config,
@@ -370,6 +376,24 @@ impl Log {
         limit: usize,
         visible: &dyn Fn(&str) -> bool,
     ) -> Vec<StreamInfo> {
+        if self.engine.shared() {
+            // Other servers may have made streams this one has not served
+            // (and deleted some it did): the stored names are the truth.
+            match self.engine.stored_stream_names() {
+                Ok(names) => {
+                    return names
+                        .iter()
+                        .filter(|name| name.as_str() > after && visible(name))
+                        .filter_map(|name| self.get(name).ok())
+                        .take(limit)
+                        .map(|s| s.info())
+                        .collect()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the cluster's streams; listing the ones this server serves");
+                }
+            }
+        }
         let streams = self.streams.read().expect("registry lock");
         let lower = if after.is_empty() {
             Bound::Unbounded
@@ -417,6 +441,32 @@ impl Log {
             self.metrics.remove_stream(name);
         }
         Ok(())
+    }
+
+    /// Ends a stream another server deleted (shared engines): its writer
+    /// stops without writing, its subscriptions end, and it leaves the
+    /// registry (unless a stream of the name was started since).
+    pub(super) async fn forget_stream(&self, stream: &Arc<Stream>) {
+        let (reply, reply_rx) = oneshot::channel();
+        if stream
+            .writer_tx
+            .send(WriterCommand::DeletedElsewhere(reply))
+            .await
+            .is_err()
+            || reply_rx.await.is_err()
+        {
+            // Its writer had stopped: deleted here too, or shutting down.
+            return;
+        }
+        let mut streams = self.streams.write().expect("registry lock");
+        if streams
+            .get(&stream.name)
+            .is_some_and(|s| Arc::ptr_eq(s, stream))
+        {
+            streams.remove(&stream.name);
+            self.metrics.remove_stream(&stream.name);
+        }
+        tracing::info!(stream = %stream.name, "the stream was deleted through another server");
     }
 
     /// Stops the writers and housekeeping, waits for them, and makes

@@ -117,6 +117,22 @@ impl Writer {
                             return;
                         }
                     }
+                    WriterCommand::DeletedElsewhere(reply) => {
+                        let (done, outcome) = oneshot::channel();
+                        self.committer
+                            .commit(Commit {
+                                stream: self.shared.clone(),
+                                record: None,
+                                change: Change::Deleted(done),
+                            })
+                            .await;
+                        let _ = reply.send(outcome.await.unwrap_or(Err(Error::ShuttingDown)));
+                        return;
+                    }
+                    WriterCommand::RetentionElsewhere(retention) => {
+                        self.meta.retention = retention;
+                        *self.shared.retention.lock().expect("retention lock") = retention;
+                    }
                     WriterCommand::Consumer {
                         name,
                         change,
@@ -744,16 +760,26 @@ impl Writer {
                 }
                 Err(e) => {
                     // The batch is atomic: nothing of it was written.
-                    error!(stream = %self.name, error = %e, "append failed");
+                    if matches!(e, StorageError::StreamGone { .. }) {
+                        tracing::info!(stream = %self.name, "an append found the stream deleted through another server");
+                    } else {
+                        error!(stream = %self.name, error = %e, "append failed");
+                    }
                     self.next_offset = group_first;
                     for gate in pipelines.into_iter().chain(stopped) {
                         gate.fail();
                     }
                     let reason = e.to_string();
+                    let gone = match &e {
+                        StorageError::StreamGone { name } => Some(name.clone()),
+                        _ => None,
+                    };
                     for (job, result) in decided {
-                        let _ = job
-                            .reply
-                            .send(result.and(Err(Error::StorageFailed(reason.clone()))));
+                        let error = match &gone {
+                            Some(name) => Error::StreamNotFound(name.clone()),
+                            None => Error::StorageFailed(reason.clone()),
+                        };
+                        let _ = job.reply.send(result.and(Err(error)));
                     }
                     return None;
                 }

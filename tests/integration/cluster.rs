@@ -1115,3 +1115,108 @@ async fn a_fencing_token_set_through_one_gateway_fences_producers_on_the_other()
     })
     .await;
 }
+
+/// Streams made, changed and deleted through one gateway are seen so
+/// through the other: ListStreams through either lists every stream of
+/// the cluster; a retention change through A is B's too; deleting a stream
+/// through A ends B's subscriptions of it, and B's next append makes a new
+/// stream of the name (offsets from 0), as on one server, instead of
+/// writing into the deleted one or refusing writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_made_changed_and_deleted_through_one_gateway_are_so_on_the_other() {
+    use crate::common::*;
+    use pullstream::proto as pb;
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let names = |client: &Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list_streams(pb::ListStreamsRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .streams
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<_>>()
+        }
+    };
+    let retention_on = |client: &Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get_stream(pb::GetStreamRequest {
+                    stream: "s1".into(),
+                })
+                .await
+                .map(|r| {
+                    r.into_inner()
+                        .stream
+                        .unwrap()
+                        .retention
+                        .map(|r| r.max_events)
+                })
+                .map_err(|s| s.code())
+        }
+    };
+    within(async {
+        append(&mut on_a, "s1", vec![event("t", "a0"), event("t", "a1")]).await;
+        append(&mut on_b, "s2", vec![event("t", "b0")]).await;
+        // Each gateway lists both, though each served only one.
+        assert_eq!(names(&on_a).await, vec!["s1", "s2"]);
+        assert_eq!(names(&on_b).await, vec!["s1", "s2"]);
+        let mut tail_b = subscribe(
+            &mut on_b,
+            "s1",
+            Some(pb::subscribe_request::Start::Offset(0)),
+        )
+        .await;
+        assert_eq!(collect(&mut tail_b, 2).await.len(), 2);
+
+        // A retention change through A applies on B.
+        on_a.update_stream(pb::UpdateStreamRequest {
+            stream: "s1".into(),
+            retention: Some(pb::RetentionPolicy {
+                max_events: 1000,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+        until_it_says(Ok(Some(1000)), || retention_on(&on_b)).await;
+
+        // Deleted through A: B's subscription ends, B no longer lists it.
+        on_a.delete_stream(pb::DeleteStreamRequest {
+            stream: "s1".into(),
+        })
+        .await
+        .unwrap();
+        let ended = loop {
+            match next(&mut tail_b).await {
+                Ok(_) => continue,
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::NotFound, "{ended:?}");
+        assert_eq!(names(&on_b).await, vec!["s2"]);
+        assert_eq!(retention_on(&on_b).await, Err(tonic::Code::NotFound));
+        // B's next append makes a new stream of the name, through B and A.
+        let ack = append(&mut on_b, "s1", vec![event("t", "new")]).await;
+        assert_eq!(ack.first_offset, 0);
+        let events = read_all(&mut on_a, "s1").await;
+        assert_eq!(
+            events.iter().map(|e| e.data.to_vec()).collect::<Vec<_>>(),
+            vec![b"new".to_vec()]
+        );
+        append(&mut on_a, "s1", vec![event("t", "after")]).await;
+        // (B hears of A's append a moment later.)
+        until_it_says(2, || {
+            let mut on_b = on_b.clone();
+            async move { read_all(&mut on_b, "s1").await.len() }
+        })
+        .await;
+    })
+    .await;
+}
