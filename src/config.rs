@@ -147,7 +147,7 @@ pub struct ServeSettings {
     /// Before serving, check every stored event (checksums, gaps, heads) as `pullstream verify` does, and refuse to start on damage; slow on big data dirs [default: false]
     #[arg(long, env = "PULLSTREAM_VERIFY_ON_START", num_args = 0..=1, default_missing_value = "true")]
     pub verify_on_start: Option<bool>,
-    /// Where events are stored: the embedded store in --data-dir, or a NATS JetStream cluster (--nats-url; in progress: one gateway per cluster for now) [default: sled]
+    /// Where events are stored: the embedded store in --data-dir, or a NATS JetStream cluster (--nats-url; any number of servers can share one as gateways; see the README's Cluster mode) [default: sled]
     #[arg(long, env = "PULLSTREAM_ENGINE")]
     pub engine: Option<EngineKind>,
     /// With --engine jetstream: the cluster's client URLs, comma-separated (e.g. nats://h1:4222,nats://h2:4222)
@@ -159,6 +159,9 @@ pub struct ServeSettings {
     /// With --engine jetstream: the prefix of every JetStream stream and subject this deployment uses, so several can share a cluster (letters, digits, - and _) [default: ps]
     #[arg(long, env = "PULLSTREAM_NATS_NAMESPACE")]
     pub nats_namespace: Option<String>,
+    /// With --engine jetstream: connect to the cluster over TLS, trusting the CA certificates in this PEM file (its URLs may then be nats:// or tls://)
+    #[arg(long, env = "PULLSTREAM_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -273,6 +276,7 @@ impl ServeSettings {
             nats_url: self.nats_url.or(fallback.nats_url),
             replicas: self.replicas.or(fallback.replicas),
             nats_namespace: self.nats_namespace.or(fallback.nats_namespace),
+            nats_tls_ca: self.nats_tls_ca.or(fallback.nats_tls_ca),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
@@ -490,6 +494,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 s.nats_url.as_deref(),
                 s.replicas,
                 s.nats_namespace.as_deref(),
+                s.nats_tls_ca.as_deref(),
             )?,
             commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
@@ -669,6 +674,8 @@ pub enum EngineConfig {
         replicas: usize,
         /// The prefix of its streams and subjects.
         namespace: String,
+        /// Connect over TLS, trusting these CA certificates (PEM).
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -678,14 +685,19 @@ impl EngineConfig {
         nats_url: Option<&str>,
         replicas: Option<usize>,
         namespace: Option<&str>,
+        tls_ca: Option<&Path>,
     ) -> Result<EngineConfig, ConfigError> {
         match engine.unwrap_or(EngineKind::Sled) {
             EngineKind::Sled => {
-                if nats_url.is_some() || replicas.is_some() || namespace.is_some() {
+                if nats_url.is_some()
+                    || replicas.is_some()
+                    || namespace.is_some()
+                    || tls_ca.is_some()
+                {
                     return Err(ConfigError::Invalid {
                         setting: "--nats-url",
                         message:
-                            "--nats-url, --replicas and --nats-namespace need --engine jetstream"
+                            "--nats-url, --replicas, --nats-namespace and --nats-tls-ca need --engine jetstream"
                                 .into(),
                     });
                 }
@@ -734,10 +746,19 @@ impl EngineConfig {
                         message: format!("{namespace:?}: use letters, digits, - and _"),
                     });
                 }
+                if let Some(ca) = tls_ca {
+                    if let Err(e) = std::fs::File::open(ca) {
+                        return Err(ConfigError::Invalid {
+                            setting: "--nats-tls-ca",
+                            message: format!("cannot read {}: {e}", ca.display()),
+                        });
+                    }
+                }
                 Ok(EngineConfig::JetStream {
                     urls,
                     replicas,
                     namespace,
+                    tls_ca: tls_ca.map(Path::to_path_buf),
                 })
             }
         }
@@ -754,7 +775,7 @@ mod tests {
     #[test]
     fn the_engine_settings_are_checked() {
         let engine = |kind, url: Option<&str>, replicas| {
-            EngineConfig::from_settings(kind, url, replicas, None).map_err(|e| e.to_string())
+            EngineConfig::from_settings(kind, url, replicas, None, None).map_err(|e| e.to_string())
         };
         assert_eq!(engine(None, None, None), Ok(EngineConfig::Sled));
         assert_eq!(
@@ -767,6 +788,7 @@ mod tests {
                 urls: vec!["nats://a:4222".into(), "nats://b:4222".into()],
                 replicas: 3,
                 namespace: "ps".into(),
+                tls_ca: None,
             })
         );
         let namespace = |ns| {
@@ -775,12 +797,34 @@ mod tests {
                 Some("nats://a:4222"),
                 None,
                 Some(ns),
+                None,
             )
             .map_err(|e| e.to_string())
         };
         assert!(namespace("tenant-a_1").is_ok());
         assert!(namespace("a.b").unwrap_err().contains("--nats-namespace"));
         assert!(namespace("").unwrap_err().contains("--nats-namespace"));
+        // A CA file must be readable, and only the cluster engine takes one.
+        let ca = |kind, path: &str| {
+            EngineConfig::from_settings(
+                kind,
+                Some("tls://a:4222"),
+                None,
+                None,
+                Some(Path::new(path)),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let here = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        assert!(ca(Some(EngineKind::Jetstream), here).is_ok());
+        let missing = ca(Some(EngineKind::Jetstream), "/nonexistent/ca.pem").unwrap_err();
+        assert!(
+            missing.contains("--nats-tls-ca") && missing.contains("cannot read"),
+            "{missing}"
+        );
+        assert!(ca(None, here)
+            .unwrap_err()
+            .contains("need --engine jetstream"));
         for (kind, url, replicas, needle) in [
             (Some(EngineKind::Jetstream), None, None, "--nats-url"),
             (

@@ -67,6 +67,8 @@ pub struct JetStreamOptions {
     pub namespace: String,
     /// Shown in errors and logs as the engine's "path".
     pub label: PathBuf,
+    /// Connect over TLS, trusting the CA certificates in this PEM file.
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// One change, prepared; see [`Engine`].
@@ -388,12 +390,16 @@ impl JetStreamEngine {
                 source: Box::new(e),
             })?;
         let (urls, replicas, timeout) = (options.urls.clone(), options.replicas, options.timeout);
+        let tls_ca = options.tls_ca.clone();
         let names = Names::new(&options.namespace);
         let opened = run_on(&runtime, {
             let names = names.clone();
             async move {
-                let client = async_nats::ConnectOptions::new()
-                    .request_timeout(Some(timeout))
+                let mut connect = async_nats::ConnectOptions::new().request_timeout(Some(timeout));
+                if let Some(ca) = tls_ca {
+                    connect = connect.add_root_certificates(ca).require_tls(true);
+                }
+                let client = connect
                     .connect(urls)
                     .await
                     .map_err(|e| Box::new(e) as BoxError)?;

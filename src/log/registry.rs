@@ -58,8 +58,10 @@ impl Log {
                 urls,
                 replicas,
                 namespace,
+                tls_ca,
             } => {
                 let options = crate::jetstream::JetStreamOptions {
+                    tls_ca: tls_ca.clone(),
                     urls: urls.clone(),
                     replicas: *replicas,
                     namespace: namespace.clone(),

@@ -26,7 +26,24 @@ fn free_port() -> u16 {
 
 impl NatsCluster {
     pub async fn start() -> NatsCluster {
+        NatsCluster::start_with(None).await
+    }
+
+    /// A cluster whose nodes take clients over TLS only, with the
+    /// certificate and key of `pki`'s server (for `localhost`).
+    pub(crate) async fn start_tls(pki: &crate::tls::Pki) -> NatsCluster {
+        NatsCluster::start_with(Some(pki)).await
+    }
+
+    async fn start_with(tls: Option<&crate::tls::Pki>) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();
+        let tls_block = tls.map_or(String::new(), |pki| {
+            format!(
+                "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
+                pki.server_cert.display(),
+                pki.server_key.display()
+            )
+        });
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes
@@ -42,7 +59,7 @@ impl NatsCluster {
                 format!(
                     "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 256MB }}\n\
-                     cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n",
+                     cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n{tls_block}",
                     clients[i],
                     dir.path().join(format!("n{i}")).display(),
                     routes[i]
@@ -76,9 +93,13 @@ impl NatsCluster {
         }
         let cluster = NatsCluster {
             nodes,
+            // The certificate names `localhost`.
             urls: clients
                 .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .map(|p| match tls {
+                    Some(_) => format!("nats://localhost:{p}"),
+                    None => format!("nats://127.0.0.1:{p}"),
+                })
                 .collect(),
             _dir: dir,
         };
@@ -86,7 +107,13 @@ impl NatsCluster {
         // found each other and elected a JetStream meta leader.
         let ready = async {
             loop {
-                if let Ok(client) = async_nats::connect(cluster.urls[0].as_str()).await {
+                let mut connect = async_nats::ConnectOptions::new();
+                if let Some(pki) = tls {
+                    connect = connect
+                        .add_root_certificates(pki.ca.clone())
+                        .require_tls(true);
+                }
+                if let Ok(client) = connect.connect(cluster.urls[0].as_str()).await {
                     let js = async_nats::jetstream::new(client);
                     let probe = async_nats::jetstream::stream::Config {
                         name: "READY".into(),
@@ -288,6 +315,7 @@ async fn gateway(cluster: &NatsCluster) -> crate::common::TestServer {
             urls,
             replicas: 3,
             namespace: "ps".into(),
+            tls_ca: None,
         };
     })
     .await
@@ -1217,6 +1245,49 @@ async fn streams_made_changed_and_deleted_through_one_gateway_are_so_on_the_othe
             async move { read_all(&mut on_b, "s1").await.len() }
         })
         .await;
+    })
+    .await;
+}
+
+/// `--nats-tls-ca`: a gateway reaches a cluster that takes clients over
+/// TLS only when it trusts the cluster's CA, and then serves as over plain
+/// connections; without the CA (or with another one) it does not start,
+/// and says it could not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reaches_a_tls_cluster_with_its_ca() {
+    use crate::common::*;
+    let certs = tempfile::tempdir().unwrap();
+    let pki = crate::tls::make_pki(certs.path());
+    let cluster = NatsCluster::start_tls(&pki).await;
+    let engine = |tls_ca| pullstream::config::EngineConfig::JetStream {
+        urls: cluster.urls.clone(),
+        replicas: 3,
+        namespace: "ps".into(),
+        tls_ca,
+    };
+    within(async {
+        let trusted = engine(Some(pki.ca.clone()));
+        let server = TestServer::start_with(move |c| c.engine = trusted).await;
+        let mut client = server.client().await;
+        append(&mut client, "s", vec![event("t", "over tls")]).await;
+        let events = read_all(&mut client, "s").await;
+        assert_eq!(events[0].data, bytes::Bytes::from("over tls"));
+
+        // Without the CA, or trusting another one: no connection.
+        let other = tempfile::tempdir().unwrap();
+        let other_ca = crate::tls::make_pki(other.path()).ca;
+        for tls_ca in [None, Some(other_ca)] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
+            config.engine = engine(tls_ca.clone());
+            let opened =
+                pullstream::log::Log::open(pullstream::log::LogConfig::from(&config)).await;
+            let error = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                error.contains("connecting to the NATS cluster"),
+                "{tls_ca:?}: {error}"
+            );
+        }
     })
     .await;
 }

@@ -83,6 +83,7 @@ fn engine_for_tests() -> Option<pullstream::config::EngineConfig> {
         urls,
         replicas: 3,
         namespace: format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        tls_ca: None,
     })
 }
 
