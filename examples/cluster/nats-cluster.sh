@@ -94,7 +94,9 @@ gateways)
     done
     for i in $(seq 0 $((count - 1))); do
         port=$((first + i))
-        for _ in $(seq 1 100); do
+        # Up to 40 s: a gateway asks a cluster that is still electing its
+        # leaders again for up to 30 s.
+        for _ in $(seq 1 400); do
             grep -q "serving gRPC" "$dir/g$i.log" 2>/dev/null && break
             if ! kill -0 "$(cat "$dir/g$i.pid")" 2>/dev/null; then
                 echo "gateway $i exited; see $dir/g$i.log" >&2
@@ -103,7 +105,7 @@ gateways)
             sleep 0.1
         done
         grep -q "serving gRPC" "$dir/g$i.log" || {
-            echo "gateway $i did not start in 10 s; see $dir/g$i.log" >&2
+            echo "gateway $i did not start in 40 s; see $dir/g$i.log" >&2
             exit 1
         }
         echo "http://127.0.0.1:$port"

@@ -97,18 +97,32 @@ impl StateStore {
         prefix: &str,
         replicas: usize,
     ) -> Result<StateStore, StateError> {
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: name.to_string(),
-                subjects: vec![format!("{prefix}.>")],
-                num_replicas: replicas,
-                max_messages_per_subject: 1,
-                allow_direct: true,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| failed("opening the record stream")(Box::new(e)))?;
+        let config = stream::Config {
+            name: name.to_string(),
+            subjects: vec![format!("{prefix}.>")],
+            num_replicas: replicas,
+            max_messages_per_subject: 1,
+            allow_direct: true,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        };
+        // A cluster that has just started may still be electing its
+        // JetStream leaders (two gateways started with a fresh cluster:
+        // one timed out here), so a timeout is tried again, for up to 30 s.
+        let started = tokio::time::Instant::now();
+        let stream = loop {
+            match js.get_or_create_stream(config.clone()).await {
+                Ok(stream) => break stream,
+                Err(e)
+                    if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut
+                        && started.elapsed() < Duration::from_secs(30) =>
+                {
+                    tracing::info!(error = %e, "the NATS cluster did not answer yet; asking again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(failed("opening the record stream")(Box::new(e))),
+            }
+        };
         Ok(StateStore {
             js,
             stream,
