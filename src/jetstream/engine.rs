@@ -1274,8 +1274,21 @@ impl Follower {
         };
         let head = {
             let mut index = self.index.lock().expect("not poisoned");
-            let entry = index.get_mut(&stream_id)?;
+            let Some(entry) = index.get_mut(&stream_id) else {
+                tracing::debug!(
+                    stream_id,
+                    seq = announced.seq,
+                    "an announcement for a stream this gateway does not serve"
+                );
+                return None;
+            };
             if !entry.saw(announced.seq, &located) {
+                tracing::debug!(
+                    stream_id,
+                    seq = announced.seq,
+                    last_seq = entry.last_seq,
+                    "an announcement of a message already seen"
+                );
                 return None;
             }
             entry.head(stream_id)

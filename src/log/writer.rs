@@ -627,6 +627,13 @@ impl Writer {
                 })
                 .collect()
         } else {
+            tracing::debug!(
+                stream = %self.name,
+                from,
+                next_offset,
+                first = chunks.first().map(|c| c.first_offset),
+                "another server's append is not in the tail cache: readers read it from storage"
+            );
             Vec::new()
         };
         self.next_offset = next_offset;
