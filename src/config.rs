@@ -162,6 +162,9 @@ pub struct ServeSettings {
     /// With --engine jetstream: connect to the cluster over TLS, trusting the CA certificates in this PEM file (its URLs may then be nats:// or tls://)
     #[arg(long, env = "PULLSTREAM_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
+    /// With --engine jetstream: authenticate to the cluster with this NATS credentials file (a user JWT and its nkey seed, as `nsc generate creds` writes; for clusters with decentralized JWT auth)
+    #[arg(long, env = "PULLSTREAM_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
     /// Serve without API keys on a non-loopback address (anyone who can
     /// reach the port can read and write everything) [default: false]
     #[arg(long, env = "PULLSTREAM_INSECURE", num_args = 0..=1, default_missing_value = "true")]
@@ -277,6 +280,7 @@ impl ServeSettings {
             replicas: self.replicas.or(fallback.replicas),
             nats_namespace: self.nats_namespace.or(fallback.nats_namespace),
             nats_tls_ca: self.nats_tls_ca.or(fallback.nats_tls_ca),
+            nats_creds: self.nats_creds.or(fallback.nats_creds),
             tls_cert: self.tls_cert.or(fallback.tls_cert),
             tls_key: self.tls_key.or(fallback.tls_key),
             tls_client_ca: self.tls_client_ca.or(fallback.tls_client_ca),
@@ -495,6 +499,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
                 s.replicas,
                 s.nats_namespace.as_deref(),
                 s.nats_tls_ca.as_deref(),
+                s.nats_creds.as_deref(),
             )?,
             commit_queue_bytes: DEFAULT_COMMIT_QUEUE_BYTES,
             faults: None,
@@ -676,6 +681,8 @@ pub enum EngineConfig {
         namespace: String,
         /// Connect over TLS, trusting these CA certificates (PEM).
         tls_ca: Option<PathBuf>,
+        /// Authenticate with this NATS credentials file (user JWT and seed).
+        creds: Option<PathBuf>,
     },
 }
 
@@ -686,6 +693,7 @@ impl EngineConfig {
         replicas: Option<usize>,
         namespace: Option<&str>,
         tls_ca: Option<&Path>,
+        creds: Option<&Path>,
     ) -> Result<EngineConfig, ConfigError> {
         match engine.unwrap_or(EngineKind::Sled) {
             EngineKind::Sled => {
@@ -693,11 +701,12 @@ impl EngineConfig {
                     || replicas.is_some()
                     || namespace.is_some()
                     || tls_ca.is_some()
+                    || creds.is_some()
                 {
                     return Err(ConfigError::Invalid {
                         setting: "--nats-url",
                         message:
-                            "--nats-url, --replicas, --nats-namespace and --nats-tls-ca need --engine jetstream"
+                            "--nats-url, --replicas, --nats-namespace, --nats-tls-ca and --nats-creds need --engine jetstream"
                                 .into(),
                     });
                 }
@@ -754,11 +763,36 @@ impl EngineConfig {
                         });
                     }
                 }
+                if let Some(file) = creds {
+                    // Read and parsed here, so a wrong file is a clear
+                    // startup error rather than a failed connection.
+                    let checked = std::fs::read_to_string(file)
+                        .map_err(|e| format!("cannot read {}: {e}", file.display()))
+                        .and_then(|text| {
+                            async_nats::ConnectOptions::new()
+                                .credentials(&text)
+                                .map(drop)
+                                .map_err(|e| {
+                                    format!(
+                                        "{} is not a NATS credentials file (a user JWT and \
+                                         its nkey seed, as `nsc generate creds` writes): {e}",
+                                        file.display()
+                                    )
+                                })
+                        });
+                    if let Err(message) = checked {
+                        return Err(ConfigError::Invalid {
+                            setting: "--nats-creds",
+                            message,
+                        });
+                    }
+                }
                 Ok(EngineConfig::JetStream {
                     urls,
                     replicas,
                     namespace,
                     tls_ca: tls_ca.map(Path::to_path_buf),
+                    creds: creds.map(Path::to_path_buf),
                 })
             }
         }
@@ -775,7 +809,8 @@ mod tests {
     #[test]
     fn the_engine_settings_are_checked() {
         let engine = |kind, url: Option<&str>, replicas| {
-            EngineConfig::from_settings(kind, url, replicas, None, None).map_err(|e| e.to_string())
+            EngineConfig::from_settings(kind, url, replicas, None, None, None)
+                .map_err(|e| e.to_string())
         };
         assert_eq!(engine(None, None, None), Ok(EngineConfig::Sled));
         assert_eq!(
@@ -789,6 +824,7 @@ mod tests {
                 replicas: 3,
                 namespace: "ps".into(),
                 tls_ca: None,
+                creds: None,
             })
         );
         let namespace = |ns| {
@@ -797,6 +833,7 @@ mod tests {
                 Some("nats://a:4222"),
                 None,
                 Some(ns),
+                None,
                 None,
             )
             .map_err(|e| e.to_string())
@@ -812,6 +849,7 @@ mod tests {
                 None,
                 None,
                 Some(Path::new(path)),
+                None,
             )
             .map_err(|e| e.to_string())
         };
@@ -823,6 +861,43 @@ mod tests {
             "{missing}"
         );
         assert!(ca(None, here)
+            .unwrap_err()
+            .contains("need --engine jetstream"));
+        // A credentials file must be readable and hold a user JWT and a
+        // seed; only the cluster engine takes one.
+        let creds = |kind, path: &Path| {
+            EngineConfig::from_settings(kind, Some("nats://a:4222"), None, None, None, Some(path))
+                .map_err(|e| e.to_string())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.creds");
+        // (A seed as `nsc` prints one; the JWT is not checked until the
+        // cluster sees it.)
+        std::fs::write(
+            &good,
+            "-----BEGIN NATS USER JWT-----\neyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.e30.c2ln\n\
+             ------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n\
+             SUAIO3FHUX5PNV2LQIIP7TZ3N4L7TX3W53MQGEIVYFIGA635OZCKEYHFLM\n------END USER NKEY SEED------\n",
+        )
+        .unwrap();
+        let config = creds(Some(EngineKind::Jetstream), &good).unwrap();
+        assert!(matches!(config, EngineConfig::JetStream { creds: Some(ref c), .. } if *c == good));
+        let missing = creds(
+            Some(EngineKind::Jetstream),
+            Path::new("/nonexistent/x.creds"),
+        )
+        .unwrap_err();
+        assert!(
+            missing.contains("--nats-creds") && missing.contains("cannot read"),
+            "{missing}"
+        );
+        let not_creds = creds(Some(EngineKind::Jetstream), Path::new(here)).unwrap_err();
+        assert!(
+            not_creds.contains("--nats-creds")
+                && not_creds.contains("is not a NATS credentials file"),
+            "{not_creds}"
+        );
+        assert!(creds(None, &good)
             .unwrap_err()
             .contains("need --engine jetstream"));
         for (kind, url, replicas, needle) in [

@@ -69,6 +69,8 @@ pub struct JetStreamOptions {
     pub label: PathBuf,
     /// Connect over TLS, trusting the CA certificates in this PEM file.
     pub tls_ca: Option<PathBuf>,
+    /// Authenticate with this NATS credentials file (user JWT and seed).
+    pub creds: Option<PathBuf>,
 }
 
 /// One change, prepared; see [`Engine`].
@@ -390,7 +392,7 @@ impl JetStreamEngine {
                 source: Box::new(e),
             })?;
         let (urls, replicas, timeout) = (options.urls.clone(), options.replicas, options.timeout);
-        let tls_ca = options.tls_ca.clone();
+        let (tls_ca, creds) = (options.tls_ca.clone(), options.creds.clone());
         let names = Names::new(&options.namespace);
         let opened = run_on(&runtime, {
             let names = names.clone();
@@ -398,6 +400,12 @@ impl JetStreamEngine {
                 let mut connect = async_nats::ConnectOptions::new().request_timeout(Some(timeout));
                 if let Some(ca) = tls_ca {
                     connect = connect.add_root_certificates(ca).require_tls(true);
+                }
+                if let Some(file) = creds {
+                    connect = connect
+                        .credentials_file(file)
+                        .await
+                        .map_err(|e| Box::new(e) as BoxError)?;
                 }
                 let client = connect
                     .connect(urls)

@@ -59,9 +59,11 @@ impl Log {
                 replicas,
                 namespace,
                 tls_ca,
+                creds,
             } => {
                 let options = crate::jetstream::JetStreamOptions {
                     tls_ca: tls_ca.clone(),
+                    creds: creds.clone(),
                     urls: urls.clone(),
                     replicas: *replicas,
                     namespace: namespace.clone(),

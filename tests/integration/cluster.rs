@@ -16,6 +16,136 @@ pub struct NatsCluster {
     _dir: tempfile::TempDir,
 }
 
+/// How a test cluster admits clients.
+#[derive(Clone, Copy)]
+enum Auth<'a> {
+    None,
+    Tls(&'a crate::tls::Pki),
+    Operator(&'a Operator),
+}
+
+/// Decentralized JWT auth for a test cluster, as `nsc` would set it up: an
+/// operator, a system account, an account with JetStream, and the
+/// credentials of one of its users (and of a user of an account the
+/// cluster does not know).
+pub(crate) struct Operator {
+    operator_jwt: String,
+    system_account: (String, String),
+    account: (String, String),
+    /// A credentials file's text for a user of the account.
+    pub user_creds: String,
+    /// The same for a user of an account the operator never signed.
+    pub stranger_creds: String,
+}
+
+impl Operator {
+    pub(crate) fn new() -> Operator {
+        use nkeys::KeyPair;
+        use serde_json::json;
+        let operator = KeyPair::new_operator();
+        let system = KeyPair::new_account();
+        let account = KeyPair::new_account();
+        let unlimited = json!({
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1,
+        });
+        let mut with_jetstream = unlimited.clone();
+        for limit in ["mem_storage", "disk_storage", "streams", "consumer"] {
+            with_jetstream[limit] = json!(-1);
+        }
+        let account_jwt = |limits| {
+            json!({
+                "limits": limits,
+                "default_permissions": { "pub": {}, "sub": {} },
+                "type": "account", "version": 2,
+            })
+        };
+        let user_creds = |account: &KeyPair| {
+            let user = KeyPair::new_user();
+            let token = jwt(
+                account,
+                &user.public_key(),
+                json!({
+                    "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+                    "type": "user", "version": 2,
+                }),
+            );
+            format!(
+                "-----BEGIN NATS USER JWT-----\n{token}\n------END NATS USER JWT------\n\n\
+                 ************************* IMPORTANT *************************\n\
+                 NKEY Seed printed below can be used to sign and prove identity.\n\n\
+                 -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+                user.seed().unwrap()
+            )
+        };
+        Operator {
+            operator_jwt: jwt(
+                &operator,
+                &operator.public_key(),
+                json!({
+                    "type": "operator", "version": 2,
+                    "system_account": system.public_key(),
+                }),
+            ),
+            system_account: (
+                system.public_key(),
+                jwt(&operator, &system.public_key(), account_jwt(unlimited)),
+            ),
+            account: (
+                account.public_key(),
+                jwt(
+                    &operator,
+                    &account.public_key(),
+                    account_jwt(with_jetstream),
+                ),
+            ),
+            user_creds: user_creds(&account),
+            stranger_creds: user_creds(&KeyPair::new_account()),
+        }
+    }
+
+    /// The nodes' configuration lines (the operator JWT written into `dir`).
+    fn config(&self, dir: &std::path::Path) -> String {
+        let operator = dir.join("operator.jwt");
+        std::fs::write(&operator, &self.operator_jwt).unwrap();
+        format!(
+            "operator: \"{}\"\nsystem_account: {}\nresolver: MEMORY\n\
+             resolver_preload: {{ {}: \"{}\", {}: \"{}\" }}\n",
+            operator.display(),
+            self.system_account.0,
+            self.system_account.0,
+            self.system_account.1,
+            self.account.0,
+            self.account.1,
+        )
+    }
+}
+
+/// A NATS JWT: `nats` claims about `subject`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = b64.encode(
+        serde_json::json!({
+            "jti": format!("{now}{}", &subject[..8]),
+            "iat": now,
+            "iss": issuer.public_key(),
+            "sub": subject,
+            "name": &subject[..8],
+            "nats": nats,
+        })
+        .to_string(),
+    );
+    let signed = format!("{header}.{claims}");
+    let signature = b64.encode(issuer.sign(signed.as_bytes()).unwrap());
+    format!("{signed}.{signature}")
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -26,24 +156,32 @@ fn free_port() -> u16 {
 
 impl NatsCluster {
     pub async fn start() -> NatsCluster {
-        NatsCluster::start_with(None).await
+        NatsCluster::start_with(Auth::None).await
     }
 
     /// A cluster whose nodes take clients over TLS only, with the
     /// certificate and key of `pki`'s server (for `localhost`).
     pub(crate) async fn start_tls(pki: &crate::tls::Pki) -> NatsCluster {
-        NatsCluster::start_with(Some(pki)).await
+        NatsCluster::start_with(Auth::Tls(pki)).await
     }
 
-    async fn start_with(tls: Option<&crate::tls::Pki>) -> NatsCluster {
+    /// A cluster in operator mode (decentralized JWT auth): it admits only
+    /// users of `operator`'s account.
+    pub(crate) async fn start_operator(operator: &Operator) -> NatsCluster {
+        NatsCluster::start_with(Auth::Operator(operator)).await
+    }
+
+    async fn start_with(auth: Auth<'_>) -> NatsCluster {
         let dir = tempfile::tempdir().unwrap();
-        let tls_block = tls.map_or(String::new(), |pki| {
-            format!(
+        let auth_block = match auth {
+            Auth::None => String::new(),
+            Auth::Tls(pki) => format!(
                 "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\n",
                 pki.server_cert.display(),
                 pki.server_key.display()
-            )
-        });
+            ),
+            Auth::Operator(operator) => operator.config(dir.path()),
+        };
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes
@@ -59,7 +197,7 @@ impl NatsCluster {
                 format!(
                     "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
                      jetstream {{ store_dir: \"{}\", max_memory_store: 64MB, max_file_store: 256MB }}\n\
-                     cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n{tls_block}",
+                     cluster {{ name: test, listen: 127.0.0.1:{}, routes: [ {route_list} ] }}\n{auth_block}",
                     clients[i],
                     dir.path().join(format!("n{i}")).display(),
                     routes[i]
@@ -96,9 +234,9 @@ impl NatsCluster {
             // The certificate names `localhost`.
             urls: clients
                 .iter()
-                .map(|p| match tls {
-                    Some(_) => format!("nats://localhost:{p}"),
-                    None => format!("nats://127.0.0.1:{p}"),
+                .map(|p| match auth {
+                    Auth::Tls(_) => format!("nats://localhost:{p}"),
+                    _ => format!("nats://127.0.0.1:{p}"),
                 })
                 .collect(),
             _dir: dir,
@@ -108,10 +246,16 @@ impl NatsCluster {
         let ready = async {
             loop {
                 let mut connect = async_nats::ConnectOptions::new();
-                if let Some(pki) = tls {
-                    connect = connect
-                        .add_root_certificates(pki.ca.clone())
-                        .require_tls(true);
+                match auth {
+                    Auth::None => {}
+                    Auth::Tls(pki) => {
+                        connect = connect
+                            .add_root_certificates(pki.ca.clone())
+                            .require_tls(true);
+                    }
+                    Auth::Operator(operator) => {
+                        connect = connect.credentials(&operator.user_creds).unwrap();
+                    }
                 }
                 if let Ok(client) = connect.connect(cluster.urls[0].as_str()).await {
                     let js = async_nats::jetstream::new(client);
@@ -316,6 +460,7 @@ async fn gateway(cluster: &NatsCluster) -> crate::common::TestServer {
             replicas: 3,
             namespace: "ps".into(),
             tls_ca: None,
+            creds: None,
         };
     })
     .await
@@ -1269,6 +1414,7 @@ async fn a_gateway_reaches_a_tls_cluster_with_its_ca() {
         replicas: 3,
         namespace: "ps".into(),
         tls_ca,
+        creds: None,
     };
     within(async {
         let trusted = engine(Some(pki.ca.clone()));
@@ -1291,6 +1437,52 @@ async fn a_gateway_reaches_a_tls_cluster_with_its_ca() {
             assert!(
                 error.contains("connecting to the NATS cluster"),
                 "{tls_ca:?}: {error}"
+            );
+        }
+    })
+    .await;
+}
+
+/// `--nats-creds`: a gateway reaches a cluster with decentralized JWT auth
+/// (operator mode) with the credentials of one of its account's users,
+/// and then serves as on an open cluster; without credentials, or with a
+/// user of an account the operator never signed, it does not start, and
+/// says it could not connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reaches_a_jwt_cluster_with_its_credentials() {
+    use crate::common::*;
+    let operator = Operator::new();
+    let cluster = NatsCluster::start_operator(&operator).await;
+    let files = tempfile::tempdir().unwrap();
+    let user = files.path().join("user.creds");
+    let stranger = files.path().join("stranger.creds");
+    std::fs::write(&user, &operator.user_creds).unwrap();
+    std::fs::write(&stranger, &operator.stranger_creds).unwrap();
+    let engine = |creds| pullstream::config::EngineConfig::JetStream {
+        urls: cluster.urls.clone(),
+        replicas: 3,
+        namespace: "ps".into(),
+        tls_ca: None,
+        creds,
+    };
+    within(async {
+        let admitted = engine(Some(user.clone()));
+        let server = TestServer::start_with(move |c| c.engine = admitted).await;
+        let mut client = server.client().await;
+        append(&mut client, "s", vec![event("t", "with creds")]).await;
+        let events = read_all(&mut client, "s").await;
+        assert_eq!(events[0].data, bytes::Bytes::from("with creds"));
+
+        for creds in [None, Some(stranger.clone())] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
+            config.engine = engine(creds.clone());
+            let opened =
+                pullstream::log::Log::open(pullstream::log::LogConfig::from(&config)).await;
+            let error = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(
+                error.contains("connecting to the NATS cluster"),
+                "{creds:?}: {error}"
             );
         }
     })

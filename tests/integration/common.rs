@@ -84,6 +84,7 @@ fn engine_for_tests() -> Option<pullstream::config::EngineConfig> {
         replicas: 3,
         namespace: format!("t{}", NEXT.fetch_add(1, Ordering::Relaxed)),
         tls_ca: None,
+        creds: None,
     })
 }
 
