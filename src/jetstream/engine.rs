@@ -28,11 +28,11 @@
 //! quorum of the stream's replicas has it (nats-server 2.9 fsyncs in the
 //! background; see the README's durability notes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream};
@@ -282,6 +282,14 @@ fn chunks_of(payload: &Bytes) -> Vec<Chunk> {
         .unwrap_or_default()
 }
 
+/// At most this many messages missed by announcements are read by the
+/// follower itself to hand their events on (see [`Follower::check`]).
+const SKIPPED_READ_MAX: u64 = 32;
+
+/// An announcement this long after its append's time is worth a debug
+/// log line (once per [`FOLLOW_PERIOD`]).
+const LATE_ANNOUNCEMENT: Duration = Duration::from_millis(50);
+
 /// How often the follower compares the cluster's last sequences with its
 /// own (announcements of new heads are at most once; this catches what
 /// they missed).
@@ -316,11 +324,11 @@ pub struct JetStreamEngine {
     remote_changes: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
     /// Group records this gateway prepared and has not applied yet, by
     /// record key (as `pending`, for groups).
-    pending_groups: Mutex<std::collections::HashMap<String, PendingGroup>>,
+    pending_groups: Mutex<HashMap<String, PendingGroup>>,
     /// Consumer records this gateway prepared and has not applied yet, by
     /// record key: the ticket of the latest, and its value (`None`: a
     /// deletion). Applied in order, they overwrite what is stored.
-    pending: Mutex<std::collections::HashMap<String, PendingWrite>>,
+    pending: Mutex<HashMap<String, PendingWrite>>,
     /// Numbers pending consumer writes.
     tickets: std::sync::atomic::AtomicU64,
 }
@@ -343,7 +351,7 @@ struct Names {
     /// Subject prefix.
     subjects: String,
     /// Events stream handles by stream id.
-    handles: std::sync::Arc<Mutex<std::collections::HashMap<u64, stream::Stream>>>,
+    handles: std::sync::Arc<Mutex<HashMap<u64, stream::Stream>>>,
 }
 
 impl Names {
@@ -449,6 +457,7 @@ impl JetStreamEngine {
                 gateway_id,
                 index: index.clone(),
                 found,
+                listed: Default::default(),
             }
             .run(heads),
         );
@@ -1210,6 +1219,8 @@ struct Follower {
     gateway_id: u64,
     index: Indexes,
     found: mpsc::Sender<RemoteHead>,
+    /// Each stream's last sequence in the cluster at the previous check.
+    listed: Mutex<HashMap<u64, u64>>,
 }
 
 /// One page of `$JS.API.STREAM.LIST`, with only what the follower reads.
@@ -1237,33 +1248,67 @@ struct ListedState {
 }
 
 impl Follower {
+    /// Takes in announcements until they end, while a task of its own
+    /// compares heads every [`FOLLOW_PERIOD`]: a comparison waits on the
+    /// cluster (listing streams can take seconds while it is busy making
+    /// one), and announcements must not queue behind it, or the check
+    /// finds the heads it holds up and sends subscribers to the cluster.
     async fn run(self, mut announcements: async_nats::Subscriber) {
-        let mut ticks = tokio::time::interval(FOLLOW_PERIOD);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut listening = true;
-        loop {
-            let moved = tokio::select! {
-                message = announcements.next(), if listening => match message {
-                    Some(message) => self.announced(&message).into_iter().collect(),
-                    None => {
-                        listening = false;
-                        Vec::new()
+        let follower = Arc::new(self);
+        let checking = tokio::spawn({
+            let follower = follower.clone();
+            async move {
+                let mut ticks = tokio::time::interval(FOLLOW_PERIOD);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    ticks.tick().await;
+                    let started = Instant::now();
+                    let moved = match follower.check().await {
+                        Ok(moved) => moved,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot compare the cluster's heads with this gateway's");
+                            Vec::new()
+                        }
+                    };
+                    if started.elapsed() > FOLLOW_PERIOD {
+                        tracing::debug!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "comparing the cluster's heads with this gateway's was slow"
+                        );
                     }
-                },
-                _ = ticks.tick() => match self.check().await {
-                    Ok(moved) => moved,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot compare the cluster's heads with this gateway's");
-                        Vec::new()
+                    for head in moved {
+                        if follower.found.send(head).await.is_err() {
+                            return;
+                        }
                     }
-                },
-            };
-            for head in moved {
-                if self.found.send(head).await.is_err() {
-                    return;
                 }
             }
+        });
+        // How late announcements come (after their append's time), logged
+        // at most once a period when it is worth a look.
+        let mut logged = Instant::now();
+        while let Some(message) = announcements.next().await {
+            let Some(head) = follower.announced(&message) else {
+                continue;
+            };
+            let late =
+                crate::clock::system_now_unix_nanos().saturating_sub(head.last_time_unix_nanos);
+            let late = Duration::from_nanos(late.max(0) as u64);
+            if late > LATE_ANNOUNCEMENT && logged.elapsed() > FOLLOW_PERIOD {
+                tracing::debug!(
+                    late_ms = late.as_millis() as u64,
+                    "an announcement of another gateway's append came late"
+                );
+                logged = Instant::now();
+            }
+            if follower.found.send(head).await.is_err() {
+                checking.abort();
+                return;
+            }
         }
+        // (Announcements end with the connection; the checks go on, and
+        // find what the cluster has when it is back.)
+        let _ = checking.await;
     }
 
     /// Another gateway's announcement: the head it moves, if newer.
@@ -1307,8 +1352,15 @@ impl Follower {
         })
     }
 
-    /// The heads the cluster has beyond this gateway's index.
+    /// The heads the cluster has beyond this gateway's index, counting
+    /// only what it already had at the previous check: an append made a
+    /// moment ago has its announcement on the way, and moving the head
+    /// ahead of it (with the events of the last message only) would send
+    /// every subscriber to the cluster for the events in between, and
+    /// throw away the announcements that carry them.
     async fn check(&self) -> Result<Vec<RemoteHead>, BoxError> {
+        let previous = std::mem::take(&mut *self.listed.lock().expect("not poisoned"));
+        let mut listed = HashMap::new();
         let mut behind = Vec::new();
         let mut offset = 0;
         loop {
@@ -1327,15 +1379,15 @@ impl Follower {
                 jetstream::response::Response::Err { error } => return Err(Box::new(error)),
             };
             let index = self.index.lock().expect("not poisoned");
-            for listed in &page.streams {
-                let Some(id) = self.names.stream_id_of(&listed.config.name) else {
+            for listed_stream in &page.streams {
+                let Some(id) = self.names.stream_id_of(&listed_stream.config.name) else {
                     continue;
                 };
-                if index
-                    .get(&id)
-                    .is_some_and(|i| listed.state.last_seq > i.last_seq)
-                {
-                    behind.push(id);
+                listed.insert(id, listed_stream.state.last_seq);
+                if let (Some(entry), Some(&before)) = (index.get(&id), previous.get(&id)) {
+                    if before > entry.last_seq {
+                        behind.push((id, entry.last_seq));
+                    }
                 }
             }
             offset += page.streams.len();
@@ -1343,19 +1395,42 @@ impl Follower {
                 break;
             }
         }
+        *self.listed.lock().expect("not poisoned") = listed;
         let mut moved = Vec::new();
-        for id in behind {
+        for (id, known) in behind {
             let stream =
                 JetStreamEngine::events(self.js.clone(), &self.names, id, self.replicas).await?;
             let Some((seq, located)) = JetStreamEngine::last_message(&stream).await? else {
                 continue;
             };
+            tracing::debug!(
+                stream_id = id,
+                known,
+                last_seq = seq,
+                "announcements missed: the head moves to the cluster's"
+            );
             JetStreamEngine::roll_forward(&self.state, id, &located).await?;
+            // A few missed messages are read here, once, so the writer can
+            // hand their events to the tail cache; beyond that, readers
+            // read them from the cluster.
+            let mut chunks = Vec::new();
+            if seq - known <= SKIPPED_READ_MAX {
+                for skipped in known + 1..seq {
+                    match JetStreamEngine::message_at(&stream, skipped).await? {
+                        Some(message) => chunks.extend(chunks_of(&message.payload)),
+                        None => {
+                            chunks.clear();
+                            break;
+                        }
+                    }
+                }
+            }
+            chunks.extend(chunks_of(&located.payload));
             let mut index = self.index.lock().expect("not poisoned");
             if let Some(entry) = index.get_mut(&id) {
                 if entry.saw(seq, &located) {
                     moved.push(RemoteHead {
-                        chunks: chunks_of(&located.payload),
+                        chunks,
                         ..entry.head(id)
                     });
                 }

@@ -765,9 +765,41 @@ async fn two_gateways_serve_one_stream() {
         (again.first_offset, again.duplicate),
         (first.first_offset, true)
     );
+    // A retry sent to B while A's original is in flight is written once:
+    // the two publishes expect the same last sequence, the engine takes
+    // one, and the other gateway finds the key on its retry.
+    let keyed_race = |key: String| pb::AppendRequest {
+        stream: "s".into(),
+        events: vec![event("t", &key)],
+        idempotency_key: key,
+        ..Default::default()
+    };
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        let (mut a, mut b) = (on_a.clone(), on_b.clone());
+        let (through_a, through_b) = tokio::join!(
+            a.append(keyed_race(key.clone())),
+            b.append(keyed_race(key.clone()))
+        );
+        let (through_a, through_b) = (
+            through_a.unwrap().into_inner(),
+            through_b.unwrap().into_inner(),
+        );
+        assert_eq!(through_a.first_offset, through_b.first_offset, "{key}");
+        assert!(
+            through_a.duplicate != through_b.duplicate,
+            "{key}: {through_a:?} {through_b:?}"
+        );
+    }
+    let stored = seen(read_all(&mut on_a, "s").await);
+    for round in 0..20 {
+        let key = format!("race-{round}");
+        let copies = stored.iter().filter(|(_, data)| *data == key).count();
+        assert_eq!(copies, 1, "{key} is stored {copies} times");
+    }
     // `expected_next_offset` is checked against the stream's real head,
     // whichever gateway appended last.
-    let head = first.first_offset + 1;
+    let head = stored.len() as u64;
     append(&mut on_a, "s", vec![event("t", "moved")]).await;
     let conditional = |expected| pb::AppendRequest {
         stream: "s".into(),
