@@ -244,6 +244,65 @@ pub enum RemoteChange {
     },
 }
 
+/// A group member's commit another server forwarded here (see
+/// [`Engine::forward_group_commit`]).
+#[derive(Debug)]
+pub struct ForwardedCommit {
+    /// The stream's name, as this server knows it.
+    pub stream: String,
+    /// The stream's id.
+    pub stream_id: u64,
+    /// The group.
+    pub group: String,
+    /// The member.
+    pub member: String,
+    /// What it has handled, as in `CommitGroup`.
+    pub next_offset: u64,
+    /// Where the answer goes.
+    pub reply: tokio::sync::oneshot::Sender<ForwardedAnswer>,
+}
+
+/// How the server a member is connected to answered a forwarded commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardedAnswer {
+    /// Committed (or nothing to move).
+    Committed,
+    /// It does not serve the stream (any more).
+    NoStream,
+    /// It does not know the group (any more).
+    NoGroup,
+    /// The member is not connected there (any more).
+    NoMember,
+    /// It could not commit; why.
+    Failed(String),
+}
+
+impl ForwardedAnswer {
+    /// As sent between servers.
+    pub fn encode(&self) -> String {
+        match self {
+            ForwardedAnswer::Committed => "committed".into(),
+            ForwardedAnswer::NoStream => "no-stream".into(),
+            ForwardedAnswer::NoGroup => "no-group".into(),
+            ForwardedAnswer::NoMember => "no-member".into(),
+            ForwardedAnswer::Failed(why) => format!("failed {why}"),
+        }
+    }
+
+    /// The inverse of [`ForwardedAnswer::encode`] (anything else: failed).
+    pub fn decode(text: &str) -> ForwardedAnswer {
+        match text {
+            "committed" => ForwardedAnswer::Committed,
+            "no-stream" => ForwardedAnswer::NoStream,
+            "no-group" => ForwardedAnswer::NoGroup,
+            "no-member" => ForwardedAnswer::NoMember,
+            other => {
+                ForwardedAnswer::Failed(other.strip_prefix("failed ").unwrap_or(other).to_string())
+            }
+        }
+    }
+}
+
 /// Runs blocking work (an engine call that waits on a disk or a network)
 /// from async code without stalling the runtime's other tasks, where the
 /// runtime allows it (a multi-threaded one); elsewhere just runs it.
@@ -558,6 +617,27 @@ pub trait Engine: Send + Sync + 'static {
     /// Ends the join made at `revision`, unless a newer one replaced it (in
     /// the background; a leave that fails expires with its server).
     fn leave_member(&self, _stream_id: u64, _group: &str, _member: &str, _revision: u64) {}
+
+    /// Forwards a group member's commit to the server it is connected to
+    /// (shared engines: `CommitGroup` may reach any of them), which
+    /// answers as its own `CommitGroup` would; `None` when no other server
+    /// has the member joined (or the one that had is gone).
+    fn forward_group_commit(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+        _member: &str,
+        _next_offset: u64,
+    ) -> Result<Option<ForwardedAnswer>, StorageError> {
+        Ok(None)
+    }
+
+    /// The commits other servers forward to members connected here
+    /// ([`Engine::forward_group_commit`]), for an engine several servers
+    /// share; `None` (the default) otherwise. Taken once, by the log.
+    fn forwarded_commits(&self) -> Option<tokio::sync::mpsc::Receiver<ForwardedCommit>> {
+        None
+    }
 
     /// A group's assignment and its revision, as stored (shared engines).
     fn stored_assignment(

@@ -46,9 +46,9 @@ use super::message::{self, END_OFFSET, FENCE, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use super::{hex, unhex};
 use crate::engine::{
-    Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, GroupRecord,
-    IdempotencyRecord, Keep, Prepared, RemoteChange, RemoteHead, StorageError, StoredStream,
-    StreamMeta, GROUP_EVENT_OVERHEAD,
+    Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine,
+    ForwardedAnswer, ForwardedCommit, GroupRecord, IdempotencyRecord, Keep, Prepared, RemoteChange,
+    RemoteHead, StorageError, StoredStream, StreamMeta, GROUP_EVENT_OVERHEAD,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -322,6 +322,8 @@ pub struct JetStreamEngine {
     /// Other gateways' consumer claims and group members, until the log
     /// takes them.
     remote_changes: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
+    /// Taken by the log ([`Engine::forwarded_commits`]).
+    forwarded_commits: Mutex<Option<mpsc::Receiver<ForwardedCommit>>>,
     /// Group records this gateway prepared and has not applied yet, by
     /// record key (as `pending`, for groups).
     pending_groups: Mutex<HashMap<String, PendingGroup>>,
@@ -365,6 +367,11 @@ impl Names {
 
     fn events_stream(&self, stream_id: u64) -> String {
         format!("{}_{stream_id}", self.streams)
+    }
+
+    /// Where a gateway takes the group commits others forward to it.
+    fn commit_subject(&self, gateway_id: u64) -> String {
+        format!("{}.gw.{gateway_id:016x}.commit", self.subjects)
     }
 
     fn events_subject(&self, stream_id: u64) -> String {
@@ -447,6 +454,22 @@ impl JetStreamEngine {
             u64::from_le_bytes(bytes)
         };
         let index: Indexes = Default::default();
+        let commits = run_on(&runtime, {
+            let (client, subject) = (client.clone(), names.commit_subject(gateway_id));
+            async move { client.subscribe(subject).await }
+        })
+        .map_err(|e| StorageError::Engine {
+            op: "listening for forwarded group commits",
+            path: options.label.clone(),
+            source: Box::new(e),
+        })?;
+        let (forward, forwarded_commits) = mpsc::channel(REMOTE_HEADS_QUEUE);
+        runtime.spawn(serve_forwarded_commits(
+            client.clone(),
+            commits,
+            index.clone(),
+            forward,
+        ));
         let (found, remote_heads) = mpsc::channel(REMOTE_HEADS_QUEUE);
         runtime.spawn(
             Follower {
@@ -508,6 +531,7 @@ impl JetStreamEngine {
             failed: Mutex::new(None),
             remote_heads: Mutex::new(Some(remote_heads)),
             remote_changes: Mutex::new(Some(remote_changes)),
+            forwarded_commits: Mutex::new(Some(forwarded_commits)),
             pending_groups: Mutex::new(Default::default()),
             pending: Mutex::new(Default::default()),
             tickets: Default::default(),
@@ -1440,6 +1464,74 @@ impl Follower {
     }
 }
 
+/// A forwarded group commit as sent between gateways.
+fn encode_forwarded(stream_id: u64, group: &str, member: &str, next_offset: u64) -> String {
+    format!("{stream_id} {next_offset} {} {}", hex(group), hex(member))
+}
+
+/// The inverse of [`encode_forwarded`]: stream id, group, member, offset.
+fn decode_forwarded(text: &[u8]) -> Option<(u64, String, String, u64)> {
+    let mut parts = std::str::from_utf8(text).ok()?.split(' ');
+    let stream_id = parts.next()?.parse().ok()?;
+    let next_offset = parts.next()?.parse().ok()?;
+    let group = unhex(parts.next()?)?;
+    let member = unhex(parts.next()?)?;
+    Some((stream_id, group, member, next_offset))
+}
+
+/// Answers the group commits other gateways forward to members connected
+/// here: each goes to the log (which commits it as its own `CommitGroup`
+/// would) and its answer back to the asking gateway. Concurrently, so
+/// one slow commit does not hold up the others.
+async fn serve_forwarded_commits(
+    client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    index: Indexes,
+    log: mpsc::Sender<ForwardedCommit>,
+) {
+    while let Some(request) = requests.next().await {
+        let Some(reply_to) = request.reply.clone() else {
+            continue;
+        };
+        let (client, index, log) = (client.clone(), index.clone(), log.clone());
+        tokio::spawn(async move {
+            let closing =
+                || ForwardedAnswer::Failed("the member's gateway is shutting down".into());
+            let answer = match decode_forwarded(&request.payload) {
+                None => ForwardedAnswer::Failed("a malformed forwarded commit".into()),
+                Some((stream_id, group, member, next_offset)) => {
+                    let name = index
+                        .lock()
+                        .expect("not poisoned")
+                        .get(&stream_id)
+                        .map(|entry| entry.name.clone());
+                    match name {
+                        None => ForwardedAnswer::NoStream,
+                        Some(stream) => {
+                            let (reply, answer) = tokio::sync::oneshot::channel();
+                            let commit = ForwardedCommit {
+                                stream,
+                                stream_id,
+                                group,
+                                member,
+                                next_offset,
+                                reply,
+                            };
+                            match log.send(commit).await {
+                                Ok(()) => answer.await.unwrap_or_else(|_| closing()),
+                                Err(_) => closing(),
+                            }
+                        }
+                    }
+                }
+            };
+            if let Err(e) = client.publish(reply_to, answer.encode().into()).await {
+                tracing::debug!(error = %e, "a forwarded group commit's answer was not sent");
+            }
+        });
+    }
+}
+
 /// A prepared write (`Some`) or deletion (`None`) of one record.
 fn record_change(key: String, value: Option<Vec<u8>>) -> Prepared {
     let size = 64 + key.len() + value.as_ref().map_or(0, Vec::len);
@@ -2203,6 +2295,53 @@ impl Engine for JetStreamEngine {
                 }
             });
         }
+    }
+
+    fn forward_group_commit(
+        &self,
+        stream_id: u64,
+        group: &str,
+        member: &str,
+        next_offset: u64,
+    ) -> Result<Option<ForwardedAnswer>, StorageError> {
+        let (state, client, key) = (
+            self.state.clone(),
+            self.client.clone(),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
+        );
+        let (names, this_gateway) = (self.names.clone(), self.gateway_id);
+        let request = encode_forwarded(stream_id, group, member, next_offset);
+        self.block(async move {
+            let Some(record) = state.get(&key).await.map_err(|e| Box::new(e) as BoxError)? else {
+                return Ok(None);
+            };
+            let Some(gateway) = feed::parse_member(&record.value) else {
+                return Ok(None);
+            };
+            if gateway == this_gateway {
+                return Ok(None);
+            }
+            match client
+                .request(names.commit_subject(gateway), request.into())
+                .await
+            {
+                Ok(answer) => Ok(Some(ForwardedAnswer::decode(&String::from_utf8_lossy(
+                    &answer.payload,
+                )))),
+                // Its gateway is gone: the member is not connected anywhere.
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
+                Err(e) => Err(Box::new(e) as BoxError),
+            }
+        })
+        .map_err(|e| StorageError::Engine {
+            op: "forwarding a group commit to the member's gateway",
+            path: self.options.label.clone(),
+            source: e,
+        })
+    }
+
+    fn forwarded_commits(&self) -> Option<mpsc::Receiver<ForwardedCommit>> {
+        self.forwarded_commits.lock().expect("not poisoned").take()
     }
 
     fn stored_assignment(

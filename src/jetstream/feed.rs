@@ -95,7 +95,8 @@ fn parse_claim(value: &[u8]) -> Option<(u64, ClaimChange)> {
     Some((u64::from_str_radix(gateway, 16).ok()?, change))
 }
 
-fn parse_member(value: &[u8]) -> Option<u64> {
+/// The gateway a member record says the member joined at.
+pub(super) fn parse_member(value: &[u8]) -> Option<u64> {
     let gateway = std::str::from_utf8(value).ok()?.strip_suffix(" joined")?;
     u64::from_str_radix(gateway, 16).ok()
 }

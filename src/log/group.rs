@@ -552,6 +552,53 @@ pub(crate) fn apply_change(
     }
 }
 
+/// Until the log closes: commits what other servers forward for members
+/// connected here (shared engines: a member's `CommitGroup` may reach
+/// any server), as this server's own `CommitGroup` would, and answers.
+pub(super) async fn serve_forwarded_commits(
+    log: Arc<Log>,
+    mut commits: tokio::sync::mpsc::Receiver<crate::engine::ForwardedCommit>,
+) {
+    use crate::engine::ForwardedAnswer;
+    loop {
+        let commit = tokio::select! {
+            _ = log.closing.cancelled() => return,
+            commit = commits.recv() => match commit {
+                Some(commit) => commit,
+                None => return,
+            },
+        };
+        let log = log.clone();
+        tokio::spawn(async move {
+            let served = log
+                .get(&commit.stream)
+                .ok()
+                .filter(|s| s.meta.id == commit.stream_id);
+            let answer = match served {
+                None => ForwardedAnswer::NoStream,
+                Some(_) => match log
+                    .change_group(
+                        &commit.stream,
+                        &commit.group,
+                        GroupChange::Commit {
+                            member: commit.member.clone(),
+                            next_offset: commit.next_offset,
+                        },
+                    )
+                    .await
+                {
+                    Ok(()) => ForwardedAnswer::Committed,
+                    Err(Error::MemberNotFound { .. }) => ForwardedAnswer::NoMember,
+                    Err(Error::GroupNotFound { .. }) => ForwardedAnswer::NoGroup,
+                    Err(Error::StreamNotFound(_)) => ForwardedAnswer::NoStream,
+                    Err(e) => ForwardedAnswer::Failed(e.to_string()),
+                },
+            };
+            let _ = commit.reply.send(answer);
+        });
+    }
+}
+
 /// Brings a group in memory up to its stored record (shared engines): a
 /// group made elsewhere is taken in; slots no member here delivers take
 /// the stored offsets.
@@ -1043,16 +1090,55 @@ impl Log {
         member: &str,
         next_offset: u64,
     ) -> Result<GroupInfo, Error> {
-        self.change_group(
-            stream,
-            group,
-            GroupChange::Commit {
-                member: member.to_string(),
-                next_offset,
-            },
-        )
-        .await?;
+        let committed = self
+            .change_group(
+                stream,
+                group,
+                GroupChange::Commit {
+                    member: member.to_string(),
+                    next_offset,
+                },
+            )
+            .await;
+        match committed {
+            // Shared engines: the member may be connected to another
+            // server, which alone knows what it was delivered.
+            Err(Error::MemberNotFound { .. }) if self.engine.shared() => {
+                self.forward_commit(stream, group, member, next_offset)
+                    .await?
+            }
+            other => other?,
+        }
         self.group_info(stream, group)
+    }
+
+    /// Has the server `member` is connected to commit its progress (see
+    /// [`Engine::forward_group_commit`](crate::engine::Engine::forward_group_commit)).
+    async fn forward_commit(
+        &self,
+        stream: &str,
+        group: &str,
+        member: &str,
+        next_offset: u64,
+    ) -> Result<(), Error> {
+        use crate::engine::ForwardedAnswer;
+        let stream_id = self.get(stream)?.meta.id;
+        let answer = self
+            .engine
+            .forward_group_commit(stream_id, group, member, next_offset)?;
+        match answer {
+            Some(ForwardedAnswer::Committed) => Ok(()),
+            None | Some(ForwardedAnswer::NoMember) => Err(member_not_found(stream, group, member)),
+            Some(ForwardedAnswer::NoGroup) => Err(group_not_found(stream, group)),
+            Some(ForwardedAnswer::NoStream) => Err(Error::StreamNotFound(stream.to_string())),
+            Some(ForwardedAnswer::Failed(why)) => {
+                Err(Error::Storage(crate::engine::StorageError::Engine {
+                    op: "committing at the member's server",
+                    path: self.engine.path().to_path_buf(),
+                    source: why.into(),
+                }))
+            }
+        }
     }
 
     async fn change_group(

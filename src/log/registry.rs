@@ -201,6 +201,10 @@ impl Log {
             log.tasks
                 .spawn(super::group::coordinate_groups(log.clone()));
         }
+        if let Some(commits) = log.engine.forwarded_commits() {
+            log.tasks
+                .spawn(super::group::serve_forwarded_commits(log.clone(), commits));
+        }
         info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)
     }

@@ -1252,6 +1252,36 @@ async fn a_group_with_members_on_both_gateways_gets_every_event_once_per_key() {
         x_on_b.until_generation(4).await;
         assert_eq!(x_on_b.slots.len(), 256);
 
+        // Its commits may go through A (a client with another connection
+        // there): A forwards them to B, which alone knows what the member
+        // was delivered. It resumed every slot at 600 and gets 600..700.
+        x_on_b.until_events(100).await;
+        let commit_through_a = |member: &str, next_offset| pb::CommitGroupRequest {
+            stream: "s".into(),
+            group: "g".into(),
+            member: member.into(),
+            next_offset,
+        };
+        // Never past what B delivered to it.
+        let info = on_a
+            .commit_group(commit_through_a("x", 900))
+            .await
+            .unwrap()
+            .into_inner()
+            .group
+            .unwrap();
+        assert_eq!(info.low_watermark, 700, "{info:?}");
+        let info = group_info(&mut on_b, "s", "g").await.unwrap();
+        assert_eq!(info.low_watermark, 700, "{info:?}");
+        // A member connected nowhere is not found, through either gateway.
+        for client in [&mut on_a, &mut on_b] {
+            let missing = client
+                .commit_group(commit_through_a("nobody", 700))
+                .await
+                .unwrap_err();
+            assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+        }
+
         // Deleting the group through A ends its member on B.
         on_a.delete_group(pb::DeleteGroupRequest {
             stream: "s".into(),
