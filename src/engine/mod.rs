@@ -590,6 +590,13 @@ pub trait Engine: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The names of a stream's groups as stored now (shared engines:
+    /// groups made through other servers count against
+    /// `--max-groups-per-stream` too). Asked only when [`Engine::shared`].
+    fn stored_group_names(&self, _stream_id: u64) -> Result<Vec<String>, StorageError> {
+        Ok(Vec::new())
+    }
+
     /// Makes a group member known to every server, durably before it
     /// returns; returns the join's revision (0 for engines only this
     /// server uses: membership in memory suffices). A newer join of the

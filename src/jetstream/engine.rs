@@ -28,7 +28,7 @@
 //! quorum of the stream's replicas has it (nats-server 2.9 fsyncs in the
 //! background; see the README's durability notes).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -2167,6 +2167,22 @@ impl Engine for JetStreamEngine {
 
     fn remote_changes(&self) -> Option<mpsc::Receiver<RemoteChange>> {
         self.remote_changes.lock().expect("not poisoned").take()
+    }
+
+    fn stored_group_names(&self, stream_id: u64) -> Result<Vec<String>, StorageError> {
+        let prefix = format!("group.{stream_id}.");
+        let mut names: BTreeSet<String> = self
+            .state_list(format!("group.{stream_id}"), "listing consumer groups")?
+            .into_iter()
+            .filter_map(|(key, _)| unhex(key.rsplit('.').next()?))
+            .collect();
+        // This gateway's writes not applied yet count too.
+        for key in self.pending_groups.lock().expect("not poisoned").keys() {
+            if let Some(name) = key.strip_prefix(&prefix).and_then(unhex) {
+                names.insert(name);
+            }
+        }
+        Ok(names.into_iter().collect())
     }
 
     fn put_group(

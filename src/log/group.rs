@@ -484,6 +484,7 @@ pub(crate) fn apply_change(
     change: &GroupChange,
     now_unix_nanos: i64,
     max_groups: usize,
+    stored_groups: Option<usize>,
 ) -> Result<Option<GroupWrite>, Error> {
     let mut groups = shared.groups.lock().expect("groups lock");
     match change {
@@ -491,11 +492,12 @@ pub(crate) fn apply_change(
             if groups.contains_key(name) {
                 return Ok(None);
             }
-            if groups.len() >= max_groups {
+            // Shared engines: the stored groups, wherever they were made.
+            let count = stored_groups.unwrap_or(groups.len());
+            if count >= max_groups {
                 return Err(Error::ResourceExhausted(format!(
-                    "stream {} already has {} consumer groups, the most allowed (--max-groups-per-stream {max_groups}): delete groups it no longer needs",
+                    "stream {} already has {count} consumer groups, the most allowed (--max-groups-per-stream {max_groups}): delete groups it no longer needs",
                     crate::error::shown(stream),
-                    groups.len()
                 )));
             }
             let record = GroupRecord {

@@ -443,12 +443,30 @@ impl Writer {
         use super::group::GroupWrite;
         // Shared engines: start from the stored record (a group made, or
         // slots committed, through another server).
+        let mut stored_groups = None;
         if self.engine.shared() {
             match self.engine.stored_group(self.meta.id, &name) {
                 Ok(stored) => super::group::take_stored(&self.shared, &name, stored),
                 Err(e) => {
                     let _ = reply.send(Err(e.into()));
                     return;
+                }
+            }
+            // A new group counts against the limit with every stored one,
+            // wherever it was made.
+            let known = self
+                .shared
+                .groups
+                .lock()
+                .expect("groups lock")
+                .contains_key(&name);
+            if matches!(change, super::command::GroupChange::Create { .. }) && !known {
+                match self.engine.stored_group_names(self.meta.id) {
+                    Ok(names) => stored_groups = Some(names.len()),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
                 }
             }
         }
@@ -459,6 +477,7 @@ impl Writer {
             &change,
             self.clock.now_unix_nanos(),
             self.limits.max_groups_per_stream,
+            stored_groups,
         )
         .and_then(|write| {
             let logged = match write {

@@ -1550,3 +1550,79 @@ async fn a_gateway_reaches_a_jwt_cluster_with_its_credentials() {
     })
     .await;
 }
+
+/// `--max-groups-per-stream` counts a stream's groups wherever they were
+/// made: with two made through A, a third through B is refused, and once
+/// one is deleted (through A) B makes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_limit_counts_groups_made_through_every_gateway() {
+    use crate::common::*;
+    use crate::groups::{create, Member};
+    use pullstream::proto as pb;
+    let cluster = NatsCluster::start().await;
+    let start = || {
+        let urls = cluster.urls.clone();
+        TestServer::start_with(move |c| {
+            c.engine = pullstream::config::EngineConfig::JetStream {
+                urls,
+                replicas: 3,
+                namespace: "ps".into(),
+                tls_ca: None,
+                creds: None,
+            };
+            c.max_groups_per_stream = 2;
+        })
+    };
+    let (a, b) = (start().await, start().await);
+    let (mut on_a, on_b) = (a.client().await, b.client().await);
+    within(async {
+        create(&mut on_a, "s").await;
+        let mut first = Member::join(&a, "s", "g1", "m").await;
+        let mut second = Member::join(&a, "s", "g2", "m").await;
+        first.until_generation(1).await;
+        second.until_generation(1).await;
+        let third = |mut client: Client| async move {
+            let joined = client
+                .subscribe(pb::SubscribeRequest {
+                    stream: "s".into(),
+                    group: "g3".into(),
+                    member: "m".into(),
+                    start: Some(pb::subscribe_request::Start::Position(
+                        pb::StartPosition::Earliest as i32,
+                    )),
+                    ..Default::default()
+                })
+                .await;
+            match joined {
+                Err(status) => Err(status),
+                Ok(response) => {
+                    let mut stream = response.into_inner();
+                    stream.message().await.map(|m| m.is_some())
+                }
+            }
+        };
+        let refused = third(on_b.clone()).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("already has 2 consumer groups"),
+            "{refused:?}"
+        );
+
+        drop(first);
+        on_a.delete_group(pb::DeleteGroupRequest {
+            stream: "s".into(),
+            group: "g1".into(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            third(on_b.clone()).await.unwrap(),
+            "g3 is made once g1 is gone"
+        );
+    })
+    .await;
+}
