@@ -262,6 +262,32 @@ pub struct ForwardedCommit {
     pub reply: tokio::sync::oneshot::Sender<ForwardedAnswer>,
 }
 
+/// A call another server forwarded here, about a group member connected
+/// here.
+#[derive(Debug)]
+pub enum Forwarded {
+    /// Commit its progress.
+    Commit(ForwardedCommit),
+    /// Say which generation its client has been told of.
+    Told(ToldQuestion),
+}
+
+/// Which generation of its group's assignment a member's client has been
+/// told of (see [`Engine::ask_told`]).
+#[derive(Debug)]
+pub struct ToldQuestion {
+    /// The stream's name, as this server knows it.
+    pub stream: String,
+    /// The stream's id.
+    pub stream_id: u64,
+    /// The group.
+    pub group: String,
+    /// The member.
+    pub member: String,
+    /// The generation; `None` when the member is not connected here.
+    pub reply: tokio::sync::oneshot::Sender<Option<u64>>,
+}
+
 /// How the server a member is connected to answered a forwarded commit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardedAnswer {
@@ -639,10 +665,25 @@ pub trait Engine: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// The commits other servers forward to members connected here
-    /// ([`Engine::forward_group_commit`]), for an engine several servers
-    /// share; `None` (the default) otherwise. Taken once, by the log.
-    fn forwarded_commits(&self) -> Option<tokio::sync::mpsc::Receiver<ForwardedCommit>> {
+    /// Asks the server a group member is connected to which generation
+    /// of its group's assignment the member's client has been told of
+    /// (shared engines: a slot moving from it starts elsewhere once it
+    /// was told); `None` when the member is connected nowhere (gone: its
+    /// slots move at once).
+    fn ask_told(
+        &self,
+        _stream_id: u64,
+        _group: &str,
+        _member: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(None)
+    }
+
+    /// The calls other servers forward to members connected here
+    /// ([`Engine::forward_group_commit`], [`Engine::ask_told`]), for an
+    /// engine several servers share; `None` (the default) otherwise.
+    /// Taken once, by the log.
+    fn forwarded(&self) -> Option<tokio::sync::mpsc::Receiver<Forwarded>> {
         None
     }
 

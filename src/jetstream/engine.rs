@@ -46,7 +46,7 @@ use super::message::{self, END_OFFSET, FENCE, FIRST_OFFSET, TIME};
 use super::state::{Expect, StateError, StateStore};
 use super::{hex, unhex};
 use crate::engine::{
-    Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine,
+    Assignment, Chunk, ChunkHeader, ClaimChange, ConsumerRecord, EncodedChunk, Engine, Forwarded,
     ForwardedAnswer, ForwardedCommit, GroupRecord, IdempotencyRecord, Keep, Prepared, RemoteChange,
     RemoteHead, StorageError, StoredStream, StreamMeta, GROUP_EVENT_OVERHEAD,
 };
@@ -322,8 +322,8 @@ pub struct JetStreamEngine {
     /// Other gateways' consumer claims and group members, until the log
     /// takes them.
     remote_changes: Mutex<Option<mpsc::Receiver<RemoteChange>>>,
-    /// Taken by the log ([`Engine::forwarded_commits`]).
-    forwarded_commits: Mutex<Option<mpsc::Receiver<ForwardedCommit>>>,
+    /// Taken by the log ([`Engine::forwarded`]).
+    forwarded: Mutex<Option<mpsc::Receiver<Forwarded>>>,
     /// Group records this gateway prepared and has not applied yet, by
     /// record key (as `pending`, for groups).
     pending_groups: Mutex<HashMap<String, PendingGroup>>,
@@ -369,9 +369,10 @@ impl Names {
         format!("{}_{stream_id}", self.streams)
     }
 
-    /// Where a gateway takes the group commits others forward to it.
-    fn commit_subject(&self, gateway_id: u64) -> String {
-        format!("{}.gw.{gateway_id:016x}.commit", self.subjects)
+    /// Where a gateway takes the calls others forward to it (`what`:
+    /// `commit` or `told`; `*` for all).
+    fn forward_subject(&self, gateway_id: u64, what: &str) -> String {
+        format!("{}.gw.{gateway_id:016x}.{what}", self.subjects)
     }
 
     fn events_subject(&self, stream_id: u64) -> String {
@@ -455,16 +456,16 @@ impl JetStreamEngine {
         };
         let index: Indexes = Default::default();
         let commits = run_on(&runtime, {
-            let (client, subject) = (client.clone(), names.commit_subject(gateway_id));
+            let (client, subject) = (client.clone(), names.forward_subject(gateway_id, "*"));
             async move { client.subscribe(subject).await }
         })
         .map_err(|e| StorageError::Engine {
-            op: "listening for forwarded group commits",
+            op: "listening for calls forwarded by other gateways",
             path: options.label.clone(),
             source: Box::new(e),
         })?;
-        let (forward, forwarded_commits) = mpsc::channel(REMOTE_HEADS_QUEUE);
-        runtime.spawn(serve_forwarded_commits(
+        let (forward, forwarded) = mpsc::channel(REMOTE_HEADS_QUEUE);
+        runtime.spawn(serve_forwarded(
             client.clone(),
             commits,
             index.clone(),
@@ -531,7 +532,7 @@ impl JetStreamEngine {
             failed: Mutex::new(None),
             remote_heads: Mutex::new(Some(remote_heads)),
             remote_changes: Mutex::new(Some(remote_changes)),
-            forwarded_commits: Mutex::new(Some(forwarded_commits)),
+            forwarded: Mutex::new(Some(forwarded)),
             pending_groups: Mutex::new(Default::default()),
             pending: Mutex::new(Default::default()),
             tickets: Default::default(),
@@ -1479,15 +1480,16 @@ fn decode_forwarded(text: &[u8]) -> Option<(u64, String, String, u64)> {
     Some((stream_id, group, member, next_offset))
 }
 
-/// Answers the group commits other gateways forward to members connected
-/// here: each goes to the log (which commits it as its own `CommitGroup`
-/// would) and its answer back to the asking gateway. Concurrently, so
-/// one slow commit does not hold up the others.
-async fn serve_forwarded_commits(
+/// Answers the calls other gateways forward about members connected here
+/// (commits, and which generation a member was told of): each goes to
+/// the log, which answers as for its own member, and the answer goes back
+/// to the asking gateway. Concurrently, so one slow commit does not hold
+/// up the others.
+async fn serve_forwarded(
     client: async_nats::Client,
     mut requests: async_nats::Subscriber,
     index: Indexes,
-    log: mpsc::Sender<ForwardedCommit>,
+    log: mpsc::Sender<Forwarded>,
 ) {
     while let Some(request) = requests.next().await {
         let Some(reply_to) = request.reply.clone() else {
@@ -1495,38 +1497,52 @@ async fn serve_forwarded_commits(
         };
         let (client, index, log) = (client.clone(), index.clone(), log.clone());
         tokio::spawn(async move {
+            let asking_told = request.subject.ends_with(".told");
             let closing =
                 || ForwardedAnswer::Failed("the member's gateway is shutting down".into());
-            let answer = match decode_forwarded(&request.payload) {
-                None => ForwardedAnswer::Failed("a malformed forwarded commit".into()),
-                Some((stream_id, group, member, next_offset)) => {
-                    let name = index
-                        .lock()
-                        .expect("not poisoned")
-                        .get(&stream_id)
-                        .map(|entry| entry.name.clone());
-                    match name {
-                        None => ForwardedAnswer::NoStream,
-                        Some(stream) => {
-                            let (reply, answer) = tokio::sync::oneshot::channel();
-                            let commit = ForwardedCommit {
-                                stream,
-                                stream_id,
-                                group,
-                                member,
-                                next_offset,
-                                reply,
-                            };
-                            match log.send(commit).await {
-                                Ok(()) => answer.await.unwrap_or_else(|_| closing()),
-                                Err(_) => closing(),
-                            }
-                        }
+            let decoded = decode_forwarded(&request.payload);
+            let name = decoded.as_ref().and_then(|(stream_id, ..)| {
+                let index = index.lock().expect("not poisoned");
+                index.get(stream_id).map(|entry| entry.name.clone())
+            });
+            let answer = match (decoded, name) {
+                (None, _) => ForwardedAnswer::Failed("a malformed forwarded call".into()).encode(),
+                (Some(_), None) if asking_told => "no-member".to_string(),
+                (Some(_), None) => ForwardedAnswer::NoStream.encode(),
+                (Some((stream_id, group, member, next_offset)), Some(stream)) if !asking_told => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let commit = ForwardedCommit {
+                        stream,
+                        stream_id,
+                        group,
+                        member,
+                        next_offset,
+                        reply,
+                    };
+                    match log.send(Forwarded::Commit(commit)).await {
+                        Ok(()) => answer.await.unwrap_or_else(|_| closing()),
+                        Err(_) => closing(),
                     }
+                    .encode()
+                }
+                (Some((stream_id, group, member, _)), Some(stream)) => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let question = crate::engine::ToldQuestion {
+                        stream,
+                        stream_id,
+                        group,
+                        member,
+                        reply,
+                    };
+                    let told = match log.send(Forwarded::Told(question)).await {
+                        Ok(()) => answer.await.ok().flatten(),
+                        Err(_) => None,
+                    };
+                    told.map_or("no-member".to_string(), |g| format!("told {g}"))
                 }
             };
-            if let Err(e) = client.publish(reply_to, answer.encode().into()).await {
-                tracing::debug!(error = %e, "a forwarded group commit's answer was not sent");
+            if let Err(e) = client.publish(reply_to, answer.into()).await {
+                tracing::debug!(error = %e, "a forwarded call's answer was not sent");
             }
         });
     }
@@ -2338,7 +2354,7 @@ impl Engine for JetStreamEngine {
                 return Ok(None);
             }
             match client
-                .request(names.commit_subject(gateway), request.into())
+                .request(names.forward_subject(gateway, "commit"), request.into())
                 .await
             {
                 Ok(answer) => Ok(Some(ForwardedAnswer::decode(&String::from_utf8_lossy(
@@ -2356,8 +2372,55 @@ impl Engine for JetStreamEngine {
         })
     }
 
-    fn forwarded_commits(&self) -> Option<mpsc::Receiver<ForwardedCommit>> {
-        self.forwarded_commits.lock().expect("not poisoned").take()
+    fn ask_told(
+        &self,
+        stream_id: u64,
+        group: &str,
+        member: &str,
+    ) -> Result<Option<u64>, StorageError> {
+        let (state, client, key) = (
+            self.state.clone(),
+            self.client.clone(),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
+        );
+        let (names, this_gateway) = (self.names.clone(), self.gateway_id);
+        let request = encode_forwarded(stream_id, group, member, 0);
+        self.block(async move {
+            let Some(record) = state.get(&key).await.map_err(|e| Box::new(e) as BoxError)? else {
+                return Ok(None);
+            };
+            let Some(gateway) = feed::parse_member(&record.value) else {
+                return Ok(None);
+            };
+            if gateway == this_gateway {
+                return Ok(None);
+            }
+            match client
+                .request(names.forward_subject(gateway, "told"), request.into())
+                .await
+            {
+                Ok(answer) => match std::str::from_utf8(&answer.payload) {
+                    Ok("no-member") => Ok(None),
+                    Ok(told) => told
+                        .strip_prefix("told ")
+                        .and_then(|g| g.parse().ok())
+                        .map(Some)
+                        .ok_or_else(|| format!("an unexpected answer: {told:?}").into()),
+                    Err(e) => Err(Box::new(e) as BoxError),
+                },
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
+                Err(e) => Err(Box::new(e) as BoxError),
+            }
+        })
+        .map_err(|e| StorageError::Engine {
+            op: "asking a member's gateway what its client was told",
+            path: self.options.label.clone(),
+            source: e,
+        })
+    }
+
+    fn forwarded(&self) -> Option<mpsc::Receiver<Forwarded>> {
+        self.forwarded.lock().expect("not poisoned").take()
     }
 
     fn stored_assignment(

@@ -37,8 +37,11 @@
 //! assignment and one generation. Committed offsets are merged slot by
 //! slot into the stored record, and a member starting a slot reads the
 //! stored offset, whoever committed it. A slot moving from a member on
-//! another server waits the full [`HANDOVER_WAIT`] (unless that member
-//! left): whether it was told is not shared.
+//! another server waits, where its new owner is connected, until that
+//! server says the member's client was told (asked every 20 ms, up to
+//! [`HANDOVER_WAIT`]; at once when the member is connected nowhere); a
+//! server that never knew a slot's previous owner (it follows the group
+//! from a later assignment on) waits for every member elsewhere.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,6 +87,9 @@ pub(crate) struct GroupState {
     /// Per slot: the "told" generation of the member that delivered it
     /// last, while the slot moves away from it.
     handover: Vec<Option<Arc<AtomicU64>>>,
+    /// Members elsewhere whose slots moved, whose servers are to be asked
+    /// when their clients have been told (taken by [`ask_for_handovers`]).
+    asks: Vec<HandoverAsk>,
     /// Members connected to other servers (shared engines): id → the
     /// revision of their join.
     remote: BTreeMap<String, u64>,
@@ -119,6 +125,7 @@ impl GroupState {
             members: BTreeMap::new(),
             generation: 0,
             handover: vec![None; SLOT_COUNT],
+            asks: Vec::new(),
             remote: BTreeMap::new(),
             departed: BTreeMap::new(),
             assigned: 0,
@@ -135,15 +142,50 @@ impl GroupState {
 
     /// Takes in a new assignment at `generation`: slots leaving a member
     /// here that delivered them wait, at their new owner, until that
-    /// member's client has been told; slots leaving a member connected
-    /// elsewhere wait the full handover time. Tells every member here.
+    /// member's client has been told; slots leaving members connected
+    /// elsewhere wait until their servers say so ([`ask_for_handovers`]).
+    /// Tells every member here.
     fn apply_owners(&mut self, owners: Vec<Option<String>>, generation: u64) {
+        // Slots moving from members elsewhere wait, where their new owner
+        // is connected, until those members' servers say their clients
+        // were told. A slot whose previous owner this server never knew
+        // (it follows the group from a later assignment on) may have been
+        // delivered by any member elsewhere the assignment names: it
+        // waits for all of them.
+        let elsewhere: Vec<String> = owners
+            .iter()
+            .flatten()
+            .filter(|o| !self.members.contains_key(*o))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut asked: BTreeMap<Vec<String>, Arc<AtomicU64>> = BTreeMap::new();
         for (slot, owner) in owners.iter().enumerate() {
-            let previous = self.owner[slot].as_ref();
-            if previous != owner.as_ref() && previous.is_some_and(|p| self.remote.contains_key(p)) {
+            let previous = self.owner[slot].clone();
+            let waits_here = owner.as_ref().is_some_and(|o| self.members.contains_key(o));
+            let candidates = match previous {
+                Some(p) if owner.as_ref() != Some(&p) && self.remote.contains_key(&p) => {
+                    vec![p]
+                }
+                None if waits_here && generation > 1 && !elsewhere.is_empty() => elsewhere.clone(),
+                _ => continue,
+            };
+            if !waits_here {
                 self.handover[slot] = Some(Arc::new(AtomicU64::new(0)));
+                continue;
             }
+            let told = asked
+                .entry(candidates)
+                .or_insert_with(|| Arc::new(AtomicU64::new(0)));
+            self.handover[slot] = Some(told.clone());
         }
+        self.asks
+            .extend(asked.into_iter().map(|(members, told)| HandoverAsk {
+                members,
+                told,
+                generation,
+            }));
         self.owner = owners;
         // A slot leaving a member that delivered it waits, at its new owner,
         // until that member's client has been told.
@@ -419,7 +461,9 @@ impl StreamShared {
         let mut groups = self.groups.lock().expect("groups lock");
         if let Some(state) = groups.get_mut(group) {
             state.take_assignment(assignment, revision);
+            let asks = std::mem::take(&mut state.asks);
             drop(groups);
+            ask_for_handovers(coordination, group, asks);
             // This server's view may already differ from it.
             coordination.want(group);
         }
@@ -473,6 +517,63 @@ pub struct GroupMemberInfo {
     pub committed: u64,
     /// Where its delivery stands.
     pub delivered: u64,
+}
+
+/// A member elsewhere that slots moved away from, at `generation`: its
+/// server is asked until its client has been told of that generation
+/// (then `told` says so, and the slots start at their new owners here),
+/// it is gone (at once), or the handover time is up.
+struct HandoverAsk {
+    /// The members that may have delivered the slots (one, unless this
+    /// server did not know the previous owner).
+    members: Vec<String>,
+    /// The lowest generation they were all told of.
+    told: Arc<AtomicU64>,
+    generation: u64,
+}
+
+/// How often a member's server is asked whether it was told (the waiting
+/// member looks at `told` as often).
+const ASK_TOLD_EVERY: Duration = Duration::from_millis(20);
+
+/// Asks, in the background, the servers of members elsewhere whose slots
+/// moved when their clients have been told (see [`HandoverAsk`]).
+fn ask_for_handovers(coordination: &Coordination, group: &str, asks: Vec<HandoverAsk>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    for ask in asks {
+        let (engine, stream_id, group) = (
+            coordination.engine.clone(),
+            coordination.stream_id,
+            group.to_string(),
+        );
+        runtime.spawn(async move {
+            let deadline = Instant::now() + HANDOVER_WAIT;
+            let mut told = vec![0u64; ask.members.len()];
+            while Instant::now() < deadline {
+                for (i, member) in ask.members.iter().enumerate() {
+                    if told[i] >= ask.generation {
+                        continue;
+                    }
+                    match engine.ask_told(stream_id, &group, member) {
+                        Ok(Some(generation)) => told[i] = told[i].max(generation),
+                        // Connected nowhere: nothing more to wait for.
+                        Ok(None) => told[i] = u64::MAX,
+                        Err(e) => {
+                            tracing::debug!(error = %e, %member, "cannot ask a member's server whether it was told");
+                        }
+                    }
+                }
+                let lowest = told.iter().copied().min().unwrap_or(u64::MAX);
+                ask.told.fetch_max(lowest, Ordering::AcqRel);
+                if lowest >= ask.generation {
+                    return;
+                }
+                tokio::time::sleep(ASK_TOLD_EVERY).await;
+            }
+        });
+    }
 }
 
 /// Applies a group change to the stream's groups. Returns what to write,
@@ -554,21 +655,39 @@ pub(crate) fn apply_change(
     }
 }
 
-/// Until the log closes: commits what other servers forward for members
-/// connected here (shared engines: a member's `CommitGroup` may reach
-/// any server), as this server's own `CommitGroup` would, and answers.
-pub(super) async fn serve_forwarded_commits(
+/// Until the log closes: answers what other servers forward about members
+/// connected here (shared engines: a member's `CommitGroup` may reach any
+/// server, and a slot moving from a member here starts elsewhere once its
+/// client has been told): commits as this server's own `CommitGroup`
+/// would, and says which generation a member's client was told of.
+pub(super) async fn serve_forwarded(
     log: Arc<Log>,
-    mut commits: tokio::sync::mpsc::Receiver<crate::engine::ForwardedCommit>,
+    mut calls: tokio::sync::mpsc::Receiver<crate::engine::Forwarded>,
 ) {
-    use crate::engine::ForwardedAnswer;
+    use crate::engine::{Forwarded, ForwardedAnswer};
     loop {
-        let commit = tokio::select! {
+        let call = tokio::select! {
             _ = log.closing.cancelled() => return,
-            commit = commits.recv() => match commit {
-                Some(commit) => commit,
+            call = calls.recv() => match call {
+                Some(call) => call,
                 None => return,
             },
+        };
+        let commit = match call {
+            Forwarded::Commit(commit) => commit,
+            Forwarded::Told(question) => {
+                let told = log
+                    .get(&question.stream)
+                    .ok()
+                    .filter(|s| s.meta.id == question.stream_id)
+                    .and_then(|s| {
+                        let groups = s.shared.groups.lock().expect("groups lock");
+                        let member = groups.get(&question.group)?.members.get(&question.member)?;
+                        Some(member.told.load(Ordering::Acquire))
+                    });
+                let _ = question.reply.send(told);
+                continue;
+            }
         };
         let log = log.clone();
         tokio::spawn(async move {
@@ -934,6 +1053,7 @@ impl Log {
                     return Ok(());
                 };
                 state.take_assignment(&current, revision);
+                ask_for_handovers(c, group, std::mem::take(&mut state.asks));
                 state.unheard_of(&current)
             };
             let mut heard = Vec::new();

@@ -201,9 +201,9 @@ impl Log {
             log.tasks
                 .spawn(super::group::coordinate_groups(log.clone()));
         }
-        if let Some(commits) = log.engine.forwarded_commits() {
+        if let Some(calls) = log.engine.forwarded() {
             log.tasks
-                .spawn(super::group::serve_forwarded_commits(log.clone(), commits));
+                .spawn(super::group::serve_forwarded(log.clone(), calls));
         }
         info!(path = %log.engine.path().display(), streams = log.streams.read().expect("registry lock").len(), "storage open");
         Ok(log)

@@ -1626,3 +1626,85 @@ async fn the_group_limit_counts_groups_made_through_every_gateway() {
     })
     .await;
 }
+
+/// A slot moving from a member on another gateway starts at its new owner
+/// once that member's client has been told, as on one server: the new
+/// owner's gateway asks the old owner's. While the old owner's client is
+/// stalled (it cannot be told), the new owner delivers none of its slots;
+/// once it reads on and is told, the new owner starts them from their
+/// committed offsets. (How long that takes is measured, not asserted: it
+/// is printed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moving_from_another_gateway_waits_until_its_old_owner_was_told() {
+    use crate::common::*;
+    use crate::groups::{create, Member};
+    use pullstream::proto as pb;
+    use std::collections::BTreeSet;
+    let cluster = NatsCluster::start().await;
+    let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
+    let mut on_a = a.client().await;
+    create(&mut on_a, "s").await;
+    // `x` on A reads through small HTTP/2 windows, so when it stops
+    // reading its stream stalls at once and A cannot tell it anything.
+    let channel = a.stalling_channel().await;
+    let mut x = Member {
+        id: "x".into(),
+        sub: pb::event_log_client::EventLogClient::new(channel.clone())
+            .subscribe(pb::SubscribeRequest {
+                stream: "s".into(),
+                group: "g".into(),
+                member: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+        client: client_on(channel),
+        events: Vec::new(),
+        generation: 0,
+        slots: Vec::new(),
+        revoked: Vec::new(),
+        next_offset: 0,
+    };
+    within(x.until_generation(1)).await;
+    let big = "x".repeat(1000);
+    for batch in 0..40u64 {
+        let events = (0..50u64)
+            .map(|i| pb::NewEvent {
+                key: format!("k{}", (batch * 50 + i) % 64),
+                ..event("order.updated", &format!("\"{big}\""))
+            })
+            .collect();
+        append(&mut on_a, "s", events).await;
+    }
+
+    let mut y = Member::join(&b, "s", "g", "y").await;
+    within(y.until_generation(2)).await;
+    assert_eq!(y.slots.len(), 128);
+    // Every slot of y comes from the stalled x, which was not told.
+    let waited = tokio::time::timeout(Duration::from_secs(1), y.read_one()).await;
+    assert!(
+        waited.is_err() || y.events.is_empty(),
+        "y delivered a moved slot before its old owner was told: {:?}",
+        &y.events[..y.events.len().min(3)]
+    );
+
+    within(async {
+        while x.revoked.is_empty() {
+            x.read_one().await;
+        }
+    })
+    .await;
+    let told = std::time::Instant::now();
+    within(y.until_events(1)).await;
+    eprintln!(
+        "y started its first slot {:?} after x was told",
+        told.elapsed()
+    );
+    let y_slots: BTreeSet<u32> = y.slots.iter().copied().collect();
+    let slot_of = |key: &str| pullstream::log::slot_of(key.as_bytes(), 0) as u32;
+    let first_of_y = (0..2000u64)
+        .find(|o| y_slots.contains(&slot_of(&format!("k{}", o % 64))))
+        .unwrap();
+    assert_eq!(y.events[0].0, first_of_y);
+}
