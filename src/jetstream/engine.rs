@@ -541,6 +541,45 @@ impl JetStreamEngine {
 
     /// Runs `f` on the engine's runtime and waits for it (off the
     /// caller's async workers, when it has any).
+    /// Sends `request` to the gateway a group member joined at (`what`:
+    /// `commit` or `told`) and returns its answer; `None` when the member
+    /// is joined nowhere else (its record is gone, names this gateway, or
+    /// its gateway is gone: no responders).
+    fn ask_member_gateway(
+        &self,
+        stream_id: u64,
+        group: &str,
+        member: &str,
+        what: &'static str,
+        request: String,
+    ) -> Result<Option<Bytes>, BoxError> {
+        let (state, client, key) = (
+            self.state.clone(),
+            self.client.clone(),
+            feed::member_key(stream_id, &hex(group), &hex(member)),
+        );
+        let (names, this_gateway) = (self.names.clone(), self.gateway_id);
+        self.block(async move {
+            let Some(record) = state.get(&key).await.map_err(|e| Box::new(e) as BoxError)? else {
+                return Ok(None);
+            };
+            let Some(gateway) = feed::parse_member(&record.value) else {
+                return Ok(None);
+            };
+            if gateway == this_gateway {
+                return Ok(None);
+            }
+            match client
+                .request(names.forward_subject(gateway, what), request.into())
+                .await
+            {
+                Ok(answer) => Ok(Some(answer.payload)),
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
+                Err(e) => Err(Box::new(e) as BoxError),
+            }
+        })
+    }
+
     fn block<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
         let runtime = self.runtime.as_ref().expect("open until dropped");
         crate::engine::run_blocking(|| run_on(runtime, f))
@@ -2336,40 +2375,15 @@ impl Engine for JetStreamEngine {
         member: &str,
         next_offset: u64,
     ) -> Result<Option<ForwardedAnswer>, StorageError> {
-        let (state, client, key) = (
-            self.state.clone(),
-            self.client.clone(),
-            feed::member_key(stream_id, &hex(group), &hex(member)),
-        );
-        let (names, this_gateway) = (self.names.clone(), self.gateway_id);
         let request = encode_forwarded(stream_id, group, member, next_offset);
-        self.block(async move {
-            let Some(record) = state.get(&key).await.map_err(|e| Box::new(e) as BoxError)? else {
-                return Ok(None);
-            };
-            let Some(gateway) = feed::parse_member(&record.value) else {
-                return Ok(None);
-            };
-            if gateway == this_gateway {
-                return Ok(None);
-            }
-            match client
-                .request(names.forward_subject(gateway, "commit"), request.into())
-                .await
-            {
-                Ok(answer) => Ok(Some(ForwardedAnswer::decode(&String::from_utf8_lossy(
-                    &answer.payload,
-                )))),
-                // Its gateway is gone: the member is not connected anywhere.
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
-                Err(e) => Err(Box::new(e) as BoxError),
-            }
-        })
-        .map_err(|e| StorageError::Engine {
-            op: "forwarding a group commit to the member's gateway",
-            path: self.options.label.clone(),
-            source: e,
-        })
+        let answer = self
+            .ask_member_gateway(stream_id, group, member, "commit", request)
+            .map_err(|e| StorageError::Engine {
+                op: "forwarding a group commit to the member's gateway",
+                path: self.options.label.clone(),
+                source: e,
+            })?;
+        Ok(answer.map(|a| ForwardedAnswer::decode(&String::from_utf8_lossy(&a))))
     }
 
     fn ask_told(
@@ -2378,45 +2392,24 @@ impl Engine for JetStreamEngine {
         group: &str,
         member: &str,
     ) -> Result<Option<u64>, StorageError> {
-        let (state, client, key) = (
-            self.state.clone(),
-            self.client.clone(),
-            feed::member_key(stream_id, &hex(group), &hex(member)),
-        );
-        let (names, this_gateway) = (self.names.clone(), self.gateway_id);
         let request = encode_forwarded(stream_id, group, member, 0);
-        self.block(async move {
-            let Some(record) = state.get(&key).await.map_err(|e| Box::new(e) as BoxError)? else {
-                return Ok(None);
-            };
-            let Some(gateway) = feed::parse_member(&record.value) else {
-                return Ok(None);
-            };
-            if gateway == this_gateway {
-                return Ok(None);
-            }
-            match client
-                .request(names.forward_subject(gateway, "told"), request.into())
-                .await
-            {
-                Ok(answer) => match std::str::from_utf8(&answer.payload) {
-                    Ok("no-member") => Ok(None),
-                    Ok(told) => told
-                        .strip_prefix("told ")
-                        .and_then(|g| g.parse().ok())
-                        .map(Some)
-                        .ok_or_else(|| format!("an unexpected answer: {told:?}").into()),
-                    Err(e) => Err(Box::new(e) as BoxError),
-                },
-                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(None),
-                Err(e) => Err(Box::new(e) as BoxError),
-            }
-        })
-        .map_err(|e| StorageError::Engine {
+        let error = |source| StorageError::Engine {
             op: "asking a member's gateway what its client was told",
             path: self.options.label.clone(),
-            source: e,
-        })
+            source,
+        };
+        let answer = self
+            .ask_member_gateway(stream_id, group, member, "told", request)
+            .map_err(error)?;
+        match answer.as_deref().map(std::str::from_utf8) {
+            None | Some(Ok("no-member")) => Ok(None),
+            Some(Ok(told)) => told
+                .strip_prefix("told ")
+                .and_then(|g| g.parse().ok())
+                .map(Some)
+                .ok_or_else(|| error(format!("an unexpected answer: {told:?}").into())),
+            Some(Err(e)) => Err(error(Box::new(e))),
+        }
     }
 
     fn forwarded(&self) -> Option<mpsc::Receiver<Forwarded>> {
