@@ -451,19 +451,35 @@ async fn records_stay_readable_and_writable_when_a_node_dies() {
     assert_eq!((&seen.value[..], seen.revision), (&b"meta 2"[..], next));
 }
 
+/// The JetStream engine on `cluster` (three replicas, namespace `ps`),
+/// connecting with these TLS and credential settings.
+fn engine_on(
+    cluster: &NatsCluster,
+    tls_ca: Option<std::path::PathBuf>,
+    creds: Option<std::path::PathBuf>,
+) -> pullstream::config::EngineConfig {
+    pullstream::config::EngineConfig::JetStream {
+        urls: cluster.urls.clone(),
+        replicas: 3,
+        namespace: "ps".into(),
+        tls_ca,
+        creds,
+    }
+}
+
 /// A server on the JetStream engine of `cluster` (with three replicas).
 async fn gateway(cluster: &NatsCluster) -> crate::common::TestServer {
-    let urls = cluster.urls.clone();
-    crate::common::TestServer::start_with(move |c| {
-        c.engine = pullstream::config::EngineConfig::JetStream {
-            urls,
-            replicas: 3,
-            namespace: "ps".into(),
-            tls_ca: None,
-            creds: None,
-        };
-    })
-    .await
+    let engine = engine_on(cluster, None, None);
+    crate::common::TestServer::start_with(move |c| c.engine = engine).await
+}
+
+/// What opening a log on `engine` fails with (empty if it opens).
+async fn open_error(engine: pullstream::config::EngineConfig) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
+    config.engine = engine;
+    let opened = pullstream::log::Log::open(pullstream::log::LogConfig::from(&config)).await;
+    opened.err().map(|e| e.to_string()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1471,13 +1487,7 @@ async fn a_gateway_reaches_a_tls_cluster_with_its_ca() {
     let certs = tempfile::tempdir().unwrap();
     let pki = crate::tls::make_pki(certs.path());
     let cluster = NatsCluster::start_tls(&pki).await;
-    let engine = |tls_ca| pullstream::config::EngineConfig::JetStream {
-        urls: cluster.urls.clone(),
-        replicas: 3,
-        namespace: "ps".into(),
-        tls_ca,
-        creds: None,
-    };
+    let engine = |tls_ca| engine_on(&cluster, tls_ca, None);
     within(async {
         let trusted = engine(Some(pki.ca.clone()));
         let server = TestServer::start_with(move |c| c.engine = trusted).await;
@@ -1490,12 +1500,7 @@ async fn a_gateway_reaches_a_tls_cluster_with_its_ca() {
         let other = tempfile::tempdir().unwrap();
         let other_ca = crate::tls::make_pki(other.path()).ca;
         for tls_ca in [None, Some(other_ca)] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
-            config.engine = engine(tls_ca.clone());
-            let opened =
-                pullstream::log::Log::open(pullstream::log::LogConfig::from(&config)).await;
-            let error = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            let error = open_error(engine(tls_ca.clone())).await;
             assert!(
                 error.contains("connecting to the NATS cluster"),
                 "{tls_ca:?}: {error}"
@@ -1520,13 +1525,7 @@ async fn a_gateway_reaches_a_jwt_cluster_with_its_credentials() {
     let stranger = files.path().join("stranger.creds");
     std::fs::write(&user, &operator.user_creds).unwrap();
     std::fs::write(&stranger, &operator.stranger_creds).unwrap();
-    let engine = |creds| pullstream::config::EngineConfig::JetStream {
-        urls: cluster.urls.clone(),
-        replicas: 3,
-        namespace: "ps".into(),
-        tls_ca: None,
-        creds,
-    };
+    let engine = |creds| engine_on(&cluster, None, creds);
     within(async {
         let admitted = engine(Some(user.clone()));
         let server = TestServer::start_with(move |c| c.engine = admitted).await;
@@ -1536,12 +1535,7 @@ async fn a_gateway_reaches_a_jwt_cluster_with_its_credentials() {
         assert_eq!(events[0].data, bytes::Bytes::from("with creds"));
 
         for creds in [None, Some(stranger.clone())] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut config = pullstream::config::ServerConfig::for_tests(dir.path());
-            config.engine = engine(creds.clone());
-            let opened =
-                pullstream::log::Log::open(pullstream::log::LogConfig::from(&config)).await;
-            let error = opened.err().map(|e| e.to_string()).unwrap_or_default();
+            let error = open_error(engine(creds.clone())).await;
             assert!(
                 error.contains("connecting to the NATS cluster"),
                 "{creds:?}: {error}"
@@ -1561,15 +1555,9 @@ async fn the_group_limit_counts_groups_made_through_every_gateway() {
     use pullstream::proto as pb;
     let cluster = NatsCluster::start().await;
     let start = || {
-        let urls = cluster.urls.clone();
+        let engine = engine_on(&cluster, None, None);
         TestServer::start_with(move |c| {
-            c.engine = pullstream::config::EngineConfig::JetStream {
-                urls,
-                replicas: 3,
-                namespace: "ps".into(),
-                tls_ca: None,
-                creds: None,
-            };
+            c.engine = engine;
             c.max_groups_per_stream = 2;
         })
     };
@@ -1637,46 +1625,16 @@ async fn the_group_limit_counts_groups_made_through_every_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_moving_from_another_gateway_waits_until_its_old_owner_was_told() {
     use crate::common::*;
-    use crate::groups::{create, Member};
-    use pullstream::proto as pb;
+    use crate::groups::{create, fill_stalling, Member};
     use std::collections::BTreeSet;
     let cluster = NatsCluster::start().await;
     let (a, b) = (gateway(&cluster).await, gateway(&cluster).await);
     let mut on_a = a.client().await;
     create(&mut on_a, "s").await;
-    // `x` on A reads through small HTTP/2 windows, so when it stops
-    // reading its stream stalls at once and A cannot tell it anything.
-    let channel = a.stalling_channel().await;
-    let mut x = Member {
-        id: "x".into(),
-        sub: pb::event_log_client::EventLogClient::new(channel.clone())
-            .subscribe(pb::SubscribeRequest {
-                stream: "s".into(),
-                group: "g".into(),
-                member: "x".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
-        client: client_on(channel),
-        events: Vec::new(),
-        generation: 0,
-        slots: Vec::new(),
-        revoked: Vec::new(),
-        next_offset: 0,
-    };
+    // `x` on A stalls (see `Member::join_stalling`): A cannot tell it anything.
+    let mut x = Member::join_stalling(&a, "s", "g", "x").await;
     within(x.until_generation(1)).await;
-    let big = "x".repeat(1000);
-    for batch in 0..40u64 {
-        let events = (0..50u64)
-            .map(|i| pb::NewEvent {
-                key: format!("k{}", (batch * 50 + i) % 64),
-                ..event("order.updated", &format!("\"{big}\""))
-            })
-            .collect();
-        append(&mut on_a, "s", events).await;
-    }
+    fill_stalling(&mut on_a, "s").await;
 
     let mut y = Member::join(&b, "s", "g", "y").await;
     within(y.until_generation(2)).await;

@@ -76,6 +76,37 @@ impl Member {
         }
     }
 
+    /// Joins through small HTTP/2 windows, so when it stops reading its
+    /// stream stalls at once and the server cannot tell it anything.
+    pub(crate) async fn join_stalling(
+        server: &TestServer,
+        stream: &str,
+        group: &str,
+        id: &str,
+    ) -> Member {
+        let channel = server.stalling_channel().await;
+        let sub = pb::event_log_client::EventLogClient::new(channel.clone())
+            .subscribe(pb::SubscribeRequest {
+                stream: stream.into(),
+                group: group.into(),
+                member: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("join")
+            .into_inner();
+        Member {
+            id: id.into(),
+            sub,
+            client: client_on(channel),
+            events: Vec::new(),
+            generation: 0,
+            slots: Vec::new(),
+            revoked: Vec::new(),
+            next_offset: 0,
+        }
+    }
+
     pub(crate) async fn commit(
         &mut self,
         stream: &str,
@@ -94,6 +125,22 @@ impl Member {
             .into_inner()
             .group
             .expect("group info")
+    }
+}
+
+/// Appends 2,000 events of about 1 KiB, keys `k0`..`k63` in turn (event
+/// `o` has key `k{o % 64}`): more than a member joined with
+/// [`Member::join_stalling`] takes in without reading, so it stalls.
+pub(crate) async fn fill_stalling(client: &mut Client, stream: &str) {
+    let big = "x".repeat(1000);
+    for batch in 0..40u64 {
+        let events = (0..50u64)
+            .map(|i| pb::NewEvent {
+                key: format!("k{}", (batch * 50 + i) % 64),
+                ..event("order.updated", &format!("\"{big}\""))
+            })
+            .collect();
+        append(client, stream, events).await;
     }
 }
 
@@ -506,40 +553,9 @@ async fn a_moved_slot_waits_until_its_old_owner_has_been_told() {
     let server = TestServer::start().await;
     let mut client = server.client().await;
     create(&mut client, "s").await;
-    // `a` reads through small HTTP/2 windows, so when it stops reading its
-    // stream stalls at once and the server cannot tell it anything.
-    let channel = server.stalling_channel().await;
-    let mut a = Member {
-        id: "a".into(),
-        sub: pb::event_log_client::EventLogClient::new(channel.clone())
-            .subscribe(pb::SubscribeRequest {
-                stream: "s".into(),
-                group: "g".into(),
-                member: "a".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner(),
-        client: client_on(channel),
-        events: Vec::new(),
-        generation: 0,
-        slots: Vec::new(),
-        revoked: Vec::new(),
-        next_offset: 0,
-    };
+    let mut a = Member::join_stalling(&server, "s", "g", "a").await;
     a.until_generation(1).await;
-    // 2,000 events of about 1 KiB that `a` does not read: it stalls.
-    let big = "x".repeat(1000);
-    for batch in 0..40u64 {
-        let events = (0..50u64)
-            .map(|i| pb::NewEvent {
-                key: format!("k{}", (batch * 50 + i) % 64),
-                ..event("order.updated", &format!("\"{big}\""))
-            })
-            .collect();
-        append(&mut client, "s", events).await;
-    }
+    fill_stalling(&mut client, "s").await;
 
     let mut b = Member::join(&server, "s", "g", "b").await;
     b.until_generation(2).await;
