@@ -36,16 +36,7 @@ impl Member {
             .await
             .expect("join")
             .into_inner();
-        Member {
-            id: id.into(),
-            sub,
-            client,
-            events: Vec::new(),
-            generation: 0,
-            slots: Vec::new(),
-            revoked: Vec::new(),
-            next_offset: 0,
-        }
+        Member::new(id, sub, client)
     }
 
     /// Reads one message, recording events and assignment.
@@ -95,10 +86,15 @@ impl Member {
             .await
             .expect("join")
             .into_inner();
+        Member::new(id, sub, client_on(channel))
+    }
+
+    /// A member that has received nothing yet.
+    fn new(id: &str, sub: Streaming<pb::SubscribeResponse>, client: Client) -> Member {
         Member {
             id: id.into(),
             sub,
-            client: client_on(channel),
+            client,
             events: Vec::new(),
             generation: 0,
             slots: Vec::new(),
