@@ -137,7 +137,7 @@ impl GroupState {
     fn rebalance(&mut self) {
         let ids: Vec<String> = self.members.keys().cloned().collect();
         let owners = spread(&self.owner, &ids);
-        self.apply_owners(owners, self.generation + 1);
+        self.apply_owners(owners, self.generation + 1, false);
     }
 
     /// Takes in a new assignment at `generation`: slots leaving a member
@@ -145,7 +145,11 @@ impl GroupState {
     /// member's client has been told; slots leaving members connected
     /// elsewhere wait until their servers say so ([`ask_for_handovers`]).
     /// Tells every member here.
-    fn apply_owners(&mut self, owners: Vec<Option<String>>, generation: u64) {
+    ///
+    /// `shared`: the assignment is a stored one (shared engines), so a
+    /// previous owner not connected here may be connected elsewhere,
+    /// whether or not this server has heard of its join yet.
+    fn apply_owners(&mut self, owners: Vec<Option<String>>, generation: u64, shared: bool) {
         // Slots moving from members elsewhere wait, where their new owner
         // is connected, until those members' servers say their clients
         // were told. A slot whose previous owner this server never knew
@@ -165,10 +169,16 @@ impl GroupState {
             let previous = self.owner[slot].clone();
             let waits_here = owner.as_ref().is_some_and(|o| self.members.contains_key(o));
             let candidates = match previous {
-                Some(p) if owner.as_ref() != Some(&p) && self.remote.contains_key(&p) => {
+                Some(p)
+                    if owner.as_ref() != Some(&p)
+                        && (self.remote.contains_key(&p)
+                            || (shared && !self.members.contains_key(&p))) =>
+                {
                     vec![p]
                 }
-                None if waits_here && generation > 1 && !elsewhere.is_empty() => elsewhere.clone(),
+                None if shared && waits_here && generation > 1 && !elsewhere.is_empty() => {
+                    elsewhere.clone()
+                }
                 _ => continue,
             };
             if !waits_here {
@@ -320,7 +330,7 @@ impl GroupState {
                 self.remote.remove(id);
             }
         }
-        self.apply_owners(assignment.owners.clone(), assignment.generation);
+        self.apply_owners(assignment.owners.clone(), assignment.generation, true);
     }
 
     fn slots_of(&self, member: &str) -> Vec<u32> {
