@@ -213,6 +213,15 @@ pub enum Error {
         /// The floor.
         floor: u64,
     },
+    /// A write met a full disk (ENOSPC) and was rolled back: nothing of
+    /// the change was written, and later writes are tried again.
+    #[error("disk full: {} bytes free under {dir}; the write failed and was rolled back, so nothing of this change was written. Delete streams or tighten retention to free space; writes resume by themselves, and retrying is safe", free.map_or_else(|| "no".to_string(), |f| f.to_string()))]
+    NoSpaceLeft {
+        /// The data dir.
+        dir: String,
+        /// Free bytes right after the failure, when known.
+        free: Option<u64>,
+    },
     /// `--verify-on-start` found damage (the server does not start).
     #[error("--verify-on-start found damaged or missing events: {0}. Restore the data dir from a backup, or start without --verify-on-start to serve the rest (reads of the damage get DATA_LOSS)")]
     VerifyFailed(String),
@@ -330,8 +339,13 @@ impl From<StorageError> for Error {
     /// A failed write or sync of the log (or a log refusing writes since
     /// one) is the one storage failure a client sees as such: the change
     /// may or may not have been applied, and writes stop until a restart.
+    /// A write rolled back on a full disk is not: nothing was written.
     fn from(error: StorageError) -> Error {
         match error {
+            StorageError::Wal(WalError::OutOfSpace { dir, free }) => Error::NoSpaceLeft {
+                dir: dir.display().to_string(),
+                free,
+            },
             StorageError::Wal(
                 WalError::WriteFailed { .. } | WalError::SyncFailed { .. } | WalError::Poisoned(_),
             ) => Error::StorageFailed(error.to_string()),

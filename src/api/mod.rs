@@ -73,7 +73,9 @@ pub fn error_code(error: &Error) -> Code {
         }
         Error::Unauthenticated(_) => Code::Unauthenticated,
         Error::PermissionDenied(_) => Code::PermissionDenied,
-        Error::ResourceExhausted(_) | Error::DiskFull { .. } => Code::ResourceExhausted,
+        Error::ResourceExhausted(_) | Error::DiskFull { .. } | Error::NoSpaceLeft { .. } => {
+            Code::ResourceExhausted
+        }
         Error::RequestTimeout(_) => Code::DeadlineExceeded,
         Error::InBatch { source, .. } => error_code(source),
         Error::StreamExists(_) | Error::IdempotencyConflict { .. } => Code::AlreadyExists,
@@ -102,7 +104,9 @@ pub fn http_status(error: &Error) -> (http::StatusCode, &'static str) {
     };
     match source {
         Error::OffsetTrimmed { .. } => return (H::GONE, "OUT_OF_RANGE"),
-        Error::DiskFull { .. } => return (H::INSUFFICIENT_STORAGE, "RESOURCE_EXHAUSTED"),
+        Error::DiskFull { .. } | Error::NoSpaceLeft { .. } => {
+            return (H::INSUFFICIENT_STORAGE, "RESOURCE_EXHAUSTED")
+        }
         Error::TooLarge(_) => return (H::PAYLOAD_TOO_LARGE, "INVALID_ARGUMENT"),
         _ => {}
     }

@@ -406,6 +406,13 @@ pub trait Engine: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// A stream as stored now (`None`: not stored), to bring its writer
+    /// back in line after a write the engine rolled back. By default what
+    /// [`Engine::find_stream`] finds.
+    fn stored_stream(&self, name: &str) -> Result<Option<StoredStream>, StorageError> {
+        self.find_stream(name)
+    }
+
     /// The names of every stream as stored now, in name order, for an
     /// engine several servers share (this server may not serve them all
     /// yet); asked only when [`Engine::shared`].

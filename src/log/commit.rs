@@ -28,12 +28,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::{AppendOutcome, StreamShared};
 use crate::config::Durability;
-use crate::engine::{run_blocking, Chunk, Engine, Prepared};
+use crate::durability::wal::WalError;
+use crate::engine::{run_blocking, Chunk, Engine, Prepared, StorageError};
 use crate::error::Error;
 use crate::metrics::Metrics;
 
@@ -43,6 +44,10 @@ pub(crate) type Reply = oneshot::Sender<Result<AppendOutcome, Error>>;
 /// One written change, waiting to be made durable and published.
 pub(crate) struct Commit {
     pub(crate) stream: Arc<StreamShared>,
+    /// The committer's epoch the writer's state was at when it made the
+    /// change ([`Committer::epoch`]): a change made before a rolled-back
+    /// write is failed, not written.
+    pub(crate) epoch: u64,
     /// The change to log and apply (`None`: nothing to write, e.g. a
     /// group of duplicates).
     pub(crate) record: Option<Prepared>,
@@ -105,8 +110,7 @@ impl Commit {
         }
     }
 
-    fn fail(self, reason: &str) {
-        let error = || Error::StorageFailed(reason.to_string());
+    fn fail(self, error: &dyn Fn() -> Error) {
         match self.change {
             Change::Appended {
                 replies, pipelines, ..
@@ -127,10 +131,23 @@ impl Commit {
 }
 
 /// Hands written changes to durability and publication.
+///
+/// # After a write rolled back on a full disk
+/// The write-ahead log takes later writes (see `durability::wal`), but
+/// the writers of the failed group's changes, and of changes queued behind
+/// it, had already moved their state on (offsets handed out, cursors
+/// changed in memory). So the failure moves the committer's *epoch* on:
+/// every change made at an older epoch is failed with the same disk-full
+/// error instead of being written, and each writer, seeing the new epoch,
+/// reloads its state from the engine before it makes another change. Offsets
+/// stay dense (the failed offsets are handed out again), and nothing after
+/// the failure is acknowledged out of order.
 #[derive(Clone)]
 pub(crate) struct Committer {
     /// The shared group-commit state (`fsync` mode only).
     sync: Option<Arc<SyncGroup>>,
+    /// Moves on at every write rolled back on a full disk.
+    epoch: Arc<watch::Sender<u64>>,
     /// The engine: it alone knows whether writes are refused (a poisoned
     /// write-ahead log).
     engine: Arc<dyn Engine>,
@@ -155,6 +172,9 @@ struct SyncGroup {
     leader: Mutex<()>,
     /// The running checkpoint, if any (at most one at a time).
     checkpoint: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The last write rolled back on a full disk: the data dir and the
+    /// free bytes then, for the changes failed after it.
+    out_of_space: Mutex<Option<(String, Option<u64>)>>,
 }
 
 impl Committer {
@@ -174,13 +194,26 @@ impl Committer {
                 room_bytes: queue_bytes,
                 leader: Mutex::new(()),
                 checkpoint: Mutex::new(None),
+                out_of_space: Mutex::new(None),
             })),
         };
         Committer {
             sync,
+            epoch: Arc::new(watch::Sender::new(0)),
             engine,
             metrics,
         }
+    }
+
+    /// The epoch a writer's changes must carry to be written (see the
+    /// type's docs).
+    pub(crate) fn epoch(&self) -> u64 {
+        *self.epoch.borrow()
+    }
+
+    /// Tells a writer when the epoch moves on.
+    pub(crate) fn watch_epoch(&self) -> watch::Receiver<u64> {
+        self.epoch.subscribe()
     }
 
     /// The reason writes are refused, after a failed write or sync.
@@ -210,7 +243,8 @@ impl Committer {
             let mut commit = commit;
             if let Some(record) = commit.record.take() {
                 if let Err(e) = self.engine.commit(vec![record]) {
-                    commit.fail(&e.to_string());
+                    let reason = e.to_string();
+                    commit.fail(&|| Error::StorageFailed(reason.clone()));
                     return;
                 }
             }
@@ -253,8 +287,26 @@ impl Committer {
 
     fn sync_group(&self, sync: &SyncGroup, queued: Vec<(Commit, OwnedSemaphorePermit)>) {
         // The room is given back once the group is published (or failed).
-        let (mut group, _room): (Vec<Commit>, Vec<OwnedSemaphorePermit>) =
-            queued.into_iter().unzip();
+        let (queued, _room): (Vec<Commit>, Vec<OwnedSemaphorePermit>) = queued.into_iter().unzip();
+        // Changes made before a write rolled back on a full disk were
+        // decided on state that assumed it: fail them unwritten.
+        let epoch = self.epoch();
+        let (mut group, stale): (Vec<Commit>, Vec<Commit>) =
+            queued.into_iter().partition(|c| c.epoch == epoch);
+        if !stale.is_empty() {
+            let (dir, free) = sync
+                .out_of_space
+                .lock()
+                .expect("out-of-space lock")
+                .clone()
+                .unwrap_or_default();
+            for commit in stale {
+                commit.fail(&|| Error::NoSpaceLeft {
+                    dir: dir.clone(),
+                    free,
+                });
+            }
+        }
         let mut records = Vec::new();
         let mut events = 0;
         for commit in &mut group {
@@ -294,11 +346,28 @@ impl Committer {
                     self.start_checkpoint(sync, covered);
                 }
             }
+            Err(StorageError::Wal(WalError::OutOfSpace { dir, free })) => {
+                // Rolled back: the log goes on, but what was decided
+                // after these changes must not be written (see the type's
+                // docs). The epoch moves before anyone is answered, so a
+                // retry is decided on reloaded state.
+                let dir = dir.display().to_string();
+                *sync.out_of_space.lock().expect("out-of-space lock") = Some((dir.clone(), free));
+                self.epoch.send_modify(|epoch| *epoch += 1);
+                for commit in group {
+                    commit.fail(&|| Error::NoSpaceLeft {
+                        dir: dir.clone(),
+                        free,
+                    });
+                }
+            }
             Err(e) => {
                 // The store has poisoned itself and said so; nothing of
                 // this group (or after it) is acknowledged.
                 let reason = e.to_string();
-                group.into_iter().for_each(|c| c.fail(&reason));
+                group
+                    .into_iter()
+                    .for_each(|c| c.fail(&|| Error::StorageFailed(reason.clone())));
             }
         }
     }
@@ -440,6 +509,7 @@ mod tests {
         (
             Commit {
                 stream: f.stream.clone(),
+                epoch: 0,
                 record: Some(pending),
                 change: Change::Other(reply),
             },
@@ -466,6 +536,7 @@ mod tests {
         committer
             .commit(Commit {
                 stream: f.stream.clone(),
+                epoch: 0,
                 record: None,
                 change: Change::Appended {
                     events: 3,

@@ -746,6 +746,24 @@ pub(crate) fn take_stored(shared: &StreamShared, name: &str, stored: Option<Grou
     }
 }
 
+/// After a write rolled back on a full disk (`Writer::resync`): every
+/// group's record becomes what the engine holds. A group the engine does
+/// not hold and that has no member here goes (its creation was not
+/// written); one that members still use is written again with their next
+/// commit.
+pub(crate) fn resync(shared: &StreamShared, stored: Vec<(String, GroupRecord)>) {
+    let mut groups = shared.groups.lock().expect("groups lock");
+    groups.retain(|name, group| stored.iter().any(|(n, _)| n == name) || !group.members.is_empty());
+    for (name, record) in stored {
+        match groups.get_mut(&name) {
+            Some(group) => group.record = record,
+            None => {
+                groups.insert(name, GroupState::new(record));
+            }
+        }
+    }
+}
+
 fn group_not_found(stream: &str, group: &str) -> Error {
     Error::GroupNotFound {
         stream: stream.to_string(),

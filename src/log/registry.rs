@@ -243,6 +243,8 @@ impl Log {
         let (writer_tx, writer_rx) = mpsc::channel(WRITER_QUEUE);
         let writer = Writer {
             engine: self.engine.clone(),
+            epoch: committer.epoch(),
+            epochs: committer.watch_epoch(),
             committer,
             shared: shared.clone(),
             name: stored.name.clone(),

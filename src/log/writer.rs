@@ -12,9 +12,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::error;
+use tracing::{error, info};
 
 use super::command::{AppendJob, ConsumerChange, WriterCommand};
 use super::commit::{Change, Commit, Committer, PipelineGate};
@@ -62,24 +62,46 @@ pub(crate) struct Writer {
     pub(crate) fence: String,
     /// Cancelled when the log closes: the writer stops between groups.
     pub(crate) closing: CancellationToken,
+    /// The committer's epoch this state was loaded or last reloaded at
+    /// (see [`Committer`]): every change carries it.
+    pub(crate) epoch: u64,
+    /// The committer's epoch as it moves.
+    pub(crate) epochs: watch::Receiver<u64>,
+}
+
+/// What wakes the writer.
+enum Wake {
+    Command(WriterCommand),
+    EpochMoved,
 }
 
 impl Writer {
     /// Runs until the stream is deleted, the log closes, or every sender is gone.
     pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<WriterCommand>) {
         loop {
-            let command = tokio::select! {
+            let wake = tokio::select! {
                 biased;
                 _ = self.closing.cancelled() => return,
+                Ok(()) = self.epochs.changed() => Wake::EpochMoved,
                 command = rx.recv() => match command {
-                    Some(command) => command,
+                    Some(command) => Wake::Command(command),
                     None => return,
                 },
+            };
+            let command = match wake {
+                Wake::EpochMoved => {
+                    self.resync();
+                    continue;
+                }
+                Wake::Command(command) => command,
             };
             // Appends waiting together form one group; another command
             // ends the group and runs after it, keeping queue order.
             let mut next = Some(command);
             while let Some(command) = next.take() {
+                if *self.epochs.borrow() != self.epoch {
+                    self.resync();
+                }
                 match command {
                     WriterCommand::Append(job) => {
                         // A group fits the engine's bound on one group's
@@ -122,6 +144,7 @@ impl Writer {
                         self.committer
                             .commit(Commit {
                                 stream: self.shared.clone(),
+                                epoch: self.epoch,
                                 record: None,
                                 change: Change::Deleted(done),
                             })
@@ -164,6 +187,67 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Brings the writer's state back to what the engine holds, after a
+    /// write rolled back on a full disk moved the committer's epoch on
+    /// (see [`Committer`]): the head, the stream's metadata and fencing
+    /// token, its consumers' and groups' records. Every change this writer
+    /// made before is failed unwritten by the committer, so the engine's
+    /// state is all there is. Append times never go backwards. When the
+    /// engine cannot be read, the writer keeps its old epoch (its changes
+    /// keep failing unwritten) and tries again at its next command.
+    fn resync(&mut self) {
+        let epoch = *self.epochs.borrow_and_update();
+        if epoch == self.epoch {
+            return;
+        }
+        let stored = match self.engine.stored_stream(&self.name) {
+            Ok(Some(stored)) if stored.meta.id == self.meta.id => stored,
+            Ok(_) => {
+                // Only a durable deletion removes it, and that ends the
+                // writer: nothing to reload.
+                error!(stream = %self.name, "the stream is not stored: nothing to reload after the failed write");
+                self.epoch = epoch;
+                return;
+            }
+            Err(e) => {
+                error!(stream = %self.name, error = %e, "cannot reload the stream after a failed write; its changes are refused until it can");
+                return;
+            }
+        };
+        if stored.next_offset != self.next_offset {
+            info!(stream = %self.name, from = self.next_offset, to = stored.next_offset, "a write failed on a full disk: the stream's next offset is handed out again");
+        }
+        self.meta = stored.meta;
+        self.next_offset = stored.next_offset;
+        if let Some(time) = stored.last_time_unix_nanos {
+            self.last_time_unix_nanos = self.last_time_unix_nanos.max(time);
+        }
+        self.fence = stored.fence;
+        self.unpublished_keys.clear();
+        *self.shared.retention.lock().expect("retention lock") = stored.meta.retention;
+        self.shared.set_bytes(stored.meta.bytes);
+        {
+            let mut consumers = self.shared.consumers.lock().expect("consumers lock");
+            consumers.retain(|name, state| {
+                let kept = stored.consumers.iter().any(|(n, _)| n == name);
+                if !kept {
+                    state.end_lease();
+                }
+                kept
+            });
+            for (name, record) in stored.consumers {
+                match consumers.get_mut(&name) {
+                    Some(state) => state.record = record,
+                    None => {
+                        consumers.insert(name, ConsumerState::new(record));
+                    }
+                }
+            }
+        }
+        super::group::resync(&self.shared, stored.groups);
+        self.epoch = epoch;
     }
 
     /// Checks and writes a consumer change, then hands it to the
@@ -304,6 +388,7 @@ impl Writer {
                 self.committer
                     .commit(Commit {
                         stream: self.shared.clone(),
+                        epoch: self.epoch,
                         record: Some(record),
                         change: Change::Other(reply),
                     })
@@ -375,6 +460,7 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
+                epoch: self.epoch,
                 record: Some(record),
                 change: Change::Trimmed {
                     first_offset: below,
@@ -414,6 +500,7 @@ impl Writer {
                 self.committer
                     .commit(Commit {
                         stream: self.shared.clone(),
+                        epoch: self.epoch,
                         record: Some(record),
                         change: Change::Expired,
                     })
@@ -660,6 +747,7 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
+                epoch: self.epoch,
                 record: None,
                 change: Change::Appended {
                     events: 0,
@@ -824,6 +912,7 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
+                epoch: self.epoch,
                 record,
                 change: Change::Appended {
                     events: self.next_offset - group_first,
@@ -925,6 +1014,7 @@ impl Writer {
         self.committer
             .commit(Commit {
                 stream: self.shared.clone(),
+                epoch: self.epoch,
                 record: Some(record),
                 change: Change::Deleted(done),
             })

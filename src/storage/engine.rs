@@ -22,45 +22,27 @@ impl Engine for Store {
             let (name, meta) = item?;
             let next_offset = meta.next_offset.max(meta.offset_floor);
             self.remove_past_head(&name, meta.id, next_offset)?;
-            let first_chunk = self.first_chunk_offset(meta.id)?;
-            let last_chunk = self.last_chunk(meta.id)?;
-            // With the log on, a trim reaches sled whole (replay finishes
-            // one a crash cut short), so chunks missing above the floor
-            // are damage: the first retained offset stays at the floor and
-            // reads there get DATA_LOSS. Without the log, sled may have
-            // kept only the removals of a trim: the first chunk is then
-            // the first retained offset.
-            let first_offset = match first_chunk {
-                None => next_offset,
-                Some(_) if self.wal.is_some() => meta.offset_floor.min(next_offset),
-                Some(first) => first.max(meta.offset_floor),
-            };
-            if let Some(last) = &last_chunk {
-                if last.end_offset() != next_offset {
-                    return Err(StorageError::Corrupt {
-                        what: format!("stream {name}"),
-                        source: CodecError::Inconsistent(format!(
-                            "its head is {next_offset} but its last stored event is {}",
-                            last.end_offset() as i128 - 1
-                        )),
-                    });
-                }
-            }
-            streams.push(StoredStream {
-                name,
-                meta: StreamMeta {
-                    next_offset,
-                    ..meta
-                },
-                first_offset,
-                next_offset,
-                last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
-                consumers: self.load_consumers(meta.id)?,
-                fence: self.load_fence(meta.id)?,
-                groups: self.load_groups(meta.id)?,
-            });
+            streams.push(self.stored(name, meta)?);
         }
         Ok(streams)
+    }
+
+    /// The stream as sled holds it now. Reads only: with the log on, a
+    /// change reaches sled only once durable, and one that failed never
+    /// does, so there is nothing past the head to remove.
+    fn stored_stream(&self, name: &str) -> Result<Option<StoredStream>, StorageError> {
+        let Some(value) = self
+            .tree
+            .get(stream_key(name))
+            .during(self.path(), "reading a stream's metadata")?
+        else {
+            return Ok(None);
+        };
+        let meta = StreamMeta::decode(&value).map_err(|source| StorageError::Corrupt {
+            what: format!("metadata of stream {name}"),
+            source,
+        })?;
+        self.stored(name.to_string(), meta).map(Some)
     }
 
     /// A new stream id, never handed out before in this data dir.
@@ -404,6 +386,50 @@ impl Engine for Store {
 }
 
 impl Store {
+    /// A stream's stored state from its metadata: its first offset and
+    /// head, checked against its last chunk, and its consumers, groups
+    /// and fencing token.
+    fn stored(&self, name: String, meta: StreamMeta) -> Result<StoredStream, StorageError> {
+        let next_offset = meta.next_offset.max(meta.offset_floor);
+        let first_chunk = self.first_chunk_offset(meta.id)?;
+        let last_chunk = self.last_chunk(meta.id)?;
+        // With the log on, a trim reaches sled whole (replay finishes
+        // one a crash cut short), so chunks missing above the floor
+        // are damage: the first retained offset stays at the floor and
+        // reads there get DATA_LOSS. Without the log, sled may have
+        // kept only the removals of a trim: the first chunk is then
+        // the first retained offset.
+        let first_offset = match first_chunk {
+            None => next_offset,
+            Some(_) if self.wal.is_some() => meta.offset_floor.min(next_offset),
+            Some(first) => first.max(meta.offset_floor),
+        };
+        if let Some(last) = &last_chunk {
+            if last.end_offset() != next_offset {
+                return Err(StorageError::Corrupt {
+                    what: format!("stream {name}"),
+                    source: CodecError::Inconsistent(format!(
+                        "its head is {next_offset} but its last stored event is {}",
+                        last.end_offset() as i128 - 1
+                    )),
+                });
+            }
+        }
+        Ok(StoredStream {
+            name,
+            meta: StreamMeta {
+                next_offset,
+                ..meta
+            },
+            first_offset,
+            next_offset,
+            last_time_unix_nanos: last_chunk.map(|c| c.time_unix_nanos),
+            consumers: self.load_consumers(meta.id)?,
+            fence: self.load_fence(meta.id)?,
+            groups: self.load_groups(meta.id)?,
+        })
+    }
+
     /// Every stream's name and metadata, in name order.
     pub(super) fn stream_metas(
         &self,

@@ -493,14 +493,14 @@ fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged()
     faults.fail_nth(
         Target::WalWrite,
         0,
-        crate::durability::fault::Failure::NoSpace,
+        crate::durability::fault::Failure::Io,
         7,
     );
     let record = store
         .write_group("s", &meta(1, 3), vec![chunk(2, 1)], &[])
         .unwrap();
     let e = store.commit(vec![record]).unwrap_err();
-    assert!(e.to_string().contains("No space left"), "{e}");
+    assert!(e.to_string().contains("Input/output error"), "{e}");
     assert!(store.failure().is_some());
     assert!(matches!(
         store.put_stream("t", &meta(2, 0)),
@@ -519,6 +519,54 @@ fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged()
         .read_chunks(1, 0, 10, usize::MAX, usize::MAX, None)
         .unwrap();
     assert_eq!(chunks.len(), 1, "the failed group never reached sled");
+}
+
+/// A log write on a full disk is rolled back without poisoning the
+/// store: the failed change never reaches sled, and the same change
+/// written again once space is back is there after a reopen.
+#[test]
+fn a_log_write_on_a_full_disk_fails_alone_and_writes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::new());
+    let store = Store::open(&StoreOptions {
+        faults: Some(faults.clone()),
+        ..options(dir.path())
+    })
+    .unwrap();
+    let group = |next, first, count| {
+        store
+            .write_group("s", &meta(1, next), vec![chunk(first, count)], &[])
+            .unwrap()
+    };
+    store.commit(vec![group(2, 0, 2)]).unwrap();
+    faults.fail_nth(
+        Target::WalWrite,
+        0,
+        crate::durability::fault::Failure::NoSpace,
+        7,
+    );
+    let e = store.commit(vec![group(3, 2, 1)]).unwrap_err();
+    assert!(
+        matches!(e, StorageError::Wal(WalError::OutOfSpace { .. })),
+        "{e}"
+    );
+    assert_eq!(store.failure(), None);
+    assert_eq!(
+        store.stored_stream("s").unwrap().unwrap().next_offset,
+        2,
+        "the failed group never reached sled"
+    );
+    store.commit(vec![group(4, 2, 2)]).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    let streams = store.load_streams().unwrap();
+    assert_eq!(streams[0].next_offset, 4);
+    let chunks = store
+        .read_chunks(1, 0, 10, usize::MAX, usize::MAX, None)
+        .unwrap();
+    let counts: Vec<usize> = chunks.iter().map(|c| c.records.len()).collect();
+    assert_eq!(counts, [2, 2]);
 }
 
 #[test]

@@ -182,7 +182,7 @@ pub(crate) async fn await_writes_health(server: &TestServer, want: ServingStatus
 }
 
 /// Stream `a` with 50 acknowledged events and consumer `c` at 20; then
-/// `change` fails under the armed fault with UNAVAILABLE, every later
+/// `change` fails under the armed fault (EIO, not a full disk) with UNAVAILABLE, every later
 /// write is refused while reads go on, and after a restart every
 /// acknowledged change is there exactly and writes continue after it.
 async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Target) {
@@ -209,8 +209,8 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
     }
 
     match target {
-        // A full disk: the write gets 10 bytes in, then ENOSPC.
-        Target::WalWrite => faults.fail_nth(target, 0, Failure::NoSpace, 10),
+        // A failing device: the write gets 10 bytes in, then EIO.
+        Target::WalWrite => faults.fail_nth(target, 0, Failure::Io, 10),
         _ => faults.fail_nth(target, 0, Failure::Io, 0),
     }
     let status = try_change(&mut client, change).await.unwrap_err();
@@ -283,29 +283,212 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
     await_writes_health(&server, ServingStatus::Serving).await;
 }
 
+/// Stream `a` with 50 acknowledged events, consumer `c` at 20 (and group
+/// `g` at 30 for a reset); then `change` meets a full disk (the log write
+/// gets 10 bytes in, then ENOSPC): RESOURCE_EXHAUSTED naming the disk,
+/// nothing of it applied, and, with space back, the same change and later
+/// ones succeed without a restart, the append at the offset the failed
+/// one would have had (never acknowledged, never seen). After a restart
+/// exactly the acknowledged changes are there.
+async fn a_write_on_a_full_disk_fails_alone(change: Change) {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    for batch in 0..5 {
+        append(&mut client, "a", events(batch * 10..batch * 10 + 10)).await;
+    }
+    client
+        .commit_cursor(pb::CommitCursorRequest {
+            stream: "a".into(),
+            consumer: "c".into(),
+            next_offset: 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    if change == Change::ResetGroup {
+        idle_group_at_30(&mut client).await;
+    }
+
+    faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
+    let status = try_change(&mut client, change).await.unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{change:?}: {status:?}"
+    );
+    assert!(
+        status.message().contains("disk full")
+            && status
+                .message()
+                .contains("nothing of this change was written"),
+        "{}",
+        status.message()
+    );
+    // Nothing of it was applied, and the server still takes writes.
+    assert_eq!(read_all(&mut client, "a").await.len(), 50);
+    assert_eq!(cursor(&mut client).await, 20);
+    if change == Change::ResetGroup {
+        assert_eq!(group_of_a(&mut client).await.low_watermark, 30);
+    }
+    assert_eq!(write_refusal(&mut client).await, "");
+    await_writes_health(&server, ServingStatus::Serving).await;
+
+    // Space is back: the change succeeds when tried again, and so do others.
+    try_change(&mut client, change)
+        .await
+        .unwrap_or_else(|e| panic!("{change:?} again: {e:?}"));
+    let mut head = 50;
+    if change == Change::Append {
+        head = 51;
+    }
+    if change != Change::Delete {
+        let ack = append(&mut client, "a", events(100..101)).await;
+        assert_eq!(ack.first_offset, head, "{change:?}: offsets stay dense");
+        head += 1;
+    }
+
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    if change == Change::Delete {
+        let gone = client
+            .get_stream(pb::GetStreamRequest { stream: "a".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound, "the retried deletion holds");
+        return;
+    }
+    let after = read_all(&mut client, "a").await;
+    let data: Vec<String> = after
+        .iter()
+        .map(|e| String::from_utf8(e.data.to_vec()).unwrap())
+        .collect();
+    let mut want: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+    if change == Change::Append {
+        want.push(r#""failed""#.to_string());
+    }
+    want.push("100".to_string());
+    assert_eq!(data, want, "{change:?}");
+    assert_eq!(after.last().unwrap().offset, head - 1);
+    let cursor_after = if change == Change::Commit { 40 } else { 20 };
+    assert_eq!(cursor(&mut client).await, cursor_after, "{change:?}");
+    if change == Change::ResetGroup {
+        assert_eq!(group_of_a(&mut client).await.low_watermark, 40);
+    }
+    let created = client
+        .get_stream(pb::GetStreamRequest { stream: "b".into() })
+        .await;
+    assert_eq!(created.is_ok(), change == Change::Create, "{change:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enospc_during_append_loses_nothing_acknowledged() {
+async fn enospc_during_append_fails_alone_and_appends_go_on() {
+    a_write_on_a_full_disk_fails_alone(Change::Append).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_create_fails_alone_and_writes_go_on() {
+    a_write_on_a_full_disk_fails_alone(Change::Create).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_delete_fails_alone_and_writes_go_on() {
+    a_write_on_a_full_disk_fails_alone(Change::Delete).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_consumer_commit_fails_alone_and_writes_go_on() {
+    a_write_on_a_full_disk_fails_alone(Change::Commit).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_during_a_group_reset_fails_alone_and_writes_go_on() {
+    a_write_on_a_full_disk_fails_alone(Change::ResetGroup).await;
+}
+
+/// Appends racing a full disk: the group whose write fails, and every
+/// change decided after it before the writer reloaded, are refused
+/// unwritten; every acknowledged append is at the offsets it was told,
+/// densely after the 10 stored events, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_racing_a_full_disk_stay_dense() {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..10)).await;
+    // The third log write from now fails: some appends land before it.
+    faults.fail_nth(Target::WalWrite, 2, Failure::NoSpace, 10);
+    let mut tasks = Vec::new();
+    for producer in 0..8 {
+        let mut client = server.client().await;
+        tasks.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for batch in 0..5 {
+                let first = 1000 * (producer + 1) + batch * 10;
+                let request = pb::AppendRequest {
+                    stream: "a".into(),
+                    events: events(first..first + 5),
+                    ..Default::default()
+                };
+                outcomes.push((first, client.append(request).await));
+            }
+            outcomes
+        }));
+    }
+    let mut acked = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    for task in tasks {
+        for (first, outcome) in task.await.unwrap() {
+            match outcome {
+                Ok(ack) => {
+                    let ack = ack.into_inner();
+                    assert_eq!(ack.count, 5);
+                    assert!(acked.insert(ack.first_offset, first).is_none());
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                    refused += 1;
+                }
+            }
+        }
+    }
+    assert!(refused >= 1, "the failed write refused its group");
+    let check = |stored: &[pb::Event]| {
+        assert_eq!(stored.len(), 10 + 5 * acked.len(), "only acked events");
+        for (&offset, &first) in &acked {
+            for i in 0..5 {
+                let e = &stored[offset as usize + i];
+                assert_eq!(e.offset, offset + i as u64);
+                assert_eq!(e.data, format!("{}", first + i).into_bytes());
+            }
+        }
+    };
+    check(&read_all(&mut client, "a").await);
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    check(&read_all(&mut client, "a").await);
+    let next = append(&mut client, "a", events(0..1)).await.first_offset;
+    assert_eq!(next, 10 + 5 * acked.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_during_append_poisons_the_log_and_loses_nothing_acknowledged() {
     a_failed_write_loses_nothing_acknowledged(Change::Append, Target::WalWrite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enospc_during_create_loses_nothing_acknowledged() {
-    a_failed_write_loses_nothing_acknowledged(Change::Create, Target::WalWrite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enospc_during_delete_loses_nothing_acknowledged() {
+async fn eio_during_delete_poisons_the_log_and_loses_nothing_acknowledged() {
     a_failed_write_loses_nothing_acknowledged(Change::Delete, Target::WalWrite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enospc_during_consumer_commit_loses_nothing_acknowledged() {
-    a_failed_write_loses_nothing_acknowledged(Change::Commit, Target::WalWrite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enospc_during_a_group_reset_loses_nothing_acknowledged() {
-    a_failed_write_loses_nothing_acknowledged(Change::ResetGroup, Target::WalWrite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -851,8 +1034,9 @@ async fn a_missing_first_chunk_is_data_loss_not_retention() {
     );
 }
 
-/// ENOSPC during a consumer group's commit: refused with UNAVAILABLE, and
-/// after a restart the group holds exactly its last acknowledged commit.
+/// ENOSPC during a consumer group's commit: refused with
+/// RESOURCE_EXHAUSTED, nothing of it applied; the next commit succeeds
+/// without a restart, and after one the group holds exactly it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
     if sled_only("it injects faults into the sled write-ahead log") {
@@ -886,7 +1070,20 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
     client.commit_group(commit(20)).await.unwrap();
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
     let status = client.commit_group(commit(40)).await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let low_watermark = |group: pb::GroupInfo| group.low_watermark;
+    let group = client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .group
+        .unwrap();
+    assert_eq!(low_watermark(group), 20, "the failed commit is not applied");
+    client.commit_group(commit(30)).await.unwrap();
     drop(member);
     let (dir, mut config) = server.stop().await;
     config.faults = None;
@@ -902,7 +1099,7 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
         .into_inner()
         .group
         .unwrap();
-    assert_eq!(group.low_watermark, 20, "{group:?}");
+    assert_eq!(group.low_watermark, 30, "{group:?}");
 }
 
 /// With the background storage flush on (the default), sled may already

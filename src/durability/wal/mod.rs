@@ -33,12 +33,17 @@
 //!
 //! # Write failures
 //! A failed write is rolled back (the file is truncated to the end of the
-//! last good record and synced) so no later record can follow a torn one;
-//! a failed `fdatasync` leaves the page cache in an unknown state (the
-//! "fsyncgate" lesson). Either way the log is poisoned: it refuses every
-//! later append until the process restarts and recovers from what is on
-//! disk. The store applies a change to sled only after its record is
-//! durable, so a change whose write failed never reaches sled.
+//! last good record and synced) so no later record can follow a torn one.
+//! When the disk was full (ENOSPC) and the rollback succeeded, nothing of
+//! the write remains and the log is as it was before it: the append fails
+//! with [`WalError::OutOfSpace`] and the next append may succeed once
+//! space returns (the log above moves on without a restart). Any other
+//! failed write (EIO), a rollback that fails, and a failed `fdatasync`
+//! (which leaves the page cache in an unknown state, the "fsyncgate"
+//! lesson) poison the log: it refuses every later append until the
+//! process restarts and recovers from what is on disk. The store applies a
+//! change to sled only after its record is durable, so a change whose
+//! write failed never reaches sled.
 //!
 //! Files written by version 1 (no header, no sequence numbers) are still
 //! replayed once, on the first start after an upgrade.
@@ -104,6 +109,16 @@ pub enum WalError {
         /// What the OS said.
         #[source]
         source: std::io::Error,
+    },
+    /// The disk was full: the write was rolled back, nothing of it is in
+    /// the log, and the log takes later appends (they succeed once space
+    /// returns).
+    #[error("no space left under {} for the write-ahead log ({} bytes free): the write was rolled back and nothing of it was written", dir.display(), free.map_or_else(|| "unknown".to_string(), |f| f.to_string()))]
+    OutOfSpace {
+        /// The data dir (the log's parent).
+        dir: PathBuf,
+        /// Free bytes on its volume after the rollback, when known.
+        free: Option<u64>,
     },
     /// An `fdatasync` of the log failed; the log is poisoned.
     #[error("fdatasync of the write-ahead log {} failed: {source}", path.display())]
@@ -477,6 +492,13 @@ impl Wal {
         if let Err(source) = self.write(&buf) {
             // Roll the torn bytes back so no later record can follow them.
             let rollback = self.roll_back();
+            if rollback.is_ok() && source.raw_os_error() == Some(libc::ENOSPC) {
+                // The log is exactly as before this call: not poisoned.
+                let dir = self.dir.parent().unwrap_or(&self.dir).to_path_buf();
+                let free = super::space::free_bytes(&dir);
+                tracing::warn!(file = %self.path.display(), bytes = buf.len(), ?free, "the disk is full: a write-ahead log write failed and was rolled back; its changes are refused, later ones are tried again");
+                return Err(WalError::OutOfSpace { dir, free });
+            }
             self.poisoned = Some(match &rollback {
                 Ok(()) => format!("a write to {} failed: {source}", self.path.display()),
                 Err(e) => format!(
@@ -507,8 +529,10 @@ impl Wal {
         Ok(self.next_seq - 1)
     }
 
-    /// Truncates the file to the end of its last good record (and stops
-    /// zero-filling: nothing more is written to a poisoned log).
+    /// Truncates the file to the end of its last good record, and stops
+    /// zero-filling this file (a poisoned log writes nothing more; after a
+    /// full disk, later writes extend the file until the next one, which
+    /// is zero-filled again).
     fn roll_back(&mut self) -> std::io::Result<()> {
         self.prealloc = None;
         self.file.set_len(self.len)?;

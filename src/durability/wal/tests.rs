@@ -150,16 +150,44 @@ fn the_scan_checks_numbering_across_files_and_files_rotate() {
     assert_eq!(left, [10]);
 }
 
+/// A full disk: the torn write is rolled back, the log is not poisoned,
+/// and the next record follows the last good one with the next sequence
+/// number (nothing of the failed write is in the file).
 #[test]
-fn a_failed_write_is_rolled_back_and_poisons_the_log() {
+fn a_write_on_a_full_disk_is_rolled_back_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let faults = Arc::new(Faults::new());
     let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
     wal.append(&[encode_payload(&ops(0))]).unwrap();
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
     let e = wal.append(&[encode_payload(&ops(1))]).unwrap_err();
+    assert!(matches!(&e, WalError::OutOfSpace { .. }), "{e}");
+    assert!(wal.poisoned().is_none());
+    // The torn 10 bytes are gone: the file ends cleanly after record 1.
+    let found = super::scan(dir.path()).unwrap();
+    assert_eq!(found.files[0].end, FileEnd::Clean);
+    assert_eq!(found.next_seq(), 2);
+    // Space is back: the next record is number 2, and it holds ops(2).
+    assert_eq!(wal.append(&[encode_payload(&ops(2))]).unwrap(), 2);
+    let found = super::scan(dir.path()).unwrap();
+    assert_eq!(found.files[0].end, FileEnd::Clean);
+    assert_eq!(found.next_seq(), 3);
+    let records = &found.files[0].records;
+    assert_eq!(records.len(), 2);
+    assert_eq!((records[1].seq, &records[1].ops), (2, &ops(2)));
+}
+
+/// Any other failed write (EIO) and a failed sync poison the log.
+#[test]
+fn a_failed_write_or_sync_poisons_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::new());
+    let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
+    wal.append(&[encode_payload(&ops(0))]).unwrap();
+    faults.fail_nth(Target::WalWrite, 0, Failure::Io, 10);
+    let e = wal.append(&[encode_payload(&ops(1))]).unwrap_err();
     assert!(
-        matches!(&e, WalError::WriteFailed { source, .. } if source.raw_os_error() == Some(libc::ENOSPC)),
+        matches!(&e, WalError::WriteFailed { source, .. } if source.raw_os_error() == Some(libc::EIO)),
         "{e}"
     );
     assert!(matches!(
