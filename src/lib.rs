@@ -65,9 +65,13 @@
 //!   The only sled writes outside it are a checkpoint's own marker key and
 //!   sled's own flushes, and log files are deleted only once a durable
 //!   checkpoint covers them.
-//! - After a failed write or sync the store refuses every write until the
-//!   process restarts; reads go on. Damage in the log other than a torn
-//!   tail stops the server from starting: loss is reported, never skipped.
+//! - After a failed write (other than a full disk's, which is rolled
+//!   back) or a failed sync, the store refuses every write until the
+//!   process restarts; reads go on. After a full disk's rolled-back write,
+//!   no change decided before it is written (the committer's epoch), and
+//!   each writer reloads its state from the engine before its next change,
+//!   so offsets stay dense. Damage in the log other than a torn tail stops
+//!   the server from starting: loss is reported, never skipped.
 
 pub mod api;
 pub mod auth;
