@@ -120,11 +120,26 @@ pub(crate) trait During<T> {
 }
 
 impl<T> During<T> for Result<T, sled::Error> {
+    /// sled's I/O errors become [`StorageError::Io`], so the operator reads
+    /// "No space left on device (os error 28)", not sled's Debug form.
     fn during(self, path: &Path, op: &'static str) -> Result<T, StorageError> {
-        self.map_err(|source| StorageError::Engine {
-            op,
-            path: path.to_path_buf(),
-            source: Box::new(source),
+        self.map_err(|source| match source {
+            sled::Error::Io(source) => StorageError::Io {
+                op,
+                path: path.to_path_buf(),
+                // sled re-wraps the OS error as text in its Debug form.
+                source: match source.kind() {
+                    std::io::ErrorKind::StorageFull if source.raw_os_error().is_none() => {
+                        std::io::Error::from_raw_os_error(libc::ENOSPC)
+                    }
+                    _ => source,
+                },
+            },
+            source => StorageError::Engine {
+                op,
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            },
         })
     }
 }

@@ -601,3 +601,20 @@ fn reopen_keeps_data_and_second_open_reports_lock() {
     let store = open(dir.path());
     assert_eq!(store.load_streams().unwrap()[0].next_offset, 4);
 }
+
+/// sled hands back a full disk as text in the OS error's Debug form; the
+/// operator reads the OS's own words.
+#[test]
+fn a_full_disk_from_sled_reads_as_the_os_says_it() {
+    let from_sled: Result<(), sled::Error> = Err(sled::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::StorageFull,
+        "Os { code: 28, kind: StorageFull, message: \"No space left on device\" }",
+    )));
+    let e = from_sled
+        .during(Path::new("/data"), "applying a logged change")
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "storage I/O error while applying a logged change in /data: No space left on device (os error 28)"
+    );
+}
