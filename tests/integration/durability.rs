@@ -181,14 +181,10 @@ pub(crate) async fn await_writes_health(server: &TestServer, want: ServingStatus
     .await;
 }
 
-/// Stream `a` with 50 acknowledged events and consumer `c` at 20; then
-/// `change` fails under the armed fault (EIO, not a full disk) with UNAVAILABLE, every later
-/// write is refused while reads go on, and after a restart every
-/// acknowledged change is there exactly and writes continue after it.
-async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Target) {
-    if sled_only("it injects faults into the sled write-ahead log") {
-        return;
-    }
+/// A server with the fault seam: stream `a` with 50 acknowledged events
+/// (data `0`..`49`), consumer `c` at 20, and, for `ResetGroup`, group `g`
+/// committed at 30 and idle.
+async fn before_the_fault(change: Change) -> (Arc<Faults>, TestServer, Client) {
     let faults = Arc::new(Faults::new());
     let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
     let mut client = server.client().await;
@@ -207,6 +203,18 @@ async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Targe
     if change == Change::ResetGroup {
         idle_group_at_30(&mut client).await;
     }
+    (faults, server, client)
+}
+
+/// Stream `a` with 50 acknowledged events and consumer `c` at 20; then
+/// `change` fails under the armed fault (EIO, not a full disk) with UNAVAILABLE, every later
+/// write is refused while reads go on, and after a restart every
+/// acknowledged change is there exactly and writes continue after it.
+async fn a_failed_write_loses_nothing_acknowledged(change: Change, target: Target) {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
+    let (faults, server, mut client) = before_the_fault(change).await;
 
     match target {
         // A failing device: the write gets 10 bytes in, then EIO.
@@ -294,24 +302,7 @@ async fn a_write_on_a_full_disk_fails_alone(change: Change) {
     if sled_only("it injects faults into the sled write-ahead log") {
         return;
     }
-    let faults = Arc::new(Faults::new());
-    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
-    let mut client = server.client().await;
-    for batch in 0..5 {
-        append(&mut client, "a", events(batch * 10..batch * 10 + 10)).await;
-    }
-    client
-        .commit_cursor(pb::CommitCursorRequest {
-            stream: "a".into(),
-            consumer: "c".into(),
-            next_offset: 20,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    if change == Change::ResetGroup {
-        idle_group_at_30(&mut client).await;
-    }
+    let (faults, server, mut client) = before_the_fault(change).await;
 
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
     let status = try_change(&mut client, change).await.unwrap_err();
