@@ -1062,34 +1062,18 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
     let status = client.commit_group(commit(40)).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    let low_watermark = |group: pb::GroupInfo| group.low_watermark;
-    let group = client
-        .get_group(pb::GetGroupRequest {
-            stream: "a".into(),
-            group: "g".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap();
-    assert_eq!(low_watermark(group), 20, "the failed commit is not applied");
+    assert_eq!(
+        group_of_a(&mut client).await.low_watermark,
+        20,
+        "the failed commit is not applied"
+    );
     client.commit_group(commit(30)).await.unwrap();
     drop(member);
     let (dir, mut config) = server.stop().await;
     config.faults = None;
     let server = TestServer::start_in(dir, config).await;
     let mut client = server.client().await;
-    let group = client
-        .get_group(pb::GetGroupRequest {
-            stream: "a".into(),
-            group: "g".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap();
+    let group = group_of_a(&mut client).await;
     assert_eq!(group.low_watermark, 30, "{group:?}");
 }
 
