@@ -40,6 +40,7 @@ mod engine;
 mod keys;
 mod recovery;
 pub mod repair;
+pub mod segment_buffers;
 #[cfg(test)]
 mod tests;
 mod verify;
