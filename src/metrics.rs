@@ -154,6 +154,9 @@ pub struct Metrics {
     /// Damaged or missing ranges of events found by reads (each counted
     /// once per stream and first offset).
     pub data_loss: Counter,
+    /// Log writes that met a full disk and were rolled back (their
+    /// changes refused with RESOURCE_EXHAUSTED, the log still usable).
+    pub writes_rolled_back: Counter,
     /// Open subscriptions.
     pub active_subscriptions: Gauge,
     /// Bytes held by every stream's caches together (set at scrape).
@@ -210,6 +213,7 @@ impl Metrics {
             // 1 to 32768 events.
             group_commit_events: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
             data_loss: Counter::default(),
+            writes_rolled_back: Counter::default(),
             active_subscriptions: Gauge::default(),
             stream_caches: Gauge::default(),
             commit_queue: Gauge::default(),
@@ -266,6 +270,11 @@ impl Metrics {
             "data_loss_ranges",
             "Ranges of retained events found damaged or missing in storage (reads get DATA_LOSS)",
             m.data_loss.clone(),
+        );
+        registry.register(
+            "log_writes_rolled_back",
+            "Write-ahead log writes that met a full disk and were rolled back: their changes got RESOURCE_EXHAUSTED and nothing of them was written; writes go on without a restart",
+            m.writes_rolled_back.clone(),
         );
         registry.register(
             "group_commit_events",

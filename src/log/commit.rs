@@ -351,6 +351,7 @@ impl Committer {
                 // after these changes must not be written (see the type's
                 // docs). The epoch moves before anyone is answered, so a
                 // retry is decided on reloaded state.
+                self.metrics.writes_rolled_back.inc();
                 let dir = dir.display().to_string();
                 *sync.out_of_space.lock().expect("out-of-space lock") = Some((dir.clone(), free));
                 self.epoch.send_modify(|epoch| *epoch += 1);

@@ -402,6 +402,54 @@ async fn enospc_during_a_group_reset_fails_alone_and_writes_go_on() {
     a_write_on_a_full_disk_fails_alone(Change::ResetGroup).await;
 }
 
+/// Over HTTP, a log write that meets a full disk is 507 Insufficient
+/// Storage with RESOURCE_EXHAUSTED, nothing of it is written, the metrics
+/// count the rolled-back write, and the next append succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_an_http_append_is_507_and_counted() {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| {
+        c.faults = Some(faults.clone());
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..3)).await;
+    let rolled_back = || async {
+        let (_, text) =
+            crate::operability::http_get(server.metrics_addr.unwrap(), "/metrics").await;
+        crate::operability::series(&text, "pullstream_log_writes_rolled_back_total")
+    };
+    assert_eq!(rolled_back().await, 0.0);
+
+    let http = reqwest::Client::new();
+    let post = || {
+        http.post(format!("http://{}/v1/streams/a/events", server.addr))
+            .json(&serde_json::json!({ "events": [{ "type": "t", "data": "over http" }] }))
+            .send()
+    };
+    faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
+    let refused = post().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 507);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "RESOURCE_EXHAUSTED", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("disk full"),
+        "{body}"
+    );
+    assert_eq!(read_all(&mut client, "a").await.len(), 3, "nothing written");
+    assert_eq!(rolled_back().await, 1.0);
+
+    let accepted = post().await.unwrap();
+    assert_eq!(accepted.status().as_u16(), 200);
+    let body: serde_json::Value = accepted.json().await.unwrap();
+    assert_eq!(body["first_offset"], 3, "offsets stay dense: {body}");
+    assert_eq!(rolled_back().await, 1.0);
+}
+
 /// Appends racing a full disk: the group whose write fails, and every
 /// change decided after it before the writer reloaded, are refused
 /// unwritten; every acknowledged append is at the offsets it was told,
