@@ -450,6 +450,71 @@ async fn a_full_disk_under_an_http_append_is_507_and_counted() {
     assert_eq!(rolled_back().await, 1.0);
 }
 
+/// A consumer group whose creation meets a full disk: the join fails with
+/// RESOURCE_EXHAUSTED, the group is not kept (its creation was never
+/// written), and joining again creates it, durably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_on_a_full_disk_is_not_kept() {
+    if sled_only("it injects faults into the sled write-ahead log") {
+        return;
+    }
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let mut client = server.client().await;
+    append(&mut client, "a", events(0..10)).await;
+    let join = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .subscribe(pb::SubscribeRequest {
+                    stream: "a".into(),
+                    group: "h".into(),
+                    member: "m".into(),
+                    start: Some(pb::subscribe_request::Start::Position(
+                        pb::StartPosition::Earliest as i32,
+                    )),
+                    ..Default::default()
+                })
+                .await
+        }
+    };
+
+    faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
+    let refused = join(&mut client).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // An append goes through the stream's writer, which has reloaded its
+    // state from storage by the time it answers.
+    let ack = append(&mut client, "a", events(10..11)).await;
+    assert_eq!(ack.first_offset, 10);
+    let missing = client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: "h".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        missing.code(),
+        Code::NotFound,
+        "the unwritten group is gone"
+    );
+
+    let mut member = join(&mut client).await.unwrap().into_inner();
+    next(&mut member).await.unwrap();
+    drop(member);
+    let (dir, mut config) = server.stop().await;
+    config.faults = None;
+    let server = TestServer::start_in(dir, config).await;
+    let mut client = server.client().await;
+    client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: "h".into(),
+        })
+        .await
+        .expect("the group made on the second join is durable");
+}
+
 /// Appends racing a full disk: the group whose write fails, and every
 /// change decided after it before the writer reloaded, are refused
 /// unwritten; every acknowledged append is at the offsets it was told,
