@@ -22,7 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".pullstream.v1.Event.data")
         // An appended payload is decoded as a slice of the request's buffer
         // and stored as it is: no copy, no allocation per event.
-        .bytes(".pullstream.v1.NewEvent.data")
+        // Hand-written so its text fields are slices of the request's
+        // buffer too (src/proto/new_event.rs).
+        .extern_path(
+            ".pullstream.v1.NewEvent",
+            "crate::proto::new_event::NewEvent",
+        )
         .bytes(".pullstream.v1.PayloadVersion.data")
         // Hand-written so the server can send pre-encoded events (src/proto/wire.rs).
         .extern_path(

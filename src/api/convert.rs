@@ -167,9 +167,9 @@ pub(super) fn record_from_proto(event: pb::NewEvent) -> EventRecord {
         .collect();
     renderings.sort_unstable();
     EventRecord {
-        event_type: event.r#type.into(),
-        key: event.key.into(),
-        content_type: event.content_type.into(),
+        event_type: event.r#type.into_bytes(),
+        key: event.key.into_bytes(),
+        content_type: event.content_type.into_bytes(),
         data: event.data,
         metadata,
         renderings,

@@ -151,12 +151,13 @@ impl InputEvent {
         }
         let (data, default_type) = payload(self.data, self.data_text, self.data_base64, "")?;
         Ok(pb::NewEvent {
-            r#type: self.event_type,
-            key: self.key,
+            r#type: self.event_type.into(),
+            key: self.key.into(),
             data: data.into(),
             content_type: self
                 .content_type
-                .unwrap_or_else(|| default_type.to_string()),
+                .unwrap_or_else(|| default_type.to_string())
+                .into(),
             metadata: self.metadata,
             versions,
         })
@@ -226,10 +227,10 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     let event = pb::NewEvent {
-        r#type: event_type,
-        key: args.key.clone().unwrap_or_default(),
+        r#type: event_type.into(),
+        key: args.key.clone().unwrap_or_default().into(),
         data: data.into(),
-        content_type: args.content_type.clone(),
+        content_type: args.content_type.clone().into(),
         metadata,
         versions,
     };

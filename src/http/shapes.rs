@@ -153,10 +153,10 @@ impl AppendBody {
                 versions.insert(label, pb::PayloadVersion { data, content_type });
             }
             events.push(pb::NewEvent {
-                r#type: event.event_type,
-                key: event.key,
+                r#type: event.event_type.into(),
+                key: event.key.into(),
                 data,
-                content_type,
+                content_type: content_type.into(),
                 metadata: event.metadata,
                 versions,
             });

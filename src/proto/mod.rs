@@ -3,7 +3,8 @@
 //! Only the API layer (`api`), the server, the client and the CLI use these types; storage and
 //! the log keep their own representation so the wire contract can evolve
 //! without touching the on-disk format. Beside the generated code: the
-//! hand-written responses that carry events (`wire`), the encoder that
+//! hand-written responses that carry events (`wire`) and the appended
+//! event (`new_event`), the encoder that
 //! fills them from stored records (`encode`), and the codec (`codec`).
 
 #![allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -13,7 +14,9 @@ tonic::include_proto!("pullstream.v1");
 pub mod codec;
 pub mod encode;
 pub mod json;
+pub mod new_event;
 pub mod wire;
+pub use new_event::{NewEvent, Text};
 pub use wire::{ReadResponse, SubscribeResponse};
 
 /// The encoded `FileDescriptorSet` of the proto, for server reflection.

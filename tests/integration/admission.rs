@@ -283,6 +283,43 @@ async fn a_malformed_message_is_invalid_argument() {
     assert_nothing_written(&server, &key).await;
 }
 
+/// An event's text fields are decoded as slices of the request and
+/// checked: bytes that are not UTF-8 in `type`, `key` or `content_type`
+/// are a malformed message, refused whole.
+#[tokio::test]
+async fn an_event_text_field_that_is_not_utf8_is_invalid_argument() {
+    use prost::Message;
+    let (server, key) = keyed_server(|_| {}).await;
+    for field in ["type", "key", "content_type"] {
+        let mut bad = event("t", "1");
+        match field {
+            "type" => bad.r#type = "QQQQ".into(),
+            "key" => bad.key = "QQQQ".into(),
+            _ => bad.content_type = "QQQQ".into(),
+        }
+        let mut message = pb::AppendRequest {
+            stream: "s".into(),
+            events: vec![event("t", "0"), bad],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let at = message.windows(4).position(|w| w == b"QQQQ").unwrap();
+        message[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
+        let send = h2_connect(server.addr).await;
+        let mut send = send.ready().await.unwrap();
+        let (response, mut body) = send
+            .send_request(call_headers(APPEND, Some(&key)), false)
+            .unwrap();
+        body.send_data(frame(message.len() as u32, &message), true)
+            .unwrap();
+        let (code, text) = within(status_of(response)).await;
+        assert_eq!(code, Code::InvalidArgument, "{field}: {text}");
+        assert!(text.contains("not valid protobuf"), "{field}: {text}");
+        assert!(text.contains("UTF-8"), "{field}: {text}");
+        assert_nothing_written(&server, &key).await;
+    }
+}
+
 #[tokio::test]
 async fn request_bytes_in_flight_are_budgeted_server_wide() {
     let (server, key) = keyed_server(|c| {

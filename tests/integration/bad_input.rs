@@ -310,15 +310,21 @@ async fn event_fields_are_bounded_and_types_follow_the_filter_grammar() {
         e
     };
     let cases: Vec<(pb::NewEvent, &str)> = vec![
-        (with(&|e| e.r#type = "a".repeat(201)), "type is 201 bytes"),
+        (
+            with(&|e| e.r#type = "a".repeat(201).into()),
+            "type is 201 bytes",
+        ),
         (with(&|e| e.r#type = "a..b".into()), "empty segment"),
         (with(&|e| e.r#type = ".a".into()), "empty segment"),
         (with(&|e| e.r#type = "a b".into()), "whitespace"),
         (with(&|e| e.r#type = "a\0b".into()), "control"),
         (with(&|e| e.r#type = "a.*".into()), "wildcard"),
-        (with(&|e| e.key = "k".repeat(201)), "key is 201 bytes"),
         (
-            with(&|e| e.content_type = "c".repeat(201)),
+            with(&|e| e.key = "k".repeat(201).into()),
+            "key is 201 bytes",
+        ),
+        (
+            with(&|e| e.content_type = "c".repeat(201).into()),
             "content type is 201 bytes",
         ),
         (
@@ -353,8 +359,8 @@ async fn event_fields_are_bounded_and_types_follow_the_filter_grammar() {
     );
     // At the limits, all is accepted.
     let at_limits = with(&|e| {
-        e.r#type = "a".repeat(200);
-        e.key = "k".repeat(200);
+        e.r#type = "a".repeat(200).into();
+        e.key = "k".repeat(200).into();
         e.metadata = [("m".repeat(200), "v".repeat(4096))].into();
     });
     append(&mut client, "s", vec![at_limits]).await;

@@ -228,10 +228,10 @@ impl Drop for TestServer {
 /// A JSON event of `event_type` with `data`.
 pub fn event(event_type: &str, data: &str) -> pb::NewEvent {
     pb::NewEvent {
-        r#type: event_type.to_string(),
-        key: String::new(),
+        r#type: event_type.into(),
+        key: Default::default(),
         data: data.as_bytes().to_vec().into(),
-        content_type: "application/json".to_string(),
+        content_type: "application/json".into(),
         metadata: Default::default(),
         versions: Default::default(),
     }

@@ -132,7 +132,7 @@ pub(crate) async fn fill_stalling(client: &mut Client, stream: &str) {
     for batch in 0..40u64 {
         let events = (0..50u64)
             .map(|i| pb::NewEvent {
-                key: format!("k{}", (batch * 50 + i) % 64),
+                key: format!("k{}", (batch * 50 + i) % 64).into(),
                 ..event("order.updated", &format!("\"{big}\""))
             })
             .collect();

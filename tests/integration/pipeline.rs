@@ -240,7 +240,7 @@ async fn a_failing_batch_ends_the_pipeline_and_nothing_after_it_is_written() {
     let mut batches: Vec<_> = (0..12)
         .map(|b| batch(b, tagged("b", b as usize, 1)))
         .collect();
-    batches[7].events[0].r#type = String::new();
+    batches[7].events[0].r#type = String::new().into();
     let (acks, status) = within(run(&mut pipeline, batches)).await;
     let status = status.expect("the pipeline failed");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");

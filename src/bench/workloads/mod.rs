@@ -33,7 +33,7 @@ fn event(bytes: usize, seq: u64, stamp: u64) -> pb::NewEvent {
     data[..8].copy_from_slice(&stamp.to_le_bytes());
     pb::NewEvent {
         r#type: "bench.event".into(),
-        key: format!("k{}", seq % 1024),
+        key: format!("k{}", seq % 1024).into(),
         data: data.into(),
         content_type: "application/octet-stream".into(),
         metadata: Default::default(),
