@@ -6,13 +6,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use pullstream::cli::Cli;
-use pullstream::storage::segment_buffers::SegmentBufferPool;
+use pullstream::storage::segment_buffers::SegmentBuffers;
 use tracing_subscriber::EnvFilter;
 
 /// The system allocator, keeping sled's freed log buffers for reuse
 /// instead of mapping fresh pages for every segment sled writes.
 #[global_allocator]
-static ALLOCATOR: SegmentBufferPool = SegmentBufferPool::new();
+static ALLOCATOR: SegmentBuffers = SegmentBuffers;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();

@@ -215,6 +215,9 @@ impl Store {
                 .create(dir)
                 .during(dir, "creating the data dir")?;
         }
+        // sled's log buffers, kept for reuse by the binary's allocator,
+        // are given back while it is idle.
+        segment_buffers::start_trimming();
         let config = sled::Config::new()
             .path(&sled_dir)
             .cache_capacity(options.cache_bytes)
