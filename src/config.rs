@@ -135,7 +135,7 @@ pub struct ServeSettings {
     /// On shutdown, how long to wait for open calls to finish [default: 5s]
     #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
-    /// fsync mode: how often storage writes its changed pages in the background between checkpoints, so a checkpoint has little left to flush and does not stall appends; 0s flushes only at checkpoints [default: 20ms]
+    /// fsync mode: how often storage writes its changed pages in the background between checkpoints, so a checkpoint has little left to flush and sled's writes reach the disk in small steps rather than bursts the log's syncs queue behind; 0s flushes only at checkpoints [default: 2ms]
     #[arg(long, env = "PULLSTREAM_STORAGE_FLUSH_INTERVAL")]
     pub storage_flush_interval: Option<HumanDuration>,
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
@@ -485,7 +485,7 @@ impl TryFrom<ServeSettings> for ServerConfig {
             shutdown_grace: secs(s.shutdown_grace, 5),
             storage_flush_interval: Some(
                 s.storage_flush_interval
-                    .map_or(Duration::from_millis(20), |d| d.0),
+                    .map_or(Duration::from_millis(2), |d| d.0),
             )
             .filter(|d| !d.is_zero()),
             checkpoint_bytes: s
