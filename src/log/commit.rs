@@ -273,7 +273,13 @@ impl Committer {
                 };
                 let group = std::mem::take(&mut *sync.queue.lock().expect("commit queue lock"));
                 if !group.is_empty() {
-                    run_blocking(|| self.sync_group(sync, group));
+                    // Published back on the async worker, not in the
+                    // blocking section: waking the waiting callers from
+                    // there was a cross-thread unpark each (about 55 µs
+                    // of a single-event append's 0.43 ms here).
+                    let (durable, room) = run_blocking(|| self.sync_group(sync, group));
+                    durable.into_iter().for_each(Commit::publish);
+                    drop(room);
                     continue;
                 }
             }
@@ -285,9 +291,15 @@ impl Committer {
         }
     }
 
-    fn sync_group(&self, sync: &SyncGroup, queued: Vec<(Commit, OwnedSemaphorePermit)>) {
-        // The room is given back once the group is published (or failed).
-        let (queued, _room): (Vec<Commit>, Vec<OwnedSemaphorePermit>) = queued.into_iter().unzip();
+    /// Writes and syncs one group; returns what is now durable, for the
+    /// caller to publish in order, and the group's room in the queue, to
+    /// give back once it has (failed changes are answered here).
+    fn sync_group(
+        &self,
+        sync: &SyncGroup,
+        queued: Vec<(Commit, OwnedSemaphorePermit)>,
+    ) -> (Vec<Commit>, Vec<OwnedSemaphorePermit>) {
+        let (queued, room): (Vec<Commit>, Vec<OwnedSemaphorePermit>) = queued.into_iter().unzip();
         // Changes made before a write rolled back on a full disk were
         // decided on state that assumed it: fail them unwritten.
         let epoch = self.epoch();
@@ -341,10 +353,10 @@ impl Committer {
         );
         match result {
             Ok(due) => {
-                group.into_iter().for_each(Commit::publish);
                 if let Some(covered) = due {
                     self.start_checkpoint(sync, covered);
                 }
+                (group, room)
             }
             Err(StorageError::Wal(WalError::OutOfSpace { dir, free })) => {
                 // Rolled back: the log goes on, but what was decided
@@ -361,6 +373,7 @@ impl Committer {
                         free,
                     });
                 }
+                (Vec::new(), room)
             }
             Err(e) => {
                 // The store has poisoned itself and said so; nothing of
@@ -369,6 +382,7 @@ impl Committer {
                 group
                     .into_iter()
                     .for_each(|c| c.fail(&|| Error::StorageFailed(reason.clone())));
+                (Vec::new(), room)
             }
         }
     }
