@@ -265,19 +265,24 @@ async fn an_oversized_message_is_invalid_argument_from_its_frame_header() {
     assert_nothing_written(&server, &key).await;
 }
 
-#[tokio::test]
-async fn a_malformed_message_is_invalid_argument() {
-    let (server, key) = keyed_server(|_| {}).await;
+/// Sends `message` as one whole Append call on a new HTTP/2 connection;
+/// returns the call's status.
+async fn raw_append(server: &TestServer, key: &str, message: &[u8]) -> (Code, String) {
     let send = h2_connect(server.addr).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut body) = send
-        .send_request(call_headers(APPEND, Some(&key)), false)
+        .send_request(call_headers(APPEND, Some(key)), false)
         .unwrap();
+    body.send_data(frame(message.len() as u32, message), true)
+        .unwrap();
+    within(status_of(response)).await
+}
+
+#[tokio::test]
+async fn a_malformed_message_is_invalid_argument() {
+    let (server, key) = keyed_server(|_| {}).await;
     // Field 1 (stream) as a string whose length runs past the message.
-    let garbage = [0x0a, 0x7f, b'x'];
-    body.send_data(frame(garbage.len() as u32, &garbage), true)
-        .unwrap();
-    let (code, message) = within(status_of(response)).await;
+    let (code, message) = raw_append(&server, &key, &[0x0a, 0x7f, b'x']).await;
     assert_eq!(code, Code::InvalidArgument, "{message}");
     assert!(message.contains("not valid protobuf"), "{message}");
     assert_nothing_written(&server, &key).await;
@@ -305,14 +310,7 @@ async fn an_event_text_field_that_is_not_utf8_is_invalid_argument() {
         .encode_to_vec();
         let at = message.windows(4).position(|w| w == b"QQQQ").unwrap();
         message[at..at + 4].copy_from_slice(&[0xff, 0xfe, 0xfd, 0xfc]);
-        let send = h2_connect(server.addr).await;
-        let mut send = send.ready().await.unwrap();
-        let (response, mut body) = send
-            .send_request(call_headers(APPEND, Some(&key)), false)
-            .unwrap();
-        body.send_data(frame(message.len() as u32, &message), true)
-            .unwrap();
-        let (code, text) = within(status_of(response)).await;
+        let (code, text) = raw_append(&server, &key, &message).await;
         assert_eq!(code, Code::InvalidArgument, "{field}: {text}");
         assert!(text.contains("not valid protobuf"), "{field}: {text}");
         assert!(text.contains("UTF-8"), "{field}: {text}");

@@ -72,19 +72,7 @@ async fn try_change(client: &mut Client, change: Change) -> Result<(), tonic::St
 /// Makes group `g` on stream `a` with its offset committed at 30, and
 /// waits until it has no member (so it may be reset).
 async fn idle_group_at_30(client: &mut Client) {
-    let mut member = client
-        .subscribe(pb::SubscribeRequest {
-            stream: "a".into(),
-            group: "g".into(),
-            member: "m".into(),
-            start: Some(pb::subscribe_request::Start::Position(
-                pb::StartPosition::Earliest as i32,
-            )),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut member = join_group_of_a(client, "g").await.unwrap().into_inner();
     next(&mut member).await.unwrap();
     client
         .commit_group(pb::CommitGroupRequest {
@@ -104,17 +92,37 @@ async fn idle_group_at_30(client: &mut Client) {
     .await;
 }
 
-async fn group_of_a(client: &mut Client) -> pb::GroupInfo {
+/// Joins `group` of stream `a` as member `m`, from the earliest event
+/// (creating the group if it is new).
+async fn join_group_of_a(
+    client: &mut Client,
+    group: &str,
+) -> Result<tonic::Response<tonic::Streaming<pb::SubscribeResponse>>, tonic::Status> {
     client
-        .get_group(pb::GetGroupRequest {
+        .subscribe(pb::SubscribeRequest {
             stream: "a".into(),
-            group: "g".into(),
+            group: group.into(),
+            member: "m".into(),
+            start: Some(pb::subscribe_request::Start::Position(
+                pb::StartPosition::Earliest as i32,
+            )),
+            ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner()
-        .group
-        .unwrap()
+}
+
+async fn get_group_of_a(client: &mut Client, group: &str) -> Result<pb::GroupInfo, tonic::Status> {
+    let info = client
+        .get_group(pb::GetGroupRequest {
+            stream: "a".into(),
+            group: group.into(),
+        })
+        .await?;
+    Ok(info.into_inner().group.expect("a group in the answer"))
+}
+
+async fn group_of_a(client: &mut Client) -> pb::GroupInfo {
+    get_group_of_a(client, "g").await.unwrap()
 }
 
 /// The store of a stopped server's data dir, opened directly (to damage
@@ -462,55 +470,32 @@ async fn a_group_created_on_a_full_disk_is_not_kept() {
     let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
     let mut client = server.client().await;
     append(&mut client, "a", events(0..10)).await;
-    let join = |client: &mut Client| {
-        let mut client = client.clone();
-        async move {
-            client
-                .subscribe(pb::SubscribeRequest {
-                    stream: "a".into(),
-                    group: "h".into(),
-                    member: "m".into(),
-                    start: Some(pb::subscribe_request::Start::Position(
-                        pb::StartPosition::Earliest as i32,
-                    )),
-                    ..Default::default()
-                })
-                .await
-        }
-    };
 
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
-    let refused = join(&mut client).await.unwrap_err();
+    let refused = join_group_of_a(&mut client, "h").await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     // An append goes through the stream's writer, which has reloaded its
     // state from storage by the time it answers.
     let ack = append(&mut client, "a", events(10..11)).await;
     assert_eq!(ack.first_offset, 10);
-    let missing = client
-        .get_group(pb::GetGroupRequest {
-            stream: "a".into(),
-            group: "h".into(),
-        })
-        .await
-        .unwrap_err();
+    let missing = get_group_of_a(&mut client, "h").await.unwrap_err();
     assert_eq!(
         missing.code(),
         Code::NotFound,
         "the unwritten group is gone"
     );
 
-    let mut member = join(&mut client).await.unwrap().into_inner();
+    let mut member = join_group_of_a(&mut client, "h")
+        .await
+        .unwrap()
+        .into_inner();
     next(&mut member).await.unwrap();
     drop(member);
     let (dir, mut config) = server.stop().await;
     config.faults = None;
     let server = TestServer::start_in(dir, config).await;
     let mut client = server.client().await;
-    client
-        .get_group(pb::GetGroupRequest {
-            stream: "a".into(),
-            group: "h".into(),
-        })
+    get_group_of_a(&mut client, "h")
         .await
         .expect("the group made on the second join is durable");
 }
