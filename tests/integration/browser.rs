@@ -58,6 +58,7 @@ async fn a_browser_event_source_gets_every_event_once_in_order_across_reconnects
     let server = TestServer::start_with(move |c| {
         c.http_cors_origins = vec![allowed];
         c.sse_max_duration = Duration::from_secs(1);
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     let html = page(&format!("http://{}", server.addr));
@@ -93,8 +94,20 @@ async fn a_browser_event_source_gets_every_event_once_in_order_across_reconnects
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    // Append the rest while the page follows, over about four seconds
-    // (four SSE responses at least).
+    // Once the page is following (a slow start under load would otherwise
+    // find every event there and need no reconnect), append the rest over
+    // about four seconds (four SSE responses at least).
+    within(async {
+        loop {
+            let (_, text) =
+                crate::operability::http_get(server.metrics_addr.unwrap(), "/metrics").await;
+            if crate::operability::series(&text, "pullstream_active_subscriptions") >= 1.0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     for i in 1..EVENTS {
         append(
             &mut client,
