@@ -20,10 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Event payloads are shared between the tail cache and every
         // subscriber's response: `Bytes` makes those clones reference counts.
         .bytes(".pullstream.v1.Event.data")
-        // An appended payload is decoded as a slice of the request's buffer
-        // and stored as it is: no copy, no allocation per event.
-        // Hand-written so its text fields are slices of the request's
-        // buffer too (src/proto/new_event.rs).
+        // The appended event is hand-written (src/proto/new_event.rs): its
+        // payload and its text fields are decoded as slices of the
+        // request's buffer and stored as they are, with no copy and no
+        // allocation per event.
         .extern_path(
             ".pullstream.v1.NewEvent",
             "crate::proto::new_event::NewEvent",

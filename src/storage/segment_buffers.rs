@@ -43,8 +43,9 @@ const SLED_BUFFER_ALIGN: usize = 8192;
 pub const SLOTS: usize = 2;
 
 /// The system allocator, with up to [`SLOTS`] of sled's freed log buffers
-/// kept for reuse. Installed by the `pullstream` binary as its global
-/// allocator.
+/// kept for reuse. The process's one pool is [`POOL`], which the
+/// `pullstream` binary installs through [`SegmentBuffers`]; tests make
+/// their own.
 pub struct SegmentBufferPool {
     slots: [AtomicPtr<u8>; SLOTS],
     /// Requests for a buffer of sled's layout so far (served or not).
