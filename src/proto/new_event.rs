@@ -210,7 +210,7 @@ impl prost::Message for NewEvent {
         ctx: DecodeContext,
     ) -> Result<(), DecodeError> {
         let (result, field) = match tag {
-            1 => (merge_text(wire_type, &mut self.r#type, buf, ctx), "r#type"),
+            1 => (merge_text(wire_type, &mut self.r#type, buf, ctx), "type"),
             2 => (merge_text(wire_type, &mut self.key, buf, ctx), "key"),
             3 => (bytes::merge(wire_type, &mut self.data, buf, ctx), "data"),
             4 => (
