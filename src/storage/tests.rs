@@ -477,15 +477,21 @@ fn replay_never_moves_a_head_back_behind_what_sled_holds() {
     );
 }
 
-#[test]
-fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
+/// A store in `dir` whose log and checkpoints fail where `Faults` says.
+fn with_faults(dir: &std::path::Path) -> (Store, Arc<Faults>) {
     let faults = Arc::new(Faults::new());
     let store = Store::open(&StoreOptions {
         faults: Some(faults.clone()),
-        ..options(dir.path())
+        ..options(dir)
     })
     .unwrap();
+    (store, faults)
+}
+
+#[test]
+fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, faults) = with_faults(dir.path());
     let record = store
         .write_group("s", &meta(1, 2), vec![chunk(0, 2)], &[])
         .unwrap();
@@ -527,12 +533,7 @@ fn a_failed_log_write_refuses_every_later_write_and_loses_nothing_acknowledged()
 #[test]
 fn a_log_write_on_a_full_disk_fails_alone_and_writes_go_on() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::new());
-    let store = Store::open(&StoreOptions {
-        faults: Some(faults.clone()),
-        ..options(dir.path())
-    })
-    .unwrap();
+    let (store, faults) = with_faults(dir.path());
     let group = |next, first, count| {
         store
             .write_group("s", &meta(1, next), vec![chunk(first, count)], &[])

@@ -189,13 +189,20 @@ pub(crate) async fn await_writes_health(server: &TestServer, want: ServingStatus
     .await;
 }
 
+/// A server whose log and checkpoints fail where the returned `Faults`
+/// says, and a client of it.
+async fn with_faults() -> (Arc<Faults>, TestServer, Client) {
+    let faults = Arc::new(Faults::new());
+    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
+    let client = server.client().await;
+    (faults, server, client)
+}
+
 /// A server with the fault seam: stream `a` with 50 acknowledged events
 /// (data `0`..`49`), consumer `c` at 20, and, for `ResetGroup`, group `g`
 /// committed at 30 and idle.
 async fn before_the_fault(change: Change) -> (Arc<Faults>, TestServer, Client) {
-    let faults = Arc::new(Faults::new());
-    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
-    let mut client = server.client().await;
+    let (faults, server, mut client) = with_faults().await;
     for batch in 0..5 {
         append(&mut client, "a", events(batch * 10..batch * 10 + 10)).await;
     }
@@ -466,9 +473,7 @@ async fn a_group_created_on_a_full_disk_is_not_kept() {
     if sled_only("it injects faults into the sled write-ahead log") {
         return;
     }
-    let faults = Arc::new(Faults::new());
-    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
-    let mut client = server.client().await;
+    let (faults, server, mut client) = with_faults().await;
     append(&mut client, "a", events(0..10)).await;
 
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
@@ -509,9 +514,7 @@ async fn appends_racing_a_full_disk_stay_dense() {
     if sled_only("it injects faults into the sled write-ahead log") {
         return;
     }
-    let faults = Arc::new(Faults::new());
-    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
-    let mut client = server.client().await;
+    let (faults, server, mut client) = with_faults().await;
     append(&mut client, "a", events(0..10)).await;
     // The third log write from now fails: some appends land before it.
     faults.fail_nth(Target::WalWrite, 2, Failure::NoSpace, 10);
@@ -1131,9 +1134,7 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
     if sled_only("it injects faults into the sled write-ahead log") {
         return;
     }
-    let faults = Arc::new(Faults::new());
-    let server = TestServer::start_with(|c| c.faults = Some(faults.clone())).await;
-    let mut client = server.client().await;
+    let (faults, server, mut client) = with_faults().await;
     append(&mut client, "a", events(0..50)).await;
     let mut member = client
         .subscribe(pb::SubscribeRequest {

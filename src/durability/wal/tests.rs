@@ -150,15 +150,22 @@ fn the_scan_checks_numbering_across_files_and_files_rotate() {
     assert_eq!(left, [10]);
 }
 
+/// A log in `dir` holding record 1 (`ops(0)`), whose writes and syncs
+/// fail where `Faults` says.
+fn one_record_with_faults(dir: &std::path::Path) -> (Wal, Arc<Faults>) {
+    let faults = Arc::new(Faults::new());
+    let mut wal = Wal::create(dir, 1, 1 << 20, Some(faults.clone()), true).unwrap();
+    wal.append(&[encode_payload(&ops(0))]).unwrap();
+    (wal, faults)
+}
+
 /// A full disk: the torn write is rolled back, the log is not poisoned,
 /// and the next record follows the last good one with the next sequence
 /// number (nothing of the failed write is in the file).
 #[test]
 fn a_write_on_a_full_disk_is_rolled_back_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::new());
-    let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
-    wal.append(&[encode_payload(&ops(0))]).unwrap();
+    let (mut wal, faults) = one_record_with_faults(dir.path());
     faults.fail_nth(Target::WalWrite, 0, Failure::NoSpace, 10);
     let e = wal.append(&[encode_payload(&ops(1))]).unwrap_err();
     assert!(matches!(&e, WalError::OutOfSpace { .. }), "{e}");
@@ -181,9 +188,7 @@ fn a_write_on_a_full_disk_is_rolled_back_and_the_log_goes_on() {
 #[test]
 fn a_failed_write_or_sync_poisons_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::new());
-    let mut wal = Wal::create(dir.path(), 1, 1 << 20, Some(faults.clone()), true).unwrap();
-    wal.append(&[encode_payload(&ops(0))]).unwrap();
+    let (mut wal, faults) = one_record_with_faults(dir.path());
     faults.fail_nth(Target::WalWrite, 0, Failure::Io, 10);
     let e = wal.append(&[encode_payload(&ops(1))]).unwrap_err();
     assert!(
