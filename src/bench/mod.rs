@@ -235,6 +235,15 @@ impl BenchContext {
         self.embedded.as_ref().and_then(EmbeddedServer::cpu_time)
     }
 
+    /// Where to measure the disk's sync floor: beside the data dir of a
+    /// server of ours in `fsync` mode (the same file system), else `None`.
+    fn sync_floor_dir(&self) -> Option<&std::path::Path> {
+        self.embedded
+            .as_ref()
+            .filter(|server| server.durability == Durability::Fsync)
+            .and_then(|server| server.data_dir().parent())
+    }
+
     /// The size of the server's data dir, when it is ours.
     fn data_dir_bytes(&self) -> Option<u64> {
         self.embedded.as_ref().map(EmbeddedServer::data_dir_bytes)

@@ -16,6 +16,8 @@ pub(crate) struct EmbeddedServer {
     child: Child,
     /// The URL to connect to.
     pub(crate) url: String,
+    /// The server's durability mode.
+    pub(crate) durability: Durability,
     dir: TempDir,
 }
 
@@ -68,6 +70,7 @@ impl EmbeddedServer {
         Ok(EmbeddedServer {
             child,
             url: format!("http://{address}"),
+            durability,
             dir,
         })
     }
@@ -89,6 +92,11 @@ impl EmbeddedServer {
             fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
         // Linux reports in clock ticks of 1/100 s (USER_HZ) on every platform it runs on.
         Some(Duration::from_millis(ticks * 10))
+    }
+
+    /// The server's data dir.
+    pub(crate) fn data_dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// The bytes of every file in the data dir.

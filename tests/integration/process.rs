@@ -606,18 +606,24 @@ fn bench_append_honours_events_and_names_its_server() {
     );
 }
 
-/// `bench --workload floor` times health checks and then single-event
-/// Appends on the same kind of connection, and every acknowledged append
-/// is in its stream (the workload checks; a failure fails the run).
+/// `bench --workload floor` times health checks, the disk's own sync
+/// (beside the data dir of its `fsync` server) and single-event Appends,
+/// taking turns; every acknowledged append is in its stream (the workload
+/// checks; a failure fails the run), and the file it timed syncs on is
+/// gone afterwards.
 #[test]
-fn bench_measures_the_call_floor_against_append() {
+fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
     let dir = tempfile::tempdir().unwrap();
+    let temp = dir.path().join("tmp");
+    std::fs::create_dir(&temp).unwrap();
     let json_path = dir.path().join("bench.json");
     let out = Command::new(BIN)
         .args(["bench", "--workload", "floor", "--duration", "300ms"])
-        .args(["--durability", "buffered", "--json"])
+        .args(["--durability", "fsync", "--json"])
         .arg(&json_path)
         .env_remove("PULLSTREAM_SERVER")
+        // The embedded server's data dir, and so the sync file, go here.
+        .env("TMPDIR", &temp)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -633,19 +639,53 @@ fn bench_measures_the_call_floor_against_append() {
     assert!(results[0]["failures"].as_array().unwrap().is_empty());
     let figures = &results[0]["figures"];
     assert_eq!(figures["workload"], "floor");
-    for latency in ["health_check_latency", "append_latency"] {
+    for latency in [
+        "health_check_latency",
+        "disk_sync_latency",
+        "append_latency",
+    ] {
         assert!(
             figures[latency]["samples"].as_u64().unwrap() > 0,
             "{figures}"
         );
     }
-    let above = figures["append_p50_above_floor_us"].as_i64().unwrap();
+    assert_eq!(figures["disk_sync_dir"], temp.display().to_string());
     let p50 = |l: &str| (figures[l]["p50_ms"].as_f64().unwrap() * 1000.0).round() as i64;
+    let above = figures["append_p50_above_floor_us"].as_i64().unwrap();
     assert!(
         (above - (p50("append_latency") - p50("health_check_latency"))).abs() <= 1,
         "{figures}"
     );
-    assert!(stdout.contains("above the no-op call"), "{stdout}");
+    let above_sync = figures["append_p50_above_disk_sync_us"].as_i64().unwrap();
+    assert!(
+        (above_sync - (p50("append_latency") - p50("disk_sync_latency"))).abs() <= 1,
+        "{figures}"
+    );
+    assert!(stdout.contains("above the disk's sync"), "{stdout}");
+    assert_eq!(
+        std::fs::read_dir(&temp).unwrap().count(),
+        0,
+        "the sync file and the data dir are removed"
+    );
+
+    // In `buffered` mode there is no sync to compare with.
+    let out = Command::new(BIN)
+        .args(["bench", "--workload", "floor", "--duration", "100ms"])
+        .args(["--durability", "buffered", "--json"])
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let figures = &summary["results"][0]["figures"];
+    assert!(figures["disk_sync_latency"].is_null(), "{figures}");
+    assert!(
+        figures["append_p50_above_disk_sync_us"].is_null(),
+        "{figures}"
+    );
+    assert!(figures["append_latency"]["samples"].as_u64().unwrap() > 0);
 }
 
 /// `bench --workload http`: HTTP appends of 100 and 1 and a catch-up by
