@@ -135,9 +135,9 @@ pub struct ServeSettings {
     /// On shutdown, how long to wait for open calls to finish [default: 5s]
     #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
-    /// fsync mode: how often storage writes its changed pages in the background between checkpoints, so a checkpoint has little left to flush and sled's writes reach the disk in small steps rather than bursts the log's syncs queue behind; 0s flushes only at checkpoints [default: 2ms]
-    #[arg(long, env = "PULLSTREAM_STORAGE_FLUSH_INTERVAL")]
-    pub storage_flush_interval: Option<HumanDuration>,
+    /// fsync mode: storage writes its changed pages out in the background each time this many more bytes of changes have been applied, so a checkpoint has little left to flush and sled's writes reach the disk in small steps rather than bursts the log's syncs queue behind; an idle server writes nothing. 0 flushes only at checkpoints [default: 65536]
+    #[arg(long, env = "PULLSTREAM_STORAGE_FLUSH_BYTES")]
+    pub storage_flush_bytes: Option<u64>,
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
     #[arg(long, env = "PULLSTREAM_CHECKPOINT_BYTES")]
     pub checkpoint_bytes: Option<u64>,
@@ -269,9 +269,7 @@ impl ServeSettings {
             keepalive_timeout: self.keepalive_timeout.or(fallback.keepalive_timeout),
             shutdown_grace: self.shutdown_grace.or(fallback.shutdown_grace),
             checkpoint_bytes: self.checkpoint_bytes.or(fallback.checkpoint_bytes),
-            storage_flush_interval: self
-                .storage_flush_interval
-                .or(fallback.storage_flush_interval),
+            storage_flush_bytes: self.storage_flush_bytes.or(fallback.storage_flush_bytes),
             min_free_bytes: self.min_free_bytes.or(fallback.min_free_bytes),
             insecure: self.insecure.or(fallback.insecure),
             verify_on_start: self.verify_on_start.or(fallback.verify_on_start),
@@ -366,9 +364,9 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Write-ahead log bytes between checkpoints.
     pub checkpoint_bytes: u64,
-    /// fsync mode: storage's background flush period (`None`: only at
-    /// checkpoints).
-    pub storage_flush_interval: Option<Duration>,
+    /// fsync mode: the bytes of applied changes between storage's
+    /// background flushes (`None`: only at checkpoints).
+    pub storage_flush_bytes: Option<u64>,
     /// The free-space floor under the data dir; `None` for the default
     /// (1 GiB or 5% of the volume, whichever is smaller), 0 for none.
     pub min_free_bytes: Option<u64>,
@@ -483,11 +481,11 @@ impl TryFrom<ServeSettings> for ServerConfig {
             keepalive_interval: Some(secs(s.keepalive_interval, 30)).filter(|d| !d.is_zero()),
             keepalive_timeout: secs(s.keepalive_timeout, 20),
             shutdown_grace: secs(s.shutdown_grace, 5),
-            storage_flush_interval: Some(
-                s.storage_flush_interval
-                    .map_or(Duration::from_millis(2), |d| d.0),
+            storage_flush_bytes: Some(
+                s.storage_flush_bytes
+                    .unwrap_or(crate::storage::DEFAULT_FLUSH_BYTES),
             )
-            .filter(|d| !d.is_zero()),
+            .filter(|&bytes| bytes > 0),
             checkpoint_bytes: s
                 .checkpoint_bytes
                 .unwrap_or(crate::durability::wal::DEFAULT_CHECKPOINT_BYTES),

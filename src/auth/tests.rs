@@ -10,7 +10,7 @@ fn ring(dir: &std::path::Path) -> KeyRing {
     let store = Store::open(&StoreOptions {
         path: dir.to_path_buf(),
         cache_bytes: 8 << 20,
-        background_flush_ms: None,
+        background_flush: crate::storage::BackgroundFlush::Off,
         write_ahead_log: true,
         checkpoint_bytes: 64 << 20,
         faults: None,

@@ -88,7 +88,7 @@ fn offline(dir: &std::path::Path, command: KeysCommand, output: OutputArgs) -> a
     let store = Store::open(&StoreOptions {
         path: dir.to_path_buf(),
         cache_bytes: 16 << 20,
-        background_flush_ms: None,
+        background_flush: crate::storage::BackgroundFlush::Off,
         write_ahead_log: true,
         checkpoint_bytes: crate::durability::wal::DEFAULT_CHECKPOINT_BYTES,
         faults: None,

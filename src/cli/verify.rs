@@ -26,7 +26,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<()> {
         let store = Store::open(&StoreOptions {
             path: dir.clone(),
             cache_bytes: 64 << 20,
-            background_flush_ms: None,
+            background_flush: crate::storage::BackgroundFlush::Off,
             write_ahead_log: true,
             checkpoint_bytes: crate::durability::wal::DEFAULT_CHECKPOINT_BYTES,
             faults: None,

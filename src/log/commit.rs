@@ -465,7 +465,7 @@ mod tests {
             Store::open(&StoreOptions {
                 path: dir.path().to_path_buf(),
                 cache_bytes: 8 << 20,
-                background_flush_ms: None,
+                background_flush: crate::storage::BackgroundFlush::Off,
                 write_ahead_log,
                 checkpoint_bytes: 64 << 20,
                 faults: Some(faults.clone()),

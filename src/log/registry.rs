@@ -29,7 +29,7 @@ use crate::config::Durability;
 use crate::engine::{Engine, Retention, StoredStream, StreamMeta};
 use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::storage::{Store, StoreOptions};
+use crate::storage::{BackgroundFlush, Store, StoreOptions};
 
 impl Log {
     /// Opens the store and starts a writer per stream.
@@ -38,17 +38,14 @@ impl Log {
             path: config.data_dir.clone(),
             cache_bytes: config.cache_bytes,
             // In fsync mode the write-ahead log makes appends durable, and
-            // sled's own flush only keeps its writes small and steady:
-            // flushing all of a checkpoint's pages at once, or a large
-            // buffer every 20 ms, competes with the log's fdatasync for
-            // the disk (batch-100 append p99 7.5 ms with no background
-            // flush, 3.5-4.6 ms at 20 ms, 2.1-2.2 ms at 2 ms; README
-            // Performance).
-            background_flush_ms: match config.durability {
+            // the background flush only keeps sled's writes small and
+            // steady (`storage::flusher`). In buffered mode sled's own
+            // flush is what makes changes durable, within a few ms.
+            background_flush: match config.durability {
                 Durability::Fsync => config
-                    .storage_flush_interval
-                    .map(|d| d.as_millis().max(1) as u64),
-                Durability::Buffered => Some(5),
+                    .storage_flush_bytes
+                    .map_or(BackgroundFlush::Off, BackgroundFlush::AfterBytes),
+                Durability::Buffered => BackgroundFlush::Every(Duration::from_millis(5)),
             },
             write_ahead_log: config.durability == Durability::Fsync,
             checkpoint_bytes: config.checkpoint_bytes,

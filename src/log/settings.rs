@@ -32,8 +32,9 @@ pub struct LogConfig {
     pub auto_create_streams: bool,
     /// The write-ahead log size that triggers a checkpoint.
     pub checkpoint_bytes: u64,
-    /// fsync mode: storage's background flush period, if any.
-    pub storage_flush_interval: Option<Duration>,
+    /// fsync mode: the bytes of applied changes between storage's
+    /// background flushes, if any.
+    pub storage_flush_bytes: Option<u64>,
     /// The free-space floor (`None`: the default for the volume).
     pub min_free_bytes: Option<u64>,
     /// Check every stored event before opening (`--verify-on-start`).
@@ -80,7 +81,7 @@ impl From<&ServerConfig> for LogConfig {
             idempotency_window: c.idempotency_window,
             auto_create_streams: c.auto_create_streams,
             checkpoint_bytes: c.checkpoint_bytes,
-            storage_flush_interval: c.storage_flush_interval,
+            storage_flush_bytes: c.storage_flush_bytes,
             min_free_bytes: c.min_free_bytes,
             verify_on_start: c.verify_on_start,
             engine: c.engine.clone(),

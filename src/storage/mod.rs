@@ -37,6 +37,7 @@
 //! large groups into chunks of about [`TARGET_CHUNK_BYTES`].
 
 mod engine;
+mod flusher;
 mod keys;
 mod recovery;
 pub mod repair;
@@ -77,16 +78,30 @@ pub struct StoreOptions {
     pub path: PathBuf,
     /// sled's page cache size in bytes.
     pub cache_bytes: u64,
-    /// How often sled's own background flusher writes buffered data to the
-    /// OS, in milliseconds; `None` turns it off (the write-ahead log and
-    /// checkpoints take care of durability then).
-    pub background_flush_ms: Option<u64>,
+    /// How sled's changed pages are written out between checkpoints.
+    pub background_flush: BackgroundFlush,
     /// Log every write to the write-ahead log (`fsync` mode).
     pub write_ahead_log: bool,
     /// The write-ahead log size that triggers a checkpoint.
     pub checkpoint_bytes: u64,
     /// Faults to inject under the log and the checkpoint (tests only).
     pub faults: Option<Arc<Faults>>,
+}
+
+/// The default step of [`BackgroundFlush::AfterBytes`] (`--storage-flush-bytes`).
+pub const DEFAULT_FLUSH_BYTES: u64 = 64 << 10;
+
+/// How sled's changed pages are written out in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackgroundFlush {
+    /// Only by checkpoints (with the write-ahead log) or on close.
+    Off,
+    /// By sled's own flusher, this often (without the write-ahead log,
+    /// this is what makes changes durable).
+    Every(std::time::Duration),
+    /// Each time this many more bytes of changes have been applied (see
+    /// `flusher`; with the write-ahead log).
+    AfterBytes(u64),
 }
 
 /// A change prepared by the store's write methods (inside a
@@ -198,6 +213,9 @@ pub struct Store {
     /// log's lock on every write).
     poisoned: OnceLock<String>,
     faults: Option<Arc<Faults>>,
+    /// Writes sled's changed pages out a step of bytes at a time
+    /// ([`BackgroundFlush::AfterBytes`]).
+    flusher: Option<flusher::Flusher>,
 }
 
 impl Store {
@@ -222,7 +240,10 @@ impl Store {
             .path(&sled_dir)
             .cache_capacity(options.cache_bytes)
             .segment_size(SEGMENT_SIZE)
-            .flush_every_ms(options.background_flush_ms.map(|ms| ms.max(1)))
+            .flush_every_ms(match options.background_flush {
+                BackgroundFlush::Every(period) => Some((period.as_millis() as u64).max(1)),
+                BackgroundFlush::Off | BackgroundFlush::AfterBytes(_) => None,
+            })
             .mode(sled::Mode::HighThroughput);
         // sled's IO threads let go of the data dir's lock a moment after the
         // last handle drops, so a reopen in the same process (a restart of an
@@ -269,6 +290,7 @@ impl Store {
             wal: None,
             poisoned: OnceLock::new(),
             faults: options.faults.clone(),
+            flusher: None,
         };
         let (next_seq, covered) = store.recover()?;
         if options.write_ahead_log {
@@ -282,6 +304,12 @@ impl Store {
         }
         // Only now, with a newer file in place, may covered files go.
         wal::delete_covered(&store.wal_dir, covered)?;
+        if let BackgroundFlush::AfterBytes(step) = options.background_flush {
+            store.flusher = Some(
+                flusher::Flusher::start(store.db.clone(), step.max(1))
+                    .during(&store.path, "starting storage's background flush")?,
+            );
+        }
         Ok(store)
     }
 
@@ -358,10 +386,12 @@ impl Store {
                     .expect("a change prepared by this store")
             })
             .collect::<Vec<_>>();
+        let bytes: usize = changes.iter().map(Pending::size).sum();
         let Some(wal) = &self.wal else {
             for change in changes {
                 self.apply_to_sled(change.ops)?;
             }
+            self.count_applied(bytes);
             return Ok(None);
         };
         let mut wal = wal.lock().expect("wal lock");
@@ -383,6 +413,7 @@ impl Store {
                 return Err(e);
             }
         }
+        self.count_applied(bytes);
         if wal.wants_checkpoint() {
             match wal.rotate() {
                 Ok(covered) => return Ok(Some(covered)),
@@ -440,6 +471,20 @@ impl Store {
             }
             None => self.sync(),
         }
+    }
+
+    /// Counts `bytes` of changes applied to sled towards the background
+    /// flush's next step.
+    fn count_applied(&self, bytes: usize) {
+        if let Some(flusher) = &self.flusher {
+            flusher.applied(bytes as u64);
+        }
+    }
+
+    /// Background flushes finished so far ([`BackgroundFlush::AfterBytes`]).
+    #[cfg(test)]
+    fn background_flushes(&self) -> u64 {
+        self.flusher.as_ref().map_or(0, flusher::Flusher::flushes)
     }
 
     /// The data dir.

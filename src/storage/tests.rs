@@ -7,7 +7,7 @@ fn options(dir: &Path) -> StoreOptions {
     StoreOptions {
         path: dir.to_path_buf(),
         cache_bytes: 8 << 20,
-        background_flush_ms: None,
+        background_flush: crate::storage::BackgroundFlush::Off,
         write_ahead_log: true,
         checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
         faults: None,
@@ -592,7 +592,7 @@ fn reopen_keeps_data_and_second_open_reports_lock() {
         let second = Store::open(&StoreOptions {
             path: dir.path().to_path_buf(),
             cache_bytes: 1 << 20,
-            background_flush_ms: None,
+            background_flush: crate::storage::BackgroundFlush::Off,
             write_ahead_log: true,
             checkpoint_bytes: wal::DEFAULT_CHECKPOINT_BYTES,
             faults: None,
@@ -617,5 +617,62 @@ fn a_full_disk_from_sled_reads_as_the_os_says_it() {
     assert_eq!(
         e.to_string(),
         "storage I/O error while applying a logged change in /data: No space left on device (os error 28)"
+    );
+}
+
+/// The background flush runs once a step of applied change bytes has
+/// built up, and not by the clock: nothing while fewer have been applied,
+/// nothing while idle. Dropping the store stops its thread, which lets go
+/// of sled, so the data dir opens again at once.
+#[test]
+fn the_background_flush_runs_per_step_of_applied_bytes_and_never_while_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let step = 16 << 10;
+    let store = Store::open(&StoreOptions {
+        background_flush: BackgroundFlush::AfterBytes(step),
+        ..options(dir.path())
+    })
+    .unwrap();
+    let mut meta = StreamMeta {
+        id: 1,
+        created_unix_nanos: 0,
+        offset_floor: 0,
+        next_offset: 0,
+        bytes: 0,
+        retention: Retention::default(),
+    };
+    let mut applied = 0u64;
+    let mut append = |store: &Store, events: usize| {
+        let first = meta.next_offset;
+        meta.next_offset += events as u64;
+        let change = store
+            .write_group("a", &meta, vec![chunk(first, events)], &[])
+            .unwrap();
+        applied += change.size() as u64;
+        store.commit(vec![change]).unwrap();
+        applied
+    };
+    while append(&store, 4) < step / 2 {}
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(store.background_flushes(), 0, "half a step applied");
+
+    while append(&store, 4) < step {}
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.background_flushes() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush after a step"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(store.background_flushes(), 1, "idle: no more flushes");
+
+    // A thread still holding sled would make this open fail as locked.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(
+        store.load_streams().unwrap()[0].next_offset,
+        meta.next_offset
     );
 }

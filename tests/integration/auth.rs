@@ -59,7 +59,7 @@ pub(crate) fn offline_keys(dir: &std::path::Path, keys: &[(&str, &[Scope])]) -> 
     let store = Store::open(&StoreOptions {
         path: dir.to_path_buf(),
         cache_bytes: 8 << 20,
-        background_flush_ms: None,
+        background_flush: pullstream::storage::BackgroundFlush::Off,
         write_ahead_log: true,
         checkpoint_bytes: 64 << 20,
         faults: None,

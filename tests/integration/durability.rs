@@ -131,7 +131,7 @@ pub(crate) fn open_store(data_dir: &std::path::Path) -> pullstream::storage::Sto
     pullstream::storage::Store::open(&pullstream::storage::StoreOptions {
         path: data_dir.to_path_buf(),
         cache_bytes: 8 << 20,
-        background_flush_ms: None,
+        background_flush: pullstream::storage::BackgroundFlush::Off,
         write_ahead_log: true,
         checkpoint_bytes: 1 << 20,
         faults: None,
@@ -882,8 +882,7 @@ async fn a_flipped_byte_mid_log_refuses_to_start_and_repair_reports_and_truncate
     // No background storage flush: sled then holds only what the last
     // checkpoint flushed, so exactly the records past the damage are lost
     // (with it, sled may hold a later prefix and less is lost).
-    let (dir, file, data, offset) =
-        crash_and_flip_record_32(&["--storage-flush-interval", "0s"]).await;
+    let (dir, file, data, offset) = crash_and_flip_record_32(&["--storage-flush-bytes", "0"]).await;
 
     let out = std::process::Command::new(BIN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -1176,14 +1175,15 @@ async fn enospc_during_a_group_commit_loses_nothing_acknowledged() {
     assert_eq!(group.low_watermark, 30, "{group:?}");
 }
 
-/// With the background storage flush on (the default), sled may already
-/// hold events past the last checkpoint when the log is damaged: repair
-/// then loses less, and what the server serves afterwards is still a
-/// gapless prefix that includes every event before the damage.
+/// With the background storage flush on (here after every change, so that
+/// it runs in so small a test), sled may already hold events past the last
+/// checkpoint when the log is damaged: repair then loses less, and what the
+/// server serves afterwards is still a gapless prefix that includes every
+/// event before the damage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repair_with_the_background_flush_keeps_a_gapless_prefix() {
     const BIN: &str = env!("CARGO_BIN_EXE_pullstream");
-    let (dir, _, _, _) = crash_and_flip_record_32(&[]).await;
+    let (dir, _, _, _) = crash_and_flip_record_32(&["--storage-flush-bytes", "1"]).await;
     let repaired = std::process::Command::new(BIN)
         .args(["repair", "--yes", "--data-dir"])
         .arg(dir.path())
