@@ -428,34 +428,51 @@ pub fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-#[test]
-fn bench_runs_every_workload_and_reports_json() {
+/// Runs `pullstream bench ARGS --json FILE` on its own embedded server
+/// (whatever `PULLSTREAM_SERVER` says) with `env` added, asserts that it
+/// succeeded, and returns its JSON summary, stdout and stderr.
+fn bench(args: &[&str], env: &[(&str, &std::path::Path)]) -> (serde_json::Value, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("bench.json");
-    let out = Command::new(BIN)
-        .args([
-            "bench",
+    let mut command = Command::new(BIN);
+    command
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg(&json_path)
+        .env_remove("PULLSTREAM_SERVER");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let out = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let summary = serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    (summary, stdout, stderr)
+}
+
+#[test]
+fn bench_runs_every_workload_and_reports_json() {
+    let (summary, stdout, _) = bench(
+        &[
             "--duration",
             "300ms",
             "--batch",
             "10",
             "--producers",
             "2",
-        ])
-        .args(["--events", "3000", "--subscribers", "2", "--rate", "300"])
-        .args(["--idle-subscriptions", "150", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--events",
+            "3000",
+            "--subscribers",
+            "2",
+            "--rate",
+            "300",
+            "--idle-subscriptions",
+            "150",
+        ],
+        &[],
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     let results = summary["results"].as_array().unwrap();
     let workloads: Vec<&str> = results
         .iter()
@@ -502,31 +519,24 @@ fn bench_runs_every_workload_and_reports_json() {
 
 #[test]
 fn bench_appends_through_pipelines() {
-    let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("bench.json");
-    let out = Command::new(BIN)
-        .args([
-            "bench",
+    let (summary, stdout, _) = bench(
+        &[
             "--workload",
             "append",
             "--pipeline",
             "--in-flight",
             "1",
-        ])
-        .args(["--in-flight", "4", "--duration", "300ms", "--batch", "10"])
-        .args(["--producers", "2", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--in-flight",
+            "4",
+            "--duration",
+            "300ms",
+            "--batch",
+            "10",
+            "--producers",
+            "2",
+        ],
+        &[],
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     let results = summary["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for (result, in_flight) in results.iter().zip([1, 4]) {
@@ -547,27 +557,20 @@ fn bench_appends_through_pipelines() {
 /// says which server it measures and why.
 #[test]
 fn bench_append_honours_events_and_names_its_server() {
-    let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("bench.json");
-    let out = Command::new(BIN)
-        .args([
-            "bench",
+    let (summary, _, stderr) = bench(
+        &[
             "--workload",
             "append",
             "--events",
             "2000",
             "--batch",
             "100",
-        ])
-        .args(["--producers", "3", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("fresh embedded server"));
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+            "--producers",
+            "3",
+        ],
+        &[],
+    );
+    assert!(stderr.contains("fresh embedded server"), "{stderr}");
     for result in summary["results"].as_array().unwrap() {
         assert!(
             result["failures"].as_array().unwrap().is_empty(),
@@ -575,24 +578,20 @@ fn bench_append_honours_events_and_names_its_server() {
         );
         assert_eq!(result["figures"]["events"], 2000, "{result}");
     }
-    let out = Command::new(BIN)
-        .args([
-            "bench",
+    let (summary, _, _) = bench(
+        &[
             "--workload",
             "append",
             "--events",
             "500",
             "--batch",
             "50",
-        ])
-        .args(["--producers", "1", "--pipeline", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+            "--producers",
+            "1",
+            "--pipeline",
+        ],
+        &[],
+    );
     assert_eq!(summary["results"][0]["figures"]["events"], 500);
     // A server from the environment is named as such.
     let out = Command::new(BIN)
@@ -616,24 +615,18 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
     let dir = tempfile::tempdir().unwrap();
     let temp = dir.path().join("tmp");
     std::fs::create_dir(&temp).unwrap();
-    let json_path = dir.path().join("bench.json");
-    let out = Command::new(BIN)
-        .args(["bench", "--workload", "floor", "--duration", "300ms"])
-        .args(["--durability", "fsync", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        // The embedded server's data dir, and so the sync file, go here.
-        .env("TMPDIR", &temp)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The embedded server's data dir, and so the sync file, go in TMPDIR.
+    let (summary, stdout, _) = bench(
+        &[
+            "--workload",
+            "floor",
+            "--duration",
+            "300ms",
+            "--durability",
+            "fsync",
+        ],
+        &[("TMPDIR", &temp)],
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     let results = summary["results"].as_array().unwrap();
     assert_eq!(results.len(), 1);
     assert!(results[0]["failures"].as_array().unwrap().is_empty());
@@ -669,16 +662,17 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
     );
 
     // In `buffered` mode there is no sync to compare with.
-    let out = Command::new(BIN)
-        .args(["bench", "--workload", "floor", "--duration", "100ms"])
-        .args(["--durability", "buffered", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
+    let (summary, _, _) = bench(
+        &[
+            "--workload",
+            "floor",
+            "--duration",
+            "100ms",
+            "--durability",
+            "buffered",
+        ],
+        &[],
+    );
     let figures = &summary["results"][0]["figures"];
     assert!(figures["disk_sync_latency"].is_null(), "{figures}");
     assert!(
@@ -692,23 +686,19 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
 /// SSE and by pages, every offset checked by the workload itself.
 #[test]
 fn bench_measures_the_http_api() {
-    let dir = tempfile::tempdir().unwrap();
-    let json_path = dir.path().join("bench.json");
-    let out = Command::new(BIN)
-        .args(["bench", "--workload", "http", "--duration", "300ms"])
-        .args(["--events", "3000", "--durability", "buffered", "--json"])
-        .arg(&json_path)
-        .env_remove("PULLSTREAM_SERVER")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (summary, _, _) = bench(
+        &[
+            "--workload",
+            "http",
+            "--duration",
+            "300ms",
+            "--events",
+            "3000",
+            "--durability",
+            "buffered",
+        ],
+        &[],
     );
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json_path).unwrap()).unwrap();
     let result = &summary["results"][0];
     assert!(
         result["failures"].as_array().unwrap().is_empty(),
