@@ -428,16 +428,17 @@ pub fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-/// Runs `pullstream bench ARGS --json FILE` on its own embedded server
-/// (whatever `PULLSTREAM_SERVER` says) with `env` added, asserts that it
-/// succeeded, and returns its JSON summary, stdout and stderr.
-fn bench(args: &[&str], env: &[(&str, &std::path::Path)]) -> (serde_json::Value, String, String) {
+/// Runs `pullstream bench ARGS --json FILE` (`args` split at spaces) on its
+/// own embedded server (whatever `PULLSTREAM_SERVER` says) with `env`
+/// added, asserts that it succeeded, and returns its JSON summary, stdout
+/// and stderr.
+fn bench(args: &str, env: &[(&str, &std::path::Path)]) -> (serde_json::Value, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let json_path = dir.path().join("bench.json");
     let mut command = Command::new(BIN);
     command
         .arg("bench")
-        .args(args)
+        .args(args.split_whitespace())
         .arg("--json")
         .arg(&json_path)
         .env_remove("PULLSTREAM_SERVER");
@@ -455,22 +456,7 @@ fn bench(args: &[&str], env: &[(&str, &std::path::Path)]) -> (serde_json::Value,
 #[test]
 fn bench_runs_every_workload_and_reports_json() {
     let (summary, stdout, _) = bench(
-        &[
-            "--duration",
-            "300ms",
-            "--batch",
-            "10",
-            "--producers",
-            "2",
-            "--events",
-            "3000",
-            "--subscribers",
-            "2",
-            "--rate",
-            "300",
-            "--idle-subscriptions",
-            "150",
-        ],
+        "--duration 300ms --batch 10 --producers 2 --events 3000 --subscribers 2 --rate 300 --idle-subscriptions 150",
         &[],
     );
     let results = summary["results"].as_array().unwrap();
@@ -520,21 +506,7 @@ fn bench_runs_every_workload_and_reports_json() {
 #[test]
 fn bench_appends_through_pipelines() {
     let (summary, stdout, _) = bench(
-        &[
-            "--workload",
-            "append",
-            "--pipeline",
-            "--in-flight",
-            "1",
-            "--in-flight",
-            "4",
-            "--duration",
-            "300ms",
-            "--batch",
-            "10",
-            "--producers",
-            "2",
-        ],
+        "--workload append --pipeline --in-flight 1 --in-flight 4 --duration 300ms --batch 10 --producers 2",
         &[],
     );
     let results = summary["results"].as_array().unwrap();
@@ -558,16 +530,7 @@ fn bench_appends_through_pipelines() {
 #[test]
 fn bench_append_honours_events_and_names_its_server() {
     let (summary, _, stderr) = bench(
-        &[
-            "--workload",
-            "append",
-            "--events",
-            "2000",
-            "--batch",
-            "100",
-            "--producers",
-            "3",
-        ],
+        "--workload append --events 2000 --batch 100 --producers 3",
         &[],
     );
     assert!(stderr.contains("fresh embedded server"), "{stderr}");
@@ -579,17 +542,7 @@ fn bench_append_honours_events_and_names_its_server() {
         assert_eq!(result["figures"]["events"], 2000, "{result}");
     }
     let (summary, _, _) = bench(
-        &[
-            "--workload",
-            "append",
-            "--events",
-            "500",
-            "--batch",
-            "50",
-            "--producers",
-            "1",
-            "--pipeline",
-        ],
+        "--workload append --events 500 --batch 50 --producers 1 --pipeline",
         &[],
     );
     assert_eq!(summary["results"][0]["figures"]["events"], 500);
@@ -617,14 +570,7 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
     std::fs::create_dir(&temp).unwrap();
     // The embedded server's data dir, and so the sync file, go in TMPDIR.
     let (summary, stdout, _) = bench(
-        &[
-            "--workload",
-            "floor",
-            "--duration",
-            "300ms",
-            "--durability",
-            "fsync",
-        ],
+        "--workload floor --duration 300ms --durability fsync",
         &[("TMPDIR", &temp)],
     );
     let results = summary["results"].as_array().unwrap();
@@ -663,14 +609,7 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
 
     // In `buffered` mode there is no sync to compare with.
     let (summary, _, _) = bench(
-        &[
-            "--workload",
-            "floor",
-            "--duration",
-            "100ms",
-            "--durability",
-            "buffered",
-        ],
+        "--workload floor --duration 100ms --durability buffered",
         &[],
     );
     let figures = &summary["results"][0]["figures"];
@@ -687,16 +626,7 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
 #[test]
 fn bench_measures_the_http_api() {
     let (summary, _, _) = bench(
-        &[
-            "--workload",
-            "http",
-            "--duration",
-            "300ms",
-            "--events",
-            "3000",
-            "--durability",
-            "buffered",
-        ],
+        "--workload http --duration 300ms --events 3000 --durability buffered",
         &[],
     );
     let result = &summary["results"][0];
