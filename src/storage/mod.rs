@@ -89,7 +89,7 @@ pub struct StoreOptions {
 }
 
 /// The default step of [`BackgroundFlush::AfterBytes`] (`--storage-flush-bytes`).
-pub const DEFAULT_FLUSH_BYTES: u64 = 64 << 10;
+pub const DEFAULT_FLUSH_BYTES: u64 = 32 << 10;
 
 /// How sled's changed pages are written out in the background.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +99,8 @@ pub enum BackgroundFlush {
     /// By sled's own flusher, this often (without the write-ahead log,
     /// this is what makes changes durable).
     Every(std::time::Duration),
-    /// Each time this many more bytes of changes have been applied (see
-    /// `flusher`; with the write-ahead log).
+    /// Each time this many more bytes of keys and values have been
+    /// applied (see `flusher`; with the write-ahead log).
     AfterBytes(u64),
 }
 
@@ -118,15 +118,18 @@ struct Pending {
 impl Pending {
     /// About how many bytes the change holds in memory until committed.
     fn size(&self) -> usize {
-        let ops: usize = self
-            .ops
+        self.ops_bytes() + self.payload.as_ref().map_or(0, Vec::len)
+    }
+
+    /// The bytes of keys and values the change gives sled.
+    fn ops_bytes(&self) -> usize {
+        self.ops
             .iter()
             .map(|op| match op {
                 Op::Insert(key, value) => key.len() + value.len(),
                 Op::Remove(key) | Op::RemovePrefix(key) => key.len(),
             })
-            .sum();
-        ops + self.payload.as_ref().map_or(0, Vec::len)
+            .sum()
     }
 }
 
@@ -386,7 +389,7 @@ impl Store {
                     .expect("a change prepared by this store")
             })
             .collect::<Vec<_>>();
-        let bytes: usize = changes.iter().map(Pending::size).sum();
+        let bytes: usize = changes.iter().map(Pending::ops_bytes).sum();
         let Some(wal) = &self.wal else {
             for change in changes {
                 self.apply_to_sled(change.ops)?;
