@@ -18,8 +18,10 @@
 //! time, under load; seldom at a low rate; never when idle. sled's flush
 //! writes its buffers with `sync_file_range`; only checkpoints add the
 //! `fdatasync` that makes them durable, so a failed flush here loses
-//! nothing (the log still holds every change, and the next checkpoint
-//! meets the same error and reports it).
+//! nothing acknowledged (the log holds every change). sled keeps a failed
+//! write of its own as an error for everything after it, so the next
+//! commit's apply fails and poisons the store, as any failed write does;
+//! the flush says so once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -94,7 +96,7 @@ impl Drop for Flusher {
 }
 
 fn run(shared: &Shared, db: &sled::Db, step: u64) {
-    let mut failing = false;
+    let mut failed = false;
     loop {
         {
             let mut stopped = shared.stopped.lock().expect("flusher lock");
@@ -107,16 +109,9 @@ fn run(shared: &Shared, db: &sled::Db, step: u64) {
         }
         // What is applied from here on counts towards the next step.
         shared.pending.store(0, Ordering::Relaxed);
-        match db.flush() {
-            Ok(_) => {
-                if std::mem::take(&mut failing) {
-                    tracing::info!("storage's background flush works again");
-                }
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut failing, true) {
-                    tracing::warn!(error = %e, "storage's background flush failed; nothing is lost (the write-ahead log holds every change), and the next checkpoint tries again");
-                }
+        if let Err(e) = db.flush() {
+            if !std::mem::replace(&mut failed, true) {
+                tracing::error!(error = %e, "storage's background flush failed: nothing acknowledged is lost (the write-ahead log holds every change), but sled refuses every later change after a failed write of its own, so writes stop until a restart");
             }
         }
         shared.flushes.fetch_add(1, Ordering::Relaxed);
