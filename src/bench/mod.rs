@@ -45,7 +45,7 @@ pub enum Workload {
     Soak,
     /// A key-shared consumer group of 1, 2 and 4 members with simulated work per event: scaling and server CPU per event
     Group,
-    /// A no-op unary call (the health check) against a single-event Append, one at a time: what an Append costs above any call (not in the default set)
+    /// A no-op unary call (the health check), the disk's own sync (4 KiB write + fdatasync beside the data dir; own server in fsync mode) and a single-event Append, taking turns: what an Append costs above any call and above the disk (not in the default set)
     Floor,
     /// The HTTP JSON API: appends of 100 and 1 event, and a catch-up by Server-Sent Events and by pages (not in the default set)
     Http,
