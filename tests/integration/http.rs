@@ -608,8 +608,12 @@ async fn durable_consumers_read_commit_and_resume_over_http() {
     let (_, info) = http.get("/v1/streams/s/consumers/billing").await;
     assert_eq!(info["next_offset"], 3);
 
-    let (_, list) = http.get("/v1/streams/s/consumers").await;
-    assert_eq!(list["consumers"][0]["name"], "billing");
+    let (status, list) = http.get("/v1/streams/s/consumers").await;
+    assert_eq!(
+        (status, &list["consumers"][0]["name"]),
+        (200, &json!("billing")),
+        "{list}"
+    );
     let (status, _, _) = http
         .send(http.request(reqwest::Method::DELETE, "/v1/streams/s/consumers/billing"))
         .await;
