@@ -135,7 +135,7 @@ pub struct ServeSettings {
     /// On shutdown, how long to wait for open calls to finish [default: 5s]
     #[arg(long, env = "PULLSTREAM_SHUTDOWN_GRACE")]
     pub shutdown_grace: Option<HumanDuration>,
-    /// fsync mode: storage writes its changed pages out in the background each time this many more bytes of changes have been applied, so a checkpoint has little left to flush and sled's writes reach the disk in small steps rather than bursts the log's syncs queue behind; an idle server writes nothing. 0 flushes only at checkpoints [default: 32768]
+    /// fsync mode: storage writes its changed pages out in the background each time this many more bytes of keys and values have been applied to it, so a checkpoint has little left to flush and sled's writes reach the disk in small steps rather than bursts the log's syncs queue behind; an idle server writes nothing. 0 flushes only at checkpoints [default: 32768]
     #[arg(long, env = "PULLSTREAM_STORAGE_FLUSH_BYTES")]
     pub storage_flush_bytes: Option<u64>,
     /// fsync mode: write-ahead log bytes between checkpoints; larger means fewer storage flushes but a longer replay after a crash [default: 67108864]
