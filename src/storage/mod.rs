@@ -389,7 +389,11 @@ impl Store {
                     .expect("a change prepared by this store")
             })
             .collect::<Vec<_>>();
-        let bytes: usize = changes.iter().map(Pending::ops_bytes).sum();
+        // Counted only when a background flush wants them.
+        let bytes: usize = match self.flusher {
+            Some(_) => changes.iter().map(Pending::ops_bytes).sum(),
+            None => 0,
+        };
         let Some(wal) = &self.wal else {
             for change in changes {
                 self.apply_to_sled(change.ops)?;
