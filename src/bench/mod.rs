@@ -163,10 +163,33 @@ pub(crate) struct Outcome {
     name: String,
     /// Parameters and figures, for the JSON summary.
     figures: Value,
-    /// One line for the table.
+    /// The figures for the table: one line, or several separated by
+    /// `\n` with no indentation of their own ([`print_table`] lays them
+    /// out).
     summary: String,
     /// Correctness problems found; any fails the run.
     failures: Vec<String>,
+}
+
+/// The closing table: each workload's name, then its figures, every line
+/// of them starting in the same column (the widest name's, at least 40).
+fn print_table(outcomes: &[Outcome]) {
+    let width = outcomes
+        .iter()
+        .map(|o| o.name.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(40);
+    for outcome in outcomes {
+        let mut label = outcome.name.as_str();
+        for line in outcome.summary.lines() {
+            println!("{label:<width$} {line}");
+            label = "";
+        }
+        for failure in &outcome.failures {
+            println!("{:<width$} FAILED: {failure}", "");
+        }
+    }
 }
 
 /// What every workload needs.
@@ -373,17 +396,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .await?
             }
         };
-        eprintln!("  {}", outcome.summary.trim_start());
+        for line in outcome.summary.lines() {
+            eprintln!("  {}", line.trim_start());
+        }
         outcomes.push(outcome);
     }
 
     println!();
-    for outcome in &outcomes {
-        println!("{:<40} {}", outcome.name, outcome.summary);
-        for failure in &outcome.failures {
-            println!("{:<40} FAILED: {failure}", "");
-        }
-    }
+    print_table(&outcomes);
     if let Some(path) = &args.json {
         let summary = json!({
             "server": args.server.clone().unwrap_or_else(|| "embedded".into()),

@@ -238,11 +238,20 @@ impl StateStore {
     }
 
     /// Every record whose key starts with `prefix.` (or every record, for
-    /// an empty prefix), in key order, tombstones left out. Retried while
-    /// the cluster does not answer (a read is safe to repeat), for up to
-    /// 30 s.
+    /// an empty prefix), in key order, tombstones left out, as the record
+    /// stream's leader has them: every write acknowledged before the
+    /// listing began is seen. Retried while the cluster does not answer (a
+    /// read is safe to repeat), for up to 30 s.
+    ///
+    /// The listing reads through an ordered consumer, and JetStream may
+    /// place it on a replica that has not yet applied the newest writes
+    /// (a consumer list right after its commit came back empty once in a
+    /// loaded test run). So the leader is asked first for the newest
+    /// record under the prefix, and a listing that did not reach its
+    /// sequence is thrown away and read again.
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, Record)>, StateError> {
         let started = tokio::time::Instant::now();
+        let mut stale = 0u32;
         loop {
             match self.list_once(prefix).await {
                 Err(StateError::JetStream { op, source })
@@ -251,17 +260,50 @@ impl StateStore {
                     tracing::debug!(op, error = %source, "listing records failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                result => return result,
+                Ok(Listing::Behind { seen, newest }) => {
+                    if started.elapsed() >= Duration::from_secs(30) {
+                        return Err(failed("listing records")(
+                            format!(
+                                "the replica that answered stayed behind the leader for 30 s \
+                                 (it had sequence {seen}, the leader {newest})"
+                            )
+                            .into(),
+                        ));
+                    }
+                    stale += 1;
+                    tracing::debug!(
+                        seen,
+                        newest,
+                        stale,
+                        "a lagging replica listed the records; reading again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Listing::Complete(records)) => return Ok(records),
+                Err(e) => return Err(e),
             }
         }
     }
 
-    async fn list_once(&self, prefix: &str) -> Result<Vec<(String, Record)>, StateError> {
+    /// The sequence of the newest write (tombstones included) of any
+    /// record under `filter`, as the leader has it; 0 if there is none.
+    async fn newest(&self, filter: &str) -> Result<u64, StateError> {
+        match self.stream.get_last_raw_message_by_subject(filter).await {
+            Ok(message) => Ok(message.sequence),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
+            Err(e) => Err(failed("listing records")(Box::new(e))),
+        }
+    }
+
+    async fn list_once(&self, prefix: &str) -> Result<Listing, StateError> {
         let filter = if prefix.is_empty() {
             format!("{}.>", self.prefix)
         } else {
             format!("{}.>", self.subject(prefix)?)
         };
+        // STREAM.MSG.GET (not a direct get) is answered by the leader, and
+        // accepts a wildcard: the newest message under the filter.
+        let newest = self.newest(&filter).await?;
         let mut consumer = self
             .stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -277,6 +319,10 @@ impl StateStore {
             .map_err(|e| failed("listing records")(Box::new(e)))?
             .num_pending;
         let mut records = Vec::new();
+        // The newest write this listing saw, tombstones included. The
+        // newest write under the filter is its subject's last one, so a
+        // replica that has it delivers it.
+        let mut seen = 0;
         if pending > 0 {
             let mut messages = consumer
                 .messages()
@@ -290,6 +336,7 @@ impl StateStore {
                     .map_err(|e| failed("listing records")(Box::new(e)))?;
                 let info = message.info().map_err(|e| failed("listing records")(e))?;
                 let (revision, left) = (info.stream_sequence, info.pending);
+                seen = seen.max(revision);
                 if !message.headers.as_ref().is_some_and(is_tombstone) {
                     let key = message
                         .subject
@@ -310,9 +357,22 @@ impl StateStore {
                 }
             }
         }
+        if seen < newest {
+            return Ok(Listing::Behind { seen, newest });
+        }
         records.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(records)
+        Ok(Listing::Complete(records))
     }
+}
+
+/// What one pass of [`StateStore::list`] read.
+enum Listing {
+    /// Every record, sorted by key.
+    Complete(Vec<(String, Record)>),
+    /// The replica that answered had not applied the leader's newest
+    /// write under the prefix: `seen` is the newest sequence it listed,
+    /// `newest` the leader's.
+    Behind { seen: u64, newest: u64 },
 }
 
 /// A record write as [`StateStore::watch`] sees it.

@@ -309,6 +309,18 @@ impl NatsCluster {
     }
 }
 
+impl NatsCluster {
+    /// Stops node `i` where it stands (SIGSTOP), or lets it go on
+    /// (SIGCONT): a stopped node misses what the others replicate, and
+    /// catches up once it goes on.
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        let child = self.nodes[i].as_ref().expect("node alive");
+        // SAFETY: kill(2) on our own child's pid.
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        assert_eq!(sent, 0, "signal {signal} to node {i}");
+    }
+}
+
 impl Drop for NatsCluster {
     fn drop(&mut self) {
         for i in 0..self.nodes.len() {
@@ -465,6 +477,59 @@ async fn records_stay_readable_and_writable_when_a_node_dies() {
         .unwrap();
     let seen = eventually(|| b.get("stream.6f")).await.unwrap();
     assert_eq!((&seen.value[..], seen.revision), (&b"meta 2"[..], next));
+}
+
+/// A listing reads through a consumer that JetStream may place on any
+/// replica, and a replica may not yet have what the leader acknowledged
+/// (a consumer list right after its commit came back empty once in a
+/// loaded run). Each round stops one follower while records are written,
+/// lets it go on, and lists at once, so a listing the stopped follower
+/// answers would miss records: it must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_sees_every_write_made_before_it_even_from_a_lagging_replica() {
+    let cluster = NatsCluster::start().await;
+    let store = StateStore::open(cluster.jetstream(0).await, "PS_STATE", "ps.state", 3)
+        .await
+        .unwrap();
+    let js = cluster.jetstream(0).await;
+    for round in 0..6 {
+        let mut stream = js.get_stream("PS_STATE").await.unwrap();
+        let info = stream.info().await.unwrap();
+        let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+        // A follower that is not node 0 (the store's connection).
+        let follower = if leader.as_deref() == Some("n1") {
+            2
+        } else {
+            1
+        };
+        cluster.signal(follower, libc::SIGSTOP);
+        // Many other records first, so that the follower, catching up in
+        // order, takes a while to reach the listed ones; all sent many at a
+        // time, straight to the record stream's subjects.
+        let keys: Vec<String> = (0..10).map(|j| format!("consumer.{round}.k{j}")).collect();
+        let others = (0..5000).map(|j| format!("group.{round}.g{j:04}"));
+        let written: Vec<String> = others.chain(keys.iter().cloned()).collect();
+        for chunk in written.chunks(500) {
+            let mut acks = Vec::new();
+            for key in chunk {
+                let subject = format!("ps.state.{key}");
+                acks.push(js.publish(subject, Bytes::from(key.clone())).await.unwrap());
+            }
+            for ack in acks {
+                ack.await.unwrap();
+            }
+        }
+        cluster.signal(follower, libc::SIGCONT);
+        let prefix = format!("consumer.{round}");
+        for _ in 0..3 {
+            let listed: Vec<String> = eventually(|| store.list(&prefix))
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(listed, keys, "round {round}, follower n{follower} stopped");
+        }
+    }
 }
 
 /// The JetStream engine on `cluster` (three replicas, namespace `ps`),

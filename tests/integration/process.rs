@@ -601,6 +601,22 @@ fn bench_measures_the_call_floor_and_the_disk_sync_against_append() {
         "{figures}"
     );
     assert!(stdout.contains("above the disk's sync"), "{stdout}");
+    // The table's four lines of figures start in one column, after the
+    // workload's name.
+    let table: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
+    let column = |line: &str, figure: &str| line.find(figure).unwrap_or(usize::MAX);
+    // (rfind: the name says "health check" too.)
+    let start = table[0].rfind("health check").unwrap();
+    assert!(
+        table[0].starts_with("floor: ") && table.len() == 4,
+        "{stdout}"
+    );
+    for (line, figure) in table[1..]
+        .iter()
+        .zip(["disk sync", "append p", "append p50 is"])
+    {
+        assert_eq!(column(line, figure), start, "{stdout}");
+    }
     assert_eq!(
         std::fs::read_dir(&temp).unwrap().count(),
         0,

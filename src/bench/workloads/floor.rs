@@ -135,18 +135,15 @@ pub(crate) async fn floor(ctx: &BenchContext, duration: Duration) -> anyhow::Res
     if let Some(disk) = &disk {
         let (json, text) = latency(&disk.syncs);
         summary += &format!(
-            "{:>45}disk sync {text} (4 KiB write + fdatasync in {})\n",
-            "",
+            "disk sync {text} (4 KiB write + fdatasync in {})\n",
             disk.dir.display()
         );
         sync_json = json;
         above_sync_us = json!(p50(&appends) - p50(&disk.syncs));
         sync_dir = json!(disk.dir.display().to_string());
     }
-    summary += &format!(
-        "{:>45}append {append_text}\n{:>45}append p50 is {above_call_us} µs above the no-op call",
-        "", ""
-    );
+    summary +=
+        &format!("append {append_text}\nappend p50 is {above_call_us} µs above the no-op call");
     if let Value::Number(us) = &above_sync_us {
         summary += &format!(" and {us} µs above the disk's sync");
     }

@@ -162,7 +162,7 @@ pub(crate) async fn http(
         "catch-up of {events}: SSE {sse_rate:.0} ev/s, pages of 1000 {page_rate:.0} ev/s"
     ));
     Ok(Outcome {
-        summary: summary.join(&format!("\n{:>45}", "")),
+        summary: summary.join("\n"),
         figures: json!({
             "workload": "http",
             "append": figures,

@@ -193,10 +193,8 @@ pub(crate) async fn soak(ctx: &BenchContext, settings: &SoakSettings) -> anyhow:
             "{rate:>10.0} events/s  retention never trimmed: run longer or lower --retention-events"
         ),
     };
-    let summary = format!(
-        "{summary}\n{:>40}   ack before trimming: {before_text}\n{:>40}   ack while trimming:  {after_text}",
-        "", ""
-    );
+    let summary =
+        format!("{summary}\nack before trimming: {before_text}\nack while trimming:  {after_text}");
     Ok(Outcome {
         summary,
         figures: json!({
