@@ -196,8 +196,10 @@ impl StateStore {
             }
             Expect::Absent => {
                 // Never written: expect sequence 0. Deleted: expect the
-                // tombstone's own revision.
-                let revision = match self.stream.direct_get_last_for_subject(&subject).await {
+                // tombstone's own revision. Asked of the leader, as in
+                // `get`: a lagging replica could still show the record a
+                // deletion just removed, and the create would be refused.
+                let revision = match self.stream.get_last_raw_message_by_subject(&subject).await {
                     Ok(message) if is_tombstone(&message.headers) => message.sequence,
                     Ok(_) => {
                         return Err(StateError::Conflict {
@@ -205,7 +207,7 @@ impl StateStore {
                             expected: expect,
                         })
                     }
-                    Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => 0,
+                    Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => 0,
                     Err(e) => return Err(failed("reading a record")(Box::new(e))),
                 };
                 headers.insert(

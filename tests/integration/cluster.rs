@@ -479,33 +479,46 @@ async fn records_stay_readable_and_writable_when_a_node_dies() {
     assert_eq!((&seen.value[..], seen.revision), (&b"meta 2"[..], next));
 }
 
-/// A listing reads through a consumer that JetStream may place on any
-/// replica, and a replica may not yet have what the leader acknowledged
-/// (a consumer list right after its commit came back empty once in a
-/// loaded run). Each round stops one follower while records are written,
-/// lets it go on, and lists at once, so a listing the stopped follower
-/// answers would miss records: it must not.
+/// Reads of records must be the leader's: a replica may not yet have what
+/// the leader acknowledged. A listing reads through a consumer JetStream
+/// may place on any replica (a consumer list right after its commit came
+/// back empty once in a loaded run), and a direct get is answered by the
+/// replica nearest the client. Each round stops one follower while records
+/// are written and one is deleted, lets it go on, and at once lists, and
+/// creates the deleted record again through a client of that follower: a
+/// stale answer would miss records, or call the deleted one present.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_listing_sees_every_write_made_before_it_even_from_a_lagging_replica() {
+async fn record_reads_see_every_write_made_before_them_even_from_a_lagging_replica() {
     let cluster = NatsCluster::start().await;
-    let store = StateStore::open(cluster.jetstream(0).await, "PS_STATE", "ps.state", 3)
-        .await
-        .unwrap();
+    let open = |node| {
+        let cluster = &cluster;
+        async move {
+            StateStore::open(cluster.jetstream(node).await, "PS_STATE", "ps.state", 3)
+                .await
+                .unwrap()
+        }
+    };
+    let (store, on_1, on_2) = (open(0).await, open(1).await, open(2).await);
     let js = cluster.jetstream(0).await;
     for round in 0..6 {
         let mut stream = js.get_stream("PS_STATE").await.unwrap();
         let info = stream.info().await.unwrap();
         let leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
-        // A follower that is not node 0 (the store's connection).
-        let follower = if leader.as_deref() == Some("n1") {
-            2
+        // A follower that is not node 0 (the listing client's).
+        let (follower, on_follower) = if leader.as_deref() == Some("n1") {
+            (2, &on_2)
         } else {
-            1
+            (1, &on_1)
         };
+        let gone = format!("claim.{round}.gone");
+        store
+            .put(&gone, Bytes::from_static(b"x"), Expect::Any)
+            .await
+            .unwrap();
         cluster.signal(follower, libc::SIGSTOP);
         // Many other records first, so that the follower, catching up in
-        // order, takes a while to reach the listed ones; all sent many at a
-        // time, straight to the record stream's subjects.
+        // order, takes a while to reach the listed ones and the deletion;
+        // sent many at a time, straight to the record stream's subjects.
         let keys: Vec<String> = (0..10).map(|j| format!("consumer.{round}.k{j}")).collect();
         let others = (0..5000).map(|j| format!("group.{round}.g{j:04}"));
         let written: Vec<String> = others.chain(keys.iter().cloned()).collect();
@@ -519,16 +532,19 @@ async fn a_listing_sees_every_write_made_before_it_even_from_a_lagging_replica()
                 ack.await.unwrap();
             }
         }
+        store.delete(&gone, Expect::Any).await.unwrap();
         cluster.signal(follower, libc::SIGCONT);
         let prefix = format!("consumer.{round}");
-        for _ in 0..3 {
-            let listed: Vec<String> = eventually(|| store.list(&prefix))
-                .await
-                .into_iter()
-                .map(|(key, _)| key)
-                .collect();
-            assert_eq!(listed, keys, "round {round}, follower n{follower} stopped");
-        }
+        let (listed, created) = tokio::join!(
+            eventually(|| store.list(&prefix)),
+            on_follower.put(&gone, Bytes::from_static(b"again"), Expect::Absent),
+        );
+        let listed: Vec<String> = listed.into_iter().map(|(key, _)| key).collect();
+        assert_eq!(listed, keys, "round {round}, follower n{follower} stopped");
+        assert!(
+            created.is_ok(),
+            "round {round}, follower n{follower} stopped: {created:?}"
+        );
     }
 }
 
