@@ -1,5 +1,5 @@
-//! The fault-injection seam under the write-ahead log and the sled
-//! checkpoint.
+//! The fault-injection seam under the write-ahead log, the sled checkpoint
+//! and sled's background flush.
 //!
 //! Storage faults (a full disk, a failing device, a write torn by a crash)
 //! are the cases durability exists for, and they cannot be produced on
@@ -23,6 +23,9 @@ pub enum Target {
     WalSync,
     /// The sled flush and sync of a checkpoint.
     CheckpointSync,
+    /// sled's background flush between checkpoints (`fsync` mode,
+    /// `storage::flusher`).
+    BackgroundFlush,
 }
 
 /// How an armed fault fails.

@@ -18,14 +18,18 @@
 //! time, under load; seldom at a low rate; never when idle. sled's flush
 //! writes its buffers with `sync_file_range`; only checkpoints add the
 //! `fdatasync` that makes them durable, so a failed flush here loses
-//! nothing acknowledged (the log holds every change). sled keeps a failed
-//! write of its own as an error for everything after it, so the next
-//! commit's apply fails and poisons the store, as any failed write does;
-//! the flush says so once.
+//! nothing acknowledged (the log holds every change). But sled's files are
+//! in an unknown state from then on (and sled keeps a failed write of its
+//! own as an error for everything after it), so a failed flush poisons
+//! the store at once, as a failed log sync does: writes are refused with
+//! UNAVAILABLE until a restart, which replays the log, and the reason
+//! names this flush. The thread stops there.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+
+use crate::durability::fault::{Faults, Target};
 
 struct Shared {
     /// Bytes of changes applied since the last flush started.
@@ -47,8 +51,14 @@ pub(super) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts flushing `db` after every `step` bytes of applied changes.
-    pub(super) fn start(db: sled::Db, step: u64) -> std::io::Result<Flusher> {
+    /// Starts flushing `db` after every `step` bytes of applied changes;
+    /// a failed flush (or one `faults` fails) is handed to `failed`, once.
+    pub(super) fn start(
+        db: sled::Db,
+        step: u64,
+        faults: Option<Arc<Faults>>,
+        failed: impl FnOnce(String) + Send + 'static,
+    ) -> std::io::Result<Flusher> {
         let shared = Arc::new(Shared {
             pending: AtomicU64::new(0),
             stopped: Mutex::new(false),
@@ -59,7 +69,7 @@ impl Flusher {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("pullstream-flush".into())
-                .spawn(move || run(&shared, &db, step))?
+                .spawn(move || run(&shared, &db, step, faults.as_deref(), failed))?
         };
         Ok(Flusher {
             shared,
@@ -95,8 +105,13 @@ impl Drop for Flusher {
     }
 }
 
-fn run(shared: &Shared, db: &sled::Db, step: u64) {
-    let mut failed = false;
+fn run(
+    shared: &Shared,
+    db: &sled::Db,
+    step: u64,
+    faults: Option<&Faults>,
+    failed: impl FnOnce(String),
+) {
     loop {
         {
             let mut stopped = shared.stopped.lock().expect("flusher lock");
@@ -109,10 +124,14 @@ fn run(shared: &Shared, db: &sled::Db, step: u64) {
         }
         // What is applied from here on counts towards the next step.
         shared.pending.store(0, Ordering::Relaxed);
-        if let Err(e) = db.flush() {
-            if !std::mem::replace(&mut failed, true) {
-                tracing::error!(error = %e, "storage's background flush failed: nothing acknowledged is lost (the write-ahead log holds every change), but sled refuses every later change after a failed write of its own, so writes stop until a restart");
-            }
+        let flushed = faults
+            .map_or(Ok(()), |f| f.on_sync(Target::BackgroundFlush))
+            .and_then(|()| db.flush().map(drop).map_err(std::io::Error::other));
+        if let Err(e) = flushed {
+            failed(format!(
+                "storage's background flush failed ({e}); nothing acknowledged is lost: the write-ahead log holds every change, and a restart replays it"
+            ));
+            return;
         }
         shared.flushes.fetch_add(1, Ordering::Relaxed);
     }

@@ -214,11 +214,19 @@ pub struct Store {
     wal: Option<Mutex<Wal>>,
     /// Why writes are refused, once the log is poisoned (read without the
     /// log's lock on every write).
-    poisoned: OnceLock<String>,
+    poisoned: Arc<OnceLock<String>>,
     faults: Option<Arc<Faults>>,
     /// Writes sled's changed pages out a step of bytes at a time
     /// ([`BackgroundFlush::AfterBytes`]).
     flusher: Option<flusher::Flusher>,
+}
+
+/// Refuses every later write of the store whose flag `poisoned` is: the
+/// state of the disk is unknown. The first reason stays, and is logged.
+fn poison(poisoned: &OnceLock<String>, reason: String) {
+    if poisoned.set(reason.clone()).is_ok() {
+        tracing::error!(%reason, "storage failed: refusing every write until the server restarts (reads go on)");
+    }
 }
 
 impl Store {
@@ -291,7 +299,7 @@ impl Store {
             path,
             wal_dir,
             wal: None,
-            poisoned: OnceLock::new(),
+            poisoned: Arc::default(),
             faults: options.faults.clone(),
             flusher: None,
         };
@@ -308,9 +316,15 @@ impl Store {
         // Only now, with a newer file in place, may covered files go.
         wal::delete_covered(&store.wal_dir, covered)?;
         if let BackgroundFlush::AfterBytes(step) = options.background_flush {
+            let poisoned = store.poisoned.clone();
             store.flusher = Some(
-                flusher::Flusher::start(store.db.clone(), step.max(1))
-                    .during(&store.path, "starting storage's background flush")?,
+                flusher::Flusher::start(
+                    store.db.clone(),
+                    step.max(1),
+                    options.faults.clone(),
+                    move |reason| poison(&poisoned, reason),
+                )
+                .during(&store.path, "starting storage's background flush")?,
             );
         }
         Ok(store)
@@ -325,9 +339,7 @@ impl Store {
 
     /// Refuses every later write: the state of the disk is unknown.
     fn poison(&self, reason: String) {
-        if self.poisoned.set(reason.clone()).is_ok() {
-            tracing::error!(%reason, "storage failed: refusing every write until the server restarts (reads go on)");
-        }
+        poison(&self.poisoned, reason);
     }
 
     /// Applies `ops` in order, one key at a time. Not a sled batch: sled's

@@ -682,3 +682,64 @@ fn the_background_flush_runs_per_step_of_applied_bytes_and_never_while_idle() {
         meta.next_offset
     );
 }
+
+/// A failed background flush leaves sled's files in an unknown state: it
+/// poisons the store at once, naming the flush, and loses nothing
+/// acknowledged (a restart replays the log).
+#[test]
+fn a_failed_background_flush_poisons_the_store_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::new());
+    let store = Store::open(&StoreOptions {
+        background_flush: BackgroundFlush::AfterBytes(1),
+        faults: Some(faults.clone()),
+        ..options(dir.path())
+    })
+    .unwrap();
+    faults.fail_nth(
+        Target::BackgroundFlush,
+        0,
+        crate::durability::fault::Failure::Io,
+        0,
+    );
+    // Acknowledged: logged and synced before the flush that fails.
+    let record = store
+        .write_group("s", &meta(1, 2), vec![chunk(0, 2)], &[])
+        .unwrap();
+    store.commit(vec![record]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reason = loop {
+        if let Some(reason) = store.failure() {
+            break reason;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed flush did not poison the store"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(
+        reason.contains("background flush failed") && reason.contains("Input/output error"),
+        "{reason}"
+    );
+    assert_eq!(
+        store.background_flushes(),
+        0,
+        "a failed flush is not counted"
+    );
+    let refused = store
+        .write_group("s", &meta(1, 3), vec![chunk(2, 1)], &[])
+        .and_then(|record| store.commit(vec![record]));
+    assert!(
+        matches!(refused, Err(StorageError::Wal(WalError::Poisoned(_)))),
+        "{refused:?}"
+    );
+    store.close().unwrap();
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.load_streams().unwrap()[0].next_offset, 2);
+    let chunks = store
+        .read_chunks(1, 0, 10, usize::MAX, usize::MAX, None)
+        .unwrap();
+    assert_eq!(chunks.len(), 1);
+}
