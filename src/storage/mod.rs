@@ -213,7 +213,8 @@ pub struct Store {
     /// and by stream creation and API keys.
     wal: Option<Mutex<Wal>>,
     /// Why writes are refused, once the log is poisoned (read without the
-    /// log's lock on every write).
+    /// log's lock on every write). Shared with the background flush, which
+    /// poisons it when a flush fails.
     poisoned: Arc<OnceLock<String>>,
     faults: Option<Arc<Faults>>,
     /// Writes sled's changed pages out a step of bytes at a time
@@ -221,8 +222,9 @@ pub struct Store {
     flusher: Option<flusher::Flusher>,
 }
 
-/// Refuses every later write of the store whose flag `poisoned` is: the
-/// state of the disk is unknown. The first reason stays, and is logged.
+/// Marks a store poisoned (its `poisoned` flag), so it refuses every later
+/// write: the state of the disk is unknown. The first reason stays, and is
+/// logged once.
 fn poison(poisoned: &OnceLock<String>, reason: String) {
     if poisoned.set(reason.clone()).is_ok() {
         tracing::error!(%reason, "storage failed: refusing every write until the server restarts (reads go on)");
