@@ -479,10 +479,15 @@ fn replay_never_moves_a_head_back_behind_what_sled_holds() {
 
 /// A store in `dir` whose log and checkpoints fail where `Faults` says.
 fn with_faults(dir: &std::path::Path) -> (Store, Arc<Faults>) {
+    with_faults_and(options(dir))
+}
+
+/// A store opened with `options` and a fault plan (replacing theirs).
+fn with_faults_and(options: StoreOptions) -> (Store, Arc<Faults>) {
     let faults = Arc::new(Faults::new());
     let store = Store::open(&StoreOptions {
         faults: Some(faults.clone()),
-        ..options(dir)
+        ..options
     })
     .unwrap();
     (store, faults)
@@ -689,13 +694,10 @@ fn the_background_flush_runs_per_step_of_applied_bytes_and_never_while_idle() {
 #[test]
 fn a_failed_background_flush_poisons_the_store_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::new());
-    let store = Store::open(&StoreOptions {
+    let (store, faults) = with_faults_and(StoreOptions {
         background_flush: BackgroundFlush::AfterBytes(1),
-        faults: Some(faults.clone()),
         ..options(dir.path())
-    })
-    .unwrap();
+    });
     faults.fail_nth(
         Target::BackgroundFlush,
         0,
